@@ -1,0 +1,6 @@
+"""MLproject entry point `prepare`: see `fgvc prepare --help`."""
+
+from fgvc.cli import run
+
+if __name__ == "__main__":
+    run("prepare")

@@ -1,0 +1,227 @@
+"""One dataset and one batch loader over a split of shards.
+
+The hot path gathers whole batches from memory-mapped uint8 shards with one `index_select`
+per shard touched (no per-sample Python work) and converts to float on the target device.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from fgvc.data.shards import ShardError, read_label_map, read_shard, shards_of
+
+# Per-image keys the loader carries along with images and labels when a shard has them.
+OPTIONAL_KEYS = ("masks", "venues", "bg_removed")
+
+
+def stratified_subsample(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Seeded, class-stratified choice of `count` indices (sorted), keeping class proportions.
+
+    Each class gets floor(count * share) items; the remainder goes to the classes with the
+    largest fractional parts (ties by class index), so the result is exact and reproducible.
+    """
+    n = len(labels)
+    if count is None or count >= n:
+        return torch.arange(n)
+    if count <= 0:
+        raise ValueError(f"count must be positive, got {count}")
+    num_classes = int(labels.max()) + 1
+    per_class = torch.bincount(labels, minlength=num_classes).double()
+    exact = per_class * count / n
+    quota = exact.floor().long()
+    remainder = count - int(quota.sum())
+    if remainder:
+        order = sorted(range(num_classes), key=lambda c: (-(exact[c] - quota[c]).item(), c))
+        for c in order[:remainder]:
+            quota[c] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if quota[c]:
+            chosen.append(members[torch.randperm(len(members), generator=g)[: quota[c]]])
+    return torch.cat(chosen).sort().values
+
+
+class ShardDataset:
+    """A split of a dataset root: memory-mapped shards plus an index of the chosen items.
+
+    `count` takes a seeded, class-stratified subset (the original's train_count/val_count).
+    """
+
+    def __init__(self, root: str | Path, split: str, count: int | None = None, seed: int = 0,
+                 num_classes: int | None = None):
+        self.root, self.split = Path(root), split
+        self.paths = shards_of(root, split)
+        self.shards = [read_shard(p, num_classes=num_classes) for p in self.paths]
+        first = self.shards[0]
+        self.num_classes = int(first["one_hot"].shape[1]) if num_classes is None else num_classes
+        self.image_size = tuple(first["images"].shape[2:])
+        for path, shard in zip(self.paths, self.shards):
+            if tuple(shard["images"].shape[2:]) != self.image_size:
+                raise ShardError(
+                    f"{path}: image size {tuple(shard['images'].shape[2:])} differs from "
+                    f"{self.image_size} in {self.paths[0]}"
+                )
+            if shard["one_hot"].shape[1] != self.num_classes:
+                raise ShardError(f"{path}: {shard['one_hot'].shape[1]} classes, expected {self.num_classes}")
+        sizes = torch.tensor([len(s["labels"]) for s in self.shards])
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        all_labels = torch.cat([s["labels"] for s in self.shards])
+        if len(all_labels) == 0:
+            raise ShardError(f"{self.root / split}: split is empty (its shards hold no images)")
+        self.keys = tuple(k for k in OPTIONAL_KEYS if all(k in s for s in self.shards))
+        self.indices = stratified_subsample(all_labels, count, seed) if count else torch.arange(len(all_labels))
+        self.labels = all_labels[self.indices]
+        self.label_names = read_label_map(root)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
+
+    def gather(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Items at `positions` (indices into this dataset), as uint8/int64 CPU tensors.
+
+        One `index_select` per shard touched; the batch keeps the order of `positions`.
+        """
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        global_idx = self.indices[positions]
+        shard_of = torch.searchsorted(self.offsets, global_idx, right=True) - 1
+        out: dict[str, torch.Tensor] = {}
+        for s in shard_of.unique().tolist():
+            rows = (shard_of == s).nonzero().flatten()
+            local = global_idx[rows] - self.offsets[s]
+            shard = self.shards[s]
+            for key in ("images", "labels", *self.keys):
+                part = shard[key].index_select(0, local)
+                if key not in out:
+                    out[key] = torch.empty((len(positions), *part.shape[1:]), dtype=part.dtype)
+                out[key][rows] = part
+        return out
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float [B, 3, H, W] in [0, 1], on the target device
+    labels: torch.Tensor  # int64 [B]
+    extras: dict[str, torch.Tensor]  # masks [B, H, W] uint8, venues [B], ... (CPU)
+    positions: torch.Tensor  # indices into the dataset
+
+
+class BatchLoader:
+    """Batches over a ShardDataset: seeded shuffle per epoch, optional rank sharding, optional
+    per-sample transform on the uint8 batch (e.g. augmentation), background prefetch.
+
+    `rank`/`world_size` give each process a disjoint part of every epoch's order (DDP).
+    `transform(images_uint8 [B,3,H,W], generator) -> float [B,3,H,W] in [0, 1]` runs in the
+    prefetch thread when `prefetch > 0`.
+    """
+
+    def __init__(self, dataset: ShardDataset, batch_size: int, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False, device: str | torch.device = "cpu",
+                 transform: Callable | None = None, prefetch: int = 2, rank: int = 0,
+                 world_size: int = 1, channels_last: bool = False):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.drop_last, self.device, self.transform = drop_last, torch.device(device), transform
+        self.prefetch, self.rank, self.world_size = prefetch, rank, world_size
+        self.channels_last = channels_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        """This rank's positions for the current epoch."""
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            order = order[self.rank::self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        n = len(self.order())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _cpu_batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        order = self.order()
+        g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
+        for start in range(0, len(order), self.batch_size):
+            positions = order[start:start + self.batch_size]
+            if self.drop_last and len(positions) < self.batch_size:
+                break
+            items = self.dataset.gather(positions)
+            if self.transform is not None:
+                items["images"] = self.transform(items["images"], g)
+            yield positions, items
+
+    def _to_device(self, positions: torch.Tensor, items: dict) -> Batch:
+        non_blocking = self.device.type == "cuda"
+        images = items.pop("images")
+        if self.device.type == "cuda" and images.dtype == torch.uint8:
+            images = images.pin_memory()
+        images = images.to(self.device, non_blocking=non_blocking)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = items.pop("labels").to(self.device, non_blocking=non_blocking)
+        return Batch(images, labels, items, positions)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.prefetch <= 0:
+            for positions, items in self._cpu_batches():
+                yield self._to_device(positions, items)
+            return
+        yield from self._prefetched()
+
+    def _prefetched(self) -> Iterator[Batch]:
+        buffer: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce():
+            try:
+                for item in self._cpu_batches():
+                    while not stop.is_set():
+                        try:
+                            buffer.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                buffer.put(done)
+            except BaseException as e:  # surfaced in the consumer
+                buffer.put(e)
+
+        worker = threading.Thread(target=produce, daemon=True, name="fgvc-prefetch")
+        worker.start()
+        try:
+            while True:
+                item = buffer.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield self._to_device(*item)
+        finally:
+            stop.set()
+            while worker.is_alive():
+                try:
+                    buffer.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)

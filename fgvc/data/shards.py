@@ -1,0 +1,339 @@
+"""The shard format: read, validate and write `shard_XXX.pt` files.
+
+A dataset root holds `train/` and `val/` (optionally `test/`), each with `shard_XXX.pt` files,
+plus `index_to_label.json` (class index -> designer name) and `meta.json` (provenance).
+
+Each shard is a dict saved with `torch.save`:
+  images   uint8 [N, 3, H, W]
+  labels   int64 [N], in [0, C)
+  one_hot  [N, C], consistent with labels
+  masks    optional uint8 [N, H, W], values 0/1, person = 1
+  ...      optional per-image keys (e.g. `venues`, `bg_removed`): any tensor with N first
+
+Shards are always read with `weights_only=True` (a `.pt` file is a pickle: data must never
+execute code) and memory-mapped, so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import secrets
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = ("images", "labels", "one_hot")
+SHARD_PATTERN = re.compile(r"^shard_(\d+)\.pt$")
+
+
+class ShardError(ValueError):
+    """A dataset root, split or shard breaks a rule of the format. The message names the file."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:03d}.pt"
+
+
+def shards_of(root: str | Path, split: str) -> list[Path]:
+    """The shard files of one split, in numeric order. Refuses a missing or empty split."""
+    split_dir = Path(root) / split
+    if not split_dir.exists():
+        raise ShardError(f"{split_dir}: split directory does not exist")
+    if not split_dir.is_dir():
+        raise ShardError(f"{split_dir}: not a directory")
+    files = [p for p in split_dir.iterdir() if p.suffix == ".pt" and p.is_file()]
+    if not files:
+        raise ShardError(f"{split_dir}: split has no .pt shard files")
+
+    def order(p: Path):
+        m = SHARD_PATTERN.match(p.name)
+        return (0, int(m.group(1)), p.name) if m else (1, 0, p.name)
+
+    return sorted(files, key=order)
+
+
+def splits_of(root: str | Path) -> list[str]:
+    """The splits present under a root (directories named train/val/test)."""
+    return [s for s in SPLITS if (Path(root) / s).is_dir()]
+
+
+def _unpickler_detail(error: Exception) -> str:
+    """The useful line of torch's weights-only refusal (its message is long and has colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found and found.group(1).strip():
+        return found.group(1).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def load_shard(path: str | Path, mmap: bool = True) -> dict:
+    """Load one shard safely (weights_only, memory-mapped). Does not validate contents.
+
+    A file saved in torch's legacy (non-zip) format cannot be memory-mapped; it is read whole.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ShardError(f"{path}: file does not exist")
+    if not path.is_file():
+        raise ShardError(f"{path}: not a regular file")
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        detail = _unpickler_detail(e)
+        found = re.search(r"GLOBAL\s+(\S+)", detail)
+        if found:
+            raise ShardError(
+                f"{path}: refused to load: it holds a pickled object ({found.group(1)}) whose "
+                f"loading would run code; a shard may hold only tensors, numbers, strings and "
+                f"containers"
+            ) from None
+        raise ShardError(
+            f"{path}: cannot be read as a tensor-only torch file (corrupt, or not written by "
+            f"torch.save?): {detail}"
+        ) from None
+    except Exception as e:  # the readers raise RuntimeError, EOFError, KeyError, OSError, ...
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ShardError(f"{path}: cannot be read as a torch file (truncated or corrupt?): {detail}") from None
+    if not isinstance(obj, dict):
+        raise ShardError(f"{path}: shard must be a dict, found {type(obj).__name__}")
+    return obj
+
+
+@dataclass
+class ShardInfo:
+    path: Path
+    count: int
+    image_size: tuple[int, int]
+    num_classes: int
+    keys: tuple[str, ...]
+
+
+def validate_shard(shard: dict, path: str | Path, num_classes: int | None = None) -> ShardInfo:
+    """Check every rule of the format; raise ShardError naming `path` and the rule broken."""
+    path = Path(path)
+    for key in REQUIRED_KEYS:
+        if key not in shard:
+            raise ShardError(f"{path}: missing key '{key}' (keys present: {sorted(shard)})")
+        if not isinstance(shard[key], torch.Tensor):
+            raise ShardError(f"{path}: '{key}' must be a tensor, found {type(shard[key]).__name__}")
+    images, labels, one_hot = shard["images"], shard["labels"], shard["one_hot"]
+    if images.dtype != torch.uint8:
+        raise ShardError(f"{path}: 'images' must have dtype uint8, found {images.dtype}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ShardError(f"{path}: 'images' must have shape [N, 3, H, W], found {list(images.shape)}")
+    if labels.dtype != torch.int64:
+        raise ShardError(f"{path}: 'labels' must have dtype int64, found {labels.dtype}")
+    if labels.dim() != 1:
+        raise ShardError(f"{path}: 'labels' must have shape [N], found {list(labels.shape)}")
+    if one_hot.dim() != 2:
+        raise ShardError(f"{path}: 'one_hot' must have shape [N, C], found {list(one_hot.shape)}")
+    n = images.shape[0]
+    for key, value in shard.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] != n:
+            raise ShardError(
+                f"{path}: N differs between keys: 'images' has {n} items, '{key}' has {value.shape[0]}"
+            )
+    c = one_hot.shape[1]
+    if num_classes is not None and c != num_classes:
+        raise ShardError(f"{path}: 'one_hot' has {c} classes, expected {num_classes}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= c):
+        raise ShardError(
+            f"{path}: labels outside [0, {c}): min {int(labels.min())}, max {int(labels.max())}"
+        )
+    if n:
+        expected = torch.zeros(n, c, dtype=torch.bool)
+        expected[torch.arange(n), labels] = True
+        wrong_rows = ((one_hot != 0) != expected).any(dim=1) | (one_hot[expected] != 1)
+        if bool(wrong_rows.any()):
+            bad = int(wrong_rows.nonzero()[0])
+            raise ShardError(
+                f"{path}: 'one_hot' is inconsistent with 'labels' (first at row {bad}: label "
+                f"{int(labels[bad])}, one_hot {one_hot[bad].tolist()})"
+            )
+    if "masks" in shard:
+        masks = shard["masks"]
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.uint8:
+            raise ShardError(f"{path}: 'masks' must be a uint8 tensor")
+        if masks.dim() != 3 or tuple(masks.shape[1:]) != tuple(images.shape[2:]):
+            raise ShardError(
+                f"{path}: 'masks' must have shape [N, H, W] = {[n, *images.shape[2:]]}, "
+                f"found {list(masks.shape)}"
+            )
+        if n and int(masks.max()) > 1:
+            raise ShardError(f"{path}: 'masks' must hold only 0 and 1")
+    return ShardInfo(path, n, (int(images.shape[2]), int(images.shape[3])), c, tuple(shard))
+
+
+def read_shard(path: str | Path, num_classes: int | None = None, mmap: bool = True) -> dict:
+    """Load and validate one shard."""
+    shard = load_shard(path, mmap=mmap)
+    validate_shard(shard, path, num_classes)
+    return shard
+
+
+def make_shard(images: torch.Tensor, labels: torch.Tensor, num_classes: int, **extra) -> dict:
+    """Assemble a shard dict with `one_hot` derived from labels (uint8 to keep shards small)."""
+    labels = labels.to(torch.int64)
+    one_hot = torch.zeros(len(labels), num_classes, dtype=torch.uint8)
+    one_hot[torch.arange(len(labels)), labels] = 1
+    shard = {"images": images.contiguous(), "labels": labels, "one_hot": one_hot}
+    shard.update({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
+    return shard
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write through `write(tmp_path)` to a temporary name in the same directory, flush it to
+    disk, then rename, so a crash never leaves a half-written file under the final name.
+
+    `write` creates the temporary file itself, so it gets the usual permissions (umask).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _save_tensors(obj, path: str) -> None:
+    # Saving through a file object (not a name) keeps the bytes independent of the file name:
+    # torch.save names the records inside the archive after a named file.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def write_shard(path: str | Path, shard: dict, num_classes: int | None = None) -> None:
+    """Validate and write a shard atomically. Same contents -> byte-identical file."""
+    validate_shard(shard, path, num_classes)
+    atomic_write(path, lambda tmp: _save_tensors(shard, tmp))
+
+
+def write_json(path: str | Path, obj) -> None:
+    text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_label_map(root: str | Path) -> dict[int, str]:
+    """`index_to_label.json` as {index: designer name}; absent file -> {}."""
+    path = Path(root) / "index_to_label.json"
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON: {e}") from None
+    return {int(k): str(v) for k, v in raw.items()}
+
+
+def write_label_map(root: str | Path, names: dict[int, str] | list[str]) -> None:
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    write_json(Path(root) / "index_to_label.json", {str(k): v for k, v in sorted(names.items())})
+
+
+def read_meta(root: str | Path) -> dict:
+    path = Path(root) / "meta.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+@dataclass
+class RootInfo:
+    """What validation learned about a dataset root."""
+
+    root: Path
+    num_classes: int
+    image_size: tuple[int, int]
+    counts: dict[str, int] = field(default_factory=dict)
+    class_counts: dict[str, list[int]] = field(default_factory=dict)
+    shards: dict[str, list[Path]] = field(default_factory=dict)
+    has_masks: bool = False
+    label_names: dict[int, str] = field(default_factory=dict)
+
+
+def validate_root(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> RootInfo:
+    """Validate every shard of the given splits (plus any `test/` present) before work starts.
+
+    Refuses a missing root, a missing or empty split, any bad shard, image sizes differing
+    between shards, and splits disagreeing on the class count.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise ShardError(f"{root}: dataset root does not exist")
+    if not root.is_dir():
+        raise ShardError(f"{root}: dataset root is not a directory")
+    wanted = list(splits) + [s for s in splits_of(root) if s not in splits]
+    info: RootInfo | None = None
+    first_shard: Path | None = None
+    for split in wanted:
+        paths = shards_of(root, split)
+        total = 0
+        class_counts = None
+        masks_everywhere = True
+        for path in paths:
+            shard = load_shard(path)
+            s = validate_shard(shard, path)
+            if info is None:
+                info = RootInfo(root, s.num_classes, s.image_size)
+                first_shard = path
+            if s.image_size != info.image_size:
+                raise ShardError(
+                    f"{path}: image size {s.image_size[0]}x{s.image_size[1]} differs from "
+                    f"{info.image_size[0]}x{info.image_size[1]} in {first_shard}"
+                )
+            if s.num_classes != info.num_classes:
+                raise ShardError(
+                    f"{path}: {s.num_classes} classes, but {first_shard} has {info.num_classes} "
+                    f"(splits must agree on the class count)"
+                )
+            counts = torch.bincount(shard["labels"], minlength=s.num_classes)
+            class_counts = counts if class_counts is None else class_counts + counts
+            total += s.count
+            masks_everywhere &= "masks" in shard
+        if total == 0:
+            raise ShardError(f"{root / split}: split is empty (its shards hold no images)")
+        info.counts[split] = total
+        info.class_counts[split] = class_counts.tolist()
+        info.shards[split] = paths
+        info.has_masks = masks_everywhere if split == wanted[0] else info.has_masks and masks_everywhere
+    info.label_names = read_label_map(root)
+    if info.label_names and set(info.label_names) != set(range(info.num_classes)):
+        raise ShardError(
+            f"{root / 'index_to_label.json'}: has {len(info.label_names)} entries, "
+            f"but the shards have {info.num_classes} classes"
+        )
+    return info
+
+
+def dataset_digest(root: str | Path) -> str:
+    """A short content digest of a root: its shard bytes, label map and split layout.
+
+    Hashes file contents in 1 MiB blocks, so it is exact and memory-flat; 16 hex chars.
+    """
+    root = Path(root)
+    h = hashlib.sha256()
+    for split in splits_of(root):
+        for path in shards_of(root, split):
+            h.update(f"{split}/{path.name}".encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    labels = root / "index_to_label.json"
+    if labels.exists():
+        h.update(labels.read_bytes())
+    return h.hexdigest()[:16]

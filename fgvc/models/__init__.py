@@ -1,0 +1,32 @@
+"""Models: FashionNet and the one factory that builds every architecture as an :class:`FGVCNet`.
+
+Importing this package registers ``fashionnet_small`` / ``fashionnet_medium`` with timm.
+"""
+
+from .fashionnet import FASHIONNET_CONFIGS, FashionNet, FashionNetConfig
+from .factory import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FGVCNet,
+    ModelSpec,
+    PretrainedWeightsError,
+    available_archs,
+    build_model,
+    create_model,
+    register_arch,
+)
+
+__all__ = [
+    "FASHIONNET_CONFIGS",
+    "FashionNet",
+    "FashionNetConfig",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FGVCNet",
+    "ModelSpec",
+    "PretrainedWeightsError",
+    "available_archs",
+    "build_model",
+    "create_model",
+    "register_arch",
+]
