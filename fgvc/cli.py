@@ -12,6 +12,7 @@ import sys
 import click
 
 from fgvc.data.demo import DemoConfig
+from fgvc.training.config import TrainConfig
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -70,6 +71,74 @@ def prepare(source, root, num_designers, train_per_class, val_per_class, height,
     else:
         run_prepare(source, root, height=height, width=width, resize=resize,
                     val_fraction=val_fraction, seed=seed, overwrite=overwrite)
+
+
+def _optional_int(value: str | None) -> int | None:
+    return None if value in (None, "", "none", "None", "all") else int(float(value))
+
+
+def _optional_float(value: str | None) -> float | None:
+    return None if value in (None, "", "none", "None", "auto") else float(value)
+
+
+@main.command()
+@click.option("--arch", default=TrainConfig.arch,
+              help="resnet18 | resnet34 | resnet50 | fn-small | fn-medium | timm:<name>.")
+@click.option("--pretrained", default=TrainConfig.pretrained, help="auto | true | false | path to a weights file.")
+@click.option("--data-root", default=TrainConfig.data_root, help="Dataset root (the demo data is generated on first use).")
+@click.option("--aug", default=TrainConfig.aug, help="false | true (the heavy recipe).")
+@click.option("--epochs", default=TrainConfig.epochs, type=int)
+@click.option("--batch-size", default=TrainConfig.batch_size, type=int)
+@click.option("--lr-head", default=TrainConfig.lr_head, type=float)
+@click.option("--lr-backbone", default="auto", help="auto: 1e-4 (ResNet/timm) or lr_head (FashionNet).")
+@click.option("--weight-decay", default="auto", help="auto: 0.05 (ResNet/timm) or 0.01 (FashionNet).")
+@click.option("--label-smoothing", default=TrainConfig.label_smoothing, type=float)
+@click.option("--seed", default="0", help="Random seed (same seed on the CPU gives the same metrics).")
+@click.option("--train-count", default="all", help="Class-stratified training subset size (all: every image).")
+@click.option("--val-count", default="all", help="Class-stratified validation subset size.")
+@click.option("--num-workers", default=TrainConfig.num_workers, type=int, help="Background loader threads (0: none).")
+@click.option("--device", default=TrainConfig.device, help="auto | cpu | cuda | cuda:N.")
+@click.option("--amp", default=TrainConfig.amp, help="Mixed precision: auto (on for CUDA) | true | false.")
+@click.option("--channels-last", default=TrainConfig.channels_last, help="auto (on for CUDA) | true | false.")
+@click.option("--grad-clip", default=TrainConfig.grad_clip, type=float, help="Max gradient norm (0: off).")
+@click.option("--resume", default="false", help="true (newest unfinished run of this config) | <run_id> | false.")
+@click.option("--registered-model", default="auto", help="Registry name (auto: fgvc-<arch>); none: do not register.")
+def train(arch, pretrained, data_root, aug, epochs, batch_size, lr_head, lr_backbone, weight_decay,
+          label_smoothing, seed, train_count, val_count, num_workers, device, amp, channels_last,
+          grad_clip, resume, registered_model):
+    """Train one model on one data regime, tracked in MLflow and registered."""
+    from fgvc.tracking.train_run import run_train
+
+    cfg = TrainConfig(arch=arch, pretrained=pretrained, data_root=data_root, aug=aug, epochs=epochs,
+                      batch_size=batch_size, lr_head=lr_head, lr_backbone=_optional_float(lr_backbone),
+                      weight_decay=_optional_float(weight_decay), label_smoothing=label_smoothing,
+                      seed=int(float(seed)), train_count=_optional_int(train_count),
+                      val_count=_optional_int(val_count), num_workers=num_workers, device=device,
+                      amp=amp, channels_last=channels_last, grad_clip=grad_clip)
+    register = registered_model.lower() != "none"
+    run_train(cfg, resume=resume, register=register,
+              registered_model=None if registered_model.lower() in ("auto", "none") else registered_model)
+
+
+@main.command()
+@click.option("--name", "name", default=None, help="Registered model (fgvc-<arch>).")
+@click.option("--arch", default=None, help="Shortcut for --name fgvc-<arch>.")
+@click.option("--metric", default="val_acc", help="Version tag to maximise (val_acc, val_balanced_acc).")
+@click.option("--dataset-digest", default="any", help="Only versions trained on this dataset digest.")
+@click.option("--version", default="best", help="An explicit version, or best (by --metric).")
+@click.option("--alias", default="champion")
+def promote(name, arch, metric, dataset_digest, version, alias):
+    """Move the `champion` alias to the best version (or to an explicit one)."""
+    from fgvc.tracking.registry import promote as promote_version, registered_name
+    from fgvc.tracking.runs import configure_tracking
+
+    if not name and not arch:
+        raise click.UsageError("give --name fgvc-<arch> or --arch <arch>")
+    configure_tracking()
+    chosen = promote_version(name or registered_name(arch), metric=metric,
+                             dataset_digest=None if dataset_digest in ("any", "") else dataset_digest,
+                             version=None if version in ("best", "") else version, alias=alias)
+    click.echo(f"{name or registered_name(arch)}@{alias} -> version {chosen}")
 
 
 def run(command: str, argv: list[str] | None = None) -> None:

@@ -1,0 +1,222 @@
+"""The training loop, in the shape of torchvision's reference script:
+build the optimiser and schedule, then `for epoch: train_one_epoch(); evaluate(); on_epoch_end()`.
+
+Nothing here talks to MLflow: the caller gets one `EpochRecord` per epoch through a callback
+and decides what to log and where to keep checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fgvc.data.dataset import BatchLoader
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Precision:
+    """How the model runs on the device: autocast dtype (None = fp32) and memory format."""
+
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @staticmethod
+    def for_device(device: torch.device, amp: str = "auto", channels_last: str = "auto") -> "Precision":
+        """AMP and channels-last pay off on CUDA; on the CPU they default to off."""
+        cuda = device.type == "cuda"
+        use_amp = cuda if amp == "auto" else str(amp).lower() == "true"
+        dtype = None
+        if use_amp:
+            dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
+        use_cl = cuda if channels_last == "auto" else str(channels_last).lower() == "true"
+        return Precision(dtype, use_cl)
+
+    def autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+
+
+def build_optimizer(model: nn.Module, lr_backbone: float, lr_head: float, weight_decay: float
+                    ) -> torch.optim.AdamW:
+    """AdamW with separate learning rates for the backbone and the head (group order fixed:
+    0 = backbone, 1 = head). Norm and bias parameters get no weight decay."""
+    groups = []
+    for params, lr in ((model.backbone_parameters(), lr_backbone), (model.head_parameters(), lr_head)):
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+    """(backbone lr, head lr) of an optimiser made by `build_optimizer`."""
+    return optimizer.param_groups[0]["lr"], optimizer.param_groups[2]["lr"]
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    top5: float
+    balanced_acc: float
+    per_class_acc: list[float]  # NaN for a class absent from the split
+    confusion: torch.Tensor  # int64 [C, C], rows = true class, cols = predicted
+    images: int
+
+
+def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
+             precision: Precision = Precision(), progress: bool = False) -> EvalResult:
+    """Plain cross-entropy, top-1, top-5, balanced accuracy, per-class accuracy, confusion."""
+    was_training = model.training
+    model.eval()
+    loss_sum, top5_hits, n = 0.0, 0, 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    k = min(5, num_classes)
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="val", leave=False, disable=not progress):
+                with precision.autocast(device):
+                    logits = model(batch.images)
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
+                top5_hits += (logits.topk(k, dim=1).indices == batch.labels[:, None]).any(1).sum().item()
+                pred = logits.argmax(1)
+                confusion += torch.bincount((batch.labels * num_classes + pred).cpu(),
+                                            minlength=num_classes ** 2).view(num_classes, num_classes)
+                n += len(batch.labels)
+    finally:
+        model.train(was_training)
+    return result_from_confusion(confusion, loss_sum, top5_hits)
+
+
+def result_from_confusion(confusion: torch.Tensor, loss_sum: float, top5_hits: int) -> EvalResult:
+    """Metrics from summed statistics (also used after gathering them across processes)."""
+    n = int(confusion.sum())
+    support = confusion.sum(1)
+    correct = confusion.diag()
+    per_class = [(c / s) if s else float("nan") for c, s in zip(correct.tolist(), support.tolist())]
+    present = [a for a in per_class if not math.isnan(a)]
+    return EvalResult(
+        loss=loss_sum / max(n, 1), acc=int(correct.sum()) / max(n, 1), top5=top5_hits / max(n, 1),
+        balanced_acc=sum(present) / max(len(present), 1), per_class_acc=per_class,
+        confusion=confusion, images=n,
+    )
+
+
+def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, device: torch.device, precision: Precision = Precision(),
+                    grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
+                    progress: bool = False, desc: str = "train") -> dict:
+    """One pass over the training loader. Raises NonFiniteLoss before stepping on a bad loss."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    n = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        with precision.autocast(device):
+            logits = model(batch.images)
+            loss = criterion(logits.float(), batch.labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"training loss is {loss.item()} at batch {step}; stopping "
+                                f"(try a lower learning rate, or grad_clip)")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        b = len(batch.labels)
+        loss_sum += loss.detach() * b
+        correct += (logits.detach().argmax(1) == batch.labels).sum()
+        n += b
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}")
+    seconds = time.perf_counter() - start
+    return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1),
+            "images": n, "seconds": seconds}
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based: epoch e has completed e passes over the training data
+    train: dict
+    val: EvalResult
+    lr_backbone: float
+    lr_head: float
+    seconds: float
+    is_best: bool
+    history: list[dict] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """The per-epoch metric names of the MLflow conventions."""
+        return {
+            "train/loss": self.train["loss"], "train/acc": self.train["acc"],
+            "val/loss": self.val.loss, "val/acc": self.val.acc, "val/top5": self.val.top5,
+            "val/error": 1.0 - self.val.acc, "val/balanced_acc": self.val.balanced_acc,
+            "lr/backbone": self.lr_backbone, "lr/head": self.lr_head,
+            "time/epoch_s": self.seconds,
+            "throughput/train_img_s": self.train["images"] / max(self.train["seconds"], 1e-9),
+        }
+
+
+def fit(model: nn.Module, train_loader: BatchLoader, val_loader: BatchLoader,
+        optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module, epochs: int,
+        num_classes: int, device: torch.device, precision: Precision = Precision(),
+        grad_clip: float = 0.0, start_epoch: int = 0, history: list[dict] | None = None,
+        on_epoch_end: Callable[[EpochRecord], None] | None = None, progress: bool = True,
+        evaluate_fn: Callable[..., EvalResult] = evaluate) -> list[dict]:
+    """Train epochs `start_epoch+1 .. epochs`; best = highest val accuracy (first wins ties).
+
+    `history` holds one metrics dict per finished epoch (restored on resume).
+    """
+    history = list(history or [])
+    best_acc = max((h["val/acc"] for h in history), default=-1.0)
+    scaler = torch.amp.GradScaler("cuda") if precision.amp_dtype == torch.float16 else None
+    epoch_bar = tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress,
+                     initial=start_epoch, total=epochs)
+    for epoch in epoch_bar:
+        start = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        lr_backbone, lr_head = group_lrs(optimizer)
+        train = train_one_epoch(model, train_loader, optimizer, criterion, device, precision,
+                                grad_clip, scaler, progress, desc=f"epoch {epoch + 1}/{epochs}")
+        val = evaluate_fn(model, val_loader, num_classes, device, precision, progress)
+        scheduler.step()
+        is_best = val.acc > best_acc
+        best_acc = max(best_acc, val.acc)
+        record = EpochRecord(epoch + 1, train, val, lr_backbone, lr_head,
+                             time.perf_counter() - start, is_best)
+        history.append({"epoch": epoch + 1, **record.metrics()})
+        record.history = history
+        if progress:
+            epoch_bar.write(
+                f"epoch {epoch + 1}/{epochs}  train loss {train['loss']:.4f} acc {train['acc']:.3f} | "
+                f"val loss {val.loss:.4f} acc {val.acc:.3f} top5 {val.top5:.3f} "
+                f"bal {val.balanced_acc:.3f} | {record.seconds:.1f}s" + ("  *best" if is_best else ""))
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    return history
