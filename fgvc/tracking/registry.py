@@ -43,7 +43,7 @@ def register_version(run_id: str, name: str, tags: dict[str, str]) -> str:
     version = client.create_model_version(name, f"runs:/{run_id}/checkpoints", run_id=run_id,
                                           tags={k: str(v) for k, v in tags.items()})
     client.set_registered_model_alias(name, CANDIDATE, version.version)
-    return version.version
+    return str(version.version)
 
 
 _URI = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -126,8 +126,9 @@ def promote(name: str, metric: str = "val_acc", dataset_digest: str | None = Non
     if version is None:
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
+            names = ", ".join(sorted(r.name for r in client.search_registered_models()))
             raise ValueError(f"registered model {name!r} has no versions (or does not exist); "
-                             f"registered models: {sorted(r.name for r in client.search_registered_models())}")
+                             f"registered models: {names or '(none)'}")
         if dataset_digest:
             versions = [v for v in versions if v.tags.get("dataset_digest") == dataset_digest]
             if not versions:

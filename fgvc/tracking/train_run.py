@@ -256,8 +256,9 @@ def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
 
         try:
             history = fit(model, train_loader, val_loader, optimizer, scheduler, criterion, cfg.epochs,
-                          info.num_classes, device, precision, cfg.grad_clip, start_epoch, history,
-                          on_epoch_end, progress)
+                          info.num_classes, device, precision=precision, grad_clip=cfg.grad_clip,
+                          start_epoch=start_epoch, history=history, on_epoch_end=on_epoch_end,
+                          progress=progress)
         except NonFiniteLoss as e:
             raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
 

@@ -1,0 +1,401 @@
+"""Ingest real runway photos (e.g. the iDesigner training set) into a shard dataset root.
+
+A source is either an image-folder tree, `<source>/<designer>/*.{png,jpg,jpeg,webp}` (the
+layout of the iDesigner training set), or a CSV file with the header `path,label` (paths
+relative to the CSV's folder or absolute; `label` is the designer name). Designer names are
+kept exactly as given (spaces, capitals, accents, CJK) and class indices follow their sorted
+order (Python string order, so case-sensitive).
+
+Every image is decoded once, converted to RGB and fitted to a fixed H x W:
+
+  pad          keep the aspect ratio, letterbox with black, centred (default: runway crops are
+               tall, and black bars match the background-removed convention of `mask`)
+  stretch      scale each axis independently to H x W
+  center-crop  scale to cover H x W, then keep the centre
+
+Pixel conventions: transparency (RGBA, LA, P/L/RGB with a transparent colour) is composited
+on black, like removed background; 16-bit images (I;16*, I) are scaled from 0..65535 to
+0..255 (v * 255 / 65535, rounded), not clipped; CMYK and other modes use Pillow's conversion;
+the EXIF orientation tag is applied.
+
+Files that cannot be decoded (truncated, garbage, empty) are skipped and reported: one logged
+warning with the count and names, and `skipped` / `skipped_count` in `meta.json`. A designer
+left with no readable image (or with no image files at all) is dropped from the label map with
+a warning and recorded under `dropped_classes`: every class of the root has data.
+
+The split is stratified and computed over the readable images of each designer:
+`round(n * val_fraction)` (halves round up) go to val, at least one stays in train when n >= 1
+and at least one goes to val when n >= 2 and val_fraction > 0. Which images go to val, and the
+order of images in the shards, come from a seeded hash of each file's path relative to the
+source: the same inputs and seed give byte-identical shards on any machine, and adding a file
+to a designer does not reshuffle the others.
+
+Memory stays flat: decoded images are appended to an anonymous staging file inside `root`
+(deleted automatically), and each shard is assembled from it in its own buffer. Disk use peaks
+at about twice the size of the written shards.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from fgvc.data.shards import (
+    SHARD_PATTERN,
+    ShardError,
+    make_shard,
+    shard_name,
+    write_json,
+    write_label_map,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+RESIZE_POLICIES = ("pad", "stretch", "center-crop")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Downscale in steps first (JPEG DCT scaling, then box reduction) before the final LANCZOS pass,
+# as Pillow's thumbnail does; 3.0 is indistinguishable from a single full LANCZOS resize.
+REDUCING_GAP = 3.0
+MAX_NAMES_IN_LOG = 20
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: Path  # where to read it
+    name: str  # how it is reported and hashed: relative to the source, or as written in the CSV
+    label: str  # designer name, exactly as given
+
+
+@dataclass
+class SourceListing:
+    kind: str  # "image-folder" or "csv"
+    images: list[SourceImage]
+    designers: list[str]  # every designer named by the source, sorted
+    notes: dict  # what the listing ignored, for meta.json
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding one image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, with transparency composited on black."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (0, 0, 0))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def fit_image(image: Image.Image, height: int, width: int, resize: str = "pad") -> Image.Image:
+    """Resize an RGB image to exactly `width` x `height` under one of RESIZE_POLICIES."""
+    w, h = image.size
+    filt = Image.Resampling.LANCZOS
+    if resize == "stretch":
+        return image.resize((width, height), filt, reducing_gap=REDUCING_GAP)
+    if resize == "center-crop":
+        # Crop the largest centred box with the target aspect, in source coordinates, and
+        # resample it in one pass.
+        if w * height > h * width:
+            crop_w = h * width / height
+            box = ((w - crop_w) / 2, 0.0, (w + crop_w) / 2, float(h))
+        else:
+            crop_h = w * height / width
+            box = (0.0, (h - crop_h) / 2, float(w), (h + crop_h) / 2)
+        return image.resize((width, height), filt, box=box, reducing_gap=REDUCING_GAP)
+    if resize == "pad":
+        scale = min(width / w, height / h)
+        content = (min(width, max(1, round(w * scale))), min(height, max(1, round(h * scale))))
+        canvas = Image.new("RGB", (width, height), (0, 0, 0))
+        canvas.paste(image.resize(content, filt, reducing_gap=REDUCING_GAP),
+                     ((width - content[0]) // 2, (height - content[1]) // 2))
+        return canvas
+    raise ValueError(f"unknown resize policy {resize!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+
+
+def load_image(path: str | Path, height: int, width: int, resize: str = "pad") -> torch.Tensor:
+    """Decode one image file into uint8 [3, H, W]. Raises whatever Pillow raises on a bad file."""
+    with Image.open(path) as image:
+        w, h = image.size
+        # JPEG only: let the decoder downscale (1/2, 1/4, 1/8) while staying at least
+        # REDUCING_GAP times above the target in either orientation (EXIF may swap the axes).
+        scale = max(height / h, width / w, height / w, width / h) * REDUCING_GAP
+        if scale < 1:
+            image.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = fit_image(to_rgb(image), height, width, resize)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing a source
+
+
+def list_image_folder(source: Path) -> SourceListing:
+    """`<source>/<designer>/*.{png,jpg,jpeg,webp}`; hidden files and folders are ignored."""
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p.name for p in source.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if not folders:
+        raise ValueError(
+            f"{source}: no designer folders found; an image-folder source must look like "
+            f"<source>/<designer>/*.jpg (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    if loose:
+        log.warning("%s: ignored %d file(s) outside designer folders: %s",
+                    source, len(loose), ", ".join(sorted(loose)[:MAX_NAMES_IN_LOG]))
+    images, not_images = [], 0
+    for folder in folders:
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(SourceImage(path, f"{folder.name}/{path.name}", folder.name))
+            else:
+                not_images += 1
+    if not images:
+        raise ValueError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
+    notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images}
+    return SourceListing("image-folder", images, [f.name for f in folders], notes)
+
+
+def list_csv(source: Path) -> SourceListing:
+    """A CSV with columns `path,label` (others ignored). Rows naming the same file twice with the
+    same label count once; with different labels the CSV is refused."""
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
+        if "path" not in columns or "label" not in columns:
+            raise ValueError(
+                f"{source}: a CSV source needs the header 'path,label', found {reader.fieldnames}"
+            )
+        images: list[SourceImage] = []
+        seen: dict[str, str] = {}
+        duplicates = 0
+        for row in reader:
+            where = f"{source}, line {reader.line_num}"
+            written, label = row.get(columns["path"]), row.get(columns["label"])
+            if not written or not written.strip() or not label:
+                raise ValueError(f"{where}: empty path or label")
+            path = Path(written.strip())
+            path = path if path.is_absolute() else source.parent / path
+            key = os.path.normpath(path)
+            if key in seen:
+                if seen[key] != label:
+                    raise ValueError(
+                        f"{where}: {written!r} is labelled both {seen[key]!r} and {label!r}"
+                    )
+                duplicates += 1
+                continue
+            seen[key] = label
+            images.append(SourceImage(path, written.strip(), label))
+    if not images:
+        raise ValueError(f"{source}: the CSV lists no images")
+    if duplicates:
+        log.warning("%s: ignored %d duplicate row(s)", source, duplicates)
+    designers = sorted({image.label for image in images})
+    return SourceListing("csv", images, designers, {"duplicate_rows": duplicates})
+
+
+def list_source(source: str | Path) -> SourceListing:
+    source = Path(source)
+    if source.is_dir():
+        return list_image_folder(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return list_csv(source)
+    if not source.exists():
+        raise ValueError(f"{source}: source does not exist")
+    raise ValueError(
+        f"{source}: unknown source kind; expected an image folder <source>/<designer>/*.jpg "
+        f"or a .csv file with the header 'path,label'"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The split
+
+
+def val_count(n: int, val_fraction: float) -> int:
+    """Images of one designer that go to val: round(n * val_fraction), halves up, keeping at
+    least one in train (n >= 1) and at least one in val (n >= 2, val_fraction > 0)."""
+    if n < 2 or val_fraction <= 0:
+        return 0
+    return min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
+
+
+def seeded_rank(seed: int, purpose: str, name: str) -> bytes:
+    """A pseudo-random sort key for one file, fixed by the seed and the file's name only."""
+    return hashlib.sha256(f"{seed}\0{purpose}\0{name}".encode()).digest()
+
+
+def split_stratified(images: list[SourceImage], val_fraction: float, seed: int
+                     ) -> dict[str, list[int]]:
+    """Indices into `images` for train and val, each in a seeded shuffled order."""
+    by_label: dict[str, list[int]] = {}
+    for i, image in enumerate(images):
+        by_label.setdefault(image.label, []).append(i)
+    splits: dict[str, list[int]] = {"train": [], "val": []}
+    for label in sorted(by_label):
+        members = sorted(by_label[label], key=lambda i: seeded_rank(seed, "val", images[i].name))
+        k = val_count(len(members), val_fraction)
+        splits["val"] += members[:k]
+        splits["train"] += members[k:]
+    for split, members in splits.items():
+        members.sort(key=lambda i: seeded_rank(seed, f"order/{split}", images[i].name))
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingest
+
+
+def _check_arguments(source: Path, root: Path, height: int, width: int, resize: str,
+                     val_fraction: float, shard_size: int) -> None:
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {resize!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if root.exists() and not root.is_dir():
+        raise ShardError(f"{root}: dataset root is not a directory")
+    if source.is_dir():
+        src, dst = source.resolve(), root.resolve()
+        if dst == src or src in dst.parents:
+            raise ValueError(
+                f"{root}: the dataset root must not be inside the source folder {source} "
+                f"(its files would be read back as images by the next ingest)"
+            )
+
+
+def _report_skipped(skipped: list[dict]) -> None:
+    if not skipped:
+        return
+    names = [s["path"] for s in skipped]
+    shown = ", ".join(names[:MAX_NAMES_IN_LOG])
+    more = f" ... and {len(names) - MAX_NAMES_IN_LOG} more" if len(names) > MAX_NAMES_IN_LOG else ""
+    log.warning("skipped %d unreadable image file(s) (listed in meta.json): %s%s",
+                len(skipped), shown, more)
+
+
+def _remove_stale_shards(split_dir: Path, keep: int) -> None:
+    """Shards from an earlier, larger ingest into the same root would mix with the new ones."""
+    if not split_dir.is_dir():
+        return
+    for path in split_dir.iterdir():
+        m = SHARD_PATTERN.match(path.name)
+        if m and int(m.group(1)) >= keep:
+            path.unlink()
+    if keep == 0 and not any(split_dir.iterdir()):
+        split_dir.rmdir()
+
+
+def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 48,
+           resize: str = "pad", val_fraction: float = 0.2, seed: int = 0, shard_size: int = 500,
+           progress: bool = True) -> dict:
+    """Write a dataset root (train/val shards, index_to_label.json, meta.json) from an image
+    folder or a `path,label` CSV; returns the meta written. See the module docstring."""
+    source, root = Path(source), Path(root)
+    _check_arguments(source, root, height, width, resize, val_fraction, shard_size)
+    listing = list_source(source)
+    root.mkdir(parents=True, exist_ok=True)
+    # meta.json is written last and marks a finished root; an interrupted re-ingest must not
+    # leave the previous one's in place.
+    (root / "meta.json").unlink(missing_ok=True)
+    row_bytes = 3 * height * width
+
+    # Decode every file once; row i of the staging file holds readable[i], [3, H, W] uint8.
+    skipped: list[dict] = []
+    readable: list[SourceImage] = []
+    with tempfile.TemporaryFile(dir=root, prefix=".ingest-staging-") as staging:
+        for image in tqdm(listing.images, desc="ingest", unit="img", disable=None if progress else True):
+            try:
+                pixels = load_image(image.path, height, width, resize)
+            except Exception as e:  # a bad file must not stop the run: report it instead
+                skipped.append({"path": image.name, "error": f"{type(e).__name__}: {e}"})
+                continue
+            staging.write(pixels.numpy().tobytes())
+            readable.append(image)
+        _report_skipped(skipped)
+
+        listed = {}
+        for image in listing.images:
+            listed[image.label] = listed.get(image.label, 0) + 1
+        kept = sorted({image.label for image in readable})
+        dropped = [
+            {"label": name, "files": listed.get(name, 0),
+             "reason": "every image file was unreadable" if listed.get(name) else "no image files"}
+            for name in listing.designers if name not in kept
+        ]
+        if dropped:
+            log.warning("dropped %d designer(s) with no readable image: %s",
+                        len(dropped), ", ".join(d["label"] for d in dropped))
+        if not kept:
+            raise ValueError(f"{source}: no readable images ({len(skipped)} file(s) skipped)")
+        index_of = {name: i for i, name in enumerate(kept)}
+
+        splits = split_stratified(readable, val_fraction, seed)
+        counts, class_counts = {}, {}
+        for split, members in splits.items():
+            chunks = [members[start:start + shard_size] for start in range(0, len(members), shard_size)]
+            for k, chunk in enumerate(chunks):
+                images = torch.empty(len(chunk), 3, height, width, dtype=torch.uint8)  # [N, 3, H, W]
+                for j, i in enumerate(chunk):
+                    staging.seek(i * row_bytes)
+                    if staging.readinto(images[j].numpy().reshape(-1)) != row_bytes:
+                        raise OSError(f"{root}: staging file ended early (disk full?)")
+                labels = torch.tensor([index_of[readable[i].label] for i in chunk], dtype=torch.int64)
+                write_shard(root / split / shard_name(k), make_shard(images, labels, len(kept)),
+                            num_classes=len(kept))
+            _remove_stale_shards(root / split, len(chunks))
+            counts[split] = len(members)
+            per_class = {name: 0 for name in kept}
+            for i in members:
+                per_class[readable[i].label] += 1
+            class_counts[split] = per_class
+
+    if counts["val"] == 0:
+        log.warning("%s: no validation images (val_fraction=%s, largest designer has %d image(s)); "
+                    "the root has a train split only", root, val_fraction,
+                    max(class_counts["train"].values()))
+    write_label_map(root, kept)
+    meta = {
+        "source": str(source.resolve()),
+        "source_kind": listing.kind,
+        "image_size": [height, width],
+        "resize": resize,
+        "transparency": "composited on black",
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_size": shard_size,
+        "num_classes": len(kept),
+        "counts": counts,
+        "class_counts": class_counts,
+        "listed_count": len(listing.images),
+        "skipped_count": len(skipped),
+        "skipped": skipped,
+        "dropped_classes": dropped,
+        "ignored": listing.notes,
+    }
+    write_json(root / "meta.json", meta)
+    log.info("ingested %s into %s: %d classes, train %d, val %d, skipped %d",
+             source, root, len(kept), counts["train"], counts["val"], len(skipped))
+    return meta

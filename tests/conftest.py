@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny demo dataset and an isolated MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network: weights and hubs must come from local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+TINY = dict(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24, shard_size=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A 3-designer, 32x24 runway-synth root (24 train / 12 val images, several shards)."""
+    from fgvc.data.demo import DemoConfig, generate_demo
+
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    generate_demo(root, DemoConfig(**TINY))
+    return root
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store and artifact root in tmp_path; cwd moves there too."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
