@@ -141,6 +141,39 @@ def promote(name, arch, metric, dataset_digest, version, alias):
     click.echo(f"{name or registered_name(arch)}@{alias} -> version {chosen}")
 
 
+@main.command()
+@click.option("--model", "model_uri", required=True,
+              help="models:/<name>@<alias>, models:/<name>/<version> or <name>@<alias>.")
+@click.option("--method", default="gradcam", help="gradcam | occlusion | neighbors | shortcut | all (comma lists allowed).")
+@click.option("--data-root", default="auto", help="Dataset to analyse (auto: the one the model was trained on).")
+@click.option("--mask-root", default="none", help="Masked root built from the same data, for person masks.")
+@click.option("--split", default="val")
+@click.option("--num-images", default=64, type=int, help="Images analysed (seeded, class-stratified).")
+@click.option("--seed", default=0, type=int)
+@click.option("--target", type=click.Choice(["predicted", "label"]), default="predicted", help="Class explained.")
+@click.option("--batch-size", default=32, type=int)
+@click.option("--window", default=32, type=int, help="Occlusion window side (pixels).")
+@click.option("--stride", default=16, type=int, help="Occlusion stride (pixels).")
+@click.option("--fill", type=click.Choice(["zero", "mean", "blur"]), default="zero", help="Occlusion fill.")
+@click.option("--k", default=5, type=int, help="Neighbours per query.")
+@click.option("--exclude-same-designer", type=click.BOOL, default=False,
+              help="Neighbours: drop the query's own designer (which other designers look alike?).")
+@click.option("--device", default="auto", help="auto | cpu | cuda.")
+def analyze(model_uri, method, data_root, mask_root, split, num_images, seed, target, batch_size, window,
+            stride, fill, k, exclude_same_designer, device):
+    """Grad-CAM, occlusion, neighbours, shortcut test for a registered model; attached to its training run."""
+    import torch
+
+    from fgvc.tracking.analyze_run import run_analyze
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_analyze(model_uri, method, data_root=None if data_root == "auto" else data_root,
+                mask_root=None if mask_root in ("none", "") else mask_root, device=device, split=split,
+                num_images=num_images, seed=seed, target=target, batch_size=batch_size, window=window,
+                stride=stride, fill=fill, k=k, exclude_same_designer=exclude_same_designer)
+
+
 def run(command: str, argv: list[str] | None = None) -> None:
     """Entry-point scripts: `fgvc <command> <argv>` with user errors shown without a traceback."""
     args = [command, *(sys.argv[1:] if argv is None else argv)]

@@ -1,0 +1,6 @@
+"""MLproject entry point `analyze`: see `fgvc analyze --help`."""
+
+from fgvc.cli import run
+
+if __name__ == "__main__":
+    run("analyze")
