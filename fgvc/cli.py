@@ -103,10 +103,29 @@ def _optional_float(value: str | None) -> float | None:
 @click.option("--grad-clip", default=TrainConfig.grad_clip, type=float, help="Max gradient norm (0: off).")
 @click.option("--resume", default="false", help="true (newest unfinished run of this config) | <run_id> | false.")
 @click.option("--registered-model", default="auto", help="Registry name (auto: fgvc-<arch>); none: do not register.")
+@click.option("--nproc", default="1",
+              help="Data-parallel processes on this machine (>1: relaunches itself under torchrun; "
+                   "batch-size stays the global batch).")
+@click.option("--sync-bn", default="false", help="DDP: true synchronises BatchNorm statistics across processes.")
 def train(arch, pretrained, data_root, aug, epochs, batch_size, lr_head, lr_backbone, weight_decay,
           label_smoothing, seed, train_count, val_count, num_workers, device, amp, channels_last,
-          grad_clip, resume, registered_model):
-    """Train one model on one data regime, tracked in MLflow and registered."""
+          grad_clip, resume, registered_model, nproc, sync_bn):
+    """Train one model on one data regime, tracked in MLflow and registered.
+
+    Data-parallel: `--nproc N`, or `torchrun --nproc-per-node N -m fgvc.cli train ...`.
+    """
+    from fgvc.training import distributed
+
+    nproc = int(float(nproc))
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        ctx = click.get_current_context()
+        argv = ["-v"] if logging.getLogger().isEnabledFor(logging.DEBUG) else []
+        argv.append("train")
+        for param in ctx.command.params:
+            if param.name != "nproc" and isinstance(param, click.Option):
+                argv += [param.opts[0], str(ctx.params[param.name])]
+        distributed.exec_torchrun(nproc, argv)
+
     from fgvc.tracking.train_run import run_train
 
     cfg = TrainConfig(arch=arch, pretrained=pretrained, data_root=data_root, aug=aug, epochs=epochs,
@@ -117,7 +136,8 @@ def train(arch, pretrained, data_root, aug, epochs, batch_size, lr_head, lr_back
                       amp=amp, channels_last=channels_last, grad_clip=grad_clip)
     register = registered_model.lower() != "none"
     run_train(cfg, resume=resume, register=register,
-              registered_model=None if registered_model.lower() in ("auto", "none") else registered_model)
+              registered_model=None if registered_model.lower() in ("auto", "none") else registered_model,
+              sync_bn=str(sync_bn).lower() == "true")
 
 
 @main.command()

@@ -90,21 +90,37 @@ class ShardDataset:
     def gather(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Items at `positions` (indices into this dataset), as uint8/int64 CPU tensors.
 
-        One `index_select` per shard touched; the batch keeps the order of `positions`.
+        Rows are read in file order, one `index_select` per shard and key touched, straight
+        into the output; the batch keeps the order of `positions` (already-sorted positions,
+        as BatchLoader passes them, need no reordering copy).
         """
-        positions = torch.as_tensor(positions, dtype=torch.long)
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten()
         global_idx = self.indices[positions]
-        shard_of = torch.searchsorted(self.offsets, global_idx, right=True) - 1
-        out: dict[str, torch.Tensor] = {}
-        for s in shard_of.unique().tolist():
-            rows = (shard_of == s).nonzero().flatten()
+        order = torch.argsort(global_idx, stable=True)
+        in_order = bool((order == torch.arange(len(order))).all())
+        if not in_order:
+            global_idx = global_idx[order]
+        counts = torch.bincount(torch.searchsorted(self.offsets, global_idx, right=True) - 1,
+                                minlength=len(self.shards)).tolist()
+        n = len(positions)
+        first = self.shards[0]
+        out = {key: torch.empty((n, *first[key].shape[1:]), dtype=first[key].dtype)
+               for key in ("images", "labels", *self.keys)}
+        start = 0
+        for s, count in enumerate(counts):
+            if not count:
+                continue
+            rows = slice(start, start + count)
             local = global_idx[rows] - self.offsets[s]
-            shard = self.shards[s]
-            for key in ("images", "labels", *self.keys):
-                part = shard[key].index_select(0, local)
-                if key not in out:
-                    out[key] = torch.empty((len(positions), *part.shape[1:]), dtype=part.dtype)
-                out[key][rows] = part
+            for key, dest in out.items():
+                source = self.shards[s][key]
+                if source.dtype == dest.dtype:
+                    torch.index_select(source, 0, local, out=dest[rows])
+                else:
+                    dest[rows] = source.index_select(0, local)
+            start += count
+        if not in_order:  # row j holds positions[order[j]]; put row j back at order[j]
+            out = {key: torch.empty_like(v).index_copy_(0, order, v) for key, v in out.items()}
         return out
 
 
@@ -120,9 +136,11 @@ class BatchLoader:
     """Batches over a ShardDataset: seeded shuffle per epoch, optional rank sharding, optional
     per-sample transform on the uint8 batch (e.g. augmentation), background prefetch.
 
-    `rank`/`world_size` give each process a disjoint part of every epoch's order (DDP).
+    `rank`/`world_size` give each process a disjoint part of every epoch's order (DDP); part
+    sizes differ by at most one item, so ranks may differ by one batch.
     `transform(images_uint8 [B,3,H,W], generator) -> float [B,3,H,W] in [0, 1]` runs in the
-    prefetch thread when `prefetch > 0`.
+    prefetch thread when `prefetch > 0`; without a transform, images go to the device as uint8
+    and become float there. Each batch's positions come sorted (see `order`).
     """
 
     def __init__(self, dataset: ShardDataset, batch_size: int, shuffle: bool = False, seed: int = 0,
@@ -131,6 +149,8 @@ class BatchLoader:
                  world_size: int = 1, channels_last: bool = False):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.drop_last, self.device, self.transform = drop_last, torch.device(device), transform
         self.prefetch, self.rank, self.world_size = prefetch, rank, world_size
@@ -141,7 +161,8 @@ class BatchLoader:
         self.epoch = epoch
 
     def order(self) -> torch.Tensor:
-        """This rank's positions for the current epoch."""
+        """This rank's positions for the current epoch. Batch k holds items
+        `order[k*B:(k+1)*B]`, sorted, so `Batch.positions` is the authoritative order."""
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -157,24 +178,28 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _cpu_batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        """(positions, items) per batch; the work that can run ahead of the consumer."""
         order = self.order()
         g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
         for start in range(0, len(order), self.batch_size):
-            positions = order[start:start + self.batch_size]
+            # Sorted within the batch: rows are then read in file order (locality on the
+            # memory-mapped shards); which items form a batch is still the shuffled order's.
+            positions = order[start:start + self.batch_size].sort().values
             if self.drop_last and len(positions) < self.batch_size:
                 break
             items = self.dataset.gather(positions)
             if self.transform is not None:
                 items["images"] = self.transform(items["images"], g)
+            if self.device.type == "cuda" and items["images"].dtype == torch.uint8:
+                items["images"] = items["images"].pin_memory()  # for a non-blocking copy
             yield positions, items
 
     def _to_device(self, positions: torch.Tensor, items: dict) -> Batch:
         non_blocking = self.device.type == "cuda"
-        images = items.pop("images")
-        if self.device.type == "cuda" and images.dtype == torch.uint8:
-            images = images.pin_memory()
-        images = images.to(self.device, non_blocking=non_blocking)
+        images = items.pop("images").to(self.device, non_blocking=non_blocking)
         if images.dtype == torch.uint8:
+            # After the copy (4x fewer bytes than float), and in the consumer: batches waiting
+            # in the prefetch queue stay uint8, so they cost a quarter of the memory.
             images = images.float().div_(255.0)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

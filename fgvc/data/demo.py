@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,28 +104,13 @@ def venue_backdrops(cfg: DemoConfig) -> list[Venue]:
     return out
 
 
-def _pattern(kind: str, ys: torch.Tensor, xs: torch.Tensor, period: int) -> torch.Tensor:
-    """Boolean [H, W]: where the secondary colour shows."""
-    if kind == "solid":
-        return torch.zeros_like(ys, dtype=torch.bool)
-    if kind == "hstripes":
-        return (ys // period) % 2 == 0
-    if kind == "vstripes":
-        return (xs // period) % 2 == 0
-    if kind == "checks":
-        return ((ys // period) + (xs // period)) % 2 == 0
-    if kind == "dots":
-        return ((ys % (2 * period)) < period / 1.5) & ((xs % (2 * period)) < period / 1.5)
-    return ((ys + xs) // period) % 2 == 0  # diagonal
-
-
 @dataclass
 class Shots:
     """Per-image parameters of a batch of runway photos (every field has B first).
 
     Fixed by the designer: primary, secondary [B, 3], pattern, silhouette, period [B].
     Fixed by the venue: wall, floor, light_colour [B, 3], horizon, lights [B].
-    Drawn per shot, uniform in [0, 1): jitter [B, 9]; noise [B, 3, H, W] standard normal.
+    Drawn per shot: jitter [B, 9] uniform in [0, 1); noise [B, 3, H, W] standard normal.
     """
 
     primary: torch.Tensor
@@ -170,39 +156,49 @@ def _shots(cfg: DemoConfig, designers: list[Designer], venues: list[Venue], labe
     )
 
 
-def _pattern(kind: str, ys: torch.Tensor, xs: torch.Tensor, period: torch.Tensor | int) -> torch.Tensor:
-    """Boolean, broadcast of ys/xs: where the secondary colour shows."""
+def _stripes(coord: torch.Tensor, period: torch.Tensor) -> torch.Tensor:
+    return (coord.div(period, rounding_mode="floor") % 2) == 0
+
+
+def _pattern(kind: str, ys: torch.Tensor, xs: torch.Tensor, period: torch.Tensor) -> torch.Tensor:
+    """Boolean, broadcast of ys [B, H, 1] and xs [B, 1, W] (integer pixel coordinates relative
+    to the garment): where the secondary colour shows."""
     if kind == "solid":
-        return torch.zeros_like(ys + xs, dtype=torch.bool)
+        return torch.zeros(torch.broadcast_shapes(ys.shape, xs.shape), dtype=torch.bool)
     if kind == "hstripes":
-        return (ys // period) % 2 == 0
+        return _stripes(ys, period).expand(-1, -1, xs.shape[2])
     if kind == "vstripes":
-        return (xs // period) % 2 == 0
+        return _stripes(xs, period).expand(-1, ys.shape[1], -1)
     if kind == "checks":
-        return ((ys // period) + (xs // period)) % 2 == 0
+        return _stripes(ys, period) == _stripes(xs, period)
     if kind == "dots":
         return ((ys % (2 * period)) < period / 1.5) & ((xs % (2 * period)) < period / 1.5)
-    return ((ys + xs) // period) % 2 == 0  # diagonal
+    return _stripes(ys + xs, period)  # diagonal
+
+
+# Colour layers of a photo; each pixel shows one, then exposure, shading and noise apply.
+WALL, LIGHT, FLOOR, HEAD, LEGS, CLOTH, CLOTH_SECONDARY = range(7)
 
 
 def render_shots(cfg: DemoConfig, shots: Shots) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of runway photos: uint8 [B, 3, H, W] and person masks uint8 [B, H, W]."""
+    """A batch of runway photos: uint8 [B, 3, H, W] and person masks uint8 [B, H, W].
+
+    Geometry is computed on row [B, H, 1] and column [B, 1, W] coordinates and combined by
+    broadcasting into a per-pixel layer index; colours come from one gather of a per-image
+    palette, so the full-size float work is a handful of passes.
+    """
     H, W = cfg.height, cfg.width
     b = len(shots.pattern)
     col = lambda k: shots.jitter[:, k].view(b, 1, 1)  # noqa: E731  [B, 1, 1]
-    rgb = lambda c: c.view(b, 3, 1, 1)  # noqa: E731
     ys = torch.arange(H, dtype=torch.float32).view(1, H, 1)
     xs = torch.arange(W, dtype=torch.float32).view(1, 1, W)
 
-    # Backdrop: wall with light bands above the floor line, a floor below; per-shot exposure.
-    exposure = 0.85 + 0.3 * col(EXPOSURE)
+    # Backdrop: wall with light bands above the floor line, a floor below.
     horizon = (shots.horizon.view(b, 1, 1) + 0.04 * (col(HORIZON) - 0.5)) * H
     lights = shots.lights.view(b, 1, 1)
     band = (torch.cos(2 * math.pi * lights * (xs / W + 0.1 * col(LIGHT_PHASE))) > 0.6) & (lights > 0)
-    image = torch.where((band & (ys < horizon)).unsqueeze(1), rgb(shots.light_colour), rgb(shots.wall))
-    floor = ys >= horizon
-    shade = (1.0 - 0.4 * (ys - horizon).clamp(min=0) / H).unsqueeze(1)
-    image = torch.where(floor.unsqueeze(1), rgb(shots.floor) * shade, image)
+    on_floor = ys >= horizon  # [B, H, 1]
+    layer = torch.where(on_floor, FLOOR, (band & ~on_floor).to(torch.uint8) * LIGHT).to(torch.uint8)
 
     # The figure: centred with jitter, scaled to the frame height.
     scale = H * (0.85 + 0.1 * col(SCALE))
@@ -219,35 +215,44 @@ def render_shots(cfg: DemoConfig, shots: Shots) -> tuple[torch.Tensor, torch.Ten
     a_line = silhouette == SILHOUETTES.index("a-line")
     is_trousers = silhouette == SILHOUETTES.index("trousers")
     body_half = torch.where(a_line, half_w * (0.8 + 0.9 * t),
-                            torch.where(is_trousers, half_w * (1.0 - 0.1 * t), half_w))
+                            torch.where(is_trousers, half_w * (1.0 - 0.1 * t), half_w))  # [B, H, 1]
     body_end = torch.where(a_line, body_bottom + 0.08 * scale, body_bottom)
-    head = (ys - head_cy) ** 2 + (xs - cx) ** 2 <= head_r ** 2
-    body = (ys >= body_top) & (ys <= body_end) & ((xs - cx).abs() <= body_half)
+    dx = (xs - cx).abs()  # [B, 1, W]
+    head = (ys - head_cy) ** 2 + dx ** 2 <= head_r ** 2
+    body = (ys >= body_top) & (ys <= body_end) & (dx <= body_half)
     leg_w = 0.045 * scale
     leg_dx = 0.06 * scale
-    legs = (ys > body_end) & (ys <= legs_bottom) & (
+    legs = ((ys > body_end) & (ys <= legs_bottom)) & (
         ((xs - (cx - leg_dx)).abs() <= leg_w) | ((xs - (cx + leg_dx)).abs() <= leg_w))
     trousers = legs & is_trousers
-
-    skin = SKIN_AT_FULL_VALUE.view(1, 3, 1, 1) * (0.55 + 0.35 * col(SKIN)).unsqueeze(1)
-    image = torch.where(head.unsqueeze(1), skin, image)
-    image = torch.where((legs & ~trousers).unsqueeze(1), skin * 0.9, image)
     garment = body | trousers
+
     period = torch.round(shots.period.float() * H / 64).clamp(min=1).long().view(b, 1, 1)
-    pattern_y = (ys - body_top).long()
-    pattern_x = (xs - cx + 100).long()
+    pattern_y = (ys - body_top).long()  # [B, H, 1]
+    pattern_x = (xs - cx + 100).long()  # [B, 1, W]
     secondary = torch.zeros(b, H, W, dtype=torch.bool)
     for k, kind in enumerate(PATTERNS):
         chosen = (shots.pattern == k).nonzero().flatten()
-        if len(chosen):
-            secondary[chosen] = _pattern(kind, pattern_y[chosen], pattern_x[chosen], period[chosen])
-    tint = (0.9 + 0.2 * col(TINT)).unsqueeze(1)
-    cloth = torch.where(secondary.unsqueeze(1), rgb(shots.secondary), rgb(shots.primary)) * tint
-    image = torch.where(garment.unsqueeze(1), cloth, image)
+        if len(chosen) and kind != "solid":
+            secondary.index_copy_(0, chosen, _pattern(kind, pattern_y[chosen], pattern_x[chosen],
+                                                      period[chosen]))
 
+    layer.masked_fill_(head, HEAD).masked_fill_(legs & ~trousers, LEGS)
+    layer = torch.where(garment, CLOTH + secondary.to(torch.uint8), layer)
     mask = head | body | legs
-    image = image * exposure.unsqueeze(1) + 0.03 * shots.noise
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8), mask.to(torch.uint8)
+
+    skin = SKIN_AT_FULL_VALUE.view(1, 3) * (0.55 + 0.35 * shots.jitter[:, SKIN:SKIN + 1])
+    palette = torch.stack([shots.wall, shots.light_colour, shots.floor, skin, skin * 0.9,
+                           shots.primary, shots.secondary], dim=2)  # [B, 3, layers]
+    image = palette.gather(2, layer.view(b, 1, H * W).long().expand(b, 3, H * W)).view(b, 3, H, W)
+
+    # Per-pixel brightness: floor shading, cloth tint, per-shot exposure; in 0..255 units.
+    shade = 1.0 - 0.4 * (ys - horizon).clamp(min=0) / H  # [B, H, 1]
+    tint = 0.9 + 0.2 * col(TINT)
+    gain = torch.where(layer == FLOOR, shade, torch.where(layer >= CLOTH, tint, 1.0))
+    gain.mul_((0.85 + 0.3 * col(EXPOSURE)) * 255.0)
+    image.mul_(gain.unsqueeze(1)).add_(shots.noise, alpha=0.03 * 255.0)
+    return image.clamp_(0, 255).round_().to(torch.uint8), mask.to(torch.uint8)
 
 
 def render_image(cfg: DemoConfig, designer: Designer, venue: Venue, g: torch.Generator
@@ -261,6 +266,18 @@ def render_image(cfg: DemoConfig, designer: Designer, venue: Venue, g: torch.Gen
 
 # Images rendered per step: bounds the float working memory (~40 floats per pixel) at any size.
 RENDER_CHUNK = 256
+
+
+@contextmanager
+def _one_intra_op_thread():
+    """Rendering runs many short ops on small tensors: a second thread gains nothing there, and
+    costs several times the work in synchronisation when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _render_split(cfg: DemoConfig, per_class: int, split_seed: int, designers, venues):
@@ -290,8 +307,9 @@ def generate_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
     counts = {}
     for split_index, (split, per_class) in enumerate((("train", cfg.train_per_class), ("val", cfg.val_per_class))):
-        images, labels, masks, venue_ids = _render_split(
-            cfg, per_class, cfg.seed * 1000 + split_index + 17, designers, venues)
+        with _one_intra_op_thread():
+            images, labels, masks, venue_ids = _render_split(
+                cfg, per_class, cfg.seed * 1000 + split_index + 17, designers, venues)
         for k, start in enumerate(range(0, len(labels), cfg.shard_size)):
             sl = slice(start, start + cfg.shard_size)
             shard = make_shard(images[sl], labels[sl], cfg.num_designers, masks=masks[sl], venues=venue_ids[sl])

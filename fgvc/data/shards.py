@@ -102,7 +102,7 @@ def load_shard(path: str | Path, mmap: bool = True) -> dict:
             f"torch.save?): {detail}"
         ) from None
     except Exception as e:  # the readers raise RuntimeError, EOFError, KeyError, OSError, ...
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
         raise ShardError(f"{path}: cannot be read as a torch file (truncated or corrupt?): {detail}") from None
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: shard must be a dict, found {type(obj).__name__}")

@@ -2,6 +2,11 @@
 
 Order of work per epoch: checkpoint files first (so a metric never refers to an epoch whose
 state is lost), then metrics with `step=epoch`, then refreshed plots.
+
+Under `torchrun` (see fgvc.training.distributed) every rank trains its share of each batch;
+only rank 0 talks to MLflow: it resolves the data root and the checkpoint to resume from and
+sends them to the other ranks, and alone logs, checkpoints and registers. The result is one
+MLflow run with `world_size` among its params.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from mlflow.tracking import MlflowClient
 from fgvc.data.dataset import BatchLoader, ShardDataset
 from fgvc.data.shards import ShardError, dataset_digest, read_meta, validate_root
 from fgvc.models import create_model
+from fgvc.training import distributed
 from fgvc.training.augment import get_preset
 from fgvc.training.config import DEFAULT_DATA_ROOT, TrainConfig, regime_of
-from fgvc.training.loop import EpochRecord, NonFiniteLoss, Precision, build_optimizer, fit
+from fgvc.training.distributed import World
+from fgvc.training.loop import EpochRecord, NonFiniteLoss, Precision, build_optimizer, evaluate, evaluate_sharded, fit
 from fgvc.tracking.prepare_run import ensure_demo
 from fgvc.tracking.registry import download_checkpoint, load_checkpoint, register_version, registered_name
 from fgvc.tracking.runs import RunFailed, configure_tracking, git_commit, log_dataset, log_params, tracked_run
@@ -39,7 +46,8 @@ EXPERIMENT = "fgvc-train"
 def is_masked_root(root: str | Path) -> bool:
     """A root written by `mask` says so in meta.json (or carries the `bg_removed` flag)."""
     meta = read_meta(root)
-    return bool(meta.get("segmenter") or meta.get("masked") or meta.get("regime") == "masked")
+    return bool(meta.get("segmenter") or meta.get("masked") or meta.get("regime") == "masked"
+                or meta.get("source") == "mask" or (meta.get("masking") or {}).get("segmenter"))
 
 
 def resolve_data_root(data_root: str) -> Path:
@@ -153,21 +161,25 @@ def _missing_steps(run_id: str, key: str = "val/acc") -> set[int]:
     return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
 
 
-def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
-              registered_model: str | None = None, progress: bool = True) -> TrainResult:
-    """Train one configuration in one MLflow run (new, or resumed from its `last.pt`)."""
+@dataclass
+class _Inputs:
+    """What rank 0 works out before training (it may need MLflow) and sends to every rank."""
+
+    root: Path
+    num_classes: int
+    image_size: tuple[int, int]
+    label_names: dict
+    digest: str
+    masked: bool
+    resume_id: str | None
+    checkpoint: dict | None
+
+
+def _resolve_inputs(cfg: TrainConfig, resume: str) -> _Inputs:
     configure_tracking()
     root = resolve_data_root(cfg.data_root)
     info = validate_root(root)
     digest = dataset_digest(root)
-    masked = is_masked_root(root)
-    regime = regime_of(masked, cfg.aug)
-    augment = get_preset(cfg.aug)
-    device = cfg.resolve_device()
-    precision = Precision.for_device(device, cfg.amp, cfg.channels_last)
-    run_name = f"{cfg.arch.replace('timm:', '')}-{regime}"
-    reg_name = registered_model or registered_name(cfg.arch)
-
     resume_id = None
     ckpt = None
     if str(resume).lower() not in ("false", "", "none"):
@@ -180,22 +192,61 @@ def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
             raise ValueError(f"cannot resume run {resume_id}: it trained on dataset "
                              f"{ckpt['dataset_digest']}, but {root} has digest {digest}")
         log.info("resuming run %s after epoch %d", resume_id, ckpt["epoch"])
+    return _Inputs(root, info.num_classes, info.image_size, info.label_names, digest,
+                   is_masked_root(root), resume_id, ckpt)
+
+
+def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
+              registered_model: str | None = None, progress: bool = True,
+              sync_bn: bool = False, experiment: str | None = None, parent_run_id: str | None = None,
+              tags: dict | None = None) -> TrainResult | None:
+    """Train one configuration in one MLflow run (new, or resumed from its `last.pt`).
+
+    Under torchrun this runs on every rank with DDP (`sync_bn`: SyncBatchNorm); rank 0 returns
+    the result, the other ranks None. `experiment` (default fgvc-train), `parent_run_id` and
+    extra `tags` place a new run elsewhere, e.g. as a cell of a study.
+    """
+    placement = dict(experiment=experiment or EXPERIMENT, parent_run_id=parent_run_id, tags=tags or {})
+    with distributed.process_group(cfg.resolve_device()) as world:
+        return _train(cfg, world, resume, register, registered_model, progress and world.is_main, sync_bn,
+                      placement)
+
+
+def _train(cfg: TrainConfig, world: World, resume: str, register: bool, registered_model: str | None,
+           progress: bool, sync_bn: bool, placement: dict) -> TrainResult | None:
+    if cfg.batch_size % world.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by "
+                         f"the number of processes ({world.world_size})")
+    inputs: _Inputs = distributed.from_main(lambda: _resolve_inputs(cfg, resume))
+    root, digest, masked = inputs.root, inputs.digest, inputs.masked
+    resume_id, ckpt = inputs.resume_id, inputs.checkpoint
+    regime = regime_of(masked, cfg.aug)
+    augment = get_preset(cfg.aug)
+    device = world.device
+    precision = Precision.for_device(device, cfg.amp, cfg.channels_last)
+    run_name = f"{cfg.arch.replace('timm:', '')}-{regime}"
+    reg_name = registered_model or registered_name(cfg.arch)
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, info.num_classes, cfg.pretrained, image_size=info.image_size)
+    model = create_model(cfg.arch, inputs.num_classes, cfg.pretrained, image_size=inputs.image_size)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model = model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = distributed.wrap_model(model, world, sync_bn)
     train_set = ShardDataset(root, "train", count=cfg.train_count, seed=cfg.seed)
     val_set = ShardDataset(root, "val", count=cfg.val_count, seed=cfg.seed)
     loader_opts = dict(device=device, prefetch=2 if cfg.num_workers > 0 else 0,
-                       channels_last=precision.channels_last)
-    train_loader = BatchLoader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=False,
-                               transform=augment, **loader_opts)
+                       channels_last=precision.channels_last, rank=world.rank, world_size=world.world_size)
+    train_loader_class = distributed.EqualShareLoader if world.is_distributed else BatchLoader
+    train_loader = train_loader_class(train_set, cfg.batch_size // world.world_size, shuffle=True,
+                                      seed=cfg.seed, drop_last=False,
+                                      transform=distributed.per_rank_transform(augment, world.rank),
+                                      **loader_opts)
     val_loader = BatchLoader(val_set, max(cfg.batch_size, 128), **loader_opts)
-    optimizer = build_optimizer(model, cfg.effective_lr_backbone, cfg.lr_head, cfg.effective_weight_decay)
+    optimizer = build_optimizer(distributed.unwrap(model), cfg.effective_lr_backbone, cfg.lr_head,
+                                cfg.effective_weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     start_epoch, history, best = 0, [], {}
@@ -205,9 +256,19 @@ def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
         if start_epoch >= cfg.epochs:
             log.info("run %s already trained %d epochs", resume_id, start_epoch)
+    fit_opts = dict(precision=precision, grad_clip=cfg.grad_clip, start_epoch=start_epoch,
+                    history=history, progress=progress,
+                    evaluate_fn=evaluate_sharded if world.is_distributed else evaluate)
+    if not world.is_main:
+        try:
+            fit(model, train_loader, val_loader, optimizer, scheduler, criterion, cfg.epochs,
+                inputs.num_classes, device, **fit_opts)
+        except NonFiniteLoss as e:
+            raise RunFailed(f"{e} (rank {world.rank})") from e
+        return None
 
-    names = [info.label_names.get(i, str(i)) for i in range(info.num_classes)]
-    spec = model.spec
+    names = [inputs.label_names.get(i, str(i)) for i in range(inputs.num_classes)]
+    spec = distributed.unwrap(model).spec
     params = {
         **{k: v for k, v in cfg.to_dict().items()},
         "run_name": run_name, "regime": regime, "masked": masked,
@@ -216,12 +277,15 @@ def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
         "weight_decay_effective": cfg.effective_weight_decay,
         "pretrained_effective": spec.pretrained_effective,
         "input_mean": spec.mean, "input_std": spec.std,
-        "num_classes": info.num_classes, "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
+        "num_classes": inputs.num_classes,
+        "image_size": f"{inputs.image_size[0]}x{inputs.image_size[1]}",
         "train_images": len(train_set), "val_images": len(val_set),
         "data_root": str(root), "data_root_abs": str(root.resolve()), "dataset_digest": digest, "device_effective": str(device),
         "amp_effective": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else "off",
         "channels_last_effective": precision.channels_last,
-        "optimizer": "AdamW", "scheduler": "cosine", "world_size": 1,
+        "optimizer": "AdamW", "scheduler": "cosine", "world_size": world.world_size,
+        "batch_size_per_rank": cfg.batch_size // world.world_size,
+        "sync_bn": bool(sync_bn and world.is_distributed),
         "registered_model": reg_name if register else "none",
         "git_commit": git_commit(), "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__, "timm_version": timm.__version__,
@@ -231,7 +295,9 @@ def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
             "fgvc.dataset_digest": digest}
     checkpoint_extra = {"dataset_digest": digest, "regime": regime, "label_names": names}
 
-    with tracked_run(EXPERIMENT, run_name, tags=tags, run_id=resume_id) as run:
+    tags.update(placement["tags"])
+    with tracked_run(placement["experiment"], run_name, tags=tags, run_id=resume_id,
+                     parent_run_id=None if resume_id else placement["parent_run_id"]) as run:
         run_id = run.info.run_id
         log_params(params)
         if ckpt is None:
@@ -256,9 +322,7 @@ def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
 
         try:
             history = fit(model, train_loader, val_loader, optimizer, scheduler, criterion, cfg.epochs,
-                          info.num_classes, device, precision=precision, grad_clip=cfg.grad_clip,
-                          start_epoch=start_epoch, history=history, on_epoch_end=on_epoch_end,
-                          progress=progress)
+                          inputs.num_classes, device, on_epoch_end=on_epoch_end, **fit_opts)
         except NonFiniteLoss as e:
             raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fgvc.data.dataset import BatchLoader
+from fgvc.training import distributed
 
 
 class NonFiniteLoss(RuntimeError):
@@ -82,9 +83,34 @@ class EvalResult:
 def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
              precision: Precision = Precision(), progress: bool = False) -> EvalResult:
     """Plain cross-entropy, top-1, top-5, balanced accuracy, per-class accuracy, confusion."""
+    return result_from_confusion(*_evaluation_sums(model, loader, num_classes, device, precision, progress))
+
+
+def evaluate_sharded(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
+                     precision: Precision = Precision(), progress: bool = False) -> EvalResult:
+    """`evaluate` under DDP: each rank evaluates its share of the split (`loader` built with
+    this rank's rank/world_size, no shuffle: rank r takes positions r, r+W, ...), and the
+    confusion matrix, loss sum and top-5 hits are summed across ranks, so the metrics cover
+    the whole split exactly once. Every rank gets the same result."""
+    module = distributed.unwrap(model)  # no DDP forward: its buffer sync is a collective per call
+    distributed.broadcast_buffers(module)
+    confusion, loss_sum, top5_hits = _evaluation_sums(module, loader, num_classes, device, precision,
+                                                      progress)
+    totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(top5_hits)], dtype=torch.float64))
+    confusion = distributed.all_reduce_sum(confusion)
+    result = result_from_confusion(confusion, float(totals[0]), int(round(float(totals[1]))))
+    if result.images != len(loader.dataset):
+        raise RuntimeError(f"evaluation covered {result.images} images across ranks, but the split has "
+                           f"{len(loader.dataset)} (each rank's loader must take its own share)")
+    return result
+
+
+def _evaluation_sums(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
+                     precision: Precision, progress: bool) -> tuple[torch.Tensor, float, int]:
+    """(confusion int64 [C, C], summed cross-entropy, top-5 hits) over the loader's batches."""
     was_training = model.training
     model.eval()
-    loss_sum, top5_hits, n = 0.0, 0, 0
+    loss_sum, top5_hits = 0.0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     k = min(5, num_classes)
     try:
@@ -98,10 +124,9 @@ def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, device: to
                 pred = logits.argmax(1)
                 confusion += torch.bincount((batch.labels * num_classes + pred).cpu(),
                                             minlength=num_classes ** 2).view(num_classes, num_classes)
-                n += len(batch.labels)
     finally:
         model.train(was_training)
-    return result_from_confusion(confusion, loss_sum, top5_hits)
+    return confusion, loss_sum, top5_hits
 
 
 def result_from_confusion(confusion: torch.Tensor, loss_sum: float, top5_hits: int) -> EvalResult:
@@ -122,7 +147,12 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
                     criterion: nn.Module, device: torch.device, precision: Precision = Precision(),
                     grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
                     progress: bool = False, desc: str = "train") -> dict:
-    """One pass over the training loader. Raises NonFiniteLoss before stepping on a bad loss."""
+    """One pass over the training loader. Raises NonFiniteLoss before stepping on a bad loss.
+
+    Under DDP every rank checks the loss of every step together (one rank's NaN stops all of
+    them), and the returned loss, accuracy and image count are those of all ranks together;
+    `seconds` is the slowest rank's.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -133,8 +163,10 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         with precision.autocast(device):
             logits = model(batch.images)
             loss = criterion(logits.float(), batch.labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training loss is {loss.item()} at batch {step}; stopping "
+        if not distributed.all_ranks_true(torch.isfinite(loss)):
+            here = loss.item()
+            what = here if not math.isfinite(here) else f"not finite on another rank (here {here:.4f})"
+            raise NonFiniteLoss(f"training loss is {what} at batch {step}; stopping "
                                 f"(try a lower learning rate, or grad_clip)")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -156,6 +188,11 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}")
     seconds = time.perf_counter() - start
+    if distributed.is_initialized():
+        images = torch.tensor(float(n), dtype=torch.float64, device=device)
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), images]))
+        loss_sum, correct, n = totals[0], totals[1], int(totals[2])
+        seconds = float(distributed.all_reduce_max(torch.tensor(seconds, dtype=torch.float64)))
     return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1),
             "images": n, "seconds": seconds}
 

@@ -1,0 +1,235 @@
+"""Data-parallel training under `torchrun`: the process group, the DDP model, the per-rank
+loader, and the few collectives the training loop needs.
+
+`torchrun --nproc-per-node N` starts N copies of the same command and tells each its place
+through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Every helper here
+is a no-op in a plain single process, so the loop reads the same either way.
+
+Conventions of a DDP run:
+- `batch_size` is the global batch: each rank takes `batch_size // world_size` images per step.
+  Rank r reads positions r, r+W, r+2W, ... of the epoch's shuffled order, so step k of the N
+  ranks together covers the same images as step k of one process with the full batch.
+- Each rank gets the same number of training images per epoch: the last `len % world_size`
+  images of each epoch's shuffled order are skipped (a different few every epoch), so every
+  rank runs the same number of steps and no collective waits forever.
+- Validation is split the same way without a shuffle and without skipping; the statistics are
+  summed across ranks, so the metrics cover the split exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fgvc.data.dataset import BatchLoader
+
+log = logging.getLogger("fgvc")
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (a world of one without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None  # "nccl" | "gloo"; None: no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.backend is not None
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """CUDA ranks each take the GPU of their local rank; CPU ranks share the CPU."""
+    if device.type == "cuda":
+        if device.index not in (None, local_rank):
+            log.warning("device %s ignored under torchrun: local rank %d uses cuda:%d",
+                        device, local_rank, local_rank)
+        return torch.device("cuda", local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[World]:
+    """Join the torchrun process group (nccl on GPUs, gloo on CPUs) and leave it on exit.
+
+    Without torchrun (or with a world of one) no group is created and the world is this process.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not launched_by_torchrun() or world_size == 1:
+        yield World(device=device)
+        return
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = rank_device(device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield World(rank, world_size, local_rank, device, backend)
+    finally:
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    return not is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    """nccl reduces tensors on this rank's GPU; gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    if not is_initialized():
+        return tensor
+    moved = tensor.to(_collective_device())
+    dist.all_reduce(moved, op=getattr(dist.ReduceOp, op))
+    return moved.to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum over ranks (a new tensor on the input's device; the input itself
+    when there is no process group)."""
+    return _all_reduce(tensor, "SUM")
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(tensor, "MAX")
+
+
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """True when `flag` (a 0-d bool tensor) is true on every rank. Every rank must call it at
+    the same point; all of them get the same answer, so they stop together."""
+    if not is_initialized():
+        return bool(flag)
+    return bool(_all_reduce((~flag).to(torch.int32), "SUM") == 0)
+
+
+def from_main(compute: Callable[[], Any]) -> Any:
+    """Rank 0 computes (e.g. something that needs MLflow), every rank gets the value.
+
+    An exception on rank 0 is re-raised on every rank, so no rank waits for a value that will
+    never come.
+    """
+    if not is_initialized():
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", compute())
+        except Exception as e:
+            # Only the text travels (not every exception pickles); rank 0 raises the original.
+            dist.broadcast_object_list([("error", f"{type(e).__name__}: {e}")], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under a DDP wrapper (what the optimiser, checkpoints and hooks use)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def wrap_model(model: nn.Module, world: World, sync_bn: bool = False) -> nn.Module:
+    """DDP around `model` (already on `world.device`); with `sync_bn`, BatchNorm layers first
+    become SyncBatchNorm, which normalises with the statistics of the global batch."""
+    if not world.is_distributed:
+        return model
+    if sync_bn:
+        if world.device.type != "cuda":
+            raise ValueError("sync_bn=true needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU "
+                             "(there each process normalises over its own share of the batch; use "
+                             "sync_bn=false, or a model without BatchNorm)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    Without SyncBatchNorm each rank's running statistics drift apart; evaluation then uses
+    rank 0's, the ones the checkpoints hold.
+    """
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        moved = buffer.detach().to(_collective_device())
+        dist.broadcast(moved, src=0)
+        buffer.copy_(moved)
+
+
+class EqualShareLoader(BatchLoader):
+    """A training loader whose ranks all get `len(dataset) // world_size` items per epoch.
+
+    Rank r takes positions r, r+W, ... of the shuffled order, stopping before the tail of
+    `len % W` items that not every rank could share, so all ranks take the same number of
+    steps (DDP's gradient all-reduce needs every rank at every step).
+    """
+
+    def order(self) -> torch.Tensor:
+        return super().order()[: len(self.dataset) // self.world_size]
+
+
+def per_rank_transform(transform: Callable | None, rank: int) -> Callable | None:
+    """A random transform whose draws differ between ranks.
+
+    The loader seeds the transform's generator identically on every rank (its seed also fixes
+    the shared shuffle); without this, image i of every rank's batch would get the same
+    augmentation.
+    """
+    if transform is None or rank == 0:
+        return transform
+
+    def transform_on_rank(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        base = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        return transform(images, torch.Generator().manual_seed(base + rank))
+
+    return transform_on_rank
+
+
+def exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process with `torchrun --standalone --nproc-per-node nproc -m fgvc.cli argv`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "fgvc.cli", *argv]
+    log.info("launching %d training processes: %s", nproc, " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)

@@ -1,0 +1,70 @@
+"""Summary plots: histograms of per-image scores and bar charts of per-variant results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from fgvc.viz._figure import PathLike, new_figure, save, to_numpy
+
+HISTOGRAM_INCHES = (4.0, 3.0)  # 400 x 300 px
+
+
+def bar_chart_figsize(count: int) -> tuple[float, float]:
+    """Width grows with the number of bars: ``max(4, 0.5 * count + 1.5)`` x 3 inches."""
+    return max(4.0, 0.5 * count + 1.5), 3.0
+
+
+def save_histogram(
+    path: PathLike, values, title: str, xlabel: str, bins: int = 30
+) -> Path:
+    """Histogram of ``values`` (e.g. per-image background energy fractions), with the mean
+    marked. Non-finite values are dropped. Size: 400 x 300 px."""
+    data = to_numpy(values).reshape(-1)
+    data = data[np.isfinite(data)]
+    fig = new_figure(HISTOGRAM_INCHES)
+    ax = fig.add_subplot()
+    ax.hist(data, bins=bins, color="#4575b4", edgecolor="white")
+    if data.size:
+        ax.axvline(float(data.mean()), color="black", linestyle="--", linewidth=1,
+                   label=f"mean {data.mean():.3f}")
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("images", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.subplots_adjust(left=0.15, right=0.97, top=0.88, bottom=0.16)
+    return save(fig, path)
+
+
+def save_bar_chart(
+    path: PathLike,
+    names: Sequence[str],
+    values,
+    title: str,
+    chance: Optional[float] = None,
+) -> Path:
+    """One bar per name (e.g. accuracy per background-swap variant), value printed on each
+    bar, and a dashed line at ``chance`` when given. Size: :func:`bar_chart_figsize` x DPI."""
+    heights = to_numpy(values).reshape(-1)
+    if len(names) != heights.size:
+        raise ValueError(f"{len(names)} names for {heights.size} values")
+    fig = new_figure(bar_chart_figsize(len(names)))
+    ax = fig.add_subplot()
+    positions = np.arange(len(names))
+    bars = ax.bar(positions, heights, color="#74add1", edgecolor="#313695")
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in heights], fontsize=7)
+    if chance is not None:
+        ax.axhline(
+            chance, color="#d73027", linestyle="--", linewidth=1, label=f"chance {chance:.3f}"
+        )
+        ax.legend(fontsize=7)
+    ax.set_xticks(positions, [str(n) for n in names], rotation=30, ha="right", fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(title, fontsize=9)
+    top = max(float(heights.max()) if heights.size else 0.0, chance or 0.0)
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
+    fig.subplots_adjust(left=0.14, right=0.97, top=0.88, bottom=0.28)
+    return save(fig, path)

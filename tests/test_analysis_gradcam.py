@@ -1,0 +1,128 @@
+import pytest
+import torch
+import torchvision
+from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from fgvc.analysis import GradCAM
+
+
+class TinyCNN(nn.Module):
+    """conv-bn-relu x3 + global average pool + linear, with the fgvc model interface."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8) -> None:
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+            )
+
+        self.stem = nn.Sequential(block(3, width, 2), block(width, 2 * width, 2))
+        self.feature_stage = block(2 * width, 4 * width, 2)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward_features(self, x):
+        return self.feature_stage(self.stem(x)).mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+class ResNet18(nn.Module):
+    """torchvision resnet18 exposing ``feature_stage = layer4[-1]``."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.net = torchvision.models.resnet18(num_classes=num_classes)
+        self.feature_stage = self.net.layer4[-1]
+
+    def forward_features(self, x):
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return torch.flatten(n.avgpool(x), 1)
+
+    def forward(self, x):
+        return self.net.fc(self.forward_features(x))
+
+
+def _pearson(a, b):
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("model_cls", [TinyCNN, ResNet18])
+@pytest.mark.parametrize("targets", [None, [1, 3, 0]])
+def test_matches_pytorch_grad_cam(model_cls, targets):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    images = torch.rand(3, 3, 64, 64)
+    ours = GradCAM(model).attribute(images, targets)
+    reference_targets = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
+    with ReferenceGradCAM(model=model, target_layers=[model.feature_stage]) as reference:
+        expected = torch.from_numpy(reference(input_tensor=images, targets=reference_targets))
+    assert ours.maps.shape == expected.shape == (3, 64, 64)
+    for got, want in zip(ours.maps, expected):
+        assert want.std() > 0
+        assert _pearson(got, want) >= 0.999
+    assert ours.maps.min() >= 0 and ours.maps.max() <= 1
+    expected_targets = ours.logits.argmax(1) if targets is None else torch.tensor(targets)
+    assert torch.equal(ours.targets, expected_targets)
+
+
+def test_result_fields():
+    torch.manual_seed(1)
+    model = TinyCNN().eval()
+    images = torch.rand(2, 3, 40, 48)
+    result = GradCAM(model).attribute(images)
+    assert result.raw.shape == result.maps.shape == (2, 40, 48)
+    assert (result.raw >= 0).all()
+    assert torch.allclose(result.logits, model(images))
+    assert torch.allclose(result.probs.sum(1), torch.ones(2))
+
+
+def test_hooks_removed_and_train_mode_restored():
+    model = TinyCNN().train()
+    model.stem[0].eval()  # a mixed state must come back as it was
+    GradCAM(model).attribute(torch.rand(2, 3, 32, 32))
+    assert model.training and not model.stem[0].training and model.stem[1].training
+    assert all(not m._forward_hooks for m in model.modules())
+
+    with GradCAM(model) as cam:
+        assert not model.training
+        cam.attribute(torch.rand(2, 3, 32, 32))
+        cam.attribute(torch.rand(1, 3, 32, 32), targets=[2])
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_target_count_mismatch_raises_and_cleans_up():
+    model = TinyCNN().train()
+    with pytest.raises(ValueError, match=r"3 targets for a batch of 2"):
+        GradCAM(model).attribute(torch.rand(2, 3, 32, 32), targets=[0, 1, 2])
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_parameter_gradients_stay_none():
+    model = ResNet18().eval()
+    GradCAM(model).attribute(torch.rand(2, 3, 64, 64), targets=torch.tensor([0, 4]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_model_and_explicit_layer():
+    torch.manual_seed(2)
+    model = TinyCNN().eval()
+    images = torch.rand(2, 3, 32, 32)
+    expected = GradCAM(model).attribute(images).maps
+    for p in model.parameters():
+        p.requires_grad_(False)
+    frozen = GradCAM(model, target_layer=model.feature_stage).attribute(images).maps
+    assert torch.allclose(expected, frozen, atol=1e-6)
+
+
+def test_missing_feature_stage_needs_target_layer():
+    with pytest.raises(ValueError, match="target_layer"):
+        GradCAM(nn.Sequential(nn.Conv2d(3, 2, 3)))

@@ -1,0 +1,132 @@
+import pytest
+import torch
+from torch import nn
+
+from fgvc.analysis import VARIANT_NAMES, evaluate_variants, make_variants
+from fgvc.analysis.shortcut import fill_person_hole, pick_partners
+
+CLASS_COLOURS = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+
+
+def _runway(labels, size=24, seed=0):
+    """Backdrop colour = the label's colour (a planted shortcut); a random-coloured person
+    rectangle in the middle."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    images = CLASS_COLOURS[labels][:, :, None, None].expand(n, 3, size, size).clone()
+    masks = torch.zeros(n, size, size, dtype=torch.uint8)
+    masks[:, 4:20, 8:16] = 1
+    person = 0.2 + 0.6 * torch.rand(n, 3, 1, 1, generator=g)
+    images = torch.where(masks[:, None].bool(), person.expand_as(images), images)
+    return images, masks
+
+
+class ReadsBackground(nn.Module):
+    """Classifies by the colour of the top-left pixel (always backdrop here)."""
+
+    def forward(self, x):
+        corner = x[:, :, 0, 0]
+        return -((corner[:, None, :] - CLASS_COLOURS[None]) ** 2).sum(dim=2)
+
+
+def test_only_fg_and_no_fg():
+    labels = torch.tensor([0, 0, 1, 1])
+    images, masks = _runway(labels)
+    v = make_variants(images, masks, labels, seed=0)
+    person = masks[:, None].bool().expand_as(images)
+    assert torch.equal(v["only_fg"][person], images[person])
+    assert (v["only_fg"][~person] == 0).all()
+    assert torch.equal(v["no_fg"][~person], images[~person])
+    assert not torch.isclose(v["no_fg"][person], images[person]).any()
+    # constant backdrop: the hole is filled with exactly the backdrop colour
+    backdrop = CLASS_COLOURS[labels][:, :, None, None].expand_as(images)
+    assert torch.allclose(v["no_fg"], backdrop)
+
+
+def test_hole_fill_mirrors_the_same_rows_background():
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 16, 16)
+    masks = torch.zeros(2, 16, 16)
+    masks[0, 2:10, 4:12] = 1
+    masks[1, :, 0:5] = 1  # hole touching the left border
+    masks[1, 7, :] = 1  # a row with no background at all
+    filled = fill_person_hole(images, masks)
+    person = masks.bool()[:, None].expand_as(images)
+    assert torch.equal(filled[~person], images[~person])
+    # an 8-px run at cols 4..11: left half mirrors cols 3..0, right half cols 15..12
+    assert torch.equal(filled[0, :, 5, 4:8], images[0, :, 5, [3, 2, 1, 0]])
+    assert torch.equal(filled[0, :, 5, 8:12], images[0, :, 5, [15, 14, 13, 12]])
+    # a hole at the left border mirrors the background to its right
+    assert torch.equal(filled[1, :, 3, 0:5], images[1, :, 3, [9, 8, 7, 6, 5]])
+    # the all-person row takes the image's per-channel background mean
+    bg = (1 - masks[1]).bool()
+    assert torch.allclose(filled[1, :, 7, 3], images[1][:, bg].mean(dim=1))
+
+
+def test_wide_hole_falls_back_to_row_interpolation():
+    images = torch.rand(1, 3, 4, 10)
+    masks = torch.zeros(1, 4, 10)
+    masks[0, :, 2:9] = 1  # 7-px run, 2 px of background left, 1 px right
+    filled = fill_person_hole(images, masks)
+    row = images[0, :, 1]
+    assert torch.equal(filled[0, :, 1, 2], row[:, 1])  # mirror of the left side
+    assert torch.equal(filled[0, :, 1, 8], row[:, 9])  # mirror of the right side
+    # col 5: no mirror source on the image's background -> interpolate cols 1 and 9
+    expected = row[:, 1] + (row[:, 9] - row[:, 1]) * (5 - 1) / (9 - 1)
+    assert torch.allclose(filled[0, :, 1, 5], expected)
+
+
+def test_partners_and_fallbacks():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3, 3])
+    p = pick_partners(labels, seed=1)
+    same, rand = p["same"], p["rand"]
+    assert (labels[same] == labels).all()
+    multi = labels != 2
+    assert (same[multi] != torch.arange(9)[multi]).all()
+    assert same[6] == 6 and p["same_fallbacks"] == 1
+    assert (labels[rand] != labels).all() and p["rand_fallbacks"] == 0
+    single = pick_partners(torch.tensor([5, 5, 5]), seed=0)
+    assert single["rand_fallbacks"] == 3
+
+
+def test_variants_are_seeded_and_mixed_use_partner_backgrounds():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    images, masks = _runway(labels)
+    images = (images * 255).round().to(torch.uint8)
+    a = make_variants(images, masks, labels, seed=7)
+    b = make_variants(images, masks, labels, seed=7)
+    for name in VARIANT_NAMES:
+        assert a[name].dtype == torch.uint8 and a[name].shape == images.shape
+        assert torch.equal(a[name], b[name])
+    assert torch.equal(a["original"], images)
+    partners = {
+        tuple(make_variants(images, masks, labels, seed=s)["partner_same"].tolist())
+        for s in range(6)
+    }
+    assert len(partners) > 1
+    person = masks[:, None].bool().expand_as(images)
+    for name, partner in (("mixed_same", a["partner_same"]), ("mixed_rand", a["partner_rand"])):
+        assert torch.equal(a[name][person], images[person])
+        assert torch.equal(a[name][~person], a["no_fg"][partner][~person])
+    assert (labels[a["partner_same"]] == labels).all()
+    assert (labels[a["partner_rand"]] != labels).all()
+
+
+def test_background_reader_shows_a_gap():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    images, masks = _runway(labels)
+    variants = make_variants(images, masks, labels, seed=0)
+    scores = evaluate_variants(ReadsBackground(), variants, labels, num_classes=4, batch_size=3)
+    assert scores["acc_original"] == 1.0
+    assert scores["acc_mixed_same"] == 1.0 and scores["acc_mixed_rand"] == 0.0
+    assert scores["bg_gap"] == pytest.approx(1.0)
+    assert scores["chance"] == pytest.approx(0.25)
+    assert scores["no_fg_vs_chance"] == pytest.approx(4.0)
+    expected_keys = {f"acc_{n}" for n in VARIANT_NAMES} | {"chance", "bg_gap", "no_fg_vs_chance"}
+    assert set(scores) == expected_keys
+
+
+def test_mask_shape_mismatch():
+    images, masks = _runway(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="masks"):
+        make_variants(images, masks[:, :10], torch.tensor([0, 1]))

@@ -1,0 +1,83 @@
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fgvc.viz import (
+    overlay_heatmap,
+    save_attribution_grid,
+    save_bar_chart,
+    save_histogram,
+    save_neighbor_grid,
+    save_variant_grid,
+)
+
+
+def _png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size  # (width, height)
+
+
+@pytest.fixture(autouse=True)
+def no_open_figures():
+    yield
+    assert plt.get_fignums() == []
+
+
+def test_overlay_heatmap_blends():
+    image = torch.rand(3, 20, 30)
+    heat = torch.rand(20, 30)
+    out = overlay_heatmap(image, heat)
+    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
+    plain = overlay_heatmap(image, heat, alpha=0.0)
+    assert np.abs(plain.astype(int) - np.round(image.permute(1, 2, 0).numpy() * 255)).max() <= 1
+    hot = overlay_heatmap(torch.zeros(3, 2, 2), torch.ones(2, 2), alpha=1.0)
+    assert hot[0, 0, 0] > 100 and hot[0, 0, 2] < 50  # top of "jet" is dark red
+    uint8 = overlay_heatmap((image * 255).to(torch.uint8), heat)
+    assert np.abs(uint8.astype(int) - out.astype(int)).max() <= 2
+    with pytest.raises(ValueError):
+        overlay_heatmap(image, torch.rand(10, 10))
+
+
+def test_attribution_grid(tmp_path):
+    path = save_attribution_grid(
+        tmp_path / "grid.png", torch.rand(3, 3, 32, 32), torch.rand(3, 32, 32), ["a", "b", "c"]
+    )
+    assert path.exists() and _png_size(path) == (2 * 150 + 60, 3 * 150)
+    untitled = save_attribution_grid(
+        tmp_path / "sub" / "g.png", torch.rand(1, 3, 16, 16), torch.rand(1, 16, 16)
+    )
+    assert _png_size(untitled) == (360, 150)
+
+
+def test_neighbor_grid(tmp_path):
+    indices = torch.tensor([[0, 2, 1], [3, -1, 0]])
+    path = save_neighbor_grid(
+        tmp_path / "nn.png",
+        torch.rand(2, 3, 32, 24),
+        (torch.rand(4, 3, 32, 24) * 255).to(torch.uint8),
+        indices,
+        query_labels=torch.tensor([0, 1]),
+        ref_labels=torch.tensor([0, 1, 0, 1]),
+        label_names=["Dior", "Prada"],
+    )
+    assert _png_size(path) == (4 * 150, 2 * 150)
+
+
+def test_histogram_and_bar_chart(tmp_path):
+    hist = save_histogram(tmp_path / "h.png", torch.rand(100), "bg energy", "fraction")
+    assert _png_size(hist) == (400, 300)
+    names = ["original", "only_fg", "no_fg", "mixed_same", "mixed_rand"]
+    bars = save_bar_chart(tmp_path / "b.png", names, [0.9, 0.8, 0.3, 0.85, 0.5], "acc", chance=0.02)
+    assert _png_size(bars) == (400, 300)
+    wide = save_bar_chart(tmp_path / "w.png", [str(i) for i in range(12)], np.arange(12) / 12, "x")
+    assert _png_size(wide) == (750, 300)  # 0.5 in per bar + 1.5 in
+
+
+def test_variant_grid(tmp_path):
+    variants = {name: torch.rand(4, 3, 24, 24) for name in ("original", "only_fg", "no_fg")}
+    variants["partner_same"] = torch.arange(4)
+    path = save_variant_grid(tmp_path / "v.png", variants, n=2)
+    assert _png_size(path) == (3 * 150, 2 * 150)
