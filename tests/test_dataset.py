@@ -301,8 +301,9 @@ def test_prefetch_gives_the_same_batches_as_no_prefetch(root):
     for transform in (None, noisy_flip):
         plain = list(BatchLoader(ds, 16, shuffle=True, seed=9, transform=transform, prefetch=0))
         ahead = list(BatchLoader(ds, 16, shuffle=True, seed=9, transform=transform, prefetch=3))
-        assert len(plain) == len(ahead) == 8
-        for a, b in zip(plain, ahead):
+        threads = list(BatchLoader(ds, 16, shuffle=True, seed=9, transform=transform, workers=3))
+        assert len(plain) == len(ahead) == len(threads) == 8
+        for a, b in [*zip(plain, ahead), *zip(plain, threads)]:
             assert torch.equal(a.positions, b.positions)
             assert torch.equal(a.images, b.images)
             assert torch.equal(a.labels, b.labels)
@@ -311,7 +312,7 @@ def test_prefetch_gives_the_same_batches_as_no_prefetch(root):
 
 
 def prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "fgvc-prefetch"]
+    return [t for t in threading.enumerate() if t.name.startswith("fgvc-loader")]
 
 
 def wait_for_prefetch_to_end(timeout: float = 5.0) -> None:

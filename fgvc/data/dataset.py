@@ -139,14 +139,14 @@ class BatchLoader:
     `rank`/`world_size` give each process a disjoint part of every epoch's order (DDP); part
     sizes differ by at most one item, so ranks may differ by one batch.
     `transform(images_uint8 [B,3,H,W], generator) -> float [B,3,H,W] in [0, 1]` runs in the
-    prefetch thread when `prefetch > 0`; without a transform, images go to the device as uint8
+    `workers` loader threads (each keeping up to `prefetch` batches ready) when both are > 0; without a transform, images go to the device as uint8
     and become float there. Each batch's positions come sorted (see `order`).
     """
 
     def __init__(self, dataset: ShardDataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device: str | torch.device = "cpu",
                  transform: Callable | None = None, prefetch: int = 2, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False):
+                 world_size: int = 1, channels_last: bool = False, workers: int = 1):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -154,7 +154,7 @@ class BatchLoader:
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.drop_last, self.device, self.transform = drop_last, torch.device(device), transform
         self.prefetch, self.rank, self.world_size = prefetch, rank, world_size
-        self.channels_last = channels_last
+        self.channels_last, self.workers = channels_last, workers
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -177,22 +177,27 @@ class BatchLoader:
         n = len(self.order())
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _cpu_batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
-        """(positions, items) per batch; the work that can run ahead of the consumer."""
+    def _batch_positions(self) -> list[torch.Tensor]:
+        """This epoch's batches as positions. Sorted within the batch: rows are then read in
+        file order (locality on the memory-mapped shards); which items form a batch is still
+        the shuffled order's."""
         order = self.order()
-        g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
-        for start in range(0, len(order), self.batch_size):
-            # Sorted within the batch: rows are then read in file order (locality on the
-            # memory-mapped shards); which items form a batch is still the shuffled order's.
-            positions = order[start:start + self.batch_size].sort().values
-            if self.drop_last and len(positions) < self.batch_size:
-                break
-            items = self.dataset.gather(positions)
-            if self.transform is not None:
-                items["images"] = self.transform(items["images"], g)
-            if self.device.type == "cuda" and items["images"].dtype == torch.uint8:
-                items["images"] = items["images"].pin_memory()  # for a non-blocking copy
-            yield positions, items
+        batches = [order[s:s + self.batch_size].sort().values for s in range(0, len(order), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def _load(self, k: int, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Batch k on the CPU: the work that can run ahead of the consumer. Its augmentation
+        draws come from a generator of (seed, epoch, k), so they do not depend on which
+        thread loads it."""
+        items = self.dataset.gather(positions)
+        if self.transform is not None:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + k)
+            items["images"] = self.transform(items["images"], g)
+        if self.device.type == "cuda" and items["images"].dtype == torch.uint8:
+            items["images"] = items["images"].pin_memory()  # for a non-blocking copy
+        return positions, items
 
     def _to_device(self, positions: torch.Tensor, items: dict) -> Batch:
         non_blocking = self.device.type == "cuda"
@@ -207,46 +212,52 @@ class BatchLoader:
         return Batch(images, labels, items, positions)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.prefetch <= 0:
-            for positions, items in self._cpu_batches():
-                yield self._to_device(positions, items)
+        batches = self._batch_positions()
+        if self.prefetch <= 0 or self.workers <= 0:
+            for k, positions in enumerate(batches):
+                yield self._to_device(*self._load(k, positions))
             return
-        yield from self._prefetched()
+        yield from self._prefetched(batches)
 
-    def _prefetched(self) -> Iterator[Batch]:
-        buffer: queue.Queue = queue.Queue(maxsize=self.prefetch)
+    def _prefetched(self, batches: list[torch.Tensor]) -> Iterator[Batch]:
+        """`workers` threads load batches k = w, w + workers, ... into their own queue; the
+        consumer reads the queues in turn, so batches arrive in order."""
+        workers = min(self.workers, max(len(batches), 1))
+        queues = [queue.Queue(maxsize=self.prefetch) for _ in range(workers)]
         stop = threading.Event()
-        done = object()
 
-        def produce():
+        def put(q: queue.Queue, item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce(w: int) -> None:
             try:
-                for item in self._cpu_batches():
-                    while not stop.is_set():
-                        try:
-                            buffer.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                for k in range(w, len(batches), workers):
+                    if not put(queues[w], self._load(k, batches[k])):
                         return
-                buffer.put(done)
             except BaseException as e:  # surfaced in the consumer
-                buffer.put(e)
+                put(queues[w], e)
 
-        worker = threading.Thread(target=produce, daemon=True, name="fgvc-prefetch")
-        worker.start()
+        threads = [threading.Thread(target=produce, args=(w,), daemon=True, name=f"fgvc-loader-{w}")
+                   for w in range(workers)]
+        for t in threads:
+            t.start()
         try:
-            while True:
-                item = buffer.get()
-                if item is done:
-                    break
+            for k in range(len(batches)):
+                item = queues[k % workers].get()
                 if isinstance(item, BaseException):
                     raise item
                 yield self._to_device(*item)
         finally:
             stop.set()
-            while worker.is_alive():
-                try:
-                    buffer.get_nowait()
-                except queue.Empty:
-                    worker.join(timeout=0.05)
+            for t, q in zip(threads, queues):
+                while t.is_alive():
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        t.join(timeout=0.05)
