@@ -18,6 +18,7 @@ Run: ``python bench/analysis.py`` (a few minutes on 2 cores); ``--images/--size`
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Callable
 
@@ -96,7 +97,10 @@ def bench_occlusion(model, images, window, stride, batch, captum_ppe, repeats):
     """Images/s of fgvc and Captum occlusion, and fgvc's forward rate vs plain inference."""
     ours = Occlusion(model, window=window, stride=stride, fill="zero", batch_size=batch)
     copies = len(images) * window_masks(*images.shape[-2:], window, stride).shape[0]
-    plain_batch = torch.rand(min(batch, copies), *images.shape[1:])
+    # fgvc evaluates copies + unoccluded images in equal chunks of at most `batch`
+    total = copies + len(images)
+    chunk = -(-total // -(-total // batch))
+    plain_batch = torch.rand(chunk, *images.shape[1:])
     with torch.inference_mode():
         targets = model(images).argmax(1)
     captum = CaptumOcclusion(model)
@@ -125,7 +129,7 @@ def bench_occlusion(model, images, window, stride, batch, captum_ppe, repeats):
         "captum_img_s": {p: len(images) / times[f"captum ppe={p}"] for p in captum_ppe},
         "windows": copies // len(images),
         # the unoccluded reference forward is part of the work done per image
-        "copies_per_s": (copies + len(images)) / times["ours"],
+        "copies_per_s": total / times["ours"],
         "plain_img_s": len(plain_batch) / times["plain"],
         "plain_batch": len(plain_batch),
     }
@@ -160,7 +164,7 @@ def main() -> None:
     parser.add_argument("--occ-size", type=int, default=112, help="occlusion image side (px)")
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--stride", type=int, default=16)
-    parser.add_argument("--occ-batch", type=int, default=128, help="occluded copies per pass")
+    parser.add_argument("--occ-batch", type=int, default=256, help="occluded copies per pass")
     parser.add_argument("--captum-ppe", default="1,8,36", help="perturbations_per_eval to try")
     parser.add_argument("--ref", type=int, default=20000)
     parser.add_argument("--queries", type=int, default=2000)
@@ -173,7 +177,7 @@ def main() -> None:
     model = ResNet18(num_classes=50).eval()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, resnet18 (50 classes), "
-        f"best of {args.repeats}",
+        f"best of {args.repeats}; load average at start {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     rows = []
@@ -224,6 +228,7 @@ def main() -> None:
     print(f"{'measure':<{width}}  {'value':>18}  {'ratio':>12}  target")
     for name, value, ratio, target in rows:
         print(f"{name:<{width}}  {value:>18}  {ratio:>12}  {target}")
+    print(f"load average at end {os.getloadavg()[0]:.1f} (other processes share the CPUs)")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ def test_hooks_removed_and_train_mode_restored():
         assert not model.training
         cam.attribute(torch.rand(2, 3, 32, 32))
         cam.attribute(torch.rand(1, 3, 32, 32), targets=[2])
+        with torch.no_grad():  # plain forward passes inside the context are left alone
+            assert not model(torch.rand(1, 3, 32, 32)).requires_grad
     assert model.training
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -43,17 +43,26 @@ def resolve_targets(targets: TargetsLike, logits: Tensor) -> Tensor:
     if targets is None:
         return logits.argmax(dim=1)
     if isinstance(targets, int):
-        return torch.full((batch,), targets, dtype=torch.long, device=logits.device)
-    resolved = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
-    if resolved.numel() != batch:
-        raise ValueError(
-            f"got {resolved.numel()} targets for a batch of {batch} images; "
-            "give one target per image or None for the predicted class"
-        )
+        resolved = torch.full((batch,), targets, dtype=torch.long, device=logits.device)
+    else:
+        check_target_count(targets, batch)
+        resolved = torch.as_tensor(targets, dtype=torch.long, device=logits.device).reshape(-1)
     num_classes = logits.shape[1]
     if resolved.numel() and (resolved.min() < 0 or resolved.max() >= num_classes):
         raise ValueError(f"targets must lie in [0, {num_classes}), got {resolved.tolist()}")
     return resolved
+
+
+def check_target_count(targets: TargetsLike, batch: int) -> None:
+    """Raise ValueError unless ``targets`` is None, an int, or holds ``batch`` entries."""
+    if targets is None or isinstance(targets, int):
+        return
+    count = len(targets) if not isinstance(targets, Tensor) else targets.numel()
+    if count != batch:
+        raise ValueError(
+            f"got {count} targets for a batch of {batch} images; "
+            "give one target per image or None for the predicted class"
+        )
 
 
 def normalize_per_image(raw: Tensor, eps: float = 1e-7) -> Tensor:

@@ -37,8 +37,9 @@ class GradCAM:
             ``model.feature_stage`` (the last convolutional stage).
 
     Use ``GradCAM(model).attribute(images, targets)`` or, to keep the hook across several
-    batches, ``with GradCAM(model) as cam: cam.attribute(...)``. The hook is removed and
-    the model's train/eval flags restored on exit, also on error.
+    batches, ``with GradCAM(model) as cam: cam.attribute(...)``. The model runs in eval
+    mode; the hook is removed and the model's train/eval flags restored on exit, also on
+    error.
     """
 
     def __init__(self, model: nn.Module, target_layer: Optional[nn.Module] = None) -> None:
@@ -51,12 +52,15 @@ class GradCAM:
         self.model = model
         self.target_layer = target_layer
         self._activation: Optional[Tensor] = None
+        self._explaining = False
         self._handle = None
         self._mode = None
 
-    def _capture(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
-        # Called inside the no_grad forward of `attribute`: from here on the graph is
-        # recorded (the surrounding no_grad context restores the previous state on exit).
+    def _capture(self, module: nn.Module, inputs, output: Tensor) -> Optional[Tensor]:
+        if not self._explaining:  # other forward passes inside the context are untouched
+            return None
+        # Inside the no_grad forward of `attribute`: from here on the graph is recorded
+        # (the surrounding no_grad context restores the previous state on exit).
         torch.set_grad_enabled(True)
         self._activation = output.detach().requires_grad_(True)
         return self._activation
@@ -96,8 +100,10 @@ class GradCAM:
         # inference_mode(False): also usable from code running under inference_mode.
         try:
             with torch.inference_mode(False):
+                self._explaining = True
                 with torch.no_grad():
                     logits = self.model(images)
+                self._explaining = False
                 activation = self._activation
                 if activation is None:
                     raise RuntimeError("target layer was not called in the forward pass")
@@ -106,6 +112,7 @@ class GradCAM:
                     score = logits.gather(1, resolved[:, None]).sum()
                     (grads,) = torch.autograd.grad(score, activation)
         finally:
+            self._explaining = False
             self._activation = None
         activation = activation.detach()
         weights = grads.mean(dim=(2, 3), keepdim=True)

@@ -65,7 +65,11 @@ def _pixel_ranks(maps: Tensor) -> Tensor:
     return ranks
 
 
-def _curve(
+def _target_prob(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    return model(images).softmax(dim=1).gather(1, targets[:, None])[:, 0].float()
+
+
+def _inner_curve(
     model: nn.Module,
     start: Tensor,
     end: Tensor,
@@ -74,23 +78,22 @@ def _curve(
     steps: int,
     batch_size: int,
 ) -> Tensor:
-    """Target probability ``[B, steps + 1]`` along the path where, at step ``i``, the
-    ``round(i / steps * H * W)`` top-ranked pixels come from ``end`` and the rest from
-    ``start``."""
+    """Target probability ``[B, steps - 1]`` at steps ``1 .. steps - 1`` of the path where,
+    at step ``i``, the ``round(i / steps * H * W)`` top-ranked pixels come from ``end`` and
+    the rest from ``start`` (the end points are ``start`` and ``end`` themselves)."""
     batch, _, height, width = start.shape
+    inner = steps - 1
     counts = torch.round(
         torch.arange(steps + 1, dtype=torch.float64) / steps * height * width
     ).long().to(start.device)
-    probs = torch.empty(batch * (steps + 1), device=start.device)
-    total = batch * (steps + 1)
-    for first in range(0, total, batch_size):
-        item = torch.arange(first, min(first + batch_size, total), device=start.device)
-        image_idx, step_idx = item // (steps + 1), item % (steps + 1)
+    probs = torch.empty(batch * inner, device=start.device)
+    for first in range(0, batch * inner, batch_size):
+        item = torch.arange(first, min(first + batch_size, batch * inner), device=start.device)
+        image_idx, step_idx = item // inner, item % inner + 1
         swapped = (ranks[image_idx] < counts[step_idx, None]).reshape(-1, 1, height, width)
         mixed = torch.where(swapped, end[image_idx], start[image_idx])
-        logits = model(mixed)
-        probs[item] = logits.softmax(dim=1).gather(1, targets[image_idx, None])[:, 0].float()
-    return probs.reshape(batch, steps + 1)
+        probs[item] = _target_prob(model, mixed, targets[image_idx])
+    return probs.reshape(batch, inner)
 
 
 def deletion_insertion_auc(
@@ -109,8 +112,9 @@ def deletion_insertion_auc(
     insertion starts from the baseline canvas and reveals them. The curve is the softmax
     probability of the target class (``None``: the class predicted on ``images``) at
     fractions ``0, 1/steps, ..., 1``, integrated with the trapezoid rule. A faithful map
-    gives low deletion and high insertion AUC. All ``2 * B * (steps + 1)`` images are
-    evaluated in batches of ``batch_size``.
+    gives low deletion and high insertion AUC. The ``2 * B * (steps - 1)`` intermediate
+    images are evaluated in batches of ``batch_size``; the end points (the image and the
+    canvas) once each.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -119,16 +123,22 @@ def deletion_insertion_auc(
     if maps.shape != (images.shape[0], *images.shape[-2:]):
         raise ValueError(f"maps {tuple(maps.shape)} do not match images {tuple(images.shape)}")
     with eval_mode(model), torch.inference_mode():
-        resolved = resolve_targets(targets, model(images))
+        logits = model(images)
+        resolved = resolve_targets(targets, logits)
         if baseline == "zero":
             canvas = torch.zeros_like(images)
         else:
             canvas = gaussian_blur(images, default_blur_sigma(*images.shape[-2:]))
         ranks = _pixel_ranks(maps.to(images.device))
-        deletion = _curve(model, images, canvas, ranks, resolved, steps, batch_size)
-        insertion = _curve(model, canvas, images, ranks, resolved, steps, batch_size)
-        dx = 1.0 / steps
-        return (
-            torch.trapezoid(deletion, dx=dx, dim=1).clone(),
-            torch.trapezoid(insertion, dx=dx, dim=1).clone(),
-        )
+        p_image = logits.softmax(dim=1).gather(1, resolved[:, None]).float()
+        p_canvas = _target_prob(model, canvas, resolved)[:, None]
+        deletion = _inner_curve(model, images, canvas, ranks, resolved, steps, batch_size)
+        insertion = _inner_curve(model, canvas, images, ranks, resolved, steps, batch_size)
+        deletion = torch.cat([p_image, deletion, p_canvas], dim=1)
+        insertion = torch.cat([p_canvas, insertion, p_image], dim=1)
+    # cloned outside inference mode so callers get ordinary tensors
+    dx = 1.0 / steps
+    return (
+        torch.trapezoid(deletion.clone(), dx=dx, dim=1),
+        torch.trapezoid(insertion.clone(), dx=dx, dim=1),
+    )

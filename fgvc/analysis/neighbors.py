@@ -99,6 +99,8 @@ def cosine_topk(
     query_chunk = query_chunk or max(1, BLOCK_ELEMENTS // reference_chunk)
     if exclude is not None:
         exclude = torch.as_tensor(exclude, dtype=torch.long, device=query.device)
+        if exclude.shape[0] != n_query:
+            raise ValueError(f"exclude has {exclude.shape[0]} rows for {n_query} queries")
     scores = torch.full((n_query, k), float("-inf"), dtype=query.dtype, device=query.device)
     indices = torch.full((n_query, k), -1, dtype=torch.long, device=query.device)
     for q0 in range(0, n_query, query_chunk):

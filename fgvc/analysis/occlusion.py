@@ -10,8 +10,9 @@ at the image border when it would overflow. With the same window, stride and bas
 maps equal ``captum.attr.Occlusion(model).attribute(x, sliding_window_shapes=(3, w, w),
 strides=(3, s, s), baselines=b, target=t)[:, 0]``.
 
-Occluded copies of all images and all windows are built with tensor ops and evaluated in
-chunks of ``batch_size`` under ``torch.inference_mode``.
+Occluded copies of all images and all windows, and the unoccluded images themselves, are
+built with tensor ops and evaluated in equal chunks of at most ``batch_size`` under
+``torch.inference_mode``; each image needs ``P + 1`` model evaluations for ``P`` windows.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from fgvc.analysis.common import (
     AttributionResult,
     TargetsLike,
+    check_target_count,
     default_blur_sigma,
     eval_mode,
     gaussian_blur,
@@ -98,30 +100,36 @@ class Occlusion:
 
         ``raw`` is the mean logit drop per pixel (logit units)."""
         batch, _, height, width = images.shape
+        check_target_count(targets, batch)  # before the expensive passes
         masks = window_masks(height, width, self.window, self.stride).to(images.device)
         positions = masks.shape[0]
+        # Copy n is image n // (P + 1) under window n % (P + 1); window P is the unoccluded
+        # image, so the reference pass shares batches with the occluded copies.
+        masks = torch.cat([masks, masks.new_zeros(1, height, width)])
+        total = batch * (positions + 1)
+        chunks = -(-total // self.batch_size)
+        chunk = -(-total // chunks)  # equal chunks: no small, slow tail batch
         with eval_mode(self.model), torch.inference_mode():
-            logits = self.model(images)
-            resolved = resolve_targets(targets, logits)
-            reference = logits.gather(1, resolved[:, None])[:, 0]
             baseline = self.baseline(images)
-            drops = torch.empty(batch * positions, dtype=logits.dtype, device=images.device)
-            # Copy n is image n // P occluded by window n % P.
-            for start in range(0, batch * positions, self.batch_size):
-                copy = torch.arange(
-                    start, min(start + self.batch_size, batch * positions), device=images.device
-                )
-                image_idx, window_idx = copy // positions, copy % positions
+            outputs = []
+            for start in range(0, total, chunk):
+                copy = torch.arange(start, min(start + chunk, total), device=images.device)
+                image_idx, window_idx = copy // (positions + 1), copy % (positions + 1)
                 occluded = torch.where(
                     masks[window_idx, None], baseline[image_idx], images[image_idx]
                 )
-                scores = self.model(occluded).gather(1, resolved[image_idx, None])[:, 0]
-                drops[copy] = reference[image_idx] - scores
-            cover = masks.flatten(1).to(drops.dtype)
-            summed = drops.reshape(batch, positions) @ cover
+                outputs.append(self.model(occluded))
+            all_logits = torch.cat(outputs).reshape(batch, positions + 1, -1)
+            logits = all_logits[:, positions]
+            resolved = resolve_targets(targets, logits)
+            scores = all_logits.gather(2, resolved[:, None, None].expand(-1, positions + 1, 1))
+            drops = scores[:, positions] - scores[:, :positions, 0]
+            cover = masks[:positions].flatten(1).to(drops.dtype)
+            summed = drops @ cover
             counts = cover.sum(dim=0)
             raw = torch.where(counts > 0, summed / counts.clamp(min=1), torch.zeros_like(summed))
             raw = raw.reshape(batch, height, width)
+        # cloned outside inference mode so callers get ordinary tensors
         raw, logits = raw.clone(), logits.clone()
         return AttributionResult(
             raw=raw,
