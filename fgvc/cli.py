@@ -82,6 +82,34 @@ def _optional_float(value: str | None) -> float | None:
 
 
 @main.command()
+@click.option("--src-root", default="data/demo", help="Dataset root to mask (only read).")
+@click.option("--dst-root", default="data/demo-masked",
+              help="Dataset root to write (same shard layout); must lie outside --src-root.")
+@click.option("--segmenter", type=click.Choice(["deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "groundtruth"]),
+              default="deeplabv3_resnet101",
+              help="Person segmenter; 'groundtruth' uses the masks stored in the source (demo data).")
+@click.option("--seg-weights", default="none",
+              help="Segmenter weights file; none: the torch hub cache ($TORCH_HOME/hub/checkpoints); "
+                   "random: randomly initialised (tests, benchmarks).")
+@click.option("--min-person-ratio", default=0.005, type=float,
+              help="Below this share of person pixels the image is kept unmasked (a fallback).")
+@click.option("--seg-size", default=520, type=int, help="Shorter side of the segmenter input (pixels).")
+@click.option("--batch-size", default=16, type=int)
+@click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N.")
+@click.option("--workers", default=1, type=int, help="Processes on this machine (shards are dealt out).")
+@click.option("--overwrite", type=click.BOOL, default=False, help="Replace a complete destination.")
+def mask(src_root, dst_root, segmenter, seg_weights, min_person_ratio, seg_size, batch_size, device,
+         workers, overwrite):
+    """Remove backgrounds: write a person-masked copy of a dataset root (same shard format)."""
+    from fgvc.tracking.mask_run import run_mask
+
+    run_mask(src_root, dst_root, segmenter=segmenter,
+             seg_weights=None if seg_weights in ("", "none", "None") else seg_weights,
+             min_person_ratio=min_person_ratio, seg_size=seg_size, batch_size=batch_size,
+             device=device, workers=workers, overwrite=overwrite)
+
+
+@main.command()
 @click.option("--arch", default=TrainConfig.arch,
               help="resnet18 | resnet34 | resnet50 | fn-small | fn-medium | timm:<name>.")
 @click.option("--pretrained", default=TrainConfig.pretrained, help="auto | true | false | path to a weights file.")

@@ -182,12 +182,18 @@ def read_shard(path: str | Path, num_classes: int | None = None, mmap: bool = Tr
 
 
 def make_shard(images: torch.Tensor, labels: torch.Tensor, num_classes: int, **extra) -> dict:
-    """Assemble a shard dict with `one_hot` derived from labels (uint8 to keep shards small)."""
-    labels = labels.to(torch.int64)
+    """Assemble a shard dict with `one_hot` derived from labels (uint8 to keep shards small).
+
+    Tensors are copied into storage of their own: `torch.save` writes a view's whole
+    underlying storage, so a slice of a bigger tensor would otherwise carry all of it.
+    """
+    compact = lambda t: t.contiguous().clone()  # noqa: E731
+    images = compact(images)
+    labels = compact(labels.to(torch.int64))
     one_hot = torch.zeros(len(labels), num_classes, dtype=torch.uint8)
     one_hot[torch.arange(len(labels)), labels] = 1
-    shard = {"images": images.contiguous(), "labels": labels, "one_hot": one_hot}
-    shard.update({k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
+    shard = {"images": images, "labels": labels, "one_hot": one_hot}
+    shard.update({k: compact(v) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
     return shard
 
 

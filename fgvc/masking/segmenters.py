@@ -79,13 +79,13 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return int(short_side * height / width), short_side
 
 
-def preprocess(images: Tensor, seg_size: int) -> Tensor:
+def preprocess(images: Tensor, seg_size: int, channels_last: bool = False) -> Tensor:
     """uint8 [B, 3, H, W] -> float [B, 3, h, w], shorter side ``seg_size``, ImageNet-normalised.
 
     The whole batch is resized at once (bilinear, antialiased). On the CPU the resize runs on
     uint8 like PIL's (and the original per-image PIL loop), through torch's vectorised uint8
     kernel; elsewhere it runs on float. Normalisation folds the /255 of ToTensor into the
-    mean and std, so the float batch is touched once.
+    mean and std, and the float copy is made once, directly in the requested memory format.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 [B, 3, H, W], found {images.dtype} {list(images.shape)}")
@@ -97,7 +97,8 @@ def preprocess(images: Tensor, seg_size: int) -> Tensor:
         else:
             x = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True,
                               align_corners=False).round_().clamp_(0, 255)
-    x = x.float() if x.dtype != torch.float32 else x
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(torch.float32, memory_format=fmt)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
     return x.sub_(mean).div_(std)
@@ -128,13 +129,18 @@ class TorchvisionSegmenter(Segmenter):
     torchvision convention) or a logits tensor; "person" is class ``person_class``.
 
     Any such module can be injected (a randomly initialised model, a fake with chosen label
-    maps); ``build_segmenter`` makes the registered ones.
+    maps); ``build_segmenter`` makes the registered ones. With ``channels_last`` (default) the
+    model and its input use the NHWC layout, about twice as fast for DeepLabV3 on a CPU; the
+    model is converted in place.
     """
 
     def __init__(self, model: nn.Module, name: str = "custom", weights: str = "injected",
-                 seg_size: int = 520, person_class: int = VOC_PERSON):
+                 seg_size: int = 520, person_class: int = VOC_PERSON, channels_last: bool = True):
         if seg_size < 1:
             raise ValueError(f"seg_size must be positive, got {seg_size}")
+        self.channels_last = channels_last
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
         self.name = name
         self.weights = weights
@@ -154,7 +160,7 @@ class TorchvisionSegmenter(Segmenter):
         device = self.device
         images = images.to(device, non_blocking=True)
         with torch.inference_mode():
-            out = self.model(preprocess(images, self.seg_size))
+            out = self.model(preprocess(images, self.seg_size, self.channels_last))
             logits = out["out"] if isinstance(out, dict) else out
             return person_mask_from_logits(logits, tuple(images.shape[2:]), self.person_class)
 

@@ -237,7 +237,7 @@ def _train(cfg: TrainConfig, world: World, resume: str, register: bool, register
     model = distributed.wrap_model(model, world, sync_bn)
     train_set = ShardDataset(root, "train", count=cfg.train_count, seed=cfg.seed)
     val_set = ShardDataset(root, "val", count=cfg.val_count, seed=cfg.seed)
-    loader_opts = dict(device=device, prefetch=2 if cfg.num_workers > 0 else 0,
+    loader_opts = dict(device=device, workers=cfg.num_workers, prefetch=2,
                        channels_last=precision.channels_last, rank=world.rank, world_size=world.world_size)
     train_loader_class = distributed.EqualShareLoader if world.is_distributed else BatchLoader
     train_loader = train_loader_class(train_set, cfg.batch_size // world.world_size, shuffle=True,
