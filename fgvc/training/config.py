@@ -17,7 +17,7 @@ class TrainConfig:
     pretrained: str = "auto"  # auto | true | false | path to a weights file
     data_root: str = DEFAULT_DATA_ROOT
     aug: str = "false"  # false | true (= the "heavy" recipe) | a preset name
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 64
     lr_head: float = 1e-3
     lr_backbone: float | None = None  # None: 1e-4 for ResNets/timm, lr_head for FashionNet
