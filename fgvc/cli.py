@@ -222,6 +222,72 @@ def analyze(model_uri, method, data_root, mask_root, split, num_images, seed, ta
                 stride=stride, fill=fill, k=k, exclude_same_designer=exclude_same_designer)
 
 
+def _auto(value: str | None) -> str | None:
+    return None if value is None or str(value).strip().lower() in ("", "auto") else str(value).strip()
+
+
+def _auto_list(value: str | None, kind=str) -> tuple | None:
+    text = _auto(value)
+    return None if text is None else tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+
+
+def _auto_number(value: str | None, kind=int):
+    text = _auto(value)
+    if text is None:
+        return None
+    return int(float(text)) if kind is int else float(text)
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["quick", "full"]), default="quick",
+              help="quick: fn-small, 4 regimes, 1 seed, small demo (minutes on a CPU); "
+                   "full: resnet18,resnet34,fn-small,fn-medium x 4 regimes x 3 seeds, default demo.")
+@click.option("--archs", default="auto", help="Comma list of architectures (auto: the preset's).")
+@click.option("--regimes", default="auto", help="Comma list of unmasked, masked, unmasked+aug, masked+aug.")
+@click.option("--seeds", default="auto", help="Comma list of seeds, e.g. 0,1,2.")
+@click.option("--epochs", default="auto")
+@click.option("--batch-size", default="auto")
+@click.option("--lr-head", default=TrainConfig.lr_head, type=float)
+@click.option("--pretrained", default="auto", help="auto | true | false, for every cell.")
+@click.option("--data-root", default="auto",
+              help="Source dataset root (auto: the preset's demo data, generated when missing).")
+@click.option("--masked-root", default="auto", help="Background-removed root (auto: <data-root>-masked; built when missing).")
+@click.option("--segmenter", default="auto",
+              help="For building the masked root (auto: groundtruth when the source has person masks, "
+                   "as the demo data does; else deeplabv3_resnet101).")
+@click.option("--num-designers", default="auto", help="Demo data: designers (classes).")
+@click.option("--train-per-class", default="auto", help="Demo data: training images per designer.")
+@click.option("--val-per-class", default="auto", help="Demo data: validation images per designer.")
+@click.option("--height", default="auto", help="Demo data: image height.")
+@click.option("--width", default="auto", help="Demo data: image width.")
+@click.option("--bg-correlation", default="auto", help="Demo data: strength of the planted background shortcut.")
+@click.option("--num-images", default="auto", help="Validation images per analysis (the same for every cell).")
+@click.option("--occlusion-window", default="auto", help="auto: a third of the shorter image side.")
+@click.option("--occlusion-stride", default="auto", help="auto: half the window.")
+@click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N.")
+@click.option("--num-workers", default=0, type=int, help="Background loader threads per training.")
+@click.option("--registered-model", default="auto", help="Registry name for every cell (auto: fgvc-<arch>).")
+def study(preset, archs, regimes, seeds, epochs, batch_size, lr_head, pretrained, data_root, masked_root,
+          segmenter, num_designers, train_per_class, val_per_class, height, width, bg_correlation, num_images,
+          occlusion_window, occlusion_stride, device, num_workers, registered_model):
+    """The background-reliance study: every architecture x regime x seed trained, analysed, reported."""
+    from fgvc.tracking.study_run import StudyConfig, run_study
+
+    demo = dict(num_designers=_auto_number(num_designers), train_per_class=_auto_number(train_per_class),
+                val_per_class=_auto_number(val_per_class), height=_auto_number(height),
+                width=_auto_number(width), bg_correlation=_auto_number(bg_correlation, float))
+    cfg = StudyConfig.from_preset(
+        preset, demo=demo, archs=_auto_list(archs), regimes=_auto_list(regimes), seeds=_auto_list(seeds, int),
+        epochs=_auto_number(epochs), batch_size=_auto_number(batch_size), lr_head=lr_head,
+        pretrained=pretrained, data_root=_auto(data_root), masked_root=_auto(masked_root),
+        segmenter=segmenter, num_images=_auto_number(num_images),
+        occlusion_window=_auto_number(occlusion_window), occlusion_stride=_auto_number(occlusion_stride),
+        device=device, num_workers=num_workers, registered_model=_auto(registered_model))
+    result = run_study(cfg)
+    click.echo(f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s; "
+               f"report at runs:/{result.run_id}/study/report.html")
+
+
 def run(command: str, argv: list[str] | None = None) -> None:
     """Entry-point scripts: `fgvc <command> <argv>` with user errors shown without a traceback."""
     args = [command, *(sys.argv[1:] if argv is None else argv)]

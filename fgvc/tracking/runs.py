@@ -49,9 +49,11 @@ def tracked_run(experiment: str, run_name: str, tags: dict | None = None,
     if run_id:
         run = mlflow.start_run(run_id=run_id, tags=tags)
     else:
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent_run_id,
-                               nested=parent_run_id is not None)
+        # By id: when two processes create the experiment at once, set_experiment hands the
+        # loser the experiment without making it active, and its run would land in "Default".
+        experiment_id = mlflow.set_experiment(experiment).experiment_id
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
+                               parent_run_id=parent_run_id, nested=parent_run_id is not None)
     if os.environ.get("MLFLOW_RUN_ID") == run.info.run_id and run_name:
         mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its runs at random
     try:

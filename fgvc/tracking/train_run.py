@@ -62,17 +62,16 @@ def resolve_data_root(data_root: str) -> Path:
 
 
 def find_resumable_run(cfg: TrainConfig) -> str:
-    """The newest unfinished run of this configuration in the training experiment."""
-    exp = MlflowClient().get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        runs = MlflowClient().search_runs(
-            [exp.experiment_id], f"tags.`fgvc.config_id` = '{cfg.identity()}'",
-            order_by=["attributes.start_time DESC"], max_results=20)
-        for run in runs:
-            if run.info.status != "FINISHED":
-                return run.info.run_id
+    """The newest unfinished run of this configuration, in any experiment (`mlflow run`
+    puts runs where `--experiment-name` says, standalone runs go to fgvc-train)."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=50,
+                              filter_string=f"tags.`fgvc.config_id` = '{cfg.identity()}'",
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if run.info.status != "FINISHED":
+            return run.info.run_id
     raise ValueError(f"resume=true: no unfinished run of this configuration (config id "
-                     f"{cfg.identity()}) in experiment {EXPERIMENT}; pass resume=<run_id> to pick one")
+                     f"{cfg.identity()}) in any experiment; pass resume=<run_id> to pick one")
 
 
 @dataclass
@@ -91,7 +90,11 @@ class _Checkpointer:
 
     def __init__(self, model, optimizer, scheduler, cfg: TrainConfig, extra: dict):
         self.model, self.optimizer, self.scheduler, self.cfg, self.extra = model, optimizer, scheduler, cfg, extra
-        self.dir = Path(tempfile.mkdtemp(prefix="fgvc-ckpt-"))
+        self._tmp = tempfile.TemporaryDirectory(prefix="fgvc-ckpt-")
+        self.dir = Path(self._tmp.name)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
 
     def model_state(self) -> dict:
         model = self.model.module if hasattr(self.model, "module") else self.model
@@ -325,6 +328,8 @@ def _train(cfg: TrainConfig, world: World, resume: str, register: bool, register
                           inputs.num_classes, device, on_epoch_end=on_epoch_end, **fit_opts)
         except NonFiniteLoss as e:
             raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
+        finally:
+            checkpointer.close()
 
         version = None
         if register and best:
