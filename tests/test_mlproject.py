@@ -48,7 +48,10 @@ def mlflow_run(entry: str, cwd: Path, **params) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local"]
     for key, value in params.items():
         args += ["-P", f"{key}={value}"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/mlflow.db", "OMP_NUM_THREADS": "1"}
+    # Run variables left by earlier in-process runs must not leak into a fresh `mlflow run`.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+                                                            "MLFLOW_EXPERIMENT_NAME")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db", OMP_NUM_THREADS="1")
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
