@@ -57,6 +57,7 @@ def mlflow_run(entry: str, cwd: Path, **params) -> subprocess.CompletedProcess:
 
 def test_mlflow_run_prepare_mask_train_promote_analyze(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # earlier tests may have set another
     data, masked = tmp_path / "demo", tmp_path / "demo-masked"
     steps = [
         ("prepare", dict(root=data, seed=3)),

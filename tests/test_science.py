@@ -4,12 +4,13 @@ With every designer always shot at its home venue (`bg_correlation=1.0`) the bac
 identifies the designer. A model trained on the unmasked images must show it: accuracy from
 the backdrop alone (No-FG) far above chance, and more Grad-CAM and occlusion energy on the
 background than the same network trained on background-removed images; that masked model
-must be at chance from the backdrop alone.
+must be no better than chance from the backdrop alone.
 
 Sizes: 5 designers, 48x64 frames (the last FashionNet stage is then a 6x8 map with columns
-beside the figure; at 48x32 it is 6x4 and Grad-CAM cannot tell backdrop from figure), 40
-training images per designer, 6 epochs: both models reach ~100 % validation accuracy, and the
-margins held on seeds 0, 1 and 2 while the sizes were chosen.
+beside the figure; at 48x32 it is 6x4 and Grad-CAM cannot tell backdrop from figure), 32
+training images per designer, 5 epochs: both models reach 98-100 % validation accuracy. On
+seeds 0, 1, 2: No-FG 1.0 (unmasked) and 0.0 (masked), occlusion background fraction
+0.89 vs 0.52-0.55, Grad-CAM 0.83-0.84 vs 0.76-0.80 (the smallest margin).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fgvc.tracking.study_run import StudyConfig, run_study
 
 torch.set_num_threads(1)
 
-SHORTCUT_DEMO = DemoConfig(num_designers=5, train_per_class=40, val_per_class=15, height=48, width=64,
+SHORTCUT_DEMO = DemoConfig(num_designers=5, train_per_class=32, val_per_class=10, height=48, width=64,
                            bg_correlation=1.0)
 
 
@@ -36,7 +37,7 @@ def cells(tmp_path_factory) -> dict[str, dict]:
     mp.delenv("MLFLOW_RUN_ID", raising=False)
     generate_demo(base / "shortcut", SHORTCUT_DEMO)
     cfg = StudyConfig.from_preset("quick", data_root=str(base / "shortcut"), regimes=("unmasked", "masked"),
-                                  seeds=(0,), epochs=6, batch_size=16, num_images=25, occlusion_window=16,
+                                  seeds=(0,), epochs=5, batch_size=16, num_images=20, occlusion_window=16,
                                   occlusion_stride=16)
     result = run_study(cfg, progress=False)
     mp.undo()

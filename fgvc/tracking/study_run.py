@@ -78,9 +78,8 @@ EXAMPLES_PER_METHOD = 2
 
 PRESETS: dict[str, dict] = {
     # A few minutes on a 2-core CPU: one small network, every regime, one seed, a small demo.
-    # Wide 48x64 frames: the last stage's Grad-CAM map is then 6x8 cells, with columns beside
-    # the figure; at 48x32 (6x4 cells) every cell overlaps the person and Grad-CAM cannot
-    # separate garment from backdrop.
+    # Wide 48x64 frames give the last stage a 6x8 map (Grad-CAM's resolution) with columns
+    # beside the figure; at 48x32 the map is 6x4 and every cell overlaps the figure.
     "quick": dict(archs=("fn-small",), regimes=REGIMES, seeds=(0,), epochs=5, batch_size=16,
                   num_images=24, occlusion_window=16, occlusion_stride=16,
                   demo=DemoConfig(num_designers=6, train_per_class=30, val_per_class=10, height=48,
@@ -93,7 +92,8 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class StudyConfig:
-    """Every knob of a study. `from_preset` fills what is not given from a preset."""
+    """Every knob of a study. Build it with `from_preset`, which fills what is not given from
+    a preset; the field defaults are the quick grid with automatic occlusion sizes."""
 
     preset: str = "quick"
     archs: tuple[str, ...] = PRESETS["quick"]["archs"]
@@ -107,7 +107,7 @@ class StudyConfig:
     masked_root: str | None = None  # None: <data_root>-masked
     segmenter: str = "auto"  # auto: groundtruth when the source shards carry masks
     demo: DemoConfig = field(default_factory=lambda: PRESETS["quick"]["demo"])
-    num_images: int = PRESETS["quick"]["num_images"]  # images per analysis (seeded, class-stratified; the same for every cell)
+    num_images: int = PRESETS["quick"]["num_images"]  # per analysis; seeded, the same for every cell
     analysis_seed: int = 0
     occlusion_window: int | None = None  # None: a third of the shorter image side
     occlusion_stride: int | None = None  # None: half the window
@@ -152,7 +152,7 @@ class StudyConfig:
 
     def describe(self) -> dict:
         """Flat params for the study run."""
-        out = {k: ("auto" if v is None else v) for k, v in asdict(self).items() if k != "demo"}
+        out = {k: ("auto" if v is None else v) for k, v in asdict(self).items() if k not in ("demo", "experiment")}
         for key in ("archs", "regimes", "seeds"):
             out[key] = ",".join(map(str, out[key]))
         return out
@@ -549,7 +549,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
             _log_params(client, run_id, cfg.describe())
             data = prepare_data(cfg, progress)
             options = analysis_options(cfg, data.image_size)
-            params = {"data_root": str(data.source), "dataset_digest": data.source_digest,
+            params = {"experiment": experiment, "data_root": str(data.source), "dataset_digest": data.source_digest,
                       "masked_root": str(data.masked) if data.masked else "none",
                       "masked_dataset_digest": data.masked_digest or "none",
                       "segmenter": data.segmenter or "none", "num_classes": data.num_classes,
