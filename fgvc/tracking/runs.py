@@ -86,13 +86,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _same_value(a: str, b: str) -> bool:
+def same_param_value(a: str, b: str) -> bool:
+    """Two logged param strings that mean the same (`1e-3` and `0.001`, `True` and `true`)."""
     if a == b:
         return True
     try:
         return float(a) == float(b)
     except ValueError:
-        return a.lower() in ("true", "false") and a.lower() == b.lower()
+        return a.lower() == b.lower() and a.lower() in ("true", "false", "none")
 
 
 def log_params(params: dict) -> None:
@@ -109,7 +110,7 @@ def log_params(params: dict) -> None:
     for key, value in params.items():
         text = str(value)[:6000]
         if key in existing:
-            if _same_value(existing[key], text):
+            if same_param_value(existing[key], text):
                 continue
             key = f"{key}_effective"
             if key in existing and existing[key] == text:

@@ -49,7 +49,7 @@ from fgvc.data.shards import dataset_digest, read_meta, validate_root
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.mask_run import run_mask
 from fgvc.tracking.prepare_run import ensure_demo
-from fgvc.tracking.runs import configure_tracking, git_commit
+from fgvc.tracking.runs import configure_tracking, git_commit, same_param_value
 from fgvc.tracking.train_run import run_train
 from fgvc.training.config import DEFAULT_DATA_ROOT, TrainConfig
 from fgvc.viz.report import (METRICS, Example, build_report, markdown_tables, save_regime_bars,
@@ -318,15 +318,6 @@ def _without_env_run() -> Iterator[str | None]:
             os.environ["MLFLOW_RUN_ID"] = saved
 
 
-def _same_value(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a.lower() == b.lower() and a.lower() in ("true", "false", "none")
-
-
 def _log_params(client: MlflowClient, run_id: str, params: dict) -> None:
     """Like `runs.log_params` for a run that is not the active one: a param `mlflow run`
     already logged with another value (`auto`) goes under `<name>_effective`."""
@@ -335,7 +326,7 @@ def _log_params(client: MlflowClient, run_id: str, params: dict) -> None:
     for key, value in params.items():
         text = str(value)[:6000]
         if key in existing:
-            if _same_value(existing[key], text):
+            if same_param_value(existing[key], text):
                 continue
             key = f"{key}_effective"
             if key in existing:
