@@ -133,7 +133,7 @@ def test_dataset_refuses_a_missing_root_or_split(tmp_path):
     (tmp_path / "val").mkdir()
     with pytest.raises(ShardError) as err:
         ShardDataset(tmp_path, "val")
-    assert f"{tmp_path / 'val'}: split has no .pt shard files" in str(err.value)
+    assert f"{tmp_path / 'val'}: split has no shard_NNN.pt files" in str(err.value)
 
 
 def test_dataset_refuses_a_split_with_no_images(tmp_path):

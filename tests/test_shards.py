@@ -190,7 +190,7 @@ def test_split_without_pt_files(tmp_path):
     (root / "val" / "notes.txt").write_text("images go here")
     with pytest.raises(ShardError) as err:
         validate_root(root)
-    assert f"{root / 'val'}: split has no .pt shard files" in str(err.value)
+    assert f"{root / 'val'}: split has no shard_NNN.pt files" in str(err.value)
 
 
 def test_split_whose_shards_hold_no_images(tmp_path):
@@ -236,7 +236,7 @@ def test_label_map_disagrees_with_class_count(tmp_path):
     with pytest.raises(ShardError) as err:
         validate_root(root)
     assert str(root / "index_to_label.json") in str(err.value)
-    assert "has 2 entries, but the shards have 3 classes" in str(err.value)
+    assert "must name every class 0..2 of the shards exactly once; missing [2]" in str(err.value)
 
 
 def test_validate_root_reports_what_it_found(tmp_path):

@@ -18,22 +18,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import pickle
 import re
 import secrets
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from fgvc.errors import FgvcError
+from fgvc.safeload import load_tensors
+
+log = logging.getLogger("fgvc")
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("images", "labels", "one_hot")
 SHARD_PATTERN = re.compile(r"^shard_(\d+)\.pt$")
 
 
-class ShardError(ValueError):
+class ShardError(FgvcError, ValueError):
     """A dataset root, split or shard breaks a rule of the format. The message names the file."""
 
 
@@ -48,15 +52,16 @@ def shards_of(root: str | Path, split: str) -> list[Path]:
         raise ShardError(f"{split_dir}: split directory does not exist")
     if not split_dir.is_dir():
         raise ShardError(f"{split_dir}: not a directory")
-    files = [p for p in split_dir.iterdir() if p.suffix == ".pt" and p.is_file()]
+    files = [p for p in split_dir.iterdir() if p.is_file() and SHARD_PATTERN.match(p.name)]
+    strays = sorted(p.name for p in split_dir.iterdir() if p.is_file() and p.suffix == ".pt"
+                    and not SHARD_PATTERN.match(p.name))
+    if strays:
+        log.warning("%s: ignored %d .pt file(s) not named shard_NNN.pt: %s", split_dir, len(strays),
+                    ", ".join(strays[:5]))
     if not files:
-        raise ShardError(f"{split_dir}: split has no .pt shard files")
-
-    def order(p: Path):
-        m = SHARD_PATTERN.match(p.name)
-        return (0, int(m.group(1)), p.name) if m else (1, 0, p.name)
-
-    return sorted(files, key=order)
+        extra = f" (found {', '.join(strays[:5])}: shards must be named shard_NNN.pt)" if strays else ""
+        raise ShardError(f"{split_dir}: split has no shard_NNN.pt files{extra}")
+    return sorted(files, key=lambda p: (int(SHARD_PATTERN.match(p.name).group(1)), p.name))
 
 
 def splits_of(root: str | Path) -> list[str]:
@@ -64,46 +69,14 @@ def splits_of(root: str | Path) -> list[str]:
     return [s for s in SPLITS if (Path(root) / s).is_dir()]
 
 
-def _unpickler_detail(error: Exception) -> str:
-    """The useful line of torch's weights-only refusal (its message is long and has colour codes)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if found and found.group(1).strip():
-        return found.group(1).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
 def load_shard(path: str | Path, mmap: bool = True) -> dict:
-    """Load one shard safely (weights_only, memory-mapped). Does not validate contents.
-
-    A file saved in torch's legacy (non-zip) format cannot be memory-mapped; it is read whole.
-    """
+    """Load one shard safely (weights_only, memory-mapped). Does not validate contents."""
     path = Path(path)
     if not path.exists():
         raise ShardError(f"{path}: file does not exist")
     if not path.is_file():
         raise ShardError(f"{path}: not a regular file")
-    if mmap and not zipfile.is_zipfile(path):
-        mmap = False
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        detail = _unpickler_detail(e)
-        found = re.search(r"GLOBAL\s+(\S+)", detail)
-        if found:
-            raise ShardError(
-                f"{path}: refused to load: it holds a pickled object ({found.group(1)}) whose "
-                f"loading would run code; a shard may hold only tensors, numbers, strings and "
-                f"containers"
-            ) from None
-        raise ShardError(
-            f"{path}: cannot be read as a tensor-only torch file (corrupt, or not written by "
-            f"torch.save?): {detail}"
-        ) from None
-    except Exception as e:  # the readers raise RuntimeError, EOFError, KeyError, OSError, ...
-        detail = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
-        raise ShardError(f"{path}: cannot be read as a torch file (truncated or corrupt?): {detail}") from None
+    obj = load_tensors(path, what="shard", mmap=mmap, error=ShardError)
     if not isinstance(obj, dict):
         raise ShardError(f"{path}: shard must be a dict, found {type(obj).__name__}")
     return obj
@@ -171,7 +144,30 @@ def validate_shard(shard: dict, path: str | Path, num_classes: int | None = None
             )
         if n and int(masks.max()) > 1:
             raise ShardError(f"{path}: 'masks' must hold only 0 and 1")
+    _check_per_image(shard, path, n)
     return ShardInfo(path, n, (int(images.shape[2]), int(images.shape[3])), c, tuple(shard))
+
+
+# Optional per-image keys: (allowed dtypes, rule in words).
+PER_IMAGE_KEYS = {
+    "venues": ((torch.int64, torch.int32, torch.int16, torch.uint8), "an integer tensor [N] of venue ids >= 0"),
+    "bg_removed": ((torch.bool, torch.uint8), "a bool tensor [N]"),
+}
+
+
+def _check_per_image(shard: dict, path: Path, n: int) -> None:
+    for key, (dtypes, rule) in PER_IMAGE_KEYS.items():
+        if key not in shard:
+            continue
+        value = shard[key]
+        if not isinstance(value, torch.Tensor) or value.dtype not in dtypes or list(value.shape) != [n]:
+            found = (f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor)
+                     else type(value).__name__)
+            raise ShardError(f"{path}: '{key}' must be {rule} (N = {n}), found {found}")
+        if key == "venues" and n and int(value.min()) < 0:
+            raise ShardError(f"{path}: 'venues' must be {rule}, found a negative id {int(value.min())}")
+        if key == "bg_removed" and n and value.dtype == torch.uint8 and int(value.max()) > 1:
+            raise ShardError(f"{path}: 'bg_removed' must be {rule}, found values above 1")
 
 
 def read_shard(path: str | Path, num_classes: int | None = None, mmap: bool = True) -> dict:
@@ -235,16 +231,36 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def read_json(path: str | Path, what: str):
+    """A JSON file, with one-line errors naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
 def read_label_map(root: str | Path) -> dict[int, str]:
-    """`index_to_label.json` as {index: designer name}; absent file -> {}."""
+    """`index_to_label.json` as {index: designer name}; absent file -> {}.
+
+    The file must be a JSON object mapping class indices ("0", "1", ...) to names."""
     path = Path(root) / "index_to_label.json"
     if not path.exists():
         return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON: {e}") from None
-    return {int(k): str(v) for k, v in raw.items()}
+    raw = read_json(path, "the label map")
+    if not isinstance(raw, dict):
+        raise ShardError(f"{path}: must be a JSON object mapping class indices to designer names "
+                         f'({{"0": "name", ...}}), found a JSON {type(raw).__name__}')
+    out = {}
+    for key, name in raw.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ShardError(f"{path}: key {key!r} is not a class index (keys must be integers 0..C-1)") from None
+        if not isinstance(name, str):
+            raise ShardError(f"{path}: the name of class {index} must be a string, found {name!r}")
+        out[index] = name
+    return out
 
 
 def write_label_map(root: str | Path, names: dict[int, str] | list[str]) -> None:
@@ -255,7 +271,12 @@ def write_label_map(root: str | Path, names: dict[int, str] | list[str]) -> None
 
 def read_meta(root: str | Path) -> dict:
     path = Path(root) / "meta.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not path.exists():
+        return {}
+    meta = read_json(path, "the dataset's meta.json")
+    if not isinstance(meta, dict):
+        raise ShardError(f"{path}: must be a JSON object, found a JSON {type(meta).__name__}")
+    return meta
 
 
 @dataclass
@@ -319,10 +340,12 @@ def validate_root(root: str | Path, splits: tuple[str, ...] = ("train", "val")) 
         info.has_masks = masks_everywhere if split == wanted[0] else info.has_masks and masks_everywhere
     info.label_names = read_label_map(root)
     if info.label_names and set(info.label_names) != set(range(info.num_classes)):
+        missing = sorted(set(range(info.num_classes)) - set(info.label_names))
+        extra = sorted(set(info.label_names) - set(range(info.num_classes)))
         raise ShardError(
-            f"{root / 'index_to_label.json'}: has {len(info.label_names)} entries, "
-            f"but the shards have {info.num_classes} classes"
-        )
+            f"{root / 'index_to_label.json'}: must name every class 0..{info.num_classes - 1} of the shards "
+            f"exactly once" + (f"; missing {missing[:10]}" if missing else "")
+            + (f"; indices outside the range {extra[:10]}" if extra else ""))
     return info
 
 

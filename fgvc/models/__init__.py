@@ -5,18 +5,22 @@ Importing this package registers ``fashionnet_small`` / ``fashionnet_medium`` wi
 
 from .fashionnet import FASHIONNET_CONFIGS, FashionNet, FashionNetConfig
 from .factory import (
+    ARCHS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     FGVCNet,
     ModelSpec,
     PretrainedWeightsError,
+    arch_problem,
     available_archs,
     build_model,
     create_model,
     register_arch,
+    render_pretrained,
 )
 
 __all__ = [
+    "ARCHS",
     "FASHIONNET_CONFIGS",
     "FashionNet",
     "FashionNetConfig",
@@ -25,8 +29,10 @@ __all__ = [
     "FGVCNet",
     "ModelSpec",
     "PretrainedWeightsError",
+    "arch_problem",
     "available_archs",
     "build_model",
     "create_model",
     "register_arch",
+    "render_pretrained",
 ]

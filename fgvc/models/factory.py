@@ -23,20 +23,26 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from fgvc.errors import ConfigError, FgvcError
+from fgvc.registry import Registry
+
 from .fashionnet import FASHIONNET_CONFIGS, FashionNet
 
 __all__ = [
+    "ARCHS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Architecture",
     "FGVCNet",
     "ModelSpec",
     "PretrainedWeightsError",
+    "arch_problem",
     "available_archs",
     "build_model",
     "create_model",
     "load_weights_file",
     "register_arch",
+    "render_pretrained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,8 +52,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"
 
 
-class PretrainedWeightsError(RuntimeError):
-    """Requested weights are not on this machine, or a weights file does not fit the model."""
+class PretrainedWeightsError(FgvcError):
+    """Requested weights cannot be had, or a weights file does not fit the model."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +90,7 @@ class ModelSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Unknown ModelSpec fields {unknown}; expected a subset of {sorted(known)}")
+            raise ConfigError(f"Unknown ModelSpec fields {unknown}; expected a subset of {sorted(known)}")
         values = dict(data)
         for key in ("image_size", "mean", "std"):
             if values.get(key) is not None:
@@ -180,6 +186,15 @@ class StandardWeights:
 
     def find(self) -> Path | None:
         return next((path for path in self.candidates if path.is_file()), None)
+
+    def obtain(self) -> Path:
+        """The weights file: from the cache when present (nothing else is contacted)."""
+        found = self.find()
+        if found is None:
+            raise PretrainedWeightsError(
+                f"Pretrained weights {self.label} are not on this machine: missing file {self.where}. "
+                f"Copy the file to that path, or pass pretrained=/path/to/file.pth.")
+        return found
 
 
 class Architecture:
@@ -280,13 +295,13 @@ class TimmArchitecture(Architecture):
         if not timm.is_model(base_name):
             close = timm.list_models(f"*{base_name[:8]}*")[:10]
             hint = f" Similar timm names: {', '.join(close)}." if close else ""
-            raise ValueError(f"Unknown timm model {model_name!r}.{hint} "
+            raise ConfigError(f"Unknown timm model {model_name!r}.{hint} "
                              "See timm.list_models() for every name.")
         try:
             self.cfg = timm.models.get_pretrained_cfg(model_name)
         except RuntimeError as error:  # a pretrained tag timm does not know
             tags = timm.list_pretrained(f"{base_name}.*")
-            raise ValueError(f"{error} Known tags: {', '.join(tags) or 'none'}.") from error
+            raise ConfigError(f"{error} Known tags: {', '.join(tags) or 'none'}.") from error
         self.model_name = model_name
 
     def _size_kwargs(self, image_size) -> dict[str, Any]:
@@ -304,7 +319,7 @@ class TimmArchitecture(Architecture):
         for name, module in net.named_modules():
             if module is classifier and name:
                 return name
-        raise ValueError(f"timm model {self.model_name} has no single classifier module to replace")
+        raise ConfigError(f"timm model {self.model_name} has no single classifier module to replace")
 
     def feature_stage_path(self, net):
         info = getattr(net, "feature_info", None)
@@ -356,14 +371,14 @@ class TimmArchitecture(Architecture):
                 f"Could not load timm weights for {self.model_name} from {weights_file}: {error}") from error
 
 
-_ARCHS: dict[str, Architecture] = {}
+ARCHS: Registry[Architecture] = Registry("architecture")
 
 
 def register_arch(name: str, architecture: Architecture) -> None:
     """Make ``architecture`` buildable as ``create_model(name, ...)``."""
     if name.startswith(TIMM_PREFIX):
         raise ValueError(f"Names starting with {TIMM_PREFIX!r} are reserved for timm models")
-    _ARCHS[name] = architecture
+    ARCHS.register(name, architecture)
 
 
 register_arch("resnet18", TorchvisionResNet(tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1))
@@ -375,16 +390,25 @@ register_arch("fn-medium", FashionNetArchitecture("medium"))
 
 def available_archs() -> list[str]:
     """Registered architecture names. Any timm model is also available as ``timm:<name>``."""
-    return sorted(_ARCHS)
+    return sorted(ARCHS.names())
 
 
 def _architecture(arch: str) -> Architecture:
-    if arch in _ARCHS:
-        return _ARCHS[arch]
+    if arch in ARCHS:
+        return ARCHS.get(arch)
     if arch.startswith(TIMM_PREFIX):
         return TimmArchitecture(arch[len(TIMM_PREFIX):])
-    raise ValueError(f"Unknown arch {arch!r}. Valid names: {', '.join(available_archs())}; "
-                     f"or any timm model as '{TIMM_PREFIX}<name>' (e.g. '{TIMM_PREFIX}convnext_atto').")
+    raise ConfigError(f"Unknown arch {arch!r}. Valid names: {', '.join(available_archs())}; "
+                      f"or any timm model as '{TIMM_PREFIX}<name>' (e.g. '{TIMM_PREFIX}convnext_atto').")
+
+
+def arch_problem(arch: str) -> str | None:
+    """None for a buildable architecture name, else what is wrong with it (for option checks)."""
+    try:
+        _architecture(arch)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,22 +473,13 @@ def load_weights_file(net: nn.Module, path: Path, classifier_path: str) -> None:
 # Public entry points.
 # --------------------------------------------------------------------------------------------
 
-_TRUE = {"true", "yes", "1"}
-_FALSE = {"false", "no", "0", "none"}
-
-
-def _pretrained_request(pretrained: str | bool | os.PathLike) -> str:
-    """Normalise the ``pretrained`` argument to ``"auto"``, ``"true"``, ``"false"`` or a path."""
+def render_pretrained(pretrained: bool | None | os.PathLike | str) -> str:
+    """The request as recorded in a model spec: ``auto``, ``true``, ``false`` or the path."""
+    if pretrained is None:
+        return "auto"
     if isinstance(pretrained, bool):
         return "true" if pretrained else "false"
-    text = os.fspath(pretrained).strip()
-    if text.lower() == "auto":
-        return "auto"
-    if text.lower() in _TRUE:
-        return "true"
-    if text.lower() in _FALSE:
-        return "false"
-    return text
+    return os.fspath(pretrained)
 
 
 def _image_size(image_size) -> tuple[int, int] | None:
@@ -481,21 +496,21 @@ def _wrap(architecture: Architecture, net: nn.Module, spec: ModelSpec) -> FGVCNe
     feature_stage = architecture.feature_stage_path(net)
     head = net.get_submodule(classifier_path)
     if not hasattr(head, "in_features"):
-        raise ValueError(f"{spec.arch}: classifier {classifier_path} ({type(head).__name__}) is not linear")
+        raise ConfigError(f"{spec.arch}: classifier {classifier_path} ({type(head).__name__}) is not linear")
     net.set_submodule(classifier_path, nn.Identity())
     return FGVCNet(net, head, spec, feature_stage)
 
 
-def create_model(arch: str, num_classes: int, pretrained: str | bool | os.PathLike = "auto",
+def create_model(arch: str, num_classes: int, pretrained: bool | None | os.PathLike | str = None,
                  image_size: int | tuple[int, int] | None = None) -> FGVCNet:
-    """Build ``arch`` for ``num_classes`` classes, starting from local weights when asked.
+    """Build ``arch`` for ``num_classes`` classes.
 
     ``pretrained``:
-      * ``"auto"`` (default): the architecture's standard weights if they are in the local cache;
-        otherwise random init with a warning naming the missing file. FashionNet: random init.
-      * ``"true"`` / ``True``: standard weights, or :class:`PretrainedWeightsError` naming the
-        missing file and how to provide it.
-      * ``"false"`` / ``False``: random init.
+      * ``None`` (auto, the default): the architecture's standard weights when they can be had
+        (see :func:`obtain_standard_weights`); otherwise random init with a warning naming the
+        URL and the cache path. FashionNet: random init (no pretrained weights exist).
+      * ``True``: the standard weights, or :class:`PretrainedWeightsError` saying why not.
+      * ``False``: random init.
       * a path: that state_dict (classifier tensors of another class count are re-initialised).
 
     The input normalisation is the weights' own (ImageNet mean/std for torchvision ImageNet
@@ -504,16 +519,16 @@ def create_model(arch: str, num_classes: int, pretrained: str | bool | os.PathLi
     """
     num_classes = int(num_classes)
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     architecture = _architecture(arch)
-    request = _pretrained_request(pretrained)
     size = _image_size(image_size)
-    if request == "false":
+    if pretrained is False:
         net, effective, mean, std = architecture.build(num_classes, size), "none", None, None
-    elif request in ("auto", "true"):
-        net, effective, mean, std = _build_standard(architecture, arch, num_classes, size, request)
+    elif pretrained is None or pretrained is True:
+        net, effective, mean, std = _build_standard(architecture, arch, num_classes, size,
+                                                    required=pretrained is True)
     else:
-        path = Path(request).expanduser()
+        path = Path(pretrained).expanduser()
         if not path.is_file():
             raise PretrainedWeightsError(f"Weights file not found: {path}")
         net = architecture.build_with_weights(num_classes, size, path)
@@ -522,32 +537,32 @@ def create_model(arch: str, num_classes: int, pretrained: str | bool | os.PathLi
         # input recipe; FashionNet checkpoints come from scratch training on raw pixels.
         usual = architecture.standard_weights()
         mean, std = (usual.mean, usual.std) if usual is not None else (None, None)
-    spec = ModelSpec(arch=arch, num_classes=num_classes, image_size=size, pretrained=request,
-                     pretrained_effective=effective, mean=mean, std=std)
+    spec = ModelSpec(arch=arch, num_classes=num_classes, image_size=size,
+                     pretrained=render_pretrained(pretrained), pretrained_effective=effective,
+                     mean=mean, std=std)
     return _wrap(architecture, net, spec)
 
 
 def _build_standard(architecture: Architecture, arch: str, num_classes: int,
-                    size: tuple[int, int] | None, request: str):
-    """``pretrained="auto"`` / ``"true"``: the standard weights from the local cache, else
-    random init (``auto``, with a warning if weights exist but are missing) or an error (``true``).
+                    size: tuple[int, int] | None, required: bool):
+    """Auto / required standard weights: the weights file when it can be had, else random init
+    (auto, with a warning saying why) or an error (required).
     Returns ``(net, pretrained_effective, mean, std)``."""
     standard = architecture.standard_weights()
     if standard is None:
-        if request == "true":
+        if required:
             raise PretrainedWeightsError(
                 f"No pretrained weights exist for {arch}. Use pretrained=false (random init) "
                 "or pretrained=/path/to/weights.pth.")
         return architecture.build(num_classes, size), "none", None, None
-    weights_file = standard.find()
-    if weights_file is None:
-        message = (f"Pretrained weights {standard.label} for {arch} are not on this machine: "
-                   f"missing file {standard.where}. Nothing is downloaded at run time. Copy the "
-                   f"file to that path, or pass pretrained=/path/to/file.pth.")
-        if request == "true":
-            raise PretrainedWeightsError(message)
-        warnings.warn(message + " Falling back to random initialisation.", stacklevel=3)
-        logger.warning("%s Falling back to random initialisation.", message)
+    try:
+        weights_file = standard.obtain()
+    except FgvcError as error:
+        if required:
+            raise PretrainedWeightsError(str(error)) from None
+        message = f"{error} Falling back to random initialisation."
+        warnings.warn(message, stacklevel=3)
+        logger.warning("%s", message)
         return architecture.build(num_classes, size), "none", None, None
     net = architecture.build_with_standard_weights(num_classes, size, weights_file)
     logger.info("%s: loaded %s from %s", arch, standard.label, weights_file)

@@ -1,16 +1,20 @@
-"""Run lifecycle shared by every entry point: the tracking store, the run to log to, statuses.
+"""The run lifecycle shared by every task: the tracking store, the run to log into, its
+params, its status at the end.
 
 Under `mlflow run` the run already exists (`MLFLOW_RUN_ID` is set) and we log into it;
-standalone (`fgvc train ...`) we start a run in the task family's experiment.
+standalone (`fgvc train ...`) we start one in the task family's experiment. Every run gets
+`fgvc.task`, a meaningful name and a description (`mlflow.note.content`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -18,57 +22,60 @@ from typing import Iterator
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from fgvc.errors import FgvcError
 
 log = logging.getLogger("fgvc")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DESCRIPTION = "mlflow.note.content"
+TASK = "fgvc.task"
+_initialised: set[str] = set()
 
 
-def configure_tracking() -> str:
-    """Use MLFLOW_TRACKING_URI when set (a server, PostgreSQL), else the local default."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
-class RunFailed(RuntimeError):
+class RunFailed(FgvcError):
     """Raised inside a run to end it as FAILED with a message (e.g. a NaN loss)."""
 
 
-@contextlib.contextmanager
-def tracked_run(experiment: str, run_name: str, tags: dict | None = None,
-                run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start or resume the run to log into and end it with the right status.
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
 
-    FINISHED on success, KILLED on Ctrl-C, FAILED on any other exception (re-raised).
-    `run_id` resumes an existing run (training resume); otherwise `MLFLOW_RUN_ID` from
-    `mlflow run` is used when present.
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across the processes of one machine, held while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def configure_tracking() -> str:
+    """Use MLFLOW_TRACKING_URI when set (a server, PostgreSQL), else the local default.
+
+    A SQLite store is created and migrated under a lock file beside the database, so several
+    processes started together on a new store (a study and a training, two trainings) do not
+    run MLflow's schema migrations at the same time.
     """
-    configure_tracking()
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        run = mlflow.start_run(run_id=run_id, tags=tags)
-    else:
-        # By id: when two processes create the experiment at once, set_experiment hands the
-        # loser the experiment without making it active, and its run would land in "Default".
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags,
-                               parent_run_id=parent_run_id, nested=parent_run_id is not None)
-    if os.environ.get("MLFLOW_RUN_ID") == run.info.run_id and run_name:
-        mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its runs at random
-    try:
-        yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag("fgvc.end_reason", "interrupted (Ctrl-C)")
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException as e:
-        with contextlib.suppress(Exception):
-            mlflow.set_tag("fgvc.error", f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        mlflow.end_run("FINISHED")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    database = sqlite_path(uri)
+    if database is not None and uri not in _initialised:
+        with file_lock(database.with_name(database.name + ".lock")):
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # creates and migrates the tracking tables
+            client.search_registered_models(max_results=1)  # and the registry's
+        _initialised.add(uri)
+    return uri
 
 
 def git_commit() -> str:
@@ -86,6 +93,85 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _end(run_id: str, status: str, fluent: bool) -> None:
+    if fluent:
+        mlflow.end_run(status)
+    else:
+        MlflowClient().set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def ending(run_id: str, fluent: bool = True) -> Iterator[None]:
+    """End `run_id` FINISHED on success, KILLED on Ctrl-C, FAILED on any other exception
+    (re-raised), recording why in `fgvc.end_reason` / `fgvc.error`. A run that finishes
+    after an earlier interruption loses the old reason."""
+    client = MlflowClient()
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_tag(run_id, "fgvc.end_reason", "interrupted (Ctrl-C)")
+        _end(run_id, "KILLED", fluent)
+        raise
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, "fgvc.error", f"{type(e).__name__}: {e}"[:5000])
+        _end(run_id, "FAILED", fluent)
+        raise
+    else:
+        tags = client.get_run(run_id).data.tags
+        for stale in ("fgvc.end_reason", "fgvc.error"):
+            if stale in tags:
+                client.delete_tag(run_id, stale)
+        _end(run_id, "FINISHED", fluent)
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, created when missing (safe when two processes create it at once)."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def describe_experiment(name: str, text: str) -> None:
+    """Give an experiment its description once (the MLflow UI shows it on its page)."""
+    client = MlflowClient()
+    experiment = client.get_experiment(experiment_id(name))
+    if not experiment.tags.get(DESCRIPTION):
+        client.set_experiment_tag(experiment.experiment_id, DESCRIPTION, text)
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, run_name: str, task: str, description: str = "",
+                tags: dict | None = None, run_id: str | None = None,
+                parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or continue: `run_id`, else `MLFLOW_RUN_ID` from `mlflow run`) the run to log
+    into, named, tagged with the task and described; ended by :func:`ending`."""
+    configure_tracking()
+    tags = {TASK: task, "fgvc.git_commit": git_commit(), **(tags or {})}
+    if description:
+        tags[DESCRIPTION] = description
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        run = mlflow.start_run(run_id=run_id, tags=tags)
+        if run_name:
+            mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its runs at random
+    else:
+        # By id: when two processes create the experiment at once, set_experiment hands the
+        # loser the experiment without making it active, and its run would land in "Default".
+        run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags,
+                               parent_run_id=parent_run_id, nested=parent_run_id is not None)
+    with ending(run.info.run_id, fluent=True):
+        yield run
+
+
 def same_param_value(a: str, b: str) -> bool:
     """Two logged param strings that mean the same (`1e-3` and `0.001`, `True` and `true`)."""
     if a == b:
@@ -96,40 +182,55 @@ def same_param_value(a: str, b: str) -> bool:
         return a.lower() == b.lower() and a.lower() in ("true", "false", "none")
 
 
-def log_params(params: dict) -> None:
-    """Log params, stringifying values (MLflow refuses values over 6000 characters).
+def log_params(params: dict, run_id: str | None = None) -> None:
+    """Log params to `run_id` (default: the active run); values are stringified and cut at
+    MLflow's 6000-character limit.
 
-    `mlflow run` has already logged the entry point's parameters as typed (`1e-3`, `data/x`);
-    a param logged again with the same meaning is skipped, and one whose resolved value
-    differs (a relative path made absolute) goes under `<name>_effective`, since MLflow
-    forbids changing a logged param.
+    `mlflow run` has already logged the entry point's parameters as the user typed them; a
+    param logged again with the same meaning is skipped, and one whose value differs (a
+    relative path made absolute) goes under `<name>_effective`, since MLflow forbids
+    changing a logged param.
     """
-    run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    out = {}
+    client = MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    existing = client.get_run(run_id).data.params
+    out = []
     for key, value in params.items():
         text = str(value)[:6000]
         if key in existing:
             if same_param_value(existing[key], text):
                 continue
             key = f"{key}_effective"
-            if key in existing and existing[key] == text:
+            if key in existing:
                 continue
-        out[key] = text
-    if out:
-        mlflow.log_params(out)
+        out.append(Param(key, text))
+    for start in range(0, len(out), 100):
+        client.log_batch(run_id, params=out[start:start + 100])
+
+
+def set_tags(tags: dict, run_id: str | None = None) -> None:
+    run_id = run_id or mlflow.active_run().info.run_id
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_dataset(root: str | Path, digest: str, name: str, context: str) -> None:
-    """Record a dataset root as a run input (context 'training', 'eval', 'output', ...)."""
+    """Record a dataset root as an input of the active run (context 'training', 'output', ...).
+
+    Two processes logging the same dataset at the same moment race on the store's unique
+    key; the loser retries and then finds the dataset the other one created.
+    """
     with warnings.catch_warnings():  # MLflow registers two equivalent local-file sources
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(Path(root).resolve().as_uri())
-    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
-
-
-def log_text_artifact(text: str, artifact_file: str) -> None:
-    mlflow.log_text(text, artifact_file)
+    dataset = MetaDataset(source=source, name=name, digest=digest)
+    for attempt in range(5):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as error:
+            if "UNIQUE constraint" not in str(error) and "IntegrityError" not in str(error) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @contextlib.contextmanager

@@ -1,77 +1,229 @@
-"""`train`: one MLflow run per training, checkpointed every epoch, resumable, registered.
+"""`train` as an MLflow run: the training of fgvc.training, recorded.
 
-Order of work per epoch: checkpoint files first (so a metric never refers to an epoch whose
-state is lost), then metrics with `step=epoch`, then refreshed plots.
+The session (fgvc.training.session) trains; this module adds one epoch callback, the
+:class:`Recorder`, and what happens around the training: the run (new, or the one to
+resume), its params and dataset input, the plots and summary at the end, the MLflow model
+and its registry version.
 
-Under `torchrun` (see fgvc.training.distributed) every rank trains its share of each batch;
-only rank 0 talks to MLflow: it resolves the data root and the checkpoint to resume from and
-sends them to the other ranks, and alone logs, checkpoints and registers. The result is one
-MLflow run with `world_size` among its params.
+What is kept how often (a checkpoint of a ResNet-18 with optimiser state is ~134 MB):
+- every epoch: the metrics (`step=epoch`, plus the running `best/...` values) and, on local
+  disk, `last.pt` and (when validation improved) `best.pt` in the run's checkpoint cache
+  (`$FGVC_CACHE_DIR/checkpoints/<run_id>`, default `~/.cache/fgvc`), so a crash loses at
+  most the epoch in progress and `resume=true` on this machine continues from there;
+- to the run's artifacts (`checkpoints/`): when `UPLOAD_INTERVAL_S` has passed since the last
+  upload, and always at the end, on Ctrl-C and on a failure;
+- plots, `metrics.csv` and `run_summary.md`: at the end (also after Ctrl-C or a failure).
+The cache of a finished run is removed once everything is uploaded.
+
+Under torchrun every rank trains its share of each batch; only rank 0 talks to MLflow.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import platform
-import tempfile
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import mlflow
 import timm
 import torch
-import torch.nn as nn
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from fgvc.data.dataset import BatchLoader, ShardDataset
-from fgvc.data.shards import ShardError, dataset_digest, read_meta, validate_root
-from fgvc.models import create_model
-from fgvc.training import distributed
-from fgvc.training.augment import get_preset
-from fgvc.training.config import DEFAULT_DATA_ROOT, TrainConfig, regime_of
-from fgvc.training.distributed import World
-from fgvc.training.loop import EpochRecord, NonFiniteLoss, Precision, build_optimizer, evaluate, evaluate_sharded, fit
-from fgvc.tracking.prepare_run import ensure_demo
-from fgvc.tracking.registry import download_checkpoint, load_checkpoint, register_version, registered_name
-from fgvc.tracking.runs import RunFailed, configure_tracking, git_commit, log_dataset, log_params, tracked_run
+from fgvc import distributed
+from fgvc.config import render_params
+from fgvc.devices import resolve_device
+from fgvc.errors import ConfigError
+from fgvc.training.checkpoint import BEST, LAST, CheckpointWriter, read_checkpoint
+from fgvc.training.config import TrainConfig
+from fgvc.training.loop import EpochRecord, NonFiniteLoss
+from fgvc.training.session import Callback, Session, TrainingData, build_session
+from fgvc.tracking.markdown import code, text
+from fgvc.tracking.models import log_and_register
+from fgvc.tracking.registry import registered_name
+from fgvc.tracking.runs import (RunFailed, configure_tracking, describe_experiment, git_commit, log_dataset,
+                                log_params, tracked_run)
 from fgvc.viz.training_plots import save_confusion, save_curves, save_per_class
 
 log = logging.getLogger("fgvc")
 
 EXPERIMENT = "fgvc-train"
+EXPERIMENT_DESCRIPTION = ("Training runs: one architecture on one data regime each. Compare regimes in the "
+                          "Model training view (Chart: val/acc, train/loss; Compare: params side by side).")
+UPLOAD_INTERVAL_S = 300.0
+VALIDATION = ("val/acc", "val/balanced_acc", "val/top5", "val/loss", "val/error")
 
 
-def is_masked_root(root: str | Path) -> bool:
-    """A root written by `mask` says so in meta.json (or carries the `bg_removed` flag)."""
-    meta = read_meta(root)
-    return bool(meta.get("segmenter") or meta.get("masked") or meta.get("regime") == "masked"
-                or meta.get("source") == "mask" or (meta.get("masking") or {}).get("segmenter"))
+def checkpoint_cache(run_id: str) -> Path:
+    base = os.environ.get("FGVC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fgvc")
+    return Path(base) / "checkpoints" / run_id
 
 
-def resolve_data_root(data_root: str) -> Path:
-    """The default demo root is generated on first use; any other missing path is an error."""
-    root = Path(data_root)
-    if not (root / "meta.json").exists() and not root.exists():
-        if os.path.normpath(data_root) == os.path.normpath(DEFAULT_DATA_ROOT):
-            return ensure_demo(root)
-        raise ShardError(f"{root}: dataset root does not exist (run `fgvc prepare --root {root}` "
-                         f"or `fgvc mask` to create it)")
-    return root
+def run_name(cfg: TrainConfig, regime: str) -> str:
+    return f"{cfg.arch.replace('timm:', '')}-{regime}"
 
 
-def find_resumable_run(cfg: TrainConfig) -> str:
-    """The newest unfinished run of this configuration, in any experiment (`mlflow run`
-    puts runs where `--experiment-name` says, standalone runs go to fgvc-train)."""
+def find_resumable_run(cfg: TrainConfig, digest: str) -> str:
+    """The newest unfinished run of this configuration and dataset, in any experiment (`mlflow
+    run` puts runs where `--experiment-name` says, standalone runs go to fgvc-train)."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=50,
-                              filter_string=f"tags.`fgvc.config_id` = '{cfg.identity()}'",
+                              filter_string=f"tags.`fgvc.config_id` = '{cfg.identity()}' and "
+                                            f"tags.`fgvc.dataset_digest` = '{digest}'",
                               order_by=["attributes.start_time DESC"])
     for run in runs:
         if run.info.status != "FINISHED":
             return run.info.run_id
-    raise ValueError(f"resume=true: no unfinished run of this configuration (config id "
-                     f"{cfg.identity()}) in any experiment; pass resume=<run_id> to pick one")
+    raise ConfigError(f"--resume true: no unfinished run of this configuration (config id {cfg.identity()}, "
+                      f"dataset {digest}) in any experiment; pass --resume <run_id> to pick one")
+
+
+def resume_state(run_id: str) -> tuple[dict, str]:
+    """The newest resume state of a run: the local cache's last.pt when it is at least as
+    recent as the uploaded one (a crash leaves the cache ahead), else the artifact."""
+    local = checkpoint_cache(run_id) / f"{LAST}.pt"
+    candidates = []
+    if local.is_file():
+        candidates.append((read_checkpoint(local), str(local)))
+    try:
+        uploaded = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/{LAST}.pt")
+        candidates.append((read_checkpoint(uploaded), f"checkpoints/{LAST}.pt of run {run_id}"))
+    except Exception as error:  # no artifact yet: the cache may still have it
+        if not candidates:
+            raise ConfigError(f"cannot resume run {run_id}: it has no checkpoints/{LAST}.pt and this machine "
+                              f"has no cached one ({local}): {str(error).splitlines()[0]}") from None
+    return max(candidates, key=lambda c: c[0].get("epoch", -1))
+
+
+@dataclass
+class Prepared:
+    """What rank 0 works out before training (it needs MLflow) and sends to every rank."""
+
+    data: TrainingData
+    run_id: str | None
+    checkpoint: dict | None
+    checkpoint_from: str
+
+
+def _prepare(cfg: TrainConfig) -> Prepared:
+    configure_tracking()
+    data = TrainingData.of(cfg.data_root)
+    if cfg.resume is False:
+        return Prepared(data, None, None, "")
+    run_id = find_resumable_run(cfg, data.digest) if cfg.resume is True else cfg.resume
+    try:
+        MlflowClient().get_run(run_id)
+    except Exception:
+        raise ConfigError(f"--resume {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+    ckpt, where = resume_state(run_id)
+    log.info("resuming run %s after epoch %d (%s)", run_id, ckpt["epoch"], where)
+    return Prepared(data, run_id, ckpt, where)
+
+
+class Recorder:
+    """Epoch callback recording into the run: metrics every epoch, checkpoint uploads on the
+    interval; `flush` uploads what is newer and writes the end-of-run files."""
+
+    def __init__(self, run_id: str, writer: CheckpointWriter, interval_s: float = UPLOAD_INTERVAL_S):
+        self.run_id, self.writer, self.interval_s = run_id, writer, interval_s
+        self.last_upload = time.monotonic()
+        self.pending: set[str] = set()
+        self.best_record: EpochRecord | None = None
+
+    def on_epoch_end(self, record: EpochRecord, session: Session) -> None:
+        best = session.best
+        metrics = {**record.metrics(), **{f"best/{k.split('/')[1]}": best[k] for k in VALIDATION},
+                   "best/epoch": best["epoch"]}
+        mlflow.log_metrics(metrics, step=record.epoch)
+        self.pending |= {LAST} | ({BEST} if record.is_best else set())
+        if record.is_best:
+            self.best_record = record
+        if time.monotonic() - self.last_upload >= self.interval_s:
+            self.upload()
+
+    def upload(self) -> None:
+        for which in sorted(self.pending):
+            if self.writer.path(which).is_file():
+                mlflow.log_artifact(str(self.writer.path(which)), "checkpoints")
+        self.pending.clear()
+        self.last_upload = time.monotonic()
+
+    def flush(self, session: Session) -> None:
+        """Upload the newest checkpoints; write plots and metrics.csv (also after a failure)."""
+        self.upload()
+        if session.history:
+            _log_plots(session, self.best_record)
+            mlflow.log_text(metrics_csv(session.history), "metrics.csv")
+
+
+def _log_plots(session: Session, best: EpochRecord | None) -> None:
+    history, names = session.history, session.data.label_names
+    with_error = [{**h, "train/error": 1.0 - h["train/acc"]} for h in history]
+    with _tmp_dir() as tmp:
+        paths = [save_curves(tmp / "loss.png", history, {"train/loss": "train (with label smoothing)",
+                                                         "val/loss": "val"}, "cross-entropy", "Loss"),
+                 save_curves(tmp / "error.png", with_error, {"train/error": "train error",
+                                                             "val/error": "val error"},
+                             "top-1 error (1 - accuracy)", "Error")]
+        if best is not None:
+            paths += [save_confusion(tmp / "confusion_matrix.png", best.val.confusion, names,
+                                     f"Confusion matrix (val, best epoch {best.epoch})"),
+                      save_per_class(tmp / "per_class_accuracy.png", best.val.per_class_acc, names,
+                                     session.val_set.class_counts(),
+                                     f"Per-class accuracy (val, best epoch {best.epoch})")]
+        for path in paths:
+            mlflow.log_artifact(str(path), "plots")
+
+
+def _tmp_dir():
+    from fgvc.tracking.runs import artifact_dir
+
+    return artifact_dir()
+
+
+def metrics_csv(history: list[dict]) -> str:
+    """One row per epoch: the original scripts' columns first, then every logged metric."""
+    original = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+    ours = [k for k in history[0] if k != "epoch"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([*original, *ours])
+    for h in history:
+        writer.writerow([h["epoch"], *(f"{h[k]:.6f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc")),
+                         *(f"{h[k]:.6g}" for k in ours)])
+    return out.getvalue()
+
+
+def train_params(cfg: TrainConfig, session: Session) -> dict:
+    """The config's canonical params plus what was derived from it."""
+    spec, data, world = session.network.spec, session.data, session.world
+    return {
+        **render_params(cfg),
+        "regime": session.regime, "masked": "true" if data.masked else "false",
+        "lr_backbone_effective": repr(cfg.effective_lr_backbone),
+        "weight_decay_effective": repr(cfg.effective_weight_decay),
+        "pretrained_effective": spec.pretrained_effective,
+        "input_mean": spec.mean, "input_std": spec.std, "num_classes": data.num_classes,
+        "image_size": f"{data.image_size[0]}x{data.image_size[1]}",
+        "train_images": len(session.train_set), "val_images": len(session.val_set),
+        "data_root_abs": str(data.root.resolve()), "dataset_digest": data.digest,
+        "device_effective": str(world.device), "num_workers_effective": session.train_loader.workers,
+        "amp_effective": str(session.precision.amp_dtype).replace("torch.", "") if session.precision.amp_dtype
+        else "off",
+        "channels_last_effective": "true" if session.precision.channels_last else "false",
+        "optimizer": "AdamW", "scheduler": "cosine", "world_size": world.world_size,
+        "batch_size_per_rank": cfg.batch_size // world.world_size,
+        "git_commit": git_commit(), "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__, "timm_version": timm.__version__,
+        "python_version": platform.python_version(),
+    }
 
 
 @dataclass
@@ -84,265 +236,104 @@ class TrainResult:
     model_version: str | None
 
 
-class _Checkpointer:
-    """Writes last.pt (full state) every epoch and best.pt (model + spec) on improvement,
-    logging each to the run's `checkpoints/` artifacts."""
+def run_train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), progress: bool = True,
+              experiment: str | None = None, parent_run_id: str | None = None,
+              tags: dict | None = None) -> TrainResult | None:
+    """Train one configuration in one MLflow run (new, or resumed from its `last.pt`).
 
-    def __init__(self, model, optimizer, scheduler, cfg: TrainConfig, extra: dict):
-        self.model, self.optimizer, self.scheduler, self.cfg, self.extra = model, optimizer, scheduler, cfg, extra
-        self._tmp = tempfile.TemporaryDirectory(prefix="fgvc-ckpt-")
-        self.dir = Path(self._tmp.name)
-
-    def close(self) -> None:
-        self._tmp.cleanup()
-
-    def model_state(self) -> dict:
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-    def save(self, record: EpochRecord, best: dict) -> None:
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        common = {"model": self.model_state(), "spec": model.spec.to_dict(), "epoch": record.epoch,
-                  "config": self.cfg.to_dict(), **self.extra}
-        if record.is_best:
-            torch.save({**common, "val_acc": record.val.acc}, self.dir / "best.pt")
-            mlflow.log_artifact(str(self.dir / "best.pt"), "checkpoints")
-        torch.save({**common, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "history": record.history, "best": best},
-                   self.dir / "last.pt")
-        mlflow.log_artifact(str(self.dir / "last.pt"), "checkpoints")
+    Under torchrun this runs on every rank with DDP; rank 0 returns the result, the others
+    None. `experiment` (default fgvc-train), `parent_run_id` and `tags` place a new run
+    elsewhere, e.g. as a cell of a study. `callbacks` see each epoch after it is recorded.
+    """
+    with distributed.process_group(resolve_device(cfg.device)) as world:
+        prepared: Prepared = distributed.from_main(lambda: _prepare(cfg))
+        session = build_session(cfg, prepared.data, world, prepared.checkpoint, prepared.checkpoint_from)
+        if not world.is_main:
+            try:
+                session.run(progress=False)
+            except NonFiniteLoss as e:
+                raise RunFailed(f"{e} (rank {world.rank})") from e
+            return None
+        return _record(cfg, session, prepared, callbacks, progress, experiment, parent_run_id, tags or {})
 
 
-def _log_plots(history: list[dict], record: EpochRecord, names: list[str], support: list[int]) -> None:
-    with tempfile.TemporaryDirectory(prefix="fgvc-plots-") as tmp:
-        tmp = Path(tmp)
-        paths = [
-            save_curves(tmp / "loss.png", history, {"train/loss": "train (label smoothing)",
-                                                    "val/loss": "val"}, "cross-entropy", "Loss"),
-            save_curves(tmp / "error.png", history, {"val/error": "val top-1 error",
-                                                     "train/acc": "train accuracy"}, "rate",
-                        "Validation error"),
-        ]
-        if record.is_best:
-            paths += [
-                save_confusion(tmp / "confusion_matrix.png", record.val.confusion, names,
-                               f"Confusion matrix (val, best epoch {record.epoch})"),
-                save_per_class(tmp / "per_class_accuracy.png", record.val.per_class_acc, names, support,
-                               f"Per-class accuracy (val, best epoch {record.epoch})"),
-            ]
-        for p in paths:
-            mlflow.log_artifact(str(p), "plots")
+def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: Sequence[Callback],
+            progress: bool, experiment: str | None, parent_run_id: str | None, tags: dict) -> TrainResult:
+    data = session.data
+    name = run_name(cfg, session.regime)
+    reg_name = None if cfg.registered_model is False else (cfg.registered_model or registered_name(cfg.arch))
+    tags = {"fgvc.config_id": cfg.identity(), "fgvc.regime": session.regime, "fgvc.arch": cfg.arch,
+            "fgvc.dataset_digest": data.digest, **tags}
+    experiment = experiment or EXPERIMENT
+    describe_experiment(experiment, EXPERIMENT_DESCRIPTION) if experiment == EXPERIMENT else None
+    with tracked_run(experiment, name, task="train", tags=tags, run_id=prepared.run_id,
+                     description=f"Training {name} on `{data.root}` (running).",
+                     parent_run_id=None if prepared.run_id else parent_run_id) as run:
+        run_id = run.info.run_id
+        log_params({**train_params(cfg, session), "registered_model": reg_name or "none"})
+        if prepared.checkpoint is None:
+            log_dataset(data.root, data.digest, name=data.root.name, context="training")
+        else:
+            _relog_missing_epochs(run_id, session.history)
+        writer = CheckpointWriter(checkpoint_cache(run_id))
+        recorder = Recorder(run_id, writer)
+        try:
+            session.run([writer, recorder, *callbacks], progress)
+        except NonFiniteLoss as e:
+            raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
+        finally:
+            recorder.flush(session)
+        best = session.best
+        version = None
+        if reg_name:
+            version = log_and_register(writer.path(BEST), reg_name, best, session, run_id)
+            mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
+        summary = summary_markdown(name, session, best, version, reg_name)
+        mlflow.log_text(summary, "run_summary.md")
+        mlflow.set_tag("mlflow.note.content", summary)
+        log.info("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
+                 f"; registered {reg_name} version {version} (alias candidate)" if version else "")
+    shutil.rmtree(writer.directory, ignore_errors=True)  # uploaded: the run's artifacts hold it now
+    return TrainResult(run_id, best["epoch"], best["val/acc"], session.history, reg_name if version else None,
+                       version)
 
 
-def _summary_markdown(cfg: TrainConfig, params: dict, history: list[dict], best: dict,
-                      names: list[str], version: str | None, reg_name: str | None) -> str:
-    lines = [f"# {params['run_name']}", "",
-             f"Designer classification on `{params['data_root']}` (dataset digest "
-             f"`{params['dataset_digest']}`, regime **{params['regime']}**).", "",
+def _relog_missing_epochs(run_id: str, history: list[dict]) -> None:
+    """Epochs the interrupted process trained but did not get to record."""
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "val/acc")}
+    for h in history:
+        if h["epoch"] not in logged:
+            mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
+
+
+def summary_markdown(name: str, session: Session, best: dict, version: str | None, reg_name: str | None) -> str:
+    """run_summary.md, also the run's description: what the original readme.txt said, and more."""
+    cfg, data = session.cfg, session.data
+    params = render_params(cfg)
+    lines = [f"# {text(name)}", "",
+             f"Designer classification on {code(str(data.root))} (dataset digest {code(data.digest)}, "
+             f"regime **{text(session.regime)}**, {data.num_classes} designers, images "
+             f"{data.image_size[0]}x{data.image_size[1]}).", "",
+             f"Best epoch {best['epoch']}: val accuracy **{best['val/acc']:.4f}** (balanced "
+             f"{best['val/balanced_acc']:.4f}, top-5 {best['val/top5']:.4f}; chance {1 / data.num_classes:.4f}). "
+             f"The `best/...` metrics are these best-epoch values; `val/...` are per epoch.", "",
              "## Configuration", "", "| param | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in params.items()]
-    lines += ["", "## Results", "",
-              f"Best epoch {best['epoch']}: val accuracy **{best['val/acc']:.4f}** "
-              f"(top-5 {best['val/top5']:.4f}, balanced {best['val/balanced_acc']:.4f}, "
-              f"chance {1 / len(names):.4f}).", "",
+    lines += [f"| {text(k)} | {code(v)} |" for k, v in params.items()]
+    lines += ["", "## Epochs", "",
               "| epoch | train loss | train acc | val loss | val acc | val top5 | lr backbone | lr head | s |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for h in history:
+    for h in session.history:
         lines.append(f"| {h['epoch']} | {h['train/loss']:.4f} | {h['train/acc']:.4f} | {h['val/loss']:.4f} | "
                      f"{h['val/acc']:.4f} | {h['val/top5']:.4f} | {h['lr/backbone']:.2e} | "
                      f"{h['lr/head']:.2e} | {h['time/epoch_s']:.1f} |")
     if version:
+        uri = f"models:/{reg_name}/{version}"
         lines += ["", "## Registry", "",
-                  f"Registered as `models:/{reg_name}/{version}` (alias `candidate`). Analyse with:", "",
-                  f"    mlflow run . -e analyze --env-manager local -P model=models:/{reg_name}/{version}"]
-    lines += ["", "Artifacts: `plots/` (loss, error, confusion matrix, per-class accuracy), "
-              "`checkpoints/best.pt` and `checkpoints/last.pt` (state_dict + model spec)."]
+                  f"Registered as {code(uri)} (alias `candidate`). Load it with "
+                  f"`mlflow.pyfunc.load_model({uri!r})`; analyse it with:", "",
+                  f"    fgvc analyze --model {uri} --method all",
+                  f"    mlflow run . -e analyze --env-manager local -P model={uri}"]
+    lines += ["", "Artifacts: `plots/` (loss, error, confusion matrix, per-class accuracy), `metrics.csv`, "
+              "`checkpoints/best.pt` and `checkpoints/last.pt` (state_dict + model spec; last.pt also the "
+              "optimiser state for resuming)."]
     return "\n".join(lines) + "\n"
-
-
-def _missing_steps(run_id: str, key: str = "val/acc") -> set[int]:
-    return {m.step for m in MlflowClient().get_metric_history(run_id, key)}
-
-
-@dataclass
-class _Inputs:
-    """What rank 0 works out before training (it may need MLflow) and sends to every rank."""
-
-    root: Path
-    num_classes: int
-    image_size: tuple[int, int]
-    label_names: dict
-    digest: str
-    masked: bool
-    resume_id: str | None
-    checkpoint: dict | None
-
-
-def _resolve_inputs(cfg: TrainConfig, resume: str) -> _Inputs:
-    configure_tracking()
-    root = resolve_data_root(cfg.data_root)
-    info = validate_root(root)
-    digest = dataset_digest(root)
-    resume_id = None
-    ckpt = None
-    if str(resume).lower() not in ("false", "", "none"):
-        resume_id = find_resumable_run(cfg) if str(resume).lower() == "true" else str(resume)
-        ckpt = load_checkpoint(download_checkpoint(resume_id, "last"))
-        if ckpt["spec"]["num_classes"] != info.num_classes:
-            raise ValueError(f"cannot resume run {resume_id}: its checkpoint has "
-                             f"{ckpt['spec']['num_classes']} classes but {root} has {info.num_classes}")
-        if ckpt.get("dataset_digest") not in (None, digest):
-            raise ValueError(f"cannot resume run {resume_id}: it trained on dataset "
-                             f"{ckpt['dataset_digest']}, but {root} has digest {digest}")
-        log.info("resuming run %s after epoch %d", resume_id, ckpt["epoch"])
-    return _Inputs(root, info.num_classes, info.image_size, info.label_names, digest,
-                   is_masked_root(root), resume_id, ckpt)
-
-
-def run_train(cfg: TrainConfig, resume: str = "false", register: bool = True,
-              registered_model: str | None = None, progress: bool = True,
-              sync_bn: bool = False, experiment: str | None = None, parent_run_id: str | None = None,
-              tags: dict | None = None) -> TrainResult | None:
-    """Train one configuration in one MLflow run (new, or resumed from its `last.pt`).
-
-    Under torchrun this runs on every rank with DDP (`sync_bn`: SyncBatchNorm); rank 0 returns
-    the result, the other ranks None. `experiment` (default fgvc-train), `parent_run_id` and
-    extra `tags` place a new run elsewhere, e.g. as a cell of a study.
-    """
-    placement = dict(experiment=experiment or EXPERIMENT, parent_run_id=parent_run_id, tags=tags or {})
-    with distributed.process_group(cfg.resolve_device()) as world:
-        return _train(cfg, world, resume, register, registered_model, progress and world.is_main, sync_bn,
-                      placement)
-
-
-def _train(cfg: TrainConfig, world: World, resume: str, register: bool, registered_model: str | None,
-           progress: bool, sync_bn: bool, placement: dict) -> TrainResult | None:
-    if cfg.batch_size % world.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by "
-                         f"the number of processes ({world.world_size})")
-    inputs: _Inputs = distributed.from_main(lambda: _resolve_inputs(cfg, resume))
-    root, digest, masked = inputs.root, inputs.digest, inputs.masked
-    resume_id, ckpt = inputs.resume_id, inputs.checkpoint
-    regime = regime_of(masked, cfg.aug)
-    augment = get_preset(cfg.aug)
-    device = world.device
-    precision = Precision.for_device(device, cfg.amp, cfg.channels_last)
-    run_name = f"{cfg.arch.replace('timm:', '')}-{regime}"
-    reg_name = registered_model or registered_name(cfg.arch)
-
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, inputs.num_classes, cfg.pretrained, image_size=inputs.image_size)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model = model.to(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = distributed.wrap_model(model, world, sync_bn)
-    train_set = ShardDataset(root, "train", count=cfg.train_count, seed=cfg.seed)
-    val_set = ShardDataset(root, "val", count=cfg.val_count, seed=cfg.seed)
-    loader_opts = dict(device=device, workers=cfg.num_workers, prefetch=2,
-                       channels_last=precision.channels_last, rank=world.rank, world_size=world.world_size)
-    train_loader_class = distributed.EqualShareLoader if world.is_distributed else BatchLoader
-    train_loader = train_loader_class(train_set, cfg.batch_size // world.world_size, shuffle=True,
-                                      seed=cfg.seed, drop_last=False,
-                                      transform=distributed.per_rank_transform(augment, world.rank),
-                                      **loader_opts)
-    val_loader = BatchLoader(val_set, max(cfg.batch_size, 128), **loader_opts)
-    optimizer = build_optimizer(distributed.unwrap(model), cfg.effective_lr_backbone, cfg.lr_head,
-                                cfg.effective_weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, history, best = 0, [], {}
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        if start_epoch >= cfg.epochs:
-            log.info("run %s already trained %d epochs", resume_id, start_epoch)
-    fit_opts = dict(precision=precision, grad_clip=cfg.grad_clip, start_epoch=start_epoch,
-                    history=history, progress=progress,
-                    evaluate_fn=evaluate_sharded if world.is_distributed else evaluate)
-    if not world.is_main:
-        try:
-            fit(model, train_loader, val_loader, optimizer, scheduler, criterion, cfg.epochs,
-                inputs.num_classes, device, **fit_opts)
-        except NonFiniteLoss as e:
-            raise RunFailed(f"{e} (rank {world.rank})") from e
-        return None
-
-    names = [inputs.label_names.get(i, str(i)) for i in range(inputs.num_classes)]
-    spec = distributed.unwrap(model).spec
-    params = {
-        **{k: v for k, v in cfg.to_dict().items()},
-        "run_name": run_name, "regime": regime, "masked": masked,
-        "aug_preset": getattr(augment, "name", "none"),
-        "lr_backbone_effective": cfg.effective_lr_backbone,
-        "weight_decay_effective": cfg.effective_weight_decay,
-        "pretrained_effective": spec.pretrained_effective,
-        "input_mean": spec.mean, "input_std": spec.std,
-        "num_classes": inputs.num_classes,
-        "image_size": f"{inputs.image_size[0]}x{inputs.image_size[1]}",
-        "train_images": len(train_set), "val_images": len(val_set),
-        "data_root": str(root), "data_root_abs": str(root.resolve()), "dataset_digest": digest, "device_effective": str(device),
-        "amp_effective": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else "off",
-        "channels_last_effective": precision.channels_last,
-        "optimizer": "AdamW", "scheduler": "cosine", "world_size": world.world_size,
-        "batch_size_per_rank": cfg.batch_size // world.world_size,
-        "sync_bn": bool(sync_bn and world.is_distributed),
-        "registered_model": reg_name if register else "none",
-        "git_commit": git_commit(), "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__, "timm_version": timm.__version__,
-        "python_version": platform.python_version(),
-    }
-    tags = {"fgvc.config_id": cfg.identity(), "fgvc.regime": regime, "fgvc.arch": cfg.arch,
-            "fgvc.dataset_digest": digest}
-    checkpoint_extra = {"dataset_digest": digest, "regime": regime, "label_names": names}
-
-    tags.update(placement["tags"])
-    with tracked_run(placement["experiment"], run_name, tags=tags, run_id=resume_id,
-                     parent_run_id=None if resume_id else placement["parent_run_id"]) as run:
-        run_id = run.info.run_id
-        log_params(params)
-        if ckpt is None:
-            log_dataset(root, digest, name=root.name, context="training")
-        else:  # re-log epochs whose metrics the interrupted process did not get to write
-            logged = _missing_steps(run_id)
-            for h in history:
-                if h["epoch"] not in logged:
-                    mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
-        checkpointer = _Checkpointer(model, optimizer, scheduler, cfg, checkpoint_extra)
-        support = val_set.class_counts()
-
-        def on_epoch_end(record: EpochRecord) -> None:
-            if record.is_best:
-                best.clear()
-                best.update(record.history[-1])
-            checkpointer.save(record, best)
-            mlflow.log_metrics(record.metrics(), step=record.epoch)
-            _log_plots(record.history, record, names, support)
-            if os.environ.get("FGVC_FAULT_KILL_AFTER_EPOCH") == str(record.epoch):
-                os.kill(os.getpid(), 9)  # fault injection for the resume tests: a hard crash
-
-        try:
-            history = fit(model, train_loader, val_loader, optimizer, scheduler, criterion, cfg.epochs,
-                          inputs.num_classes, device, on_epoch_end=on_epoch_end, **fit_opts)
-        except NonFiniteLoss as e:
-            raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
-        finally:
-            checkpointer.close()
-
-        version = None
-        if register and best:
-            version = register_version(run_id, reg_name, {
-                "regime": regime, "dataset_digest": digest, "val_acc": f"{best['val/acc']:.6f}",
-                "val_balanced_acc": f"{best['val/balanced_acc']:.6f}", "arch": cfg.arch,
-                "best_epoch": best["epoch"], "data_root": str(root)})
-            mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
-        mlflow.log_metrics({"best/val_acc": best["val/acc"], "best/epoch": best["epoch"]})
-        mlflow.log_text(_summary_markdown(cfg, params, history, best, names, version, reg_name),
-                        "run_summary.md")
-        log.info("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
-                 f"; registered {reg_name} version {version} (alias candidate)" if version else "")
-        return TrainResult(run_id, best["epoch"], best["val/acc"], history,
-                           reg_name if version else None, version)
-

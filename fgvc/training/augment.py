@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torchvision.transforms.v2.functional as F
 
+from fgvc.registry import Registry
+
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand(1, generator=g))
@@ -97,15 +99,10 @@ class HeavyAugment:
         return torch.stack([self.sample(x, g) for x in floats])
 
 
-PRESETS = {"heavy": HeavyAugment()}
+PRESETS: Registry = Registry("augmentation recipe")
+PRESETS.register("heavy", HeavyAugment())
 
 
-def get_preset(aug: bool | str):
-    """`True`/`'heavy'` -> the heavy recipe; `False`/`'none'` -> None (no augmentation)."""
-    if aug in (False, None, "none", "false"):
-        return None
-    if aug in (True, "true"):
-        aug = "heavy"
-    if aug not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {aug!r}; choose from {sorted(PRESETS)} or false")
-    return PRESETS[aug]
+def get_preset(name: str | None):
+    """The recipe registered as ``name``; None -> None (no augmentation)."""
+    return None if name is None else PRESETS.get(name)

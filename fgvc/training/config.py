@@ -1,47 +1,96 @@
-"""Training configuration: every knob of a run, with the original scripts' defaults."""
+"""The training configuration: every knob of a training, typed, with the original scripts'
+defaults. Parsed once by the CLI; params and the config id are rendered from it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import dataclass
 
-import torch
+from fgvc.config import (BOOL, FLOAT, INT, STR, Choice, Config, FlagOr, Kind, Maybe, below_one, config_id,
+                         non_negative, option, positive)
+from fgvc.errors import ConfigError
+from fgvc.models import arch_problem
+from fgvc.training.augment import PRESETS
 
 DEFAULT_DATA_ROOT = "data/demo"
+DEFAULT_RECIPE = "heavy"
+
+# Characters MLflow's registry filters and URIs take without quoting trouble.
+REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 
 
-@dataclass
-class TrainConfig:
-    arch: str = "resnet18"
-    pretrained: str = "auto"  # auto | true | false | path to a weights file
-    data_root: str = DEFAULT_DATA_ROOT
-    aug: str = "false"  # false | true (= the "heavy" recipe) | a preset name
-    epochs: int = 6
-    batch_size: int = 64
-    lr_head: float = 1e-3
-    lr_backbone: float | None = None  # None: 1e-4 for ResNets/timm, lr_head for FashionNet
-    weight_decay: float | None = None  # None: 0.05 for ResNets/timm, 0.01 for FashionNet
-    label_smoothing: float = 0.1
-    seed: int = 0
-    train_count: int | None = None
-    val_count: int | None = None
-    num_workers: int = 1  # background loader threads; 0 loads in the training thread
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (on for CUDA) | true | false
-    channels_last: str = "auto"  # auto (on for CUDA) | true | false
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
+class Augmentation(Kind):
+    """``false``/``none`` -> None, ``true`` -> the heavy recipe, or a recipe's name."""
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "true|false|" + "|".join(PRESETS.names())
+
+    def parse(self, text):
+        word = str(text).strip().lower()
+        if word in ("none", *("false", "no", "0", "off")):
+            return None
+        if word in ("true", "yes", "1", "on"):
+            return DEFAULT_RECIPE
+        return Choice(PRESETS.names).parse(word)
+
+    def render(self, value):
+        return "false" if value is None else "true" if value == DEFAULT_RECIPE else value
+
+
+def _registry_name(value) -> str | None:
+    if value in (None, False) or REGISTRY_NAME.match(value):
+        return None
+    return "must be letters, digits, '_', '.' or '-' (the registry's filters cannot hold quotes)"
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    arch: str = option(STR, "resnet18", "resnet18 | resnet34 | resnet50 | fn-small | fn-medium | "
+                       "timm:<name>.", check=arch_problem)
+    pretrained: bool | str | None = option(
+        Maybe(FlagOr(STR, "path")), None,
+        "auto: ImageNet weights when they can be had (cache or download), else random init; "
+        "true: ImageNet weights or stop; false: random init; or a weights file.")
+    data_root: str = option(STR, DEFAULT_DATA_ROOT, "Dataset root (the demo data is generated on first use).",
+                            identity=False)
+    aug: str | None = option(Augmentation(), None, "false | true (the heavy recipe) | a recipe name.")
+    epochs: int = option(INT, 6, "Training epochs.", check=positive)
+    batch_size: int = option(INT, 64, "Global batch size.", check=positive)
+    lr_head: float = option(FLOAT, 1e-3, "Learning rate of the classifier head.", check=positive)
+    lr_backbone: float | None = option(Maybe(FLOAT), None, "auto: 1e-4 (ResNet/timm) or lr_head (FashionNet).",
+                                       check=positive)
+    weight_decay: float | None = option(Maybe(FLOAT), None, "auto: 0.05 (ResNet/timm) or 0.01 (FashionNet).",
+                                        check=non_negative)
+    label_smoothing: float = option(FLOAT, 0.1, "Label smoothing of the training loss, in [0, 1).",
+                                    check=below_one)
+    seed: int = option(INT, 0, "Random seed (the same seed on the CPU gives the same metrics).")
+    train_count: int | None = option(Maybe(INT, "all"), None, "Class-stratified training subset size.",
+                                     check=positive)
+    val_count: int | None = option(Maybe(INT, "all"), None, "Class-stratified validation subset size.",
+                                   check=positive)
+    num_workers: int | None = option(Maybe(INT), None, "Loader threads; auto: the fastest for this machine "
+                                     "(none on a CPU-only machine, 2 beside a GPU).", check=non_negative,
+                                     identity=False)
+    device: str | None = option(Maybe(STR), None, "auto | cpu | cuda | cuda:N.", identity=False)
+    amp: bool | None = option(Maybe(BOOL), None, "Mixed precision: auto (on for CUDA) | true | false.")
+    channels_last: bool | None = option(Maybe(BOOL), None, "auto (on for CUDA) | true | false.")
+    grad_clip: float = option(FLOAT, 0.0, "Max gradient norm (0: off).", check=non_negative)
+    resume: bool | str = option(FlagOr(STR, "run id"), False,
+                                "true: the newest unfinished run of this config | <run_id> | false.",
+                                identity=False)
+    registered_model: str | bool | None = option(
+        Maybe(STR, "auto", also={"none": False}), None,
+        "Registry name (auto: fgvc-<arch>; none: do not register).", check=_registry_name, identity=False)
+    nproc: int = option(INT, 1, "Data-parallel processes on this machine (>1: relaunches under torchrun; "
+                        "batch_size stays the global batch).", check=positive, identity=False)
+    sync_bn: bool = option(BOOL, False, "DDP on GPUs: synchronise BatchNorm statistics across processes.")
 
     def __post_init__(self):
-        self.pretrained = str(self.pretrained).lower() if str(self.pretrained).lower() in (
-            "auto", "true", "false") else str(self.pretrained)
-        self.aug = str(self.aug).lower()
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("train_count", "val_count"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                setattr(self, name, None)  # 0 / negative means "all", as in the original flags
+        super().__post_init__()
+        if self.batch_size % self.nproc:
+            raise ConfigError(f"--batch-size {self.batch_size} is the global batch and must be divisible "
+                              f"by --nproc {self.nproc}")
 
     @property
     def is_fashionnet(self) -> bool:
@@ -59,29 +108,7 @@ class TrainConfig:
             return self.weight_decay
         return 0.01 if self.is_fashionnet else 0.05
 
-    def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device} requested but CUDA is not available")
-        return device
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
     def identity(self) -> str:
-        """Digest of the knobs that define the result (not device or worker count): finds
-        the run to resume and the finished cells a study can reuse."""
-        keep = {k: v for k, v in self.to_dict().items() if k not in ("device", "num_workers")}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def regime_of(masked: bool, aug: str) -> str:
-    """`unmasked-noaug`, `masked-aug`, ...: the data regime, used in run names and tags."""
-    return f"{'masked' if masked else 'unmasked'}-{'noaug' if aug in ('false', 'none') else 'aug'}"
+        """Digest of the options that define the result: finds the run to resume and the
+        finished cells a study can reuse (together with the dataset digest)."""
+        return config_id(self)

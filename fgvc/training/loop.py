@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fgvc.data.dataset import BatchLoader
-from fgvc.training import distributed
+from fgvc import distributed
+from fgvc.errors import FgvcError
+from fgvc.training import ddp
 
 
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLoss(FgvcError):
+    """The training loss became NaN or infinite (a user can lower the learning rate)."""
 
 
 @dataclass
@@ -34,15 +36,15 @@ class Precision:
     channels_last: bool = False
 
     @staticmethod
-    def for_device(device: torch.device, amp: str = "auto", channels_last: str = "auto") -> "Precision":
-        """AMP and channels-last pay off on CUDA; on the CPU they default to off."""
+    def for_device(device: torch.device, amp: bool | None = None, channels_last: bool | None = None
+                   ) -> "Precision":
+        """AMP and channels-last pay off on CUDA; None (auto) turns them on there only."""
         cuda = device.type == "cuda"
-        use_amp = cuda if amp == "auto" else str(amp).lower() == "true"
+        use_amp = cuda if amp is None else amp
         dtype = None
         if use_amp:
             dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
-        use_cl = cuda if channels_last == "auto" else str(channels_last).lower() == "true"
-        return Precision(dtype, use_cl)
+        return Precision(dtype, cuda if channels_last is None else channels_last)
 
     def autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -92,8 +94,8 @@ def evaluate_sharded(model: nn.Module, loader: BatchLoader, num_classes: int, de
     this rank's rank/world_size, no shuffle: rank r takes positions r, r+W, ...), and the
     confusion matrix, loss sum and top-5 hits are summed across ranks, so the metrics cover
     the whole split exactly once. Every rank gets the same result."""
-    module = distributed.unwrap(model)  # no DDP forward: its buffer sync is a collective per call
-    distributed.broadcast_buffers(module)
+    module = ddp.unwrap(model)  # no DDP forward: its buffer sync is a collective per call
+    ddp.broadcast_buffers(module)
     confusion, loss_sum, top5_hits = _evaluation_sums(module, loader, num_classes, device, precision,
                                                       progress)
     totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(top5_hits)], dtype=torch.float64))

@@ -1,5 +1,5 @@
-"""Data-parallel training under `torchrun`: the process group, the DDP model, the per-rank
-loader, and the few collectives the training loop needs.
+"""Work split across processes under `torchrun`: the process group and the few collectives
+training and masking need (DDP model wrapping and per-rank loaders: fgvc.training.ddp).
 
 `torchrun --nproc-per-node N` starts N copies of the same command and tells each its place
 through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Every helper here
@@ -27,10 +27,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
-
-from fgvc.data.dataset import BatchLoader
 
 log = logging.getLogger("fgvc")
 
@@ -106,7 +102,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """nccl reduces tensors on this rank's GPU; gloo on the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -116,7 +112,7 @@ def _collective_device() -> torch.device:
 def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     if not is_initialized():
         return tensor
-    moved = tensor.to(_collective_device())
+    moved = tensor.to(collective_device())
     dist.all_reduce(moved, op=getattr(dist.ReduceOp, op))
     return moved.to(tensor.device)
 
@@ -160,69 +156,6 @@ def from_main(compute: Callable[[], Any]) -> Any:
     if status == "error":
         raise RuntimeError(f"rank 0 failed: {value}")
     return value
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model itself under a DDP wrapper (what the optimiser, checkpoints and hooks use)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def wrap_model(model: nn.Module, world: World, sync_bn: bool = False) -> nn.Module:
-    """DDP around `model` (already on `world.device`); with `sync_bn`, BatchNorm layers first
-    become SyncBatchNorm, which normalises with the statistics of the global batch."""
-    if not world.is_distributed:
-        return model
-    if sync_bn:
-        if world.device.type != "cuda":
-            raise ValueError("sync_bn=true needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU "
-                             "(there each process normalises over its own share of the batch; use "
-                             "sync_bn=false, or a model without BatchNorm)")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def broadcast_buffers(module: nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
-
-    Without SyncBatchNorm each rank's running statistics drift apart; evaluation then uses
-    rank 0's, the ones the checkpoints hold.
-    """
-    if not is_initialized():
-        return
-    for buffer in module.buffers():
-        moved = buffer.detach().to(_collective_device())
-        dist.broadcast(moved, src=0)
-        buffer.copy_(moved)
-
-
-class EqualShareLoader(BatchLoader):
-    """A training loader whose ranks all get `len(dataset) // world_size` items per epoch.
-
-    Rank r takes positions r, r+W, ... of the shuffled order, stopping before the tail of
-    `len % W` items that not every rank could share, so all ranks take the same number of
-    steps (DDP's gradient all-reduce needs every rank at every step).
-    """
-
-    def order(self) -> torch.Tensor:
-        return super().order()[: len(self.dataset) // self.world_size]
-
-
-def per_rank_transform(transform: Callable | None, rank: int) -> Callable | None:
-    """A random transform whose draws differ between ranks.
-
-    The loader seeds the transform's generator identically on every rank (its seed also fixes
-    the shared shuffle); without this, image i of every rank's batch would get the same
-    augmentation.
-    """
-    if transform is None or rank == 0:
-        return transform
-
-    def transform_on_rank(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        base = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-        return transform(images, torch.Generator().manual_seed(base + rank))
-
-    return transform_on_rank
 
 
 def exec_torchrun(nproc: int, argv: list[str]) -> None:

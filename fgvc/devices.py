@@ -1,0 +1,33 @@
+"""The one device resolver: ``None`` (auto) or a device string -> a ``torch.device``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fgvc.errors import ConfigError
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``: the GPU of this process's local rank when CUDA is present (torchrun sets
+    LOCAL_RANK), else the CPU. A CUDA device asked for on a machine without CUDA is refused."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {device} requested but CUDA is not available on this machine")
+    return resolved
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -1,0 +1,80 @@
+"""DDP pieces of a training under torchrun: the wrapped model, equal per-rank loaders and
+per-rank augmentation draws (the process group itself: fgvc.distributed)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fgvc.data.dataset import BatchLoader
+from fgvc.errors import ConfigError
+from fgvc.distributed import World, collective_device, is_initialized
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under a DDP wrapper (what the optimiser, checkpoints and hooks use)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def wrap_model(model: nn.Module, world: World, sync_bn: bool = False) -> nn.Module:
+    """DDP around `model` (already on `world.device`); with `sync_bn`, BatchNorm layers first
+    become SyncBatchNorm, which normalises with the statistics of the global batch."""
+    if not world.is_distributed:
+        return model
+    if sync_bn:
+        if world.device.type != "cuda":
+            raise ConfigError("--sync-bn true needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU "
+                             "(there each process normalises over its own share of the batch; use "
+                             "sync_bn=false, or a model without BatchNorm)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    Without SyncBatchNorm each rank's running statistics drift apart; evaluation then uses
+    rank 0's, the ones the checkpoints hold.
+    """
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        moved = buffer.detach().to(collective_device())
+        dist.broadcast(moved, src=0)
+        buffer.copy_(moved)
+
+
+class EqualShareLoader(BatchLoader):
+    """A training loader whose ranks all get `len(dataset) // world_size` items per epoch.
+
+    Rank r takes positions r, r+W, ... of the shuffled order, stopping before the tail of
+    `len % W` items that not every rank could share, so all ranks take the same number of
+    steps (DDP's gradient all-reduce needs every rank at every step).
+    """
+
+    def order(self) -> torch.Tensor:
+        return super().order()[: len(self.dataset) // self.world_size]
+
+
+def per_rank_transform(transform: Callable | None, rank: int) -> Callable | None:
+    """A random transform whose draws differ between ranks.
+
+    The loader seeds the transform's generator identically on every rank (its seed also fixes
+    the shared shuffle); without this, image i of every rank's batch would get the same
+    augmentation.
+    """
+    if transform is None or rank == 0:
+        return transform
+
+    def transform_on_rank(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        base = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        return transform(images, torch.Generator().manual_seed(base + rank))
+
+    return transform_on_rank
+
+
