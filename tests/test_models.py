@@ -120,7 +120,9 @@ def test_fashionnet_layer_structure(name, widths):
     assert isinstance(net, FashionNet)
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == widths
-    assert all(c.kernel_size == (3, 3) and c.bias is None for c in convs)
+    # Convs carry a bias, as in the original project's checkpoints.
+    assert all(c.kernel_size == (3, 3) and c.bias is not None and c.bias.shape == (c.out_channels,)
+               for c in convs)
     assert [c.stride[0] for c in convs] == [1, 2, 1, 1, 2, 1, 1, 2, 1, 1]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 10
     assert net.num_features == widths[-1] and net.head.out_features == 10
@@ -131,6 +133,13 @@ def test_fashionnet_layer_structure(name, widths):
     assert [f["reduction"] for f in net.feature_info] == [2, 2, 4, 8]
 
 
+@pytest.mark.parametrize("name, expected", [("fashionnet_small", 1_953_202),
+                                            ("fashionnet_medium", 5_280_050)])
+def test_fashionnet_parameter_count_matches_the_original_project(name, expected):
+    net = timm.create_model(name, num_classes=50)
+    assert sum(p.numel() for p in net.parameters()) == expected
+
+
 def test_fashionnet_init_statistics():
     torch.manual_seed(0)
     net = FashionNet(timm.create_model("fashionnet_small").config, num_classes=4)
@@ -138,6 +147,8 @@ def test_fashionnet_init_statistics():
     assert torch.count_nonzero(net.head.bias) == 0
     for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
         assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        assert torch.count_nonzero(conv.bias) == 0
     conv = net.stage3[1].conv  # 256 -> 256, fan_out = 256 * 9
     expected = (2.0 / (256 * 9)) ** 0.5
     assert abs(conv.weight.std().item() - expected) / expected < 0.02

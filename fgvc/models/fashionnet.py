@@ -1,7 +1,10 @@
 """FashionNet-Small and FashionNet-Medium: plain VGG-style CNNs trained from scratch.
 
 Both networks are a two-conv stem followed by three stages of 3x3 conv + BatchNorm + ReLU
-blocks, global average pooling and one linear head. Overall stride is 8 (one stride-2 conv in
+blocks, global average pooling and one linear head. The layers, their shapes (convs carry a bias)
+and their initialisation are those of the original project's FashionNetSmall / FashionNetMedium,
+so its checkpoints load tensor for tensor (see :mod:`fgvc.models.original`); 50 classes give
+1,953,202 (Small) and 5,280,050 (Medium) parameters. Overall stride is 8 (one stride-2 conv in
 the stem, one at the start of stages 2 and 3), so a 224x224 image gives a 28x28 map in stage 3.
 
 The models are registered with timm (``timm.create_model("fashionnet_small", num_classes=10)``)
@@ -44,12 +47,13 @@ FASHIONNET_CONFIGS: dict[str, FashionNetConfig] = {
 
 
 class ConvBNReLU(nn.Sequential):
-    """3x3 conv (no bias: BatchNorm supplies the shift) + BatchNorm + ReLU; padding keeps H, W
-    at stride 1 and halves them (rounding up) at stride 2."""
+    """3x3 conv + BatchNorm + ReLU; padding keeps H, W at stride 1 and halves them (rounding up)
+    at stride 2. The conv keeps its bias although BatchNorm makes it redundant: the original
+    project's checkpoints hold one per conv."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=True)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
 
@@ -93,6 +97,7 @@ class FashionNet(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
