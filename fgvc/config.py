@@ -258,12 +258,16 @@ def parse_value(cls, name: str, text: str) -> Any:
         raise ConfigError(f"{cli_name(name)}: {e}") from None
 
 
+def digest(values: dict[str, str]) -> str:
+    """16 hex chars of sha256 over a canonical JSON of `values`."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_id(cfg, extra: dict[str, str] | None = None) -> str:
-    """16 hex chars of sha256 over the rendered identity options (and ``extra``)."""
+    """The digest of the rendered identity options (and ``extra``)."""
     identity = {f.name: f.metadata["kind"].render(getattr(cfg, f.name))
                 for f in options(cfg) if f.metadata["identity"]}
-    identity.update(extra or {})
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return digest({**identity, **(extra or {})})
 
 
 @dataclass(frozen=True)

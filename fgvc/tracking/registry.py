@@ -1,9 +1,8 @@
-"""The model registry: register a training run's best checkpoint, move aliases, and load a
-registered version back as a real `nn.Module` for analysis.
+"""The model registry: names, resolution of `models:/name@alias` and `models:/name/version`,
+loading a version back as an `nn.Module`, and moving aliases.
 
-A version's source is `runs:/<run_id>/checkpoints`; `best.pt` there holds the state_dict and
-the model spec (architecture, classes, input normalisation), so loading rebuilds the
-architecture and reads the weights with `weights_only=True` — through any tracking server.
+Every filter string is built with :func:`literal`, so a name holding a quote can neither
+break a lookup nor change the query; errors say what exists instead of a traceback.
 """
 
 from __future__ import annotations
@@ -16,14 +15,19 @@ from pathlib import Path
 
 import mlflow
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fgvc.models import build_model
+from fgvc.errors import ConfigError, FgvcError
+from fgvc.models.predict import model_from_checkpoint
+from fgvc.tracking.models import CANDIDATE, CHAMPION, CHECKPOINT_ARTIFACT
+from fgvc.training.checkpoint import read_checkpoint
 
 log = logging.getLogger("fgvc")
 
-CANDIDATE, CHAMPION = "candidate", "champion"
+__all__ = ["CANDIDATE", "CHAMPION", "ResolvedModel", "literal", "load_model", "promote", "registered_name",
+           "resolve_version"]
 
 
 def registered_name(arch: str) -> str:
@@ -31,19 +35,21 @@ def registered_name(arch: str) -> str:
     return "fgvc-" + re.sub(r"[^A-Za-z0-9_.-]", "-", arch)
 
 
-def register_version(run_id: str, name: str, tags: dict[str, str]) -> str:
-    """A new version of `name` from the run's checkpoints; alias `candidate` moves to it."""
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name, description="fgvc designer classifier; "
-                                       "load with fgvc analyze -P model=models:/<name>@<alias>")
-    except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
-            raise
-    version = client.create_model_version(name, f"runs:/{run_id}/checkpoints", run_id=run_id,
-                                          tags={k: str(v) for k, v in tags.items()})
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
-    return str(version.version)
+def literal(value: str) -> str:
+    """A string literal for an MLflow filter, quoted with a quote character it does not hold."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"name {value!r} holds both quote characters; MLflow's filters cannot match it")
+
+
+def versions_of(name: str) -> list:
+    return MlflowClient().search_model_versions(f"name = {literal(name)}")
+
+
+def _names() -> str:
+    return ", ".join(sorted(r.name for r in MlflowClient().search_registered_models())) or "(none)"
 
 
 _URI = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -55,6 +61,8 @@ class ResolvedModel:
     version: str
     run_id: str
     uri: str
+    source: str
+    tags: dict
 
 
 def resolve_version(uri: str) -> ResolvedModel:
@@ -65,81 +73,107 @@ def resolve_version(uri: str) -> ResolvedModel:
     """
     m = _URI.match(uri.strip())
     if not m:
-        raise ValueError(f"model {uri!r} not understood; use models:/<name>@<alias>, "
-                         f"models:/<name>/<version> or <name>@<alias>")
+        raise ConfigError(f"--model {uri!r} not understood; use models:/<name>@<alias>, "
+                          f"models:/<name>/<version> or <name>@<alias>")
     name, alias, number = m.group("name"), m.group("alias"), m.group("version")
     client = MlflowClient()
     try:
         registered = client.get_registered_model(name)
     except MlflowException:
-        names = sorted(r.name for r in client.search_registered_models())
-        raise ValueError(f"no registered model named {name!r}; registered models: "
-                         f"{', '.join(names) or '(none)'}") from None
+        raise ConfigError(f"no registered model named {name!r}; registered models: {_names()}") from None
     if alias is not None:
         if alias not in registered.aliases:
             aliases = ", ".join(f"{a} (v{v})" for a, v in sorted(registered.aliases.items()))
-            raise ValueError(f"registered model {name!r} has no alias {alias!r}; aliases: "
-                             f"{aliases or '(none)'}")
+            raise ConfigError(f"registered model {name!r} has no alias {alias!r}; aliases: {aliases or '(none)'}")
         number = str(registered.aliases[alias])
     try:
         version = client.get_model_version(name, number)
     except MlflowException:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        raise ValueError(f"registered model {name!r} has no version {number}; versions: "
-                         f"{versions}") from None
+        versions = sorted(int(v.version) for v in versions_of(name))
+        raise ConfigError(f"registered model {name!r} has no version {number}; versions: {versions}") from None
     if not version.run_id:
-        raise ValueError(f"{name} version {number} has no source run, so its spec cannot be found")
-    return ResolvedModel(name, str(version.version), version.run_id, f"models:/{name}/{version.version}")
+        raise FgvcError(f"{name} version {number} has no source run, so its training cannot be found")
+    return ResolvedModel(name, str(version.version), version.run_id, f"models:/{name}/{version.version}",
+                         version.source, dict(version.tags))
 
 
-def download_checkpoint(run_id: str, which: str = "best", dst: str | Path | None = None) -> Path:
-    """Fetch `checkpoints/<which>.pt` of a run (local store or server) to a local file."""
-    dst = str(dst or tempfile.mkdtemp(prefix="fgvc-ckpt-"))
+def download_checkpoint(resolved: ResolvedModel, dst: str | Path | None = None) -> Path:
+    """The version's checkpoint file (state_dict + spec), from its MLflow model's artifacts
+    (or, for versions registered from a run's checkpoints folder, that folder's best.pt)."""
+    dst = str(dst or tempfile.mkdtemp(prefix="fgvc-model-"))
     try:
-        return Path(mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"checkpoints/{which}.pt", dst_path=dst))
-    except (MlflowException, OSError) as e:
-        raise FileNotFoundError(f"run {run_id} has no checkpoints/{which}.pt: {e}") from None
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+        if resolved.source.startswith("runs:/"):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{resolved.source}/best.pt", dst_path=dst))
+        mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{resolved.uri}/MLmodel", dst_path=dst)).read_text())
+        relative = mlmodel["flavors"]["python_function"]["artifacts"][CHECKPOINT_ARTIFACT]["path"]
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{resolved.uri}/{relative}", dst_path=dst))
+    except (MlflowException, OSError, KeyError, TypeError) as e:
+        raise FgvcError(f"{resolved.uri}: its checkpoint cannot be fetched ({str(e).splitlines()[0]})") from None
 
 
 def load_model(uri: str, device: str | torch.device = "cpu"):
-    """Rebuild a registered version as an eval-mode `nn.Module`; returns (model, resolved, checkpoint)."""
+    """Rebuild a registered version as an eval-mode `nn.Module` from its checkpoint (read with
+    `weights_only=True`); returns (model, resolved, checkpoint)."""
     resolved = resolve_version(uri)
-    ckpt = load_checkpoint(download_checkpoint(resolved.run_id, "best"))
-    if "spec" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{resolved.uri}: checkpoint lacks the model spec or state_dict "
-                         f"(keys: {sorted(ckpt)}); it was not written by fgvc train")
-    model = build_model(ckpt["spec"])
-    model.load_state_dict(ckpt["model"])
+    path = download_checkpoint(resolved)
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, f"{resolved.uri} ({path.name})")
     return model.to(device).eval(), resolved, ckpt
 
 
-def promote(name: str, metric: str = "val_acc", dataset_digest: str | None = None,
-            version: str | None = None, alias: str = CHAMPION) -> str:
-    """Move `alias` (default `champion`) to `version`, or to the version with the highest
-    `metric` version tag (optionally among versions trained on one dataset digest)."""
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    alias: str
+    dataset_digest: str | None
+    other_digests: dict[str, int]  # digest -> versions not considered
+
+    def describe(self) -> str:
+        text = f"{self.name}@{self.alias} -> version {self.version}"
+        if self.dataset_digest:
+            text += f" (best among versions trained on dataset {self.dataset_digest})"
+        if self.other_digests:
+            text += "; not considered: " + ", ".join(f"{d} ({n} version{'s' * (n > 1)})"
+                                                    for d, n in sorted(self.other_digests.items()))
+        return text
+
+
+def promote(name: str, metric: str = "val_acc", dataset_digest: str | None = None, version: str | None = None,
+            alias: str = CHAMPION) -> Promotion:
+    """Move `alias` to `version`, or to the version with the highest `metric` tag among the
+    versions of ONE dataset: `dataset_digest` given, or (None) the newest version's; "any"
+    mixes datasets on purpose."""
     client = MlflowClient()
-    if version is None:
-        versions = client.search_model_versions(f"name='{name}'")
-        if not versions:
-            names = ", ".join(sorted(r.name for r in client.search_registered_models()))
-            raise ValueError(f"registered model {name!r} has no versions (or does not exist); "
-                             f"registered models: {names or '(none)'}")
-        if dataset_digest:
-            versions = [v for v in versions if v.tags.get("dataset_digest") == dataset_digest]
-            if not versions:
-                raise ValueError(f"no version of {name!r} was trained on dataset {dataset_digest}")
-        scored = [(float(v.tags[metric]), int(v.version), v.version) for v in versions if metric in v.tags]
-        if not scored:
-            raise ValueError(f"no version of {name!r} carries the tag {metric!r}; "
-                             f"tags present: {sorted({k for v in versions for k in v.tags})}")
-        version = max(scored)[2]
-    else:
-        client.get_model_version(name, str(version))  # raises a clear MlflowException if absent
-    client.set_registered_model_alias(name, alias, str(version))
-    log.info("%s@%s -> version %s", name, alias, version)
-    return str(version)
+    versions = versions_of(name)
+    if not versions:
+        raise ConfigError(f"registered model {name!r} has no versions (or does not exist); registered models: "
+                          f"{_names()}")
+    if version is not None:
+        if str(version) not in {str(v.version) for v in versions}:
+            raise ConfigError(f"registered model {name!r} has no version {version}; versions: "
+                              f"{sorted(int(v.version) for v in versions)}")
+        client.set_registered_model_alias(name, alias, str(version))
+        return Promotion(name, str(version), alias, None, {})
+    if dataset_digest is None:
+        dataset_digest = max(versions, key=lambda v: int(v.version)).tags.get("dataset_digest")
+    chosen = versions if dataset_digest == "any" else [v for v in versions
+                                                       if v.tags.get("dataset_digest") == dataset_digest]
+    if not chosen:
+        digests = sorted({v.tags.get("dataset_digest", "?") for v in versions})
+        raise ConfigError(f"no version of {name!r} was trained on dataset {dataset_digest}; datasets: "
+                          f"{', '.join(digests)}")
+    scored = [(float(v.tags[metric]), int(v.version)) for v in chosen if metric in v.tags]
+    if not scored:
+        raise ConfigError(f"no version of {name!r} carries the tag {metric!r}; tags present: "
+                          f"{sorted({k for v in chosen for k in v.tags})}")
+    best = str(max(scored)[1])
+    others: dict[str, int] = {}
+    if dataset_digest != "any":
+        for v in versions:
+            if v not in chosen:
+                digest = v.tags.get("dataset_digest", "?")
+                others[digest] = others.get(digest, 0) + 1
+    client.set_registered_model_alias(name, alias, best)
+    return Promotion(name, best, alias, None if dataset_digest == "any" else dataset_digest, others)

@@ -48,8 +48,8 @@ from fgvc.training.session import Callback, Session, TrainingData, build_session
 from fgvc.tracking.markdown import code, text
 from fgvc.tracking.models import log_and_register
 from fgvc.tracking.registry import registered_name
-from fgvc.tracking.runs import (RunFailed, configure_tracking, describe_experiment, git_commit, log_dataset,
-                                log_params, tracked_run)
+from fgvc.tracking.runs import (RunFailed, artifact_dir, configure_tracking, describe_experiment, git_commit,
+                                log_dataset, log_params, tracked_run)
 from fgvc.viz.training_plots import save_confusion, save_curves, save_per_class
 
 log = logging.getLogger("fgvc")
@@ -139,7 +139,7 @@ class Recorder:
 
     def on_epoch_end(self, record: EpochRecord, session: Session) -> None:
         best = session.best
-        metrics = {**record.metrics(), **{f"best/{k.split('/')[1]}": best[k] for k in VALIDATION},
+        metrics = {**record.metrics(), **{f"best/{k.replace('/', '_')}": best[k] for k in VALIDATION},
                    "best/epoch": best["epoch"]}
         mlflow.log_metrics(metrics, step=record.epoch)
         self.pending |= {LAST} | ({BEST} if record.is_best else set())
@@ -166,7 +166,7 @@ class Recorder:
 def _log_plots(session: Session, best: EpochRecord | None) -> None:
     history, names = session.history, session.data.label_names
     with_error = [{**h, "train/error": 1.0 - h["train/acc"]} for h in history]
-    with _tmp_dir() as tmp:
+    with artifact_dir() as tmp:
         paths = [save_curves(tmp / "loss.png", history, {"train/loss": "train (with label smoothing)",
                                                          "val/loss": "val"}, "cross-entropy", "Loss"),
                  save_curves(tmp / "error.png", with_error, {"train/error": "train error",
@@ -180,12 +180,6 @@ def _log_plots(session: Session, best: EpochRecord | None) -> None:
                                      f"Per-class accuracy (val, best epoch {best.epoch})")]
         for path in paths:
             mlflow.log_artifact(str(path), "plots")
-
-
-def _tmp_dir():
-    from fgvc.tracking.runs import artifact_dir
-
-    return artifact_dir()
 
 
 def metrics_csv(history: list[dict]) -> str:
@@ -265,7 +259,8 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
     tags = {"fgvc.config_id": cfg.identity(), "fgvc.regime": session.regime, "fgvc.arch": cfg.arch,
             "fgvc.dataset_digest": data.digest, **tags}
     experiment = experiment or EXPERIMENT
-    describe_experiment(experiment, EXPERIMENT_DESCRIPTION) if experiment == EXPERIMENT else None
+    if experiment == EXPERIMENT:
+        describe_experiment(experiment, EXPERIMENT_DESCRIPTION)
     with tracked_run(experiment, name, task="train", tags=tags, run_id=prepared.run_id,
                      description=f"Training {name} on `{data.root}` (running).",
                      parent_run_id=None if prepared.run_id else parent_run_id) as run:

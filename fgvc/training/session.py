@@ -24,7 +24,7 @@ from fgvc import distributed
 from fgvc.config import render_params
 from fgvc.data.dataset import BatchLoader, ShardDataset
 from fgvc.data.roots import is_masked_root, resolve_root
-from fgvc.data.shards import dataset_digest, validate_root
+from fgvc.data.shards import dataset_digest, read_meta, validate_root
 from fgvc.devices import resolve_device
 from fgvc.distributed import World
 from fgvc.models import FGVCNet, create_model
@@ -48,13 +48,17 @@ class TrainingData:
     label_names: list[str]
     digest: str
     masked: bool
+    resize: str = "pad"  # how the root's images were fitted to their size (ingest's policy)
 
     @classmethod
     def of(cls, data_root: str | Path) -> "TrainingData":
         root = resolve_root(data_root)
         info = validate_root(root)
         names = [info.label_names.get(i, str(i)) for i in range(info.num_classes)]
-        return cls(root, info.num_classes, info.image_size, names, dataset_digest(root), is_masked_root(root))
+        meta = read_meta(root)
+        resize = meta.get("resize") or (meta.get("source_meta") or {}).get("resize") or "pad"
+        return cls(root, info.num_classes, info.image_size, names, dataset_digest(root), is_masked_root(root),
+                   resize)
 
 
 class Callback(Protocol):
@@ -101,7 +105,8 @@ class Session:
         return {"model": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
                 "spec": self.network.spec.to_dict(), "epoch": record.epoch, "val_acc": record.val.acc,
                 "config": render_params(self.cfg), "dataset_digest": self.data.digest,
-                "label_names": list(self.data.label_names), "regime": self.regime}
+                "label_names": list(self.data.label_names), "regime": self.regime,
+                "resize": self.data.resize}
 
     def resume_checkpoint(self, record: EpochRecord) -> dict:
         """What last.pt holds: best.pt's content plus everything a resume needs."""
