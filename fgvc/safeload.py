@@ -45,11 +45,14 @@ def load_tensors(path: str | Path, what: str = "file", mmap: bool = False,
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        # torch words the refusal of a callable several ways ("Unsupported global: GLOBAL x.y",
+        # "Trying to load unsupported GLOBAL x.y whose module x is blocked", "... call reduce ...").
         name = refused_global(e)
-        if name is None:
+        if name is None and not re.search(r"unsupported global|\breduce\b", str(e), re.IGNORECASE):
             raise error(f"{path}: cannot be read as a torch file (truncated or corrupt?): {_detail(e)}") from None
         unsafe = error if issubclass(error, UnsafeFileError) else _unsafe(error)
-        raise unsafe(f"{path}: refused to load: the {what} holds more than tensors (a pickled {name}, "
+        what_ran = f"a pickled {name}" if name else "a pickled callable"
+        raise unsafe(f"{path}: refused to load: the {what} holds more than tensors ({what_ran}, "
                      f"whose loading would run code); it was not loaded") from None
     except Exception as e:  # the readers raise RuntimeError, EOFError, KeyError, OSError, ...
         raise error(f"{path}: cannot be read as a torch file (truncated or corrupt?): "

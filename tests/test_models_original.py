@@ -352,14 +352,14 @@ def test_missing_and_unreadable_files_are_one_line_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError) as excinfo:
         read_checkpoint(garbage)
-    assert one_line(excinfo).startswith(f"{garbage}: not a torch checkpoint")
+    assert one_line(excinfo).startswith(f"{garbage}: cannot be read as a torch file")
 
     good = save_original(tmp_path / "good.pt", reference("fn-small"), 5)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:4096])
     with pytest.raises(CheckpointError) as excinfo:
         read_checkpoint(truncated)
-    assert one_line(excinfo).startswith(f"{truncated}: cannot be read as a torch checkpoint")
+    assert one_line(excinfo).startswith(f"{truncated}: cannot be read as a torch file (truncated or corrupt?)")
 
     with pytest.raises(CheckpointError) as excinfo:
         read_checkpoint(tmp_path)

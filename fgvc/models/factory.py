@@ -5,8 +5,9 @@ Every model comes back as an :class:`FGVCNet`: it takes float images in ``[0, 1]
 same ``forward_features`` / ``forward_head`` / ``feature_stage`` surface whatever the backbone, so
 training and analysis code never branch on architecture.
 
-Pretrained weights are only ever read from local files (the torch hub cache under ``TORCH_HOME``,
-the Hugging Face cache, or an explicit path); nothing is downloaded.
+Pretrained weights come the standard way (fgvc.models.weights): torchvision's files through the
+torch hub cache under ``TORCH_HOME``, timm's through the Hugging Face cache, downloaded into the
+cache when missing and the network allows; or from an explicit path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import timm
 import torch
@@ -25,8 +26,10 @@ from torch import nn
 
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.registry import Registry
+from fgvc.safeload import load_tensors
 
 from .fashionnet import FASHIONNET_CONFIGS, FashionNet
+from .weights import WeightsUnavailable, fetch_timm_weights, fetch_url
 
 __all__ = [
     "ARCHS",
@@ -172,28 +175,22 @@ class FGVCNet(nn.Module):
 
 @dataclass(frozen=True)
 class StandardWeights:
-    """Pretrained weights an architecture can start from, looked up only on local disk.
+    """Pretrained weights an architecture can start from.
 
-    ``label`` is recorded as ``pretrained_effective``; ``candidates`` are the files searched in
-    order (the first that exists is used); ``where`` names them for error messages.
+    ``label`` is recorded as ``pretrained_effective``; ``fetch`` returns the weights file, from
+    the standard cache or downloaded into it (fgvc.models.weights), or raises WeightsError
+    saying why it cannot (offline, unreachable, corrupt) with the URL and the cache path.
     """
 
     label: str
-    candidates: tuple[Path, ...]
-    where: str
+    fetch: Callable[[], Path | None]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def find(self) -> Path | None:
-        return next((path for path in self.candidates if path.is_file()), None)
-
     def obtain(self) -> Path:
-        """The weights file: from the cache when present (nothing else is contacted)."""
-        found = self.find()
+        found = self.fetch()
         if found is None:
-            raise PretrainedWeightsError(
-                f"Pretrained weights {self.label} are not on this machine: missing file {self.where}. "
-                f"Copy the file to that path, or pass pretrained=/path/to/file.pth.")
+            raise PretrainedWeightsError(f"no pretrained weights are known for {self.label}")
         return found
 
 
@@ -231,11 +228,6 @@ class Architecture:
         return self.build_with_weights(num_classes, image_size, weights_file)
 
 
-def _torch_hub_checkpoint(url: str) -> Path:
-    """Where torch hub keeps a downloaded checkpoint (``$TORCH_HOME/hub/checkpoints/<file>``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
 class TorchvisionResNet(Architecture):
     """A torchvision ResNet; its ImageNet weights come from the torch hub cache."""
 
@@ -253,14 +245,10 @@ class TorchvisionResNet(Architecture):
         return f"layer4.{len(net.layer4) - 1}"
 
     def standard_weights(self):
-        path = _torch_hub_checkpoint(self.weights.url)
-        return StandardWeights(
-            label=f"imagenet:{type(self.weights).__name__}.{self.weights.name}",
-            candidates=(path,),
-            where=f"{path} (downloadable elsewhere from {self.weights.url})",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-        )
+        label = f"imagenet:{type(self.weights).__name__}.{self.weights.name}"
+        url = self.weights.url
+        return StandardWeights(label=label, fetch=lambda: fetch_url(url, description=f"{label} weights"),
+                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 class FashionNetArchitecture(Architecture):
@@ -277,14 +265,6 @@ class FashionNetArchitecture(Architecture):
 
     def feature_stage_path(self, net):
         return f"stage{net.num_stages}.{len(net.stages[-1]) - 1}"
-
-
-def _hf_hub_cache() -> Path:
-    """The Hugging Face hub cache folder, resolved from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return Path(os.environ.get("HF_HOME", os.path.join(xdg, "huggingface"))).expanduser() / "hub"
 
 
 class TimmArchitecture(Architecture):
@@ -339,24 +319,9 @@ class TimmArchitecture(Architecture):
         cfg = self.cfg
         if cfg is None or not (cfg.hf_hub_id or cfg.url):
             return None
-        candidates, where = [], []
-        if cfg.hf_hub_id:
-            from huggingface_hub import try_to_load_from_cache
-
-            cache = _hf_hub_cache()
-            names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
-            for filename in names:
-                found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=cache)
-                if isinstance(found, str):
-                    candidates.append(Path(found))
-            where.append(f"{cache / ('models--' + cfg.hf_hub_id.replace('/', '--'))} "
-                         f"(Hugging Face cache of {cfg.hf_hub_id}, file {' or '.join(names)})")
-        if cfg.url:
-            path = _torch_hub_checkpoint(cfg.url)
-            candidates.append(path)
-            where.append(f"{path} (downloadable elsewhere from {cfg.url})")
         label = cfg.hf_hub_id or (f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture)
-        return StandardWeights(label=f"timm:{label}", candidates=tuple(candidates), where=" or ".join(where),
+        name = self.model_name
+        return StandardWeights(label=f"timm:{label}", fetch=lambda: fetch_timm_weights(name),
                                mean=tuple(cfg.mean), std=tuple(cfg.std))
 
     def build_with_standard_weights(self, num_classes, image_size, weights_file: Path) -> nn.Module:
@@ -423,10 +388,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path), device="cpu")
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise PretrainedWeightsError(f"Could not read weights file {path}: {error}") from error
+        state = load_tensors(path, what="weights file", error=PretrainedWeightsError)
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
@@ -557,7 +519,7 @@ def _build_standard(architecture: Architecture, arch: str, num_classes: int,
         return architecture.build(num_classes, size), "none", None, None
     try:
         weights_file = standard.obtain()
-    except FgvcError as error:
+    except WeightsUnavailable as error:
         if required:
             raise PretrainedWeightsError(str(error)) from None
         message = f"{error} Falling back to random initialisation."

@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
 
 import torch
 
-from ..errors import ConfigError, FgvcError, MissingFileError, UnsafeFileError
+from ..errors import ConfigError, FgvcError, MissingFileError
+from ..safeload import load_tensors
 from .factory import IMAGENET_MEAN, IMAGENET_STD, FGVCNet, ModelSpec, build_model
 from .fashionnet import ConvBNReLU
 
@@ -96,43 +95,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise MissingFileError(f"{path}: checkpoint file does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file (a checkpoint is one .pt file)")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise _unpickling_error(path, error) from None
-    except Exception as error:  # the zip and legacy readers raise RuntimeError, EOFError, OSError, ...
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (truncated or corrupt?): "
-                              f"{type(error).__name__}: {_first_sentence(error)}") from None
+    content = load_tensors(path, what="checkpoint", error=CheckpointError)
     state = _unwrap(content)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict "
                               "(tensor names -> tensors) or {'model': state_dict}")
     return _checked_state_dict(state, f"{path}: ")
-
-
-def _unpickling_error(path: Path, error: pickle.UnpicklingError) -> FgvcError:
-    """One line for torch's weights-only refusal (its own message runs to dozens of lines and
-    ends with advice to turn the protection off)."""
-    text = str(error)
-    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
-    # torch words the refusal of a callable several ways ("Unsupported global: GLOBAL x.y",
-    # "Trying to load unsupported GLOBAL x.y whose module x is blocked", "... call reduce ...").
-    found = re.search(r"GLOBAL\s+([\w.]+)", text)
-    if found or re.search(r"unsupported global|\breduce\b", text, re.IGNORECASE):
-        what = f" (a pickled reference to {found.group(1)}, which loading would call)" if found else ""
-        return UnsafeFileError(f"{path}: refused: the file holds more than tensors{what}; a checkpoint "
-                               "is read only if it holds tensors, numbers, strings and containers, "
-                               "so no code in a file ever runs")
-    lines = [line.strip() for line in detail.splitlines() if line.strip()]
-    reason = f" ({lines[0][:200]})" if lines else ""
-    return CheckpointError(f"{path}: not a torch checkpoint: it cannot be unpickled{reason}")
-
-
-def _first_sentence(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return "no details"
-    return lines[0].split(". ")[0][:300]
 
 
 def _unwrap(content):
