@@ -9,11 +9,20 @@ import pytest
 
 # No test may reach the network: weights and hubs must come from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FGVC_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 TINY = dict(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24, shard_size=10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkpoint_cache(tmp_path_factory):
+    """Training runs keep their resume checkpoints here, not in the user's cache."""
+    path = tmp_path_factory.mktemp("fgvc-cache")
+    os.environ["FGVC_CACHE_DIR"] = str(path)
+    yield path
 
 
 @pytest.fixture(scope="session")

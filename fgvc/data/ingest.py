@@ -51,6 +51,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from fgvc.errors import ConfigError
 from fgvc.data.shards import (
     SHARD_PATTERN,
     ShardError,
@@ -128,7 +129,7 @@ def fit_image(image: Image.Image, height: int, width: int, resize: str = "pad") 
         canvas.paste(image.resize(content, filt, reducing_gap=REDUCING_GAP),
                      ((width - content[0]) // 2, (height - content[1]) // 2))
         return canvas
-    raise ValueError(f"unknown resize policy {resize!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+    raise ConfigError(f"unknown resize policy {resize!r}; choose one of {', '.join(RESIZE_POLICIES)}")
 
 
 def load_image(path: str | Path, height: int, width: int, resize: str = "pad") -> torch.Tensor:
@@ -155,7 +156,7 @@ def list_image_folder(source: Path) -> SourceListing:
     folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = [p.name for p in source.iterdir() if p.is_file() and not p.name.startswith(".")]
     if not folders:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: no designer folders found; an image-folder source must look like "
             f"<source>/<designer>/*.jpg (extensions: {', '.join(IMAGE_EXTENSIONS)})"
         )
@@ -170,7 +171,7 @@ def list_image_folder(source: Path) -> SourceListing:
             else:
                 not_images += 1
     if not images:
-        raise ValueError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
+        raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
     notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images}
     return SourceListing("image-folder", images, [f.name for f in folders], notes)
 
@@ -182,7 +183,7 @@ def list_csv(source: Path) -> SourceListing:
         reader = csv.DictReader(f)
         columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
         if "path" not in columns or "label" not in columns:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: a CSV source needs the header 'path,label', found {reader.fieldnames}"
             )
         images: list[SourceImage] = []
@@ -192,13 +193,13 @@ def list_csv(source: Path) -> SourceListing:
             where = f"{source}, line {reader.line_num}"
             written, label = row.get(columns["path"]), row.get(columns["label"])
             if not written or not written.strip() or not label:
-                raise ValueError(f"{where}: empty path or label")
+                raise ConfigError(f"{where}: empty path or label")
             path = Path(written.strip())
             path = path if path.is_absolute() else source.parent / path
             key = os.path.normpath(path)
             if key in seen:
                 if seen[key] != label:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{where}: {written!r} is labelled both {seen[key]!r} and {label!r}"
                     )
                 duplicates += 1
@@ -206,7 +207,7 @@ def list_csv(source: Path) -> SourceListing:
             seen[key] = label
             images.append(SourceImage(path, written.strip(), label))
     if not images:
-        raise ValueError(f"{source}: the CSV lists no images")
+        raise ConfigError(f"{source}: the CSV lists no images")
     if duplicates:
         log.warning("%s: ignored %d duplicate row(s)", source, duplicates)
     designers = sorted({image.label for image in images})
@@ -220,8 +221,8 @@ def list_source(source: str | Path) -> SourceListing:
     if source.is_file() and source.suffix.lower() == ".csv":
         return list_csv(source)
     if not source.exists():
-        raise ValueError(f"{source}: source does not exist")
-    raise ValueError(
+        raise ConfigError(f"{source}: source does not exist")
+    raise ConfigError(
         f"{source}: unknown source kind; expected an image folder <source>/<designer>/*.jpg "
         f"or a .csv file with the header 'path,label'"
     )
@@ -265,25 +266,30 @@ def split_stratified(images: list[SourceImage], val_fraction: float, seed: int
 # Ingest
 
 
-def _check_arguments(source: Path, root: Path, height: int, width: int, resize: str,
-                     val_fraction: float, shard_size: int) -> None:
+def check_arguments(source: Path, root: Path, height: int, width: int, resize: str,
+                    val_fraction: float, shard_size: int = 500) -> None:
+    """Refuse bad arguments before anything is read or written."""
     if resize not in RESIZE_POLICIES:
-        raise ValueError(f"unknown resize policy {resize!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+        raise ConfigError(f"unknown resize policy {resize!r}; choose one of {', '.join(RESIZE_POLICIES)}")
     if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
+        raise ConfigError(f"image size must be positive, got {height}x{width}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+        raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
     if root.exists() and not root.is_dir():
         raise ShardError(f"{root}: dataset root is not a directory")
-    if source.is_dir():
-        src, dst = source.resolve(), root.resolve()
-        if dst == src or src in dst.parents:
-            raise ValueError(
-                f"{root}: the dataset root must not be inside the source folder {source} "
-                f"(its files would be read back as images by the next ingest)"
-            )
+    src, dst = source.resolve(), root.resolve()
+    if source.is_dir() and (dst == src or src in dst.parents):
+        raise ConfigError(
+            f"{root}: the dataset root must not be inside the source folder {source} "
+            f"(its files would be read back as images by the next ingest)"
+        )
+    if dst in src.parents:
+        raise ConfigError(
+            f"{source}: the source lies inside the dataset root {root}; choose a root outside "
+            f"the source (rebuilding the root must never touch its images)"
+        )
 
 
 def _report_skipped(skipped: list[dict]) -> None:
@@ -314,7 +320,7 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
     """Write a dataset root (train/val shards, index_to_label.json, meta.json) from an image
     folder or a `path,label` CSV; returns the meta written. See the module docstring."""
     source, root = Path(source), Path(root)
-    _check_arguments(source, root, height, width, resize, val_fraction, shard_size)
+    check_arguments(source, root, height, width, resize, val_fraction, shard_size)
     listing = list_source(source)
     root.mkdir(parents=True, exist_ok=True)
     # meta.json is written last and marks a finished root; an interrupted re-ingest must not
@@ -349,7 +355,7 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
             log.warning("dropped %d designer(s) with no readable image: %s",
                         len(dropped), ", ".join(d["label"] for d in dropped))
         if not kept:
-            raise ValueError(f"{source}: no readable images ({len(skipped)} file(s) skipped)")
+            raise ConfigError(f"{source}: no readable images ({len(skipped)} file(s) skipped)")
         index_of = {name: i for i, name in enumerate(kept)}
 
         splits = split_stratified(readable, val_fraction, seed)

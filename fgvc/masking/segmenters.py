@@ -12,10 +12,11 @@ Registered names (``SEGMENTERS``):
   deeplabv3_mobilenet_v3_large   the same family on a MobileNetV3 backbone, much faster on CPU
   groundtruth                    the ``masks`` already stored in the source shards
 
-The DeepLabV3 weights are never downloaded. They are looked up in the standard torch hub cache
-(``$TORCH_HOME/hub/checkpoints/<file name from the torchvision url>``), or given explicitly
-(``seg_weights=PATH``); ``seg_weights="random"`` builds a randomly initialised model with a
-fixed seed, for tests and benchmarks.
+The DeepLabV3 weights come the standard way (fgvc.models.weights): from the torch hub cache
+(``$TORCH_HOME/hub/checkpoints/<file name from the torchvision url>``), downloaded into it when
+missing and the network allows, or given explicitly (``seg_weights=PATH``);
+``seg_weights="random"`` builds a randomly initialised model with a fixed seed, for tests and
+benchmarks. A segmenter is an entry of ``SEGMENTERS``: adding one is one registration here.
 """
 
 from __future__ import annotations
@@ -27,16 +28,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fgvc.errors import MissingFileError
+from fgvc.models.factory import IMAGENET_MEAN, IMAGENET_STD
+from fgvc.models.weights import WeightsUnavailable, fetch_url, torch_hub_path
+from fgvc.registry import Registry
+from fgvc.safeload import load_tensors
+
 # VOC class index of "person" in the 21-class label set of the torchvision DeepLabV3 weights.
 VOC_PERSON = 15
 VOC_CLASSES = 21
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_WEIGHTS = "random"
+DEFAULT_SEG_SIZE = 520  # torchvision's DeepLabV3 evaluation size (shorter side)
 RANDOM_SEED = 0
 
 
-class SegmenterWeightsError(FileNotFoundError):
+class SegmenterWeightsError(MissingFileError):
     """The segmenter's weights are missing or unusable. The message names the file and the fix."""
 
 
@@ -135,7 +141,7 @@ class TorchvisionSegmenter(Segmenter):
     """
 
     def __init__(self, model: nn.Module, name: str = "custom", weights: str = "injected",
-                 seg_size: int = 520, person_class: int = VOC_PERSON, channels_last: bool = True):
+                 seg_size: int = DEFAULT_SEG_SIZE, person_class: int = VOC_PERSON, channels_last: bool = True):
         if seg_size < 1:
             raise ValueError(f"seg_size must be positive, got {seg_size}")
         self.channels_last = channels_last
@@ -167,11 +173,13 @@ class TorchvisionSegmenter(Segmenter):
 
 @dataclass(frozen=True)
 class SegmenterSpec:
-    """A registered torchvision segmentation architecture and its default weights, by name
-    (torchvision is imported only when a model is built: the groundtruth path never needs it)."""
+    """A registered segmenter. ``builder``/``weights_enum``: a torchvision segmentation model and
+    its weights (imported only when built); neither for a segmenter that needs no model."""
 
-    builder: str
-    weights_enum: str
+    name: str
+    builder: str | None = None
+    weights_enum: str | None = None
+    needs_source_masks: bool = False
 
     def _lookup(self, attr: str):
         from torchvision.models import segmentation
@@ -190,44 +198,39 @@ class SegmenterSpec:
         return self.url.rsplit("/", 1)[-1]
 
 
-SEGMENTERS: dict[str, SegmenterSpec | None] = {
-    "deeplabv3_resnet101": SegmenterSpec("deeplabv3_resnet101", "DeepLabV3_ResNet101_Weights"),
-    "deeplabv3_mobilenet_v3_large": SegmenterSpec("deeplabv3_mobilenet_v3_large",
-                                                  "DeepLabV3_MobileNet_V3_Large_Weights"),
-    "groundtruth": None,
-}
+SEGMENTERS: Registry[SegmenterSpec] = Registry("segmenter")
+for _spec in (SegmenterSpec("deeplabv3_resnet101", "deeplabv3_resnet101", "DeepLabV3_ResNet101_Weights"),
+              SegmenterSpec("deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large",
+                            "DeepLabV3_MobileNet_V3_Large_Weights"),
+              SegmenterSpec("groundtruth", needs_source_masks=True)):
+    SEGMENTERS.register(_spec.name, _spec)
 
 
 def cached_weights_path(name: str) -> Path:
     """Where torch hub keeps the default weights of ``name`` (honours TORCH_HOME)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / SEGMENTERS[name].file_name
+    return torch_hub_path(SEGMENTERS.get(name).url)
 
 
 def resolve_weights(name: str, seg_weights: str | Path | None) -> str:
-    """The effective weights of a segmenter: ``"random"``, an existing file's absolute path, or
-    (groundtruth) ``"source masks"``. Raises SegmenterWeightsError naming the missing file."""
-    if name not in SEGMENTERS:
-        raise ValueError(f"unknown segmenter '{name}'; choose one of {sorted(SEGMENTERS)}")
-    spec = SEGMENTERS[name]
-    if spec is None:
+    """The effective weights of a segmenter: ``"random"``, a file's absolute path (the given
+    one, or the standard file from the cache or downloaded into it), or (no model)
+    ``"source masks"``. Raises SegmenterWeightsError naming the file and the fix."""
+    spec = SEGMENTERS.get(name)
+    if spec.builder is None:
         return GroundTruthSegmenter.weights
     if seg_weights is not None and str(seg_weights) == RANDOM_WEIGHTS:
         return RANDOM_WEIGHTS
-    how = (f"either copy {spec.url} to {cached_weights_path(name)} (or under "
-           f"$TORCH_HOME/hub/checkpoints/ with TORCH_HOME set), or pass seg_weights=PATH "
-           f"(seg_weights=random gives a randomly initialised model, for tests only)")
     if seg_weights is not None:
         path = Path(seg_weights).expanduser()
         if not path.is_file():
-            raise SegmenterWeightsError(
-                f"{name}: weights file {path} does not exist. Downloads are disabled (offline); {how}")
+            raise SegmenterWeightsError(f"{name}: weights file {path} does not exist (pass seg_weights=PATH to an "
+                                        f"existing file, or seg_weights=none for the standard weights)")
         return str(path.resolve())
-    path = cached_weights_path(name)
-    if not path.is_file():
-        raise SegmenterWeightsError(
-            f"{name}: pretrained weights not found: missing file {path}. Downloads are disabled "
-            f"(offline); {how}")
-    return str(path.resolve())
+    try:
+        return str(fetch_url(spec.url, description=f"{name} segmenter weights").resolve())
+    except WeightsUnavailable as error:
+        raise SegmenterWeightsError(f"{error} (or pass seg_weights=PATH; seg_weights=random gives a randomly "
+                                    f"initialised model, for tests only)") from None
 
 
 def _state_dict_of(obj, path: str) -> dict:
@@ -241,12 +244,12 @@ def _state_dict_of(obj, path: str) -> dict:
     raise SegmenterWeightsError(f"{path}: not a state_dict of tensors")
 
 
-def build_segmenter(name: str, seg_weights: str | Path | None = None, seg_size: int = 520,
+def build_segmenter(name: str, seg_weights: str | Path | None = None, seg_size: int = DEFAULT_SEG_SIZE,
                     device: str | torch.device = "cpu") -> Segmenter:
-    """Build a registered segmenter on ``device``; never downloads (see ``resolve_weights``)."""
+    """Build a registered segmenter on ``device`` (weights: see ``resolve_weights``)."""
     weights = resolve_weights(name, seg_weights)
-    spec = SEGMENTERS[name]
-    if spec is None:
+    spec = SEGMENTERS.get(name)
+    if spec.builder is None:
         return GroundTruthSegmenter()
     if weights == RANDOM_WEIGHTS:
         # A fixed seed, without touching the caller's RNG: every worker and every rerun builds
@@ -256,12 +259,7 @@ def build_segmenter(name: str, seg_weights: str | Path | None = None, seg_size: 
             model = spec.build(weights=None, weights_backbone=None, num_classes=VOC_CLASSES,
                                aux_loss=False)
     else:
-        try:
-            state = _state_dict_of(torch.load(weights, map_location="cpu", weights_only=True), weights)
-        except SegmenterWeightsError:
-            raise
-        except Exception as e:  # unpickling refused, truncated file, ...
-            raise SegmenterWeightsError(f"{weights}: cannot be loaded as weights: {e}") from None
+        state = _state_dict_of(load_tensors(weights, what="weights file", error=SegmenterWeightsError), weights)
         has_aux = any(k.startswith("aux_classifier.") for k in state)
         model = spec.build(weights=None, weights_backbone=None, num_classes=VOC_CLASSES,
                            aux_loss=has_aux)

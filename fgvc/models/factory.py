@@ -116,12 +116,14 @@ class FGVCNet(nn.Module):
     so it travels with every checkpoint.
     """
 
-    def __init__(self, body: nn.Module, head: nn.Module, spec: ModelSpec, feature_stage_name: str | None):
+    def __init__(self, body: nn.Module, head: nn.Module, spec: ModelSpec, feature_stage_name: str | None,
+                 stage_names: tuple[str, ...] = ()):
         super().__init__()
         self.body = body
         self.head = head
         self.spec = spec
         self.feature_stage_name = feature_stage_name
+        self.stage_names = tuple(stage_names)  # body modules of the successive stages, shallow to deep
         self.num_classes = spec.num_classes
         self.num_features = int(head.in_features)
         mean = spec.mean if spec.mean is not None else (0.0, 0.0, 0.0)
@@ -139,6 +141,11 @@ class FGVCNet(nn.Module):
         if self.feature_stage_name is None:
             raise AttributeError(f"No convolutional feature stage is known for {self.spec.arch}")
         return self.body.get_submodule(self.feature_stage_name)
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``(qualified name, module)`` of each stage, shallow to deep (names as in
+        ``named_modules``: ``body.layer3``, ``body.stage2``): the layers Grad-CAM can read."""
+        return [(f"body.{name}", self.body.get_submodule(name)) for name in self.stage_names]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``[0, 1]`` images -> the input distribution the backbone's weights expect."""
@@ -211,6 +218,11 @@ class Architecture:
     def feature_stage_path(self, net: nn.Module) -> str | None:
         raise NotImplementedError
 
+    def stage_paths(self, net: nn.Module) -> tuple[str, ...]:
+        """The network's successive stages (shallow to deep); default: only the last one."""
+        last = self.feature_stage_path(net)
+        return (last,) if last else ()
+
     def standard_weights(self) -> StandardWeights | None:
         """The usual pretrained weights, or ``None`` when none exist for this architecture."""
         return None
@@ -244,6 +256,9 @@ class TorchvisionResNet(Architecture):
     def feature_stage_path(self, net):
         return f"layer4.{len(net.layer4) - 1}"
 
+    def stage_paths(self, net):
+        return ("layer1", "layer2", "layer3", "layer4")
+
     def standard_weights(self):
         label = f"imagenet:{type(self.weights).__name__}.{self.weights.name}"
         url = self.weights.url
@@ -265,6 +280,9 @@ class FashionNetArchitecture(Architecture):
 
     def feature_stage_path(self, net):
         return f"stage{net.num_stages}.{len(net.stages[-1]) - 1}"
+
+    def stage_paths(self, net):
+        return ("stem", *(f"stage{i}" for i in range(1, net.num_stages + 1)))
 
 
 class TimmArchitecture(Architecture):
@@ -302,18 +320,22 @@ class TimmArchitecture(Architecture):
         raise ConfigError(f"timm model {self.model_name} has no single classifier module to replace")
 
     def feature_stage_path(self, net):
-        info = getattr(net, "feature_info", None)
-        if not info:
-            return None
-        name = info[-1]["module"]
-        # Some timm models flatten dotted names with underscores in feature_info.
-        for candidate in (name, name.replace("_", ".")):
-            try:
-                net.get_submodule(candidate)
-                return candidate
-            except AttributeError:
-                continue
-        return None
+        paths = self.stage_paths(net)
+        return paths[-1] if paths else None
+
+    def stage_paths(self, net):
+        found = []
+        for entry in getattr(net, "feature_info", None) or ():
+            name = entry["module"]
+            # Some timm models flatten dotted names with underscores in feature_info.
+            for candidate in (name, name.replace("_", ".")):
+                try:
+                    net.get_submodule(candidate)
+                except AttributeError:
+                    continue
+                found.append(candidate)
+                break
+        return tuple(found)
 
     def standard_weights(self):
         cfg = self.cfg
@@ -459,8 +481,9 @@ def _wrap(architecture: Architecture, net: nn.Module, spec: ModelSpec) -> FGVCNe
     head = net.get_submodule(classifier_path)
     if not hasattr(head, "in_features"):
         raise ConfigError(f"{spec.arch}: classifier {classifier_path} ({type(head).__name__}) is not linear")
+    stages = architecture.stage_paths(net)
     net.set_submodule(classifier_path, nn.Identity())
-    return FGVCNet(net, head, spec, feature_stage)
+    return FGVCNet(net, head, spec, feature_stage, stages)
 
 
 def create_model(arch: str, num_classes: int, pretrained: bool | None | os.PathLike | str = None,

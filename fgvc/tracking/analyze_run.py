@@ -1,222 +1,164 @@
-"""`analyze`: interpret a registered model and attach pictures and numbers to the training run
-that produced it.
+"""`analyze`: interpret a registered model; results are records keyed by their settings.
 
-Artifacts go to `analysis/<method>/` of the source training run with fixed file names, so a
-re-run replaces them; metrics go there as `<method>/...`. The analysis run itself is nested
-under the training run, tagged with the model URI and version, and carries the same metrics.
+The record: each analysis is a run of its own (experiment ``fgvc-analysis``, or the run
+``mlflow run`` created), tagged ``fgvc.task=analyze`` and, per method, with the digest of the
+settings its numbers depend on (``fgvc.analysis.<method>.id``: method settings, images,
+split, seed, target, model version, data digests). Its metrics are ``<method>/...``, its
+files ``analysis/<method>/``; nothing in it is ever replaced.
+
+The training run that produced the version shows the results too, so one run page holds
+training and interpretation:
+- files under ``analysis/<method>/<settings id>/`` (other settings never overwrite them);
+- metrics ``<method>/...`` and tags ``fgvc.analysis.<method>`` (the record's run id),
+  ``fgvc.analysis.<method>.id`` and ``fgvc.analysis.<method>.settings`` (readable). These
+  show the FIRST analysis of each method; an analysis with other settings replaces them only
+  when asked (``show_on_training_run=true``; a study does so for its cells), and then as a new
+  step of the metric's history with the tags saying which settings produced the value.
+So a number on the training run's page always says how it was computed, and a study's
+figures stay retrievable from its own records however often a cell is analysed again.
 """
 
 from __future__ import annotations
 
-import csv
+import json
 import logging
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-import torch
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from fgvc.analysis.neighbors import embed
-from fgvc.analysis.suite import (ATTRIBUTION_METHODS, METHODS, AttributionReport, attribution_report,
-                                 neighbor_report, shortcut_report)
-from fgvc.data.dataset import BatchLoader, ShardDataset
-from fgvc.data.shards import ShardError
-from fgvc.tracking.registry import ResolvedModel, load_model
-from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
-from fgvc.viz import (save_attribution_grid, save_bar_chart, save_histogram, save_neighbor_grid,
-                      save_variant_grid)
+from fgvc.analysis.config import AnalyzeConfig, settings_id, settings_of
+from fgvc.analysis.data import check_fits_model, load_analysis_data
+from fgvc.analysis.methods import METHODS
+from fgvc.analysis.suite import check_inputs, run_methods
+from fgvc.devices import resolve_device
+from fgvc.errors import FgvcError
+from fgvc.tracking.markdown import code
+from fgvc.tracking.registry import load_model
+from fgvc.tracking.runs import configure_tracking, describe_experiment, log_params, tracked_run
 
 log = logging.getLogger("fgvc")
 
-EXAMPLES = 4  # single-image example files per attribution method
-SUMMARY_ROWS = 8  # rows of the per-method summary grid
+EXPERIMENT = "fgvc-analysis"
+EXPERIMENT_DESCRIPTION = ("Analysis records: one run per `analyze`, keyed per method by the digest of its settings "
+                          "(tag fgvc.analysis.<method>.id). The training runs show the results too.")
+
+
+def tag(method: str, what: str = "") -> str:
+    return f"fgvc.analysis.{method}" + (f".{what}" if what else "")
 
 
 @dataclass
-class AnalysisData:
-    """The images analysed (a seeded class-stratified subset) and their person masks."""
-
-    root: Path
-    split: str
-    images: torch.Tensor  # uint8 [N, 3, H, W]
-    labels: torch.Tensor
-    masks: torch.Tensor | None  # uint8 [N, H, W]
-    venues: torch.Tensor | None
-    names: list[str]
-    mask_source: str
+class AnalysisOutcome:
+    record_run_id: str
+    metrics: dict[str, dict[str, float]]  # method -> relative metric -> value
+    ids: dict[str, str]  # method -> settings id
+    shown: dict[str, bool] = field(default_factory=dict)  # method -> shown on the training run
+    reused: dict[str, str] = field(default_factory=dict)  # method -> record run it came from
 
 
-def load_analysis_data(root: str | Path, split: str, num_images: int, seed: int,
-                       mask_root: str | Path | None = None, num_classes: int | None = None) -> AnalysisData:
-    ds = ShardDataset(root, split, count=num_images, seed=seed, num_classes=num_classes)
-    items = ds.gather(torch.arange(len(ds)))
-    masks, source = items.get("masks"), f"{root} ({split} shards)"
-    if masks is None and mask_root is not None:
-        masked = ShardDataset(mask_root, split, count=num_images, seed=seed, num_classes=num_classes)
-        if len(masked) != len(ds) or "masks" not in masked.keys:
-            raise ShardError(f"{mask_root}/{split}: does not match {root}/{split} or has no 'masks' "
-                             f"(build it with `fgvc mask --src-root {root}`)")
-        other = masked.gather(torch.arange(len(masked)))
-        if not torch.equal(other["labels"], items["labels"]):
-            raise ShardError(f"{mask_root}/{split}: labels differ from {root}/{split}; "
-                             f"a mask root must be built from the same data")
-        masks, source = other["masks"], f"{mask_root} ({split} shards)"
-    names = [ds.label_names.get(i, str(i)) for i in range(ds.num_classes)]
-    return AnalysisData(Path(root), split, items["images"], items["labels"], masks, items.get("venues"),
-                        names, source if masks is not None else "none")
+def find_record(method: str, key: str) -> mlflow.entities.Run | None:
+    """A finished analysis record of `method` with settings id `key`, in any experiment."""
+    runs = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()],
+        f"tags.`{tag(method, 'id')}` = '{key}' and tags.`fgvc.task` = 'analyze' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
-def _write_csv(path: Path, columns: dict[str, list]) -> Path:
-    keys = list(columns)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(keys)
-        writer.writerows(zip(*(columns[k] for k in keys)))
-    return path
+def readable(settings: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in settings.items())
 
 
-def _attribution_artifacts(report: AttributionReport, data: AnalysisData, out: Path) -> None:
-    names = data.names
-    title = lambda i: (f"{names[int(report.labels[i])]} -> {names[int(report.predictions[i])]}"  # noqa: E731
-                       + (f" | bg {report.per_image['bg_energy_fraction'][i]:.2f}"
-                          if "bg_energy_fraction" in report.per_image else ""))
-    rows = min(SUMMARY_ROWS, len(report.images))
-    save_attribution_grid(out / "summary.png", report.images[:rows], report.maps[:rows],
-                          [title(i) for i in range(rows)])
-    for i in range(min(EXAMPLES, len(report.images))):
-        save_attribution_grid(out / f"example_{i:02d}.png", report.images[i:i + 1], report.maps[i:i + 1],
-                              [title(i)])
-    if "bg_energy_fraction" in report.per_image:
-        save_histogram(out / "bg_energy_fraction_hist.png", report.per_image["bg_energy_fraction"],
-                       f"{report.method}: share of attribution on the background", "background energy fraction")
-    columns = {"index": list(range(len(report.labels))), "label": report.labels.tolist(),
-               "target": report.targets.tolist(), "prediction": report.predictions.tolist()}
-    columns.update({k: [round(float(x), 6) for x in v] for k, v in report.per_image.items()})
-    _write_csv(out / "per_image.csv", columns)
-    torch.save({"maps": report.maps.half(), "labels": report.labels, "targets": report.targets},
-               out / "maps.pt")
+def _show(client: MlflowClient, train_run_id: str, method: str, key: str, wanted: bool | None) -> bool:
+    """Whether these results become the training run's displayed ones (see the module doc)."""
+    if wanted is not None:
+        return wanted
+    current = client.get_run(train_run_id).data.tags.get(tag(method, "id"))
+    return current is None or current == key
 
 
-def _run_attribution(method: str, model, data: AnalysisData, options: dict, out: Path) -> dict:
-    report = attribution_report(model, method, data.images, data.labels, data.masks,
-                                target=options["target"], batch_size=options["batch_size"],
-                                occlusion_window=options["window"], occlusion_stride=options["stride"],
-                                occlusion_fill=options["fill"])
-    _attribution_artifacts(report, data, out)
-    return report.metrics
+def _attach(client: MlflowClient, train_run_id: str, method: str, key: str, settings: dict, record_id: str,
+            metrics: dict[str, float], folder: Path | None, show: bool) -> None:
+    if folder is not None:
+        client.log_artifacts(train_run_id, str(folder), f"analysis/{method}/{key}")
+    if not show:
+        return
+    tags = client.get_run(train_run_id).data.tags
+    if tags.get(tag(method, "id")) == key:
+        step = int(tags.get(tag(method, "step"), "0"))
+    else:
+        step = int(tags.get(tag(method, "step"), "-1")) + 1
+    now = int(time.time() * 1000)
+    client.log_batch(train_run_id, metrics=[Metric(f"{method}/{k}", float(v), now, step) for k, v in metrics.items()],
+                     tags=[RunTag(tag(method), record_id), RunTag(tag(method, "id"), key),
+                           RunTag(tag(method, "settings"), readable(settings)), RunTag(tag(method, "step"), str(step))])
 
 
-def _run_neighbors(model, data: AnalysisData, options: dict, out: Path) -> dict:
-    ref = ShardDataset(data.root, options["reference_split"])
-    batch = options["batch_size"] * 4
-    ref_emb = embed(model, (b.images for b in BatchLoader(ref, batch, prefetch=0)))
-    query_emb = embed(model, (data.images[s:s + batch] for s in range(0, len(data.images), batch)))
-    ref_items = ref.gather(torch.arange(len(ref)))
-    report = neighbor_report(query_emb, ref_emb, data.labels, ref.labels, k=options["k"],
-                             query_venues=data.venues, ref_venues=ref_items.get("venues"),
-                             exclude_same_label=options["exclude_same_designer"])
-    rows = min(SUMMARY_ROWS, len(data.labels))
-    save_neighbor_grid(out / "neighbors_grid.png", data.images[:rows], ref_items["images"],
-                       report.indices[:rows], data.labels[:rows], ref.labels, data.names)
-    _write_csv(out / "neighbors.csv", {
-        "query": list(range(len(data.labels))), "label": data.labels.tolist(),
-        "neighbors": [" ".join(map(str, r)) for r in report.indices.tolist()],
-        "scores": [" ".join(f"{s:.4f}" for s in r) for r in report.scores.tolist()]})
-    return {**report.metrics, "num_queries": float(len(data.labels)), "num_reference": float(len(ref))}
-
-
-def _run_shortcut(model, data: AnalysisData, options: dict, out: Path) -> dict:
-    report = shortcut_report(model, data.images, data.masks, data.labels, len(data.names),
-                             seed=options["seed"], batch_size=options["batch_size"])
-    save_variant_grid(out / "variants.png", report.variants, min(6, len(data.labels)))
-    names = ["original", "only_fg", "no_fg", "mixed_same", "mixed_rand"]
-    save_bar_chart(out / "accuracy_by_variant.png", names, [report.metrics[f"acc_{n}"] for n in names],
-                   "Accuracy by background variant", chance=report.metrics["chance"])
-    return report.metrics
-
-
-def run_methods(model, data: AnalysisData, methods: list[str], options: dict, out: Path) -> dict[str, dict]:
-    """Run each method, writing its files to `out/<method>/`; returns metrics per method."""
-    results = {}
-    for method in methods:
-        if method in ("shortcut",) and data.masks is None:
-            raise ShardError(f"{data.root}/{data.split}: the shortcut test needs person masks; the shards have "
-                             f"none, so pass mask_root=<a masked root built from this data>")
-        folder = out / method
-        folder.mkdir(parents=True, exist_ok=True)
-        log.info("analysis: %s on %d %s images", method, len(data.labels), data.split)
-        if method in ATTRIBUTION_METHODS:
-            results[method] = _run_attribution(method, model, data, options, folder)
-        elif method == "neighbors":
-            results[method] = _run_neighbors(model, data, options, folder)
-        else:
-            results[method] = _run_shortcut(model, data, options, folder)
-    return results
-
-
-def parse_methods(method: str) -> list[str]:
-    """`all` = gradcam, occlusion, neighbors (the shortcut test is asked for by name, or by
-    `all+shortcut`); a comma list picks several."""
-    chosen = []
-    for part in method.replace("+", ",").split(","):
-        part = part.strip()
-        if part == "all":
-            chosen += ["gradcam", "occlusion", "neighbors"]
-        elif part in METHODS:
-            chosen.append(part)
-        else:
-            raise ValueError(f"unknown analysis method {part!r}; choose from {', '.join(METHODS)}, all")
-    return list(dict.fromkeys(chosen))
-
-
-DEFAULT_OPTIONS = dict(split="val", num_images=64, seed=0, target="predicted", batch_size=32,
-                       window=32, stride=16, fill="zero", k=5, reference_split="train",
-                       exclude_same_designer=False)
-
-
-def run_analyze(model_uri: str, method: str = "gradcam", data_root: str | None = None,
-                mask_root: str | None = None, device: str = "cpu", **overrides) -> dict[str, dict]:
-    """Resolve the model, run the methods, attach the results to its training run."""
+def run_analyze(cfg: AnalyzeConfig, reuse: bool = False) -> AnalysisOutcome:
+    """Resolve the model, run the methods, record them, show them on the training run.
+    With `reuse`, a method whose record with the same settings id exists is not recomputed."""
     configure_tracking()
-    options = {**DEFAULT_OPTIONS, **{k: v for k, v in overrides.items() if v is not None}}
-    unknown = set(options) - set(DEFAULT_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown analysis options {sorted(unknown)}")
-    methods = parse_methods(method)
-    model, resolved, ckpt = load_model(model_uri, device)
     client = MlflowClient()
+    device = resolve_device(cfg.device)
+    model, resolved, ckpt = load_model(cfg.model, device)
     source_run = client.get_run(resolved.run_id)
-    root = data_root or source_run.data.params.get("data_root_abs") or source_run.data.params.get("data_root")
+    root = cfg.data_root or source_run.data.params.get("data_root_abs") or source_run.data.params.get("data_root")
     if not root:
-        raise ValueError(f"{resolved.uri}: its training run records no data_root; pass data_root=")
-    data = load_analysis_data(root, options["split"], options["num_images"], options["seed"], mask_root,
+        raise FgvcError(f"{resolved.uri}: its training run records no data_root; pass --data-root")
+    data = load_analysis_data(root, cfg.split, cfg.num_images, cfg.seed, cfg.mask_root,
                               num_classes=ckpt["spec"]["num_classes"])
-    experiment = client.get_experiment(source_run.info.experiment_id).name
-    run_name = f"analyze-{'+'.join(methods)}-{resolved.name}-v{resolved.version}"
-    tags = {"fgvc.model_uri": model_uri, "fgvc.model_version": f"{resolved.name}/{resolved.version}",
-            "fgvc.source_run": resolved.run_id, "mlflow.parentRunId": resolved.run_id}
-    with tracked_run(experiment, run_name, tags=tags, parent_run_id=None) as run:
-        log_params({"model": model_uri, "model_version": resolved.version, "method": ",".join(methods),
-                    "data_root": root, "mask_source": data.mask_source, **options})
+    check_fits_model(data, ckpt["spec"], ckpt.get("label_names"), resolved.uri)
+    check_inputs(data, cfg.method)  # before a run exists: a refusal leaves no FAILED run
+    context = {"model_version": resolved.uri, "data_digest": data.digest, "mask_source": data.mask_source}
+    settings = {m: settings_of(cfg, METHODS.get(m).settings) for m in cfg.method}
+    ids = {m: settings_id(settings[m], context) for m in cfg.method}
+    reused = {m: r for m in cfg.method if reuse and (r := find_record(m, ids[m])) is not None}
+    todo = tuple(m for m in cfg.method if m not in reused)
+    outcome = AnalysisOutcome("", {}, ids)
+    for m, record in reused.items():
+        outcome.metrics[m] = {k.split("/", 1)[1]: v for k, v in record.data.metrics.items() if k.startswith(f"{m}/")}
+        outcome.reused[m] = record.info.run_id
+        outcome.shown[m] = _show(client, resolved.run_id, m, ids[m], cfg.show_on_training_run)
+        _attach(client, resolved.run_id, m, ids[m], settings[m], record.info.run_id, outcome.metrics[m], None,
+                outcome.shown[m])
+    if not todo:
+        outcome.record_run_id = next(iter(outcome.reused.values()))
+        return outcome
+
+    describe_experiment(EXPERIMENT, EXPERIMENT_DESCRIPTION)
+    name = f"analyze-{'+'.join(todo)}-{resolved.name}-v{resolved.version}"
+    description = (f"{', '.join(todo)} of {code(resolved.uri)} (training run {code(resolved.run_id)}) on "
+                   f"{len(data.labels)} {cfg.split} images of {code(data.root)}; masks: {data.mask_source}.")
+    tags = {"fgvc.model_uri": cfg.model, "fgvc.model_version": f"{resolved.name}/{resolved.version}",
+            "fgvc.source_run": resolved.run_id, **{tag(m, "id"): ids[m] for m in todo},
+            **{tag(m, "settings"): readable(settings[m]) for m in todo}}
+    with tracked_run(EXPERIMENT, name, task="analyze", description=description, tags=tags) as run:
+        outcome.record_run_id = run.info.run_id
+        log_params({**cfg.params(), "method": ",".join(todo), "model_version": resolved.version,
+                    "data_root": str(root), "mask_source": data.mask_source, "num_images_effective": len(data.labels)})
         with tempfile.TemporaryDirectory(prefix="fgvc-analysis-") as tmp:
-            results = run_methods(model, data, methods, options, Path(tmp))
-            for name, metrics in results.items():
-                flat = {f"{name}/{k}": v for k, v in metrics.items()}
-                mlflow.log_metrics(flat)
-                mlflow.log_dict(metrics, f"analysis/{name}/metrics.json")
-                _attach_to_training_run(client, resolved, name, flat, Path(tmp) / name)
-        log.info("analysis attached to training run %s (run %s)", resolved.run_id, run.info.run_id)
-    return results
-
-
-def _attach_to_training_run(client: MlflowClient, resolved: ResolvedModel, method: str, metrics: dict,
-                            folder: Path) -> None:
-    import json
-
-    (folder / "metrics.json").write_text(json.dumps(
-        {"model": resolved.uri, **{k.split("/", 1)[1]: v for k, v in metrics.items()}}, indent=2))
-    client.log_artifacts(resolved.run_id, str(folder), f"analysis/{method}")
-    for key, value in metrics.items():
-        client.log_metric(resolved.run_id, key, value)
+            results = run_methods(model, data, cfg, Path(tmp), todo)
+            for m, result in results.items():
+                folder = Path(tmp) / m
+                (folder / "metrics.json").write_text(json.dumps(
+                    {"model": resolved.uri, "settings": settings[m], "settings_id": ids[m], "info": result.info,
+                     "metrics": result.metrics}, indent=2))
+                mlflow.log_metrics({f"{m}/{k}": v for k, v in result.metrics.items()})
+                if result.info:
+                    log_params({f"{m}.{k}": v for k, v in result.info.items()})
+                mlflow.log_artifacts(str(folder), f"analysis/{m}")
+                outcome.metrics[m] = result.metrics
+                outcome.shown[m] = _show(client, resolved.run_id, m, ids[m], cfg.show_on_training_run)
+                _attach(client, resolved.run_id, m, ids[m], settings[m], run.info.run_id, result.metrics, folder,
+                        outcome.shown[m])
+    hidden = [m for m in todo if not outcome.shown[m]]
+    if hidden:
+        log.info("training run %s keeps showing its earlier %s results (other settings); these are in record "
+                 "run %s (pass --show-on-training-run true to show them there)", resolved.run_id,
+                 ", ".join(hidden), outcome.record_run_id)
+    return outcome

@@ -3,44 +3,53 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import mlflow
 import torch
 
+from fgvc.data.config import PrepareConfig
 from fgvc.data.dataset import ShardDataset
-from fgvc.data.demo import DemoConfig, generate_demo
+from fgvc.data.demo import generate_demo
+from fgvc.data.ingest import check_arguments, ingest
+from fgvc.data.roots import remove_written, written_files
 from fgvc.data.shards import dataset_digest, read_meta, validate_root
+from fgvc.errors import ConfigError
+from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
 
 log = logging.getLogger("fgvc")
 
-
-def build_root(source: str, root: str | Path, demo: DemoConfig | None = None, height: int = 64,
-               width: int = 48, resize: str = "pad", val_fraction: float = 0.2, seed: int = 0,
-               overwrite: bool = False) -> dict:
-    """Write the dataset root from `source` ("demo" or a folder/CSV path); returns its meta."""
-    root = Path(root)
-    if (root / "meta.json").exists():
-        if not overwrite:
-            raise FileExistsError(f"{root}: a dataset already exists here; pass overwrite=true to rebuild it")
-        shutil.rmtree(root)
-    if source == "demo":
-        return generate_demo(root, demo or DemoConfig(seed=seed))
-    from fgvc.data.ingest import ingest
-
-    return ingest(source, root, height=height, width=width, resize=resize,
-                  val_fraction=val_fraction, seed=seed)
+EXPERIMENT = "fgvc-data"
 
 
-def ensure_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> Path:
-    """The default demo root, generated on first use."""
-    root = Path(root)
-    if not (root / "meta.json").exists():
-        log.info("generating the demo dataset in %s (first use)", root)
-        generate_demo(root, cfg)
-    return root
+def check(cfg: PrepareConfig) -> None:
+    """Every argument, before anything is touched: the demo config, the ingest's arguments
+    (source not inside the root, root not inside the source), an existing root."""
+    root = Path(cfg.root)
+    if cfg.is_demo:
+        try:
+            cfg.demo()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        check_arguments(Path(cfg.source), root, cfg.height, cfg.width, cfg.resize, cfg.val_fraction)
+    if (root / "meta.json").exists() and not cfg.overwrite:
+        raise ConfigError(f"{root}: a dataset already exists here; pass --overwrite true to rebuild it "
+                          f"(only the files prepare wrote are removed)")
+
+
+def build_root(cfg: PrepareConfig, progress: bool = True) -> dict:
+    """Write the dataset root; returns its meta. Overwriting removes only what prepare wrote."""
+    check(cfg)
+    root = Path(cfg.root)
+    if written_files(root):
+        removed = remove_written(root)
+        log.info("%s: removed %d file(s) of the previous dataset", root, removed)
+    if cfg.is_demo:
+        return generate_demo(root, cfg.demo())
+    return ingest(cfg.source, root, height=cfg.height, width=cfg.width, resize=cfg.resize,
+                  val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress)
 
 
 def save_sample_grid(root: Path, path: Path, per_class: int = 4, max_classes: int = 16) -> Path:
@@ -62,22 +71,18 @@ def save_sample_grid(root: Path, path: Path, per_class: int = 4, max_classes: in
     return path
 
 
-def run_prepare(source: str = "demo", root: str = "data/demo", demo: DemoConfig | None = None,
-                **ingest_options) -> dict:
+def run_prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Build the root and log params, counts, a sample grid and the digest to MLflow."""
-    name = "prepare-demo" if source == "demo" else f"prepare-{Path(source).name}"
-    with tracked_run("fgvc-data", name):
-        meta = build_root(source, root, demo=demo, **ingest_options)
-        info = validate_root(root)
-        digest = dataset_digest(root)
-        params = {"source": source, "root": str(Path(root).resolve()), "dataset_digest": digest,
-                  "num_classes": info.num_classes,
-                  "image_size": f"{info.image_size[0]}x{info.image_size[1]}"}
-        if source == "demo":
-            params.update({f"demo.{k}": v for k, v in meta["generator"].items()})
-        else:
-            params.update(ingest_options)
-        log_params(params)
+    check(cfg)  # before a run exists: a refusal leaves no FAILED run behind
+    name = "prepare-demo" if cfg.is_demo else f"prepare-{Path(cfg.source).name}"
+    what = "the synthetic runway demo" if cfg.is_demo else f"an ingest of {code(cfg.source)}"
+    with tracked_run(EXPERIMENT, name, task="prepare",
+                     description=f"Dataset root {code(cfg.root)}: {what}."):
+        meta = build_root(cfg, progress)
+        info = validate_root(cfg.root)
+        digest = dataset_digest(cfg.root)
+        log_params({**cfg.params(), "root_abs": str(Path(cfg.root).resolve()), "dataset_digest": digest,
+                    "num_classes": info.num_classes, "image_size": f"{info.image_size[0]}x{info.image_size[1]}"})
         for split, count in info.counts.items():
             mlflow.log_metric(f"data/{split}/images", count)
         mlflow.log_metric("data/skipped_files", meta.get("skipped_count", 0))
@@ -85,9 +90,9 @@ def run_prepare(source: str = "demo", root: str = "data/demo", demo: DemoConfig 
         counts = {split: {names[i]: n for i, n in enumerate(per_class)}
                   for split, per_class in info.class_counts.items()}
         mlflow.log_dict(counts, "data/class_counts.json")
-        mlflow.log_dict(read_meta(root), "data/meta.json")
+        mlflow.log_dict(read_meta(cfg.root), "data/meta.json")
         with artifact_dir() as tmp:
-            mlflow.log_artifact(str(save_sample_grid(Path(root), tmp / "sample_grid.png")), "data")
-        log_dataset(root, digest, name=Path(root).name, context="output")
-        log.info("dataset written to %s: %s, digest %s", root, info.counts, digest)
+            mlflow.log_artifact(str(save_sample_grid(Path(cfg.root), tmp / "sample_grid.png")), "data")
+        log_dataset(cfg.root, digest, name=Path(cfg.root).name, context="output")
+        log.info("dataset written to %s: %s, digest %s", cfg.root, info.counts, digest)
         return {**meta, "digest": digest}

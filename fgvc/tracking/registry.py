@@ -19,6 +19,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fgvc.config import INT, STR, Choice, Config, Maybe, option
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.models.predict import model_from_checkpoint
 from fgvc.tracking.models import CANDIDATE, CHAMPION, CHECKPOINT_ARTIFACT
@@ -26,7 +27,7 @@ from fgvc.training.checkpoint import read_checkpoint
 
 log = logging.getLogger("fgvc")
 
-__all__ = ["CANDIDATE", "CHAMPION", "ResolvedModel", "literal", "load_model", "promote", "registered_name",
+__all__ = ["CANDIDATE", "CHAMPION", "PromoteConfig", "ResolvedModel", "literal", "load_model", "promote", "registered_name",
            "resolve_version"]
 
 
@@ -177,3 +178,19 @@ def promote(name: str, metric: str = "val_acc", dataset_digest: str | None = Non
                 others[digest] = others.get(digest, 0) + 1
     client.set_registered_model_alias(name, alias, best)
     return Promotion(name, best, alias, None if dataset_digest == "any" else dataset_digest, others)
+
+
+@dataclass(frozen=True)
+class PromoteConfig(Config):
+    name: str = option(STR, "fgvc-resnet18", "Registered model (fgvc-<arch>).")
+    arch: str | None = option(Maybe(STR, "none"), None, "Shortcut for --name fgvc-<arch> (wins over --name).")
+    metric: str = option(Choice(("val_acc", "val_balanced_acc")), "val_acc", "Version tag to maximise.")
+    dataset_digest: str | None = option(
+        Maybe(STR, "newest"), None, "Choose among versions of one dataset: newest (the newest version's dataset), "
+        "any (mix datasets on purpose) or a digest.")
+    version: int | None = option(Maybe(INT, "best"), None, "An explicit version, or best (by --metric).")
+    alias: str = option(STR, CHAMPION, "The alias to move.")
+
+    @property
+    def registered_model(self) -> str:
+        return registered_name(self.arch) if self.arch else self.name

@@ -9,6 +9,8 @@ from typing import Union
 import matplotlib
 
 matplotlib.use("Agg")
+# Every label is text, never markup: a designer named "Cost $5%$" must not be parsed as maths.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -27,11 +29,14 @@ def new_figure(figsize: tuple[float, float]) -> plt.Figure:
     return plt.figure(figsize=figsize, dpi=DPI)
 
 
-def save(fig: plt.Figure, path: PathLike) -> Path:
-    """Write ``fig`` as PNG at :data:`DPI`, close it, return the path."""
+def save(fig: plt.Figure, path: PathLike, tight: bool = False) -> Path:
+    """Write ``fig`` as PNG at :data:`DPI` (after ``tight_layout`` when asked, so no label is
+    clipped), close it, return the path."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if tight:
+            fig.tight_layout()
         fig.savefig(path, dpi=DPI, format="png")
     finally:
         plt.close(fig)

@@ -18,10 +18,12 @@ def bar_chart_figsize(count: int) -> tuple[float, float]:
 
 
 def save_histogram(
-    path: PathLike, values, title: str, xlabel: str, bins: int = 30
+    path: PathLike, values, title: str, xlabel: str, bins: int = 30,
+    reference: Optional[tuple[float, str]] = None,
 ) -> Path:
-    """Histogram of ``values`` (e.g. per-image background energy fractions), with the mean
-    marked. Non-finite values are dropped. Size: 400 x 300 px."""
+    """Histogram of ``values`` (e.g. per-image background preferences), with the mean marked
+    and an optional reference value (``(1.0, "no preference")``). Non-finite values are
+    dropped. Size: 400 x 300 px."""
     data = to_numpy(values).reshape(-1)
     data = data[np.isfinite(data)]
     fig = new_figure(HISTOGRAM_INCHES)
@@ -30,6 +32,9 @@ def save_histogram(
     if data.size:
         ax.axvline(float(data.mean()), color="black", linestyle="--", linewidth=1,
                    label=f"mean {data.mean():.3f}")
+    if reference is not None:
+        ax.axvline(reference[0], color="#d73027", linestyle=":", linewidth=1.2, label=reference[1])
+    if data.size or reference is not None:
         ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -45,16 +50,23 @@ def save_bar_chart(
     values,
     title: str,
     chance: Optional[float] = None,
+    low: Optional[Sequence[float]] = None,
+    high: Optional[Sequence[float]] = None,
 ) -> Path:
     """One bar per name (e.g. accuracy per background-swap variant), value printed on each
-    bar, and a dashed line at ``chance`` when given. Size: :func:`bar_chart_figsize` x DPI."""
+    bar, an interval per bar when ``low``/``high`` are given, and a dashed line at ``chance``.
+    Size: :func:`bar_chart_figsize` x DPI."""
     heights = to_numpy(values).reshape(-1)
     if len(names) != heights.size:
         raise ValueError(f"{len(names)} names for {heights.size} values")
     fig = new_figure(bar_chart_figsize(len(names)))
     ax = fig.add_subplot()
     positions = np.arange(len(names))
-    bars = ax.bar(positions, heights, color="#74add1", edgecolor="#313695")
+    errors = None
+    if low is not None and high is not None:
+        errors = np.array([np.clip(heights - to_numpy(low).reshape(-1), 0, None),
+                           np.clip(to_numpy(high).reshape(-1) - heights, 0, None)])
+    bars = ax.bar(positions, heights, color="#74add1", edgecolor="#313695", yerr=errors, capsize=3)
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in heights], fontsize=7)
     if chance is not None:
         ax.axhline(
@@ -64,7 +76,8 @@ def save_bar_chart(
     ax.set_xticks(positions, [str(n) for n in names], rotation=30, ha="right", fontsize=7)
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(title, fontsize=9)
-    top = max(float(heights.max()) if heights.size else 0.0, chance or 0.0)
+    top = max(float(heights.max()) if heights.size else 0.0, chance or 0.0,
+              float(to_numpy(high).max()) if high is not None and len(high) else 0.0)
     ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
     fig.subplots_adjust(left=0.14, right=0.97, top=0.88, bottom=0.28)
     return save(fig, path)

@@ -1,10 +1,11 @@
-"""The background-reliance study's figures and its self-contained HTML report.
+"""The study's figures and its self-contained HTML report.
 
 Pure presentation: rows of numbers in, PNG files and an HTML string out. A row is a plain
-dict (``arch``, ``regime``, ``seed``, ``run_id`` and the metric columns of
-:data:`METRICS`); a summary row has ``<metric>_mean``, ``<metric>_std`` and ``seeds``.
-Images in the report are inlined as base64 ``data:`` URIs, so the one file opens anywhere:
-in a browser from disk, or in the MLflow UI's artifact view.
+dict (``arch``, ``regime``, ``seed``, optional ``bg_correlation`` and measured columns with
+optional ``<column>_low`` / ``<column>_high``); a summary row has ``<column>_mean``,
+``<column>_std`` (None for one seed) and ``seeds``. Tables arrive formatted (:class:`Table`).
+Images are inlined as base64 ``data:`` URIs, so the one file opens anywhere: in a browser
+from disk, or in the MLflow UI's artifact view.
 """
 
 from __future__ import annotations
@@ -20,25 +21,17 @@ import numpy as np
 
 from fgvc.viz._figure import PathLike, new_figure, save
 
-# Column name -> (short header, what it measures). Order = table order.
-METRICS: dict[str, tuple[str, str]] = {
-    "val_acc": ("val acc", "validation accuracy at the best epoch, on the regime's own images"),
-    "val_balanced_acc": ("val bal. acc", "mean per-designer validation accuracy at the best epoch"),
-    "gradcam_bg_fraction": ("Grad-CAM bg", "share of Grad-CAM energy on the background"),
-    "occlusion_bg_fraction": ("occlusion bg", "share of occlusion sensitivity on the background"),
-    "no_fg_acc": ("No-FG acc", "accuracy with the person removed and the hole filled from the backdrop"),
-    "no_fg_vs_chance": ("No-FG / chance", "No-FG accuracy in multiples of chance"),
-    "only_fg_acc": ("Only-FG acc", "accuracy with the background set to black"),
-    "bg_gap": ("BG-gap", "Mixed-Same minus Mixed-Rand accuracy"),
-    "precision_at_1": ("P@1", "retrieval precision@1 in embedding space (same designer)"),
-}
-
-REGIME_COLOURS = {"unmasked": "#d73027", "unmasked+aug": "#fc8d59", "masked": "#4575b4",
-                  "masked+aug": "#91bfdb"}
+REGIME_COLOURS = {"unmasked": "#d73027", "unmasked+aug": "#fc8d59", "masked": "#4575b4", "masked+aug": "#91bfdb"}
 ARCH_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 FALLBACK_COLOURS = ("#1a9850", "#984ea3", "#a65628", "#999999")
 
-BAR_METRICS = ("val_acc", "no_fg_acc", "bg_gap", "gradcam_bg_fraction", "occlusion_bg_fraction")
+# (column, axis label) of the reliance measures drawn against accuracy / shortcut strength.
+RELIANCE_MEASURES = (("no_fg_vs_chance", "No-FG accuracy / chance (backdrop alone)"),
+                     ("bg_gap", "BG-gap (Mixed-Same - Mixed-Rand)"),
+                     ("gradcam_bg_preference", "Grad-CAM background preference (1 = none)"),
+                     ("occlusion_bg_preference", "occlusion background preference (1 = none)"))
+REFERENCE_LINES = {"no_fg_vs_chance": 1.0, "bg_gap": 0.0, "gradcam_bg_preference": 1.0,
+                   "occlusion_bg_preference": 1.0}
 
 
 def _colour(regime: str, order: Sequence[str]) -> str:
@@ -48,143 +41,96 @@ def _colour(regime: str, order: Sequence[str]) -> str:
 
 
 def _value(row: Mapping, key: str) -> float:
-    value = row.get(key)
     try:
-        return float(value)
+        return float(row.get(key))
     except (TypeError, ValueError):
         return float("nan")
 
 
-def _ordered(values: Sequence[str]) -> list[str]:
+def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
-# --------------------------------------------------------------------------------------------
-# Numbers
-# --------------------------------------------------------------------------------------------
-
-def summarize(rows: Sequence[Mapping], metrics: Sequence[str] = tuple(METRICS)) -> list[dict]:
-    """One row per (arch, regime), in first-seen order: ``<metric>_mean``, ``<metric>_std``
-    (sample standard deviation across seeds; 0 for a single seed) and ``seeds``.
-    Missing (NaN) values are left out of each metric's mean."""
-    groups: dict[tuple[str, str], list[Mapping]] = {}
-    for row in rows:
-        groups.setdefault((row["arch"], row["regime"]), []).append(row)
-    out = []
-    for (arch, regime), members in groups.items():
-        summary = {"arch": arch, "regime": regime, "seeds": len(members)}
-        for key in metrics:
-            values = np.array([_value(r, key) for r in members], dtype=np.float64)
-            values = values[np.isfinite(values)]
-            summary[f"{key}_mean"] = float(values.mean()) if values.size else float("nan")
-            summary[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else (
-                0.0 if values.size else float("nan"))
-        out.append(summary)
-    return out
-
-
-def _fmt(value, digits: int = 3) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def mean_pm_std(summary: Mapping, key: str) -> str:
-    """``0.812 ± 0.021`` (the spread shown only with more than one seed)."""
-    mean, std = summary.get(f"{key}_mean"), summary.get(f"{key}_std")
-    if summary.get("seeds", 1) > 1 and std is not None and math.isfinite(float(std)):
-        return f"{_fmt(mean)} ± {_fmt(std)}"
-    return _fmt(mean)
-
-
-def markdown_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float | None = None) -> str:
-    """The study table in Markdown: mean ± spread per (arch, regime), then every cell."""
-    headers = [METRICS[k][0] for k in METRICS]
-    lines = ["## Mean ± spread across seeds", ""]
-    if chance is not None:
-        lines += [f"Chance level: {chance:.3f}. Spread: sample standard deviation across seeds.", ""]
-    lines += ["| arch | regime | seeds | " + " | ".join(headers) + " |",
-              "|---|---|---|" + "---|" * len(headers)]
-    for s in summary:
-        lines.append(f"| {s['arch']} | {s['regime']} | {s['seeds']} | "
-                     + " | ".join(mean_pm_std(s, k) for k in METRICS) + " |")
-    lines += ["", "## Cells", "", "| arch | regime | seed | run | " + " | ".join(headers) + " |",
-              "|---|---|---|---|" + "---|" * len(headers)]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['regime']} | {r['seed']} | `{r['run_id']}` | "
-                     + " | ".join(_fmt(r.get(k)) for k in METRICS) + " |")
-    lines += ["", "Columns:", ""] + [f"- **{h}**: {what}" for h, what in METRICS.values()]
-    return "\n".join(lines) + "\n"
+def _rgb(hex_colour: str) -> tuple[float, float, float]:
+    hex_colour = hex_colour.lstrip("#")
+    return tuple(int(hex_colour[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
 
 
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
 
-RELIANCE_AXES = (("gradcam_bg_fraction", "Grad-CAM background energy fraction"),
-                 ("occlusion_bg_fraction", "occlusion background energy fraction"),
-                 ("no_fg_acc", "No-FG accuracy (background only)"))
-
-
-def save_reliance_scatter(path: PathLike, rows: Sequence[Mapping], chance: float | None = None) -> Path:
-    """Validation accuracy (y) against three measures of background reliance (x), one point
-    per cell: colour = regime, marker = architecture; a dashed line marks chance on the
-    No-FG panel. Size: 1200 x 400 px."""
-    regimes = _ordered([r["regime"] for r in rows])
-    archs = _ordered([r["arch"] for r in rows])
-    fig = new_figure((12.0, 4.0))
-    axes = fig.subplots(1, len(RELIANCE_AXES), sharey=True)
-    for ax, (key, label) in zip(axes, RELIANCE_AXES):
+def save_reliance_scatter(path: PathLike, rows: Sequence[Mapping], chance: float | None = None,
+                          measures=RELIANCE_MEASURES) -> Path:
+    """Validation accuracy (y) against each measure of background reliance (x), one point per
+    cell (colour = regime, marker = architecture), with the 95% interval as a horizontal bar
+    and the no-reliance value as a dashed line. Size: 300 px per panel x 400 px."""
+    regimes = _ordered(r["regime"] for r in rows)
+    archs = _ordered(r["arch"] for r in rows)
+    fig = new_figure((3.0 * len(measures), 4.0))
+    axes = np.atleast_1d(fig.subplots(1, len(measures), sharey=True))
+    for ax, (key, label) in zip(axes, measures):
         for row in rows:
-            ax.scatter(_value(row, key), _value(row, "val_acc"), s=36,
-                       color=_colour(row["regime"], regimes),
-                       marker=ARCH_MARKERS[archs.index(row["arch"]) % len(ARCH_MARKERS)],
-                       edgecolors="black", linewidths=0.5)
-        if key == "no_fg_acc" and chance is not None:
-            ax.axvline(chance, color="black", linestyle="--", linewidth=1)
-            ax.text(chance, 0.02, " chance", fontsize=7, transform=ax.get_xaxis_transform())
-        ax.set_xlabel(label, fontsize=8)
-        ax.set_xlim(-0.02, 1.02)
+            x, y = _value(row, key), _value(row, "val_acc")
+            low, high = _value(row, f"{key}_low"), _value(row, f"{key}_high")
+            colour = _colour(row["regime"], regimes)
+            if math.isfinite(low) and math.isfinite(high):
+                ax.errorbar(x, y, xerr=[[max(x - low, 0)], [max(high - x, 0)]], color=colour, lw=0.8, capsize=2)
+            ax.scatter(x, y, s=36, color=colour, marker=ARCH_MARKERS[archs.index(row["arch"]) % len(ARCH_MARKERS)],
+                       edgecolors="black", linewidths=0.5, zorder=3)
+        if key in REFERENCE_LINES:
+            ax.axvline(REFERENCE_LINES[key], color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel(label, fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy", fontsize=8)
+    axes[0].set_ylabel("validation accuracy (best epoch)", fontsize=8)
     axes[0].set_ylim(-0.02, 1.02)
-    handles = [axes[0].scatter([], [], color=_colour(g, regimes), marker="o", edgecolors="black",
-                               linewidths=0.5, label=g) for g in regimes]
-    handles += [axes[0].scatter([], [], color="white", marker=ARCH_MARKERS[i % len(ARCH_MARKERS)],
-                                edgecolors="black", linewidths=0.8, label=a) for i, a in enumerate(archs)]
+    handles = [axes[0].scatter([], [], color=_colour(g, regimes), marker="o", edgecolors="black", linewidths=0.5,
+                               label=g) for g in regimes]
+    handles += [axes[0].scatter([], [], color="white", marker=ARCH_MARKERS[i % len(ARCH_MARKERS)], edgecolors="black",
+                                linewidths=0.8, label=a) for i, a in enumerate(archs)]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.subplots_adjust(left=0.06, right=0.99, top=0.88, bottom=0.13, wspace=0.08)
+    fig.subplots_adjust(left=0.06, right=0.99, top=0.86, bottom=0.14, wspace=0.08)
     return save(fig, path)
 
 
-def save_regime_bars(path: PathLike, summary: Sequence[Mapping], metrics: Sequence[str] = BAR_METRICS,
-                     chance: float | None = None) -> Path:
-    """One panel per metric: a group of bars per regime, one bar per architecture, error
-    bars = spread across seeds. Size: ``300 * len(metrics)`` x 350 px."""
-    regimes = _ordered([s["regime"] for s in summary])
-    archs = _ordered([s["arch"] for s in summary])
+def _spread(summary: Mapping, key: str) -> tuple[float, float]:
+    """Error bar below/above the mean: the sample std across seeds, else the 95% interval."""
+    mean, std = _value(summary, f"{key}_mean"), summary.get(f"{key}_std")
+    if std is not None and math.isfinite(float(std)):
+        return float(std), float(std)
+    low, high = _value(summary, f"{key}_low"), _value(summary, f"{key}_high")
+    if math.isfinite(low) and math.isfinite(high):
+        return max(mean - low, 0.0), max(high - mean, 0.0)
+    return 0.0, 0.0
+
+
+def save_regime_bars(path: PathLike, summary: Sequence[Mapping], columns: Sequence, chance: float | None = None,
+                     keys: Sequence[str] = ("val_acc", "no_fg_vs_chance", "bg_gap", "gradcam_bg_preference",
+                                            "occlusion_bg_preference")) -> Path:
+    """One panel per measure: a group of bars per regime, one bar per architecture, error bars
+    = spread across seeds (or, for one seed, the 95% interval). Size: 300 px per panel x 350."""
+    headers = {c.name: c.header for c in columns}
+    keys = [k for k in keys if k in headers]
+    regimes = _ordered(s["regime"] for s in summary)
+    archs = _ordered(s["arch"] for s in summary)
     by_key = {(s["arch"], s["regime"]): s for s in summary}
-    fig = new_figure((3.0 * len(metrics), 3.5))
-    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    fig = new_figure((3.0 * len(keys), 3.5))
+    axes = np.atleast_1d(fig.subplots(1, len(keys)))
     width = 0.8 / max(len(archs), 1)
     positions = np.arange(len(regimes))
     shades = np.linspace(1.0, 0.55, max(len(archs), 1))
-    for ax, key in zip(axes, metrics):
+    for ax, key in zip(axes, keys):
         for i, arch in enumerate(archs):
-            means = [_value(by_key.get((arch, g), {}), f"{key}_mean") for g in regimes]
-            stds = [_value(by_key.get((arch, g), {}), f"{key}_std") for g in regimes]
+            cells = [by_key.get((arch, g), {}) for g in regimes]
+            means = np.nan_to_num([_value(c, f"{key}_mean") for c in cells])
+            errors = np.array([_spread(c, key) for c in cells]).T
             colours = [np.array(_rgb(_colour(g, regimes))) * shades[i] for g in regimes]
-            ax.bar(positions - 0.4 + width * (i + 0.5), np.nan_to_num(means), width,
-                   yerr=np.nan_to_num(stds), color=colours, edgecolor="black", linewidth=0.4,
-                   capsize=2, label=arch)
-        if key in ("no_fg_acc", "only_fg_acc") and chance is not None:
-            ax.axhline(chance, color="black", linestyle="--", linewidth=1)
-        if key == "bg_gap":
-            ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_title(METRICS[key][0], fontsize=9)
+            ax.bar(positions - 0.4 + width * (i + 0.5), means, width, yerr=errors, color=colours,
+                   edgecolor="black", linewidth=0.4, capsize=2, label=arch)
+        if key in REFERENCE_LINES:
+            ax.axhline(REFERENCE_LINES[key], color="black", linestyle="--", linewidth=1)
+        ax.set_title(headers[key], fontsize=9)
         ax.set_xticks(positions, regimes, rotation=30, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
@@ -194,9 +140,34 @@ def save_regime_bars(path: PathLike, summary: Sequence[Mapping], metrics: Sequen
     return save(fig, path)
 
 
-def _rgb(hex_colour: str) -> tuple[float, float, float]:
-    hex_colour = hex_colour.lstrip("#")
-    return tuple(int(hex_colour[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+def save_dose_response(path: PathLike, summary: Sequence[Mapping], chance: float | None = None,
+                       measures=RELIANCE_MEASURES) -> Path:
+    """Each measure (y) against the planted shortcut strength `bg_correlation` (x), one line
+    per (architecture, regime), error bars as in :func:`save_regime_bars`. A measure that
+    tracks the planted strength for unmasked models and stays flat for masked ones is
+    validated against the truth. Size: 300 px per panel x 350 px."""
+    fig = new_figure((3.0 * len(measures), 3.5))
+    axes = np.atleast_1d(fig.subplots(1, len(measures)))
+    regimes = _ordered(s["regime"] for s in summary)
+    lines = _ordered((s["arch"], s["regime"]) for s in summary)
+    for ax, (key, label) in zip(axes, measures):
+        for arch, regime in lines:
+            points = sorted((s for s in summary if (s["arch"], s["regime"]) == (arch, regime)),
+                            key=lambda s: _value(s, "bg_correlation"))
+            x = [_value(s, "bg_correlation") for s in points]
+            y = [_value(s, f"{key}_mean") for s in points]
+            errors = np.array([_spread(s, key) for s in points]).T
+            ax.errorbar(x, y, yerr=errors, marker="o", capsize=2, color=_colour(regime, regimes),
+                        label=f"{arch} {regime}", linewidth=1.2, markersize=4)
+        if key in REFERENCE_LINES:
+            ax.axhline(REFERENCE_LINES[key], color="black", linestyle="--", linewidth=1)
+        ax.set_xlabel("planted shortcut strength (bg_correlation)", fontsize=7)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.88, bottom=0.16, wspace=0.3)
+    return save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,29 +187,56 @@ class Example:
     path: Path
 
 
+@dataclass
+class Table:
+    """A formatted table: text cells, the first ``key_columns`` left-aligned."""
+
+    title: str
+    header: Sequence[str]
+    body: Sequence[Sequence[str]]
+    key_columns: int = 2
+    note: str = ""
+    legend: Mapping[str, str] | None = None  # header -> what it measures
+
+
 STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px;
-       color: #222; max-width: 1400px; }
+       color: #222; max-width: 1500px; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; } h3 { font-size: 15px; }
 table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f2f2f2; } td.key, th.key { text-align: left; }
+td.runway { background: #fde0dc; } td.garment { background: #e0ecf8; }
 code { font-size: 11px; } figure { display: inline-block; margin: 4px 10px 10px 0; vertical-align: top; }
 figcaption { font-size: 11px; color: #555; max-width: 420px; }
-img { max-width: 100%; } .note { color: #555; font-size: 13px; max-width: 1000px; }
+img { max-width: 100%; } .note { color: #555; font-size: 13px; max-width: 1100px; }
 dl { font-size: 12px; } dt { font-weight: bold; float: left; clear: left; width: 150px; }
 dd { margin-left: 160px; }
 """
 
 
-def _table(header: Sequence[str], body: Sequence[Sequence[str]], key_columns: int) -> str:
-    cls = lambda i: ' class="key"' if i < key_columns else ""  # noqa: E731
-    out = ["<table>", "<tr>" + "".join(f"<th{cls(i)}>{html.escape(h)}</th>" for i, h in enumerate(header))
-           + "</tr>"]
-    for row in body:
-        out.append("<tr>" + "".join(f"<td{cls(i)}>{html.escape(str(v))}</td>" for i, v in enumerate(row))
-                   + "</tr>")
+def _cell_class(text: str, key: bool) -> str:
+    classes = ["key"] if key else []
+    if text.startswith("reads the runway"):
+        classes.append("runway")
+    elif text.startswith("reads the garment"):
+        classes.append("garment")
+    return f' class="{" ".join(classes)}"' if classes else ""
+
+
+def _table(table: Table) -> str:
+    out = [f"<h2>{html.escape(table.title)}</h2>"]
+    if table.note:
+        out.append(f'<p class="note">{html.escape(table.note)}</p>')
+    out += ["<table>", "<tr>" + "".join(f"<th{_cell_class('', i < table.key_columns)}>{html.escape(str(h))}</th>"
+                                        for i, h in enumerate(table.header)) + "</tr>"]
+    for row in table.body:
+        out.append("<tr>" + "".join(f"<td{_cell_class(str(v), i < table.key_columns)}>{html.escape(str(v))}</td>"
+                                    for i, v in enumerate(row)) + "</tr>")
     out.append("</table>")
+    if table.legend:
+        out.append("<dl>" + "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(w)}</dd>"
+                                    for h, w in table.legend.items()) + "</dl>")
     return "\n".join(out)
 
 
@@ -247,35 +245,21 @@ def _figure(path: PathLike, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def build_report(title: str, setup: Mapping[str, str], rows: Sequence[Mapping], summary: Sequence[Mapping],
-                 figures: Sequence[Example], examples: Mapping[str, Sequence[Example]],
-                 notes: Sequence[str] = (), chance: float | None = None) -> str:
-    """The study as one self-contained HTML page: setup, the mean ± spread table, figures,
-    every cell, and attribution examples per regime. Every image is a ``data:`` URI; the page
-    loads nothing else."""
-    headers = [METRICS[k][0] for k in METRICS]
+def build_report(title: str, setup: Mapping[str, str], tables: Sequence[Table], figures: Sequence[Example],
+                 examples: Mapping[str, Sequence[Example]], notes: Sequence[str] = ()) -> str:
+    """The study as one self-contained HTML page: notes, setup, tables, figures, examples.
+    Every image is a ``data:`` URI; the page loads nothing else."""
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
              f"<title>{html.escape(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
              f"<h1>{html.escape(title)}</h1>"]
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     parts.append("<h2>Setup</h2><dl>" + "".join(
         f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in setup.items()) + "</dl>")
-    parts.append("<h2>Mean ± spread across seeds</h2>")
-    if chance is not None:
-        parts.append(f'<p class="note">Chance level {chance:.3f}. Spread: sample standard deviation '
-                     f"across seeds (shown with more than one seed).</p>")
-    parts.append(_table(["arch", "regime", "seeds", *headers],
-                        [[s["arch"], s["regime"], s["seeds"], *(mean_pm_std(s, k) for k in METRICS)]
-                         for s in summary], key_columns=2))
-    parts.append("<dl>" + "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(what)}</dd>"
-                                  for h, what in METRICS.values()) + "</dl>")
+    parts.append(_table(tables[0]) if tables else "")
     if figures:
         parts.append("<h2>Figures</h2>")
         parts += [_figure(f.path, f.caption) for f in figures]
-    parts.append(f"<h2>Cells ({len(rows)})</h2>")
-    parts.append(_table(["arch", "regime", "seed", "run", "status", *headers],
-                        [[r["arch"], r["regime"], r["seed"], r["run_id"], r.get("status", ""),
-                          *(_fmt(r.get(k)) for k in METRICS)] for r in rows], key_columns=5))
+    parts += [_table(t) for t in tables[1:]]
     if examples:
         parts.append("<h2>Examples</h2>")
         for group, items in examples.items():

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def _save(fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+from fgvc.viz._figure import new_figure, save
 
 
 def save_curves(path: str | Path, history: list[dict], keys: dict[str, str], ylabel: str, title: str) -> Path:
     """One line per metric over epochs; `keys` maps metric name -> legend label."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure((6, 4))
+    ax = fig.subplots()
     epochs = [h["epoch"] for h in history]
     for key, label in keys.items():
         ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
@@ -29,7 +21,7 @@ def save_curves(path: str | Path, history: list[dict], keys: dict[str, str], yla
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path, tight=True)
 
 
 def save_confusion(path: str | Path, confusion, names: list[str], title: str = "Confusion matrix (val)") -> Path:
@@ -38,7 +30,8 @@ def save_confusion(path: str | Path, confusion, names: list[str], title: str = "
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(names)
     size = min(4 + 0.25 * n, 16)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig = new_figure((size, size * 0.85))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
     ticks = np.arange(n)
@@ -57,7 +50,7 @@ def save_confusion(path: str | Path, confusion, names: list[str], title: str = "
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path, tight=True)
 
 
 def save_per_class(path: str | Path, per_class_acc: list[float], names: list[str], support: list[int],
@@ -66,7 +59,8 @@ def save_per_class(path: str | Path, per_class_acc: list[float], names: list[str
     acc = np.nan_to_num(np.asarray(per_class_acc, dtype=float), nan=0.0)
     order = np.argsort(acc)
     n = len(names)
-    fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * n + 1)))
+    fig = new_figure((6, max(3, 0.22 * n + 1)))
+    ax = fig.subplots()
     ax.barh(np.arange(n), acc[order], color="tab:blue")
     ax.set_yticks(np.arange(n))
     ax.set_yticklabels([f"{names[i]} (n={support[i]})" for i in order], fontsize=max(5, 9 - n // 15))
@@ -75,4 +69,4 @@ def save_per_class(path: str | Path, per_class_acc: list[float], names: list[str
     ax.axvline(float(np.mean(acc)), color="k", ls="--", lw=1, label="balanced accuracy")
     ax.legend(loc="lower right")
     ax.set_title(title)
-    return _save(fig, path)
+    return save(fig, path, tight=True)

@@ -1,0 +1,25 @@
+"""`promote` as a run of its own: which alias moved to which version, and why."""
+
+from __future__ import annotations
+
+import mlflow
+
+from fgvc.tracking.markdown import code
+from fgvc.tracking.registry import Promotion, PromoteConfig, promote
+from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
+
+EXPERIMENT = "fgvc-registry"
+
+
+def run_promote(cfg: PromoteConfig) -> Promotion:
+    configure_tracking()
+    name = cfg.registered_model
+    # The choice is made (and refused) before a run exists: a refusal leaves no FAILED run.
+    promotion = promote(name, metric=cfg.metric, dataset_digest=cfg.dataset_digest,
+                        version=None if cfg.version is None else str(cfg.version), alias=cfg.alias)
+    with tracked_run(EXPERIMENT, f"promote-{name}-{cfg.alias}", task="promote",
+                     description=f"{code(promotion.describe())}"):
+        log_params({**cfg.params(), "registered_model": name, "version_effective": promotion.version,
+                    "dataset_digest_effective": promotion.dataset_digest or "any"})
+        mlflow.set_tag("fgvc.model_version", f"{name}/{promotion.version}")
+    return promotion

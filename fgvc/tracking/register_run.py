@@ -1,0 +1,69 @@
+"""`register`: an original project's checkpoint as a tracked, registered fgvc model.
+
+One run (task `register`, experiment fgvc-train, so it sits beside the trainings it compares
+with) holds the params, the validation metrics under the training runs' names (`val/...` at
+step 0 and `best/...`), the confusion and per-class plots, the fgvc checkpoint and the MLflow
+model; the version is registered like a trained one, so `analyze --model models:/...@candidate`
+works on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+
+from fgvc.regimes import regime_of
+from fgvc.tracking.markdown import code
+from fgvc.tracking.models import log_model, register, version_description
+from fgvc.tracking.registry import registered_name
+from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
+from fgvc.tracking.train_run import EXPERIMENT
+from fgvc.training.imported import RegisterConfig, example_images, fgvc_checkpoint, import_checkpoint
+from fgvc.viz.training_plots import save_confusion, save_per_class
+
+log = logging.getLogger("fgvc")
+
+
+def run_register(cfg: RegisterConfig) -> tuple[str, str, str]:
+    """Import, evaluate, record and register; returns (run id, registered name, version)."""
+    imported = import_checkpoint(cfg)  # every refusal happens before the run exists
+    data, val = imported.data, imported.val
+    name = cfg.registered_model or registered_name(imported.arch)
+    regime = regime_of(data.masked, None)
+    run_name = f"{imported.arch}-imported-{Path(cfg.checkpoint).stem}"
+    description = (f"Checkpoint {code(cfg.checkpoint)} of the original scripts, imported as {imported.arch} "
+                   f"(normalisation {imported.normalization}) and evaluated on {code(data.root)}: val accuracy "
+                   f"{val.acc:.4f}.")
+    tags = {"fgvc.regime": regime, "fgvc.arch": imported.arch, "fgvc.dataset_digest": data.digest,
+            "fgvc.imported_from": str(Path(cfg.checkpoint).resolve())}
+    with tracked_run(EXPERIMENT, run_name, task="register", description=description, tags=tags) as run:
+        log_params({**cfg.params(), "arch_effective": imported.arch, "normalization_effective": imported.normalization,
+                    "regime": regime, "num_classes": data.num_classes, "dataset_digest": data.digest,
+                    "image_size": f"{data.image_size[0]}x{data.image_size[1]}", "val_images": val.images,
+                    "data_root_abs": str(data.root.resolve()), "input_mean": imported.model.spec.mean,
+                    "input_std": imported.model.spec.std})
+        log_dataset(data.root, data.digest, name=data.root.name, context="eval")
+        metrics = {"val/acc": val.acc, "val/balanced_acc": val.balanced_acc, "val/top5": val.top5,
+                   "val/loss": val.loss, "val/error": 1 - val.acc}
+        mlflow.log_metrics(metrics, step=0)
+        with artifact_dir() as tmp:
+            best = fgvc_checkpoint(imported, tmp / "best.pt")
+            mlflow.log_artifact(str(best), "checkpoints")
+            save_confusion(tmp / "confusion_matrix.png", val.confusion, data.label_names, "Confusion matrix (val)")
+            save_per_class(tmp / "per_class_accuracy.png", val.per_class_acc, data.label_names,
+                           imported.val_set.class_counts(), "Per-class accuracy (val)")
+            mlflow.log_artifact(str(tmp / "confusion_matrix.png"), "plots")
+            mlflow.log_artifact(str(tmp / "per_class_accuracy.png"), "plots")
+            info = log_model(best, example_images(imported.val_set), 0,
+                             {f"best/{k.replace('/', '_')}": v for k, v in metrics.items()})
+            version_tags = {"regime": regime, "dataset_digest": data.digest, "val_acc": f"{val.acc:.6f}",
+                            "val_balanced_acc": f"{val.balanced_acc:.6f}", "arch": imported.arch, "best_epoch": 0,
+                            "data_root": str(data.root), "run_id": run.info.run_id, "imported": "true",
+                            "image_size": f"{data.image_size[0]}x{data.image_size[1]}"}
+            version = register(info.model_uri, name, version_tags, lambda v: version_description(
+                name, v, run_name, regime, val.acc))
+        mlflow.set_tag("fgvc.model_version", f"{name}/{version}")
+        log.info("registered %s version %s from %s (val acc %.4f)", name, version, cfg.checkpoint, val.acc)
+        return run.info.run_id, name, version
