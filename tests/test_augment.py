@@ -11,7 +11,7 @@ def batch(n=8, h=32, w=24):
 
 
 def test_heavy_recipe_is_seeded_per_sample_and_keeps_shape_and_range():
-    aug = get_preset("true")
+    aug = get_preset("heavy")
     assert isinstance(aug, HeavyAugment) and aug.crop_scale == (0.6, 1.0) and aug.erase_p == 0.4
     x = batch()
     a = aug(x, torch.Generator().manual_seed(1))
@@ -39,7 +39,15 @@ def test_flip_only_recipe_flips_exactly():
     assert torch.allclose(out, (x.float() / 255).flip(-1), atol=1e-6)
 
 
-def test_presets_by_name():
-    assert get_preset("false") is None and get_preset(False) is None
-    with pytest.raises(ValueError, match="unknown augmentation preset 'wild'"):
+def test_presets_by_name_and_the_aug_option_words():
+    from fgvc.config import parse_value
+    from fgvc.training.config import TrainConfig
+
+    assert get_preset(None) is None and isinstance(get_preset("heavy"), HeavyAugment)
+    with pytest.raises(ValueError, match="unknown augmentation recipe 'wild'; choose from heavy"):
         get_preset("wild")
+    # every spelling of "off" is one value, so one config id; "true" is the heavy recipe
+    assert {parse_value(TrainConfig, "aug", w) for w in ("false", "none", "False", "no", "0")} == {None}
+    assert parse_value(TrainConfig, "aug", "true") == parse_value(TrainConfig, "aug", "heavy") == "heavy"
+    assert TrainConfig(aug=None).identity() == TrainConfig(aug=parse_value(TrainConfig, "aug", "none")).identity()
+    assert TrainConfig(aug="heavy").params()["aug"] == "true"

@@ -17,11 +17,11 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from fgvc.data.dataset import ShardDataset
-from fgvc.tracking import train_run
 from fgvc.tracking.train_run import run_train
 from fgvc.training.config import TrainConfig
 from fgvc.models import create_model
-from fgvc.training.distributed import EqualShareLoader, World, wrap_model
+from fgvc.distributed import World
+from fgvc.training.ddp import EqualShareLoader, wrap_model
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -32,12 +32,12 @@ METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "val/top5", "val/er
 # No BatchNorm (GroupNorm): PyTorch's SyncBatchNorm needs CUDA, and without it each CPU rank
 # would normalise over half the batch. 24 train images, global batch 8: 3 steps per epoch.
 ARCH = "timm:test_efficientnet_gn"
-OPTIONS = dict(arch=ARCH, pretrained="false", epochs=2, batch_size=8, num_workers=0, seed=0, val_count=11)
+OPTIONS = dict(arch=ARCH, pretrained=False, epochs=2, batch_size=8, num_workers=0, seed=0, val_count=11)
 
 
 def cli_args(root: Path, **overrides) -> list[str]:
-    opts = {**OPTIONS, "data_root": str(root), **overrides}
-    return [arg for key, value in opts.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+    params = TrainConfig(**{**OPTIONS, "data_root": str(root), **overrides}).params()
+    return [arg for key in (*OPTIONS, "data_root") for arg in (f"--{key.replace('_', '-')}", params[key])]
 
 
 def torchrun(cwd: Path, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -78,8 +78,9 @@ def test_ranks_get_equal_disjoint_shares_of_each_epoch(tiny_root):
         assert sorted(torch.cat(shares).tolist()) == sorted(full.order()[:22].tolist())
 
 
+@pytest.mark.slow
 def test_two_processes_give_one_run_and_the_model_of_one_process(tiny_root, mlflow_store, tmp_path):
-    single = run_train(TrainConfig(data_root=str(tiny_root), **OPTIONS), register=False, progress=False)
+    single = run_train(TrainConfig(data_root=str(tiny_root), registered_model=False, **OPTIONS), progress=False)
 
     ddp = torchrun(tmp_path, "-m", "fgvc.cli", "train", *cli_args(tiny_root))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
@@ -104,18 +105,17 @@ def test_two_processes_give_one_run_and_the_model_of_one_process(tiny_root, mlfl
     assert version.run_id == run_id
 
 
-def test_two_processes_resume_a_run_interrupted_in_one(tiny_root, mlflow_store, tmp_path, monkeypatch):
-    full = run_train(TrainConfig(data_root=str(tiny_root), **OPTIONS), register=False, progress=False)
-    real_save = train_run._Checkpointer.save
+@pytest.mark.slow
+def test_two_processes_resume_a_run_interrupted_in_one(tiny_root, mlflow_store, tmp_path):
+    full = run_train(TrainConfig(data_root=str(tiny_root), registered_model=False, **OPTIONS), progress=False)
 
-    def save_then_interrupt(self, record, best):
-        real_save(self, record, best)
-        raise KeyboardInterrupt
+    class InterruptAfterEpoch1:
+        def on_epoch_end(self, record, session):
+            raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
-        patch.setattr(train_run._Checkpointer, "save", save_then_interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            run_train(TrainConfig(data_root=str(tiny_root), **OPTIONS), register=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(TrainConfig(data_root=str(tiny_root), registered_model=False, **OPTIONS),
+                  callbacks=[InterruptAfterEpoch1()], progress=False)
     interrupted = mlflow.search_runs(experiment_names=["fgvc-train"], filter_string="attributes.status = 'KILLED'")
     run_id = interrupted.run_id.item()
 
@@ -143,7 +143,8 @@ COLLECTIVES = textwrap.dedent('''
     import torch.nn as nn
     from fgvc.data.dataset import BatchLoader, ShardDataset
     from fgvc.models import create_model
-    from fgvc.training import distributed
+    from fgvc import distributed
+    from fgvc.training import ddp
     from fgvc.training.loop import NonFiniteLoss, build_optimizer, evaluate, evaluate_sharded, train_one_epoch
 
     root, out = sys.argv[1], sys.argv[2]
@@ -162,20 +163,20 @@ COLLECTIVES = textwrap.dedent('''
 
         val = ShardDataset(root, "val", count=11)
         torch.manual_seed(0)
-        model = distributed.wrap_model(create_model("fn-small", val.num_classes, "false"), world)
+        model = ddp.wrap_model(create_model("fn-small", val.num_classes, False), world)
         sharded = evaluate_sharded(model, BatchLoader(val, 4, rank=world.rank, world_size=2, prefetch=0),
                                    val.num_classes, world.device)
-        whole = evaluate(distributed.unwrap(model), BatchLoader(val, 4, prefetch=0), val.num_classes, world.device)
+        whole = evaluate(ddp.unwrap(model), BatchLoader(val, 4, prefetch=0), val.num_classes, world.device)
         seen["eval_images"] = sharded.images
         seen["eval_matches_whole"] = bool(torch.equal(sharded.confusion, whole.confusion)
                                           and abs(sharded.loss - whole.loss) < 1e-5)
 
         train = ShardDataset(root, "train")
-        optimizer = build_optimizer(distributed.unwrap(model), 1e-3, 1e-3, 0.0)
+        optimizer = build_optimizer(ddp.unwrap(model), 1e-3, 1e-3, 0.0)
         if world.rank == 1:  # a NaN on one rank only must stop both
             with torch.no_grad():
-                distributed.unwrap(model).head.bias.fill_(float("nan"))
-        loader = distributed.EqualShareLoader(train, 4, shuffle=True, rank=world.rank, world_size=2, prefetch=0)
+                ddp.unwrap(model).head.bias.fill_(float("nan"))
+        loader = ddp.EqualShareLoader(train, 4, shuffle=True, rank=world.rank, world_size=2, prefetch=0)
         try:
             train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), world.device)
         except NonFiniteLoss as e:
@@ -185,6 +186,7 @@ COLLECTIVES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_collectives_agree_across_ranks_and_a_nan_on_one_rank_stops_both(tiny_root, tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
@@ -204,7 +206,7 @@ def test_collectives_agree_across_ranks_and_a_nan_on_one_rank_stops_both(tiny_ro
 
 
 def test_sync_bn_on_the_cpu_is_refused_with_the_reason():
-    model = create_model("fn-small", 3, "false")
-    with pytest.raises(ValueError, match="sync_bn=true needs CUDA"):
+    model = create_model("fn-small", 3, False)
+    with pytest.raises(ValueError, match="--sync-bn true needs CUDA"):
         wrap_model(model, World(rank=0, world_size=2, backend="gloo"), sync_bn=True)
     assert wrap_model(model, World(), sync_bn=True) is model  # one process: nothing to wrap

@@ -12,7 +12,7 @@ from fgvc.training.loop import NonFiniteLoss, build_optimizer, evaluate, group_l
 
 
 def test_optimizer_has_backbone_and_head_rates_and_no_decay_on_norms():
-    model = create_model("fn-small", 3, pretrained="false")
+    model = create_model("fn-small", 3, pretrained=False)
     opt = build_optimizer(model, lr_backbone=1e-4, lr_head=1e-3, weight_decay=0.05)
     assert group_lrs(opt) == (1e-4, 1e-3)
     grouped = [p for g in opt.param_groups for p in g["params"]]
@@ -33,7 +33,7 @@ def test_metrics_from_confusion_by_hand():
 
 def test_evaluate_counts_every_image_once(tiny_root):
     ds = ShardDataset(tiny_root, "val")
-    model = create_model("fn-small", ds.num_classes, pretrained="false").eval()
+    model = create_model("fn-small", ds.num_classes, pretrained=False).eval()
     r = evaluate(model, BatchLoader(ds, 5, prefetch=0), ds.num_classes, torch.device("cpu"))
     assert r.images == len(ds) == 12 and int(r.confusion.sum()) == 12
     assert r.confusion.sum(1).tolist() == ds.class_counts()
@@ -46,7 +46,7 @@ def test_evaluate_counts_every_image_once(tiny_root):
 
 def test_non_finite_loss_stops_before_the_step(tiny_root):
     ds = ShardDataset(tiny_root, "train")
-    model = create_model("fn-small", ds.num_classes, pretrained="false")
+    model = create_model("fn-small", ds.num_classes, pretrained=False)
     with torch.no_grad():
         model.head.bias.fill_(float("inf"))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from fgvc.data.demo import DemoConfig, generate_demo
 from fgvc.data.shards import dataset_digest, read_meta
-from fgvc.masking import MaskError
+from fgvc.masking import MaskConfig, MaskError
 from fgvc.tracking.mask_run import run_mask
 
 TINY = DemoConfig(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24,
@@ -42,12 +42,13 @@ def only_run(client: MlflowClient, name: str):
 
 def test_run_logs_params_metrics_datasets_and_artifacts(store):
     # Demo person ratios lie around 0.2: this threshold makes some images fall back.
-    meta = run_mask(store / "src", store / "dst", segmenter="groundtruth",
-                    min_person_ratio=0.22, batch_size=4, progress=False)
+    meta = run_mask(MaskConfig(src_root=str(store / "src"), dst_root=str(store / "dst"), segmenter="groundtruth",
+                               min_person_ratio=0.22, batch_size=4), progress=False)
     client = MlflowClient()
     run = only_run(client, "mask-groundtruth")
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "mask-groundtruth"
+    assert run.info.run_name == "mask-groundtruth" and run.data.tags["fgvc.task"] == "mask"
+    assert "groundtruth" in run.data.tags["mlflow.note.content"]
 
     p = run.data.params
     assert p["segmenter"] == "groundtruth" and p["weights"] == "source masks"
@@ -55,8 +56,9 @@ def test_run_logs_params_metrics_datasets_and_artifacts(store):
     assert p["source_root"] == str((store / "src").resolve())
     assert p["source_digest"] == dataset_digest(store / "src")
     assert p["dst_root"] == str((store / "dst").resolve())
-    assert p["device"] == "cpu" and p["workers"] == "1"
-    assert "seg_size" in p
+    assert p["device"] == "auto" and p["device_effective"] == "cpu" and p["workers"] == "1"
+    assert p["splits"] == "all" and p["splits_effective"] == "train,val"
+    assert p["seg_size"] == "520" and p["seg_size_effective"] == "none"  # ground truth: no segmenter input
 
     m = run.data.metrics
     for split in ("train", "val"):
@@ -88,13 +90,12 @@ def test_run_logs_params_metrics_datasets_and_artifacts(store):
 
 
 def test_random_segmenter_weights_param_and_refusal_before_a_run(store):
-    run_mask(store / "src", store / "dst-random", segmenter="deeplabv3_mobilenet_v3_large",
-             seg_weights="random", seg_size=64, batch_size=8, progress=False)
+    cfg = MaskConfig(src_root=str(store / "src"), dst_root=str(store / "dst-random"),
+                     segmenter="deeplabv3_mobilenet_v3_large", seg_weights="random", seg_size=64, batch_size=8)
+    run_mask(cfg, progress=False)
     client = MlflowClient()
     run = only_run(client, "mask-deeplabv3_mobilenet_v3_large")
-    assert run.data.params["weights"] == "random" and run.data.params["seg_size"] == "64"
+    assert run.data.params["weights"] == "random" and run.data.params["seg_size_effective"] == "64"
     with pytest.raises(MaskError, match="overwrite"):
-        run_mask(store / "src", store / "dst-random",
-                 segmenter="deeplabv3_mobilenet_v3_large", seg_weights="random", seg_size=64,
-                 progress=False)
+        run_mask(cfg, progress=False)
     only_run(client, "mask-deeplabv3_mobilenet_v3_large")  # the refusal started no run

@@ -15,6 +15,7 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from fgvc.data.demo import DemoConfig, generate_demo
+from fgvc.distributed import World
 from fgvc.data.shards import ShardError, load_shard, read_label_map, read_meta, read_shard, shards_of
 from fgvc.masking import (
     MaskError,
@@ -316,23 +317,52 @@ def test_lost_statistics_sidecar_is_rebuilt_from_the_shard(src, reference, tmp_p
     assert files_of(dst) == files_of(reference)
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_same_bytes(src, reference, tmp_path):
+    """`fgvc mask --workers 2` relaunches under torchrun: two ranks deal out the shards."""
     dst = tmp_path / "two"
-    report = mask_dataset(src, dst, workers=2, **MOBILENET)
-    assert report.processed == {"train": 24, "val": 12}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_RUN_ID"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "fgvc.cli", "mask", "--src-root", str(src), "--dst-root", str(dst),
+                           "--segmenter", "deeplabv3_mobilenet_v3_large", "--seg-weights", "random", "--seg-size",
+                           "64", "--batch-size", "4", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launching 2" in done.stderr
     assert files_of(dst) == files_of(reference)
 
 
 def test_ranks_share_shards_and_rank0_writes_meta(src, reference, tmp_path):
     dst = tmp_path / "ranks"
-    rank1 = mask_dataset(src, dst, rank=1, world_size=2, **MOBILENET)
+    rank1 = mask_dataset(src, dst, world=World(rank=1, world_size=2), **MOBILENET)
     assert rank1.meta is None and not (dst / "meta.json").exists()
     # Shards are dealt over all splits in order: train 0,1,2 then val 0,1 -> rank 1 has 1 and 3.
-    assert sorted(str(p.relative_to(dst)) for p in dst.glob("*/*.pt")) == [
-        "train/shard_001.pt", "val/shard_000.pt"]
-    rank0 = mask_dataset(src, dst, rank=0, world_size=2, **MOBILENET)
+    assert sorted(str(p.relative_to(dst)) for p in dst.glob("*/*.pt")) == ["train/shard_001.pt", "val/shard_000.pt"]
+    rank0 = mask_dataset(src, dst, world=World(rank=0, world_size=2), **MOBILENET)
     assert rank0.meta is not None
     assert files_of(dst) == files_of(reference)
+    with pytest.raises(MaskError, match=r"2 shard\(s\) of other ranks are not written yet"):
+        mask_dataset(src, tmp_path / "alone", world=World(rank=0, world_size=2), **MOBILENET)
+
+
+def test_splits_option_masks_only_those_splits(src, tmp_path):
+    dst = tmp_path / "val-only"
+    report = mask_dataset(src, dst, segmenter="groundtruth", splits=("val",), progress=False)
+    assert report.meta["splits"] == ["val"] and not (dst / "train").exists()
+    assert [p.name for p in shards_of(dst, "val")] == [p.name for p in shards_of(src, "val")]
+    with pytest.raises(ShardError, match="has no split test"):
+        mask_dataset(src, tmp_path / "t", segmenter="groundtruth", splits=("test",), progress=False)
+
+
+def test_overwrite_removes_only_what_mask_wrote(src, tmp_path):
+    dst = tmp_path / "keep"
+    mask_dataset(src, dst, segmenter="groundtruth", progress=False)
+    (dst / "notes.txt").write_text("mine")
+    (dst / "train" / "backup_copy.pt").write_bytes(b"mine too")
+    mask_dataset(src, dst, segmenter="groundtruth", overwrite=True, progress=False)
+    assert (dst / "notes.txt").read_text() == "mine" and (dst / "train" / "backup_copy.pt").exists()
+    assert (dst / "meta.json").exists()
 
 
 def test_groundtruth_needs_masks_in_the_source(tmp_path):

@@ -1,4 +1,5 @@
-"""The MLproject entry points as a user runs them: `mlflow run . -e NAME --env-manager local`."""
+"""The MLproject entry points as a user runs them: `mlflow run . -e NAME --env-manager local`,
+and the MLproject file against the CLI, in both directions."""
 
 from __future__ import annotations
 
@@ -8,40 +9,71 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import mlflow
 import pytest
 import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from fgvc.cli import main
+from fgvc.cli import CONFIGS, KindType, main
+from fgvc.mlproject import render
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("prepare", "mask", "train", "analyze", "promote", "study")
+ENTRY_POINTS = tuple(CONFIGS)
+MLPROJECT_TYPES = {"int": "int", "float": "float", "string": "string"}
 
 
 def project() -> dict:
     return yaml.safe_load((REPO / "MLproject").read_text())
 
 
+def test_mlproject_is_the_generated_one():
+    assert (REPO / "MLproject").read_text() == render(), "regenerate with: python -m fgvc.mlproject > MLproject"
+
+
 def test_every_entry_point_is_declared_with_a_thin_script():
     spec = project()
     assert spec["conda_env"] == "conda.yaml"
+    assert set(spec["entry_points"]) == set(ENTRY_POINTS)
     for name in ENTRY_POINTS:
-        assert name in spec["entry_points"], name
         script = REPO / "entrypoints" / f"{name}.py"
         assert f'run("{name}")' in script.read_text()
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
-def test_entry_point_parameters_are_cli_options(name):
+def test_parameters_and_cli_options_match_in_both_directions(name):
     entry = project()["entry_points"][name]
-    command = " ".join(entry["command"].split())
-    options = re.findall(r"(--[a-z0-9-]+) \{(\w+)\}", command)
-    assert {p for _, p in options} == set(entry["parameters"]), "every parameter reaches the command"
-    help_text = CliRunner().invoke(main, [name, "--help"], terminal_width=200).output
-    for option, _ in options:
-        assert option in help_text, f"{name}: {option} is not an option of `fgvc {name}`"
+    command = main.commands[name]
+    cli = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    # MLproject -> command line: every parameter reaches the command under its option name
+    substituted = dict(re.findall(r"(--[a-z0-9-]+) \{(\w+)\}", " ".join(entry["command"].split())))
+    assert set(substituted.values()) == set(entry["parameters"])
+    for option, param in substituted.items():
+        assert param in cli and option in cli[param].opts, (name, option)
+    # command line -> MLproject: every option is a parameter of the same type and default
+    assert set(cli) == set(entry["parameters"]), name
+    for param, option in cli.items():
+        declared = entry["parameters"][param]
+        kind = option.type.kind if isinstance(option.type, KindType) else None
+        assert kind is not None and declared["type"] == MLPROJECT_TYPES[kind.mlproject_type], (name, param)
+        assert str(declared["default"]) == option.default or float(declared["default"]) == float(option.default), \
+            (name, param, declared["default"], option.default)
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_help_exits_zero_for_every_command_and_entry_point(name):
+    result = CliRunner().invoke(main, [name, "--help"])
+    assert result.exit_code == 0 and "Error" not in result.output, result.output
+    script = subprocess.run([sys.executable, str(REPO / "entrypoints" / f"{name}.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0 and "--" in script.stdout, script.stderr[-2000:]
+
+
+def test_a_bad_number_names_the_option_and_exits_nonzero():
+    result = CliRunner().invoke(main, ["train", "--lr-backbone", "abc"])
+    assert result.exit_code == 2
+    assert "--lr-backbone" in result.output and "'abc' is not a number" in result.output
 
 
 def mlflow_run(entry: str, cwd: Path, **params) -> subprocess.CompletedProcess:
@@ -55,18 +87,18 @@ def mlflow_run(entry: str, cwd: Path, **params) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_mlflow_run_prepare_mask_train_promote_analyze(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # earlier tests may have set another
     data, masked = tmp_path / "demo", tmp_path / "demo-masked"
     steps = [
-        ("prepare", dict(root=data, seed=3)),
+        ("prepare", dict(root=data, seed=3, num_designers=3, train_per_class=20, val_per_class=10)),
         ("mask", dict(src_root=data, dst_root=masked, segmenter="groundtruth")),
-        ("train", dict(arch="fn-small", data_root=masked, epochs=1, train_count=60, val_count=30,
-                       batch_size=16, aug="true")),
+        ("train", dict(arch="fn-small", data_root=masked, epochs=1, batch_size=16, aug="true")),
         ("promote", dict(name="fgvc-fn-small")),
         ("analyze", dict(model="models:/fgvc-fn-small@champion", method="gradcam", num_images=8,
-                         data_root=data)),
+                         data_root=masked)),
     ]
     for entry, params in steps:
         done = mlflow_run(entry, tmp_path, **params)
@@ -74,11 +106,15 @@ def test_mlflow_run_prepare_mask_train_promote_analyze(tmp_path, monkeypatch):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    by_name = {r.info.run_name: r for r in runs}
-    train = by_name["fn-small-masked-aug"]
-    assert train.data.params["aug"] == "true" and train.data.params["regime"] == "masked-aug"
+    by_task = {r.data.tags.get("fgvc.task"): r for r in runs}
+    assert set(by_task) == {"prepare", "mask", "train", "promote", "analyze"}
+    assert all(r.data.tags.get("mlflow.note.content") for r in runs)  # every run says what it is
+    train = by_task["train"]
+    assert train.info.run_name == "fn-small-masked+aug"
+    assert train.data.params["aug"] == "true" and train.data.params["regime"] == "masked+aug"
+    assert "aug_effective" not in train.data.params  # mlflow run's own params are the canonical ones
     assert train.data.params["train_images"] == "60"
-    assert "gradcam/bg_energy_fraction_mean" in train.data.metrics
+    assert "gradcam/bg_preference_mean" in train.data.metrics
+    assert by_task["promote"].info.run_name == "promote-fgvc-fn-small-champion"
     assert str(client.get_model_version_by_alias("fgvc-fn-small", "champion").version) == "1"
-    assert any(r.data.params.get("segmenter") == "groundtruth" for r in runs)
     assert (masked / "meta.json").exists() and (data / "index_to_label.json").exists()

@@ -197,7 +197,7 @@ def test_imagenet_weights_from_cache_and_rebuild(tmp_path):
     imagenet = torchvision.models.resnet18(num_classes=1000)
     fill_torch_hub_cache(tmp_path, torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, imagenet)
 
-    model = create_model("resnet18", num_classes=3, pretrained="true").eval()
+    model = create_model("resnet18", num_classes=3, pretrained=True).eval()
     assert model.spec.pretrained_effective == "imagenet:ResNet18_Weights.IMAGENET1K_V1"
     assert model.spec.mean == IMAGENET_MEAN and model.spec.std == IMAGENET_STD
     torch.testing.assert_close(model.input_std.flatten(), torch.tensor(IMAGENET_STD))
@@ -215,9 +215,10 @@ def test_imagenet_weights_from_cache_and_rebuild(tmp_path):
 def test_pretrained_true_with_empty_cache_names_the_missing_file(tmp_path):
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
     with pytest.raises(PretrainedWeightsError) as error:
-        create_model("resnet50", num_classes=2, pretrained="true")
-    assert str(expected) in str(error.value)
-    assert "pretrained=/path/to/file.pth" in str(error.value)
+        create_model("resnet50", num_classes=2, pretrained=True)
+    message = str(error.value)
+    assert str(expected) in message and "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in message
+    assert "FGVC_TORCH_MIRROR" in message and "\n" not in message
 
 
 def test_pretrained_auto_with_empty_cache_warns_and_uses_identity_normalisation(tmp_path):
@@ -261,7 +262,7 @@ def test_timm_weights_from_torch_hub_cache(tmp_path):
 
 def test_timm_pretrained_true_without_cache_is_an_error():
     with pytest.raises(PretrainedWeightsError, match="resnet10t"):
-        create_model("timm:resnet10t", num_classes=2, pretrained="true")
+        create_model("timm:resnet10t", num_classes=2, pretrained=True)
 
 
 def test_unknown_arch_lists_valid_names():

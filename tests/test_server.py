@@ -29,6 +29,8 @@ METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "val/top5", "val/er
            "lr/backbone", "lr/head", "time/epoch_s", "throughput/train_img_s"]
 TRAIN = ["--arch", "fn-small", "--epochs", "2", "--batch-size", "8", "--num-workers", "0"]
 RUN_DONE = re.compile(r"run ([0-9a-f]{32}): best val acc")
+pytestmark = pytest.mark.slow
+
 PASSWORDS = {"admin": "fgvc-admin-password", "alice": "alice-password-123", "bob": "bob-password-1234"}
 
 

@@ -45,11 +45,16 @@ def test_attribution_grid(tmp_path):
     path = save_attribution_grid(
         tmp_path / "grid.png", torch.rand(3, 3, 32, 32), torch.rand(3, 32, 32), ["a", "b", "c"]
     )
-    assert path.exists() and _png_size(path) == (2 * 150 + 60, 3 * 150)
+    width, height = _png_size(path)
+    assert path.exists() and width == 2 * 150 + 90 and height >= 3 * 150
     untitled = save_attribution_grid(
         tmp_path / "sub" / "g.png", torch.rand(1, 3, 16, 16), torch.rand(1, 16, 16)
     )
-    assert _png_size(untitled) == (360, 150)
+    assert _png_size(untitled)[0] == 390 and _png_size(untitled)[1] >= 150
+    two_lines = save_attribution_grid(tmp_path / "t.png", torch.rand(2, 3, 32, 32), torch.rand(2, 32, 32),
+                                      ["WRONG  true: a / predicted: b\nbackground preference 1.20", "true: a"],
+                                      wrong=[True, False], colorbar_label="occlusion (scaled)")
+    assert _png_size(two_lines)[1] > _png_size(tmp_path / "sub" / "g.png")[1] * 2  # room for two-line titles
 
 
 def test_neighbor_grid(tmp_path):
@@ -62,8 +67,9 @@ def test_neighbor_grid(tmp_path):
         query_labels=torch.tensor([0, 1]),
         ref_labels=torch.tensor([0, 1, 0, 1]),
         label_names=["Dior", "Prada"],
+        scores=torch.tensor([[0.9, 0.8, 0.7], [0.6, float("-inf"), 0.5]]),
     )
-    assert _png_size(path) == (4 * 150, 2 * 150)
+    assert _png_size(path) == (4 * 150, 2 * 150 + 60)  # + the legend of the frame colours
 
 
 def test_histogram_and_bar_chart(tmp_path):
@@ -81,3 +87,16 @@ def test_variant_grid(tmp_path):
     variants["partner_same"] = torch.arange(4)
     path = save_variant_grid(tmp_path / "v.png", variants, n=2)
     assert _png_size(path) == (3 * 150, 2 * 150)
+
+
+def test_labels_are_text_never_mathtext(tmp_path):
+    """A designer named like a formula must not be parsed (it used to kill a training run)."""
+    from fgvc.viz.training_plots import save_confusion, save_per_class
+
+    names = ["Cost $5%$", "a$^$b", "plain"]
+    save_confusion(tmp_path / "c.png", torch.tensor([[2, 1, 0], [0, 3, 0], [1, 0, 2]]), names, "$x^$")
+    save_per_class(tmp_path / "p.png", [0.5, 1.0, 0.2], names, [3, 3, 3], "per class $")
+    save_bar_chart(tmp_path / "b.png", names, [0.1, 0.2, 0.3], "acc $", chance=0.33)
+    save_attribution_grid(tmp_path / "g.png", torch.rand(1, 3, 16, 16), torch.rand(1, 16, 16), ["true: a$^$b"])
+    for name in ("c.png", "p.png", "b.png", "g.png"):
+        assert _png_size(tmp_path / name)[0] > 0

@@ -79,8 +79,7 @@ def prepare_destination(plan: MaskPlan) -> None:
         if task.dst.parent.exists():
             for stale in task.dst.parent.glob(f".{task.dst.name}.*.tmp"):
                 stale.unlink(missing_ok=True)
-    if plan.rank == 0:
-        write_job(dst, plan.fingerprint)
+    write_job(dst, plan.fingerprint)  # every rank: the same bytes, written atomically
 
 
 def _assemble(source: dict, images: torch.Tensor, masks: torch.Tensor, bg_removed: torch.Tensor) -> dict:

@@ -77,11 +77,10 @@ class MaskPlan:
         return [t for t in self.tasks if t.index % self.world_size == self.rank]
 
     def describe(self) -> dict:
-        """The parameters worth recording (MLflow params, meta.json)."""
-        return {"segmenter": self.segmenter_name, "weights": self.weights,
-                "min_person_ratio": self.min_person_ratio, "seg_size": self.seg_size,
-                "batch_size": self.batch_size, "splits": ",".join(self.splits), "source_root": str(self.src),
-                "source_digest": self.source_digest, "dst_root": str(self.dst), "device": self.device,
+        """What the plan resolved (MLflow params beside the config's, meta.json)."""
+        return {"weights": self.weights, "seg_size_effective": self.seg_size or "none",
+                "splits_effective": ",".join(self.splits), "source_root": str(self.src),
+                "source_digest": self.source_digest, "dst_root": str(self.dst), "device_effective": self.device,
                 "world_size": self.world_size}
 
 

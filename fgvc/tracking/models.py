@@ -35,7 +35,6 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_NAME = "model"  # the LoggedModel's name within its run
 CHECKPOINT_ARTIFACT = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-VALIDATION = ("val/acc", "val/balanced_acc", "val/top5", "val/loss")
 REGISTERED_DESCRIPTION = (
     "fgvc designer classifier. Each version is an MLflow model: `mlflow.pyfunc.load_model(uri).predict(images)` "
     "takes uint8 images [N, H, W, 3] of any size and returns the designer, class index and top-k "
@@ -98,9 +97,10 @@ def example_images(session, count: int = 2) -> np.ndarray:
     return items["images"].permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def log_and_register(best_checkpoint: Path, name: str, best: dict, session, run_id: str) -> str:
-    """Log the training's best checkpoint as its MLflow model and register it; returns the version."""
-    metrics = {f"best/{k.replace('/', '_')}": best[k] for k in VALIDATION}
+def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float], session, run_id: str) -> str:
+    """Log the training's best checkpoint as its MLflow model, with `metrics` (the best epoch's
+    validation metrics) linked to it at the best epoch's step, and register it."""
+    best = session.best
     info = log_model(best_checkpoint, example_images(session), best["epoch"], metrics)
     tags = {"regime": session.regime, "dataset_digest": session.data.digest, "val_acc": f"{best['val/acc']:.6f}",
             "val_balanced_acc": f"{best['val/balanced_acc']:.6f}", "arch": session.cfg.arch,

@@ -61,6 +61,12 @@ UPLOAD_INTERVAL_S = 300.0
 VALIDATION = ("val/acc", "val/balanced_acc", "val/top5", "val/loss", "val/error")
 
 
+def best_metrics(best: dict) -> dict[str, float]:
+    """The best epoch's validation metrics as `best/val_acc`, ..., and `best/epoch`: one value
+    each, logged at the best epoch's step (linked to the run's MLflow model when there is one)."""
+    return {**{f"best/{k.replace('/', '_')}": best[k] for k in VALIDATION}, "best/epoch": best["epoch"]}
+
+
 def checkpoint_cache(run_id: str) -> Path:
     base = os.environ.get("FGVC_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fgvc")
@@ -136,12 +142,10 @@ class Recorder:
         self.last_upload = time.monotonic()
         self.pending: set[str] = set()
         self.best_record: EpochRecord | None = None
+        self.model_logged = False  # the MLflow model carries the best/... metrics then
 
     def on_epoch_end(self, record: EpochRecord, session: Session) -> None:
-        best = session.best
-        metrics = {**record.metrics(), **{f"best/{k.replace('/', '_')}": best[k] for k in VALIDATION},
-                   "best/epoch": best["epoch"]}
-        mlflow.log_metrics(metrics, step=record.epoch)
+        mlflow.log_metrics(record.metrics(), step=record.epoch)
         self.pending |= {LAST} | ({BEST} if record.is_best else set())
         if record.is_best:
             self.best_record = record
@@ -158,6 +162,8 @@ class Recorder:
     def flush(self, session: Session) -> None:
         """Upload the newest checkpoints; write plots and metrics.csv (also after a failure)."""
         self.upload()
+        if session.best and not self.model_logged:
+            mlflow.log_metrics(best_metrics(session.best), step=session.best["epoch"])
         if session.history:
             _log_plots(session, self.best_record)
             mlflow.log_text(metrics_csv(session.history), "metrics.csv")
@@ -274,6 +280,7 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
         recorder = Recorder(run_id, writer)
         try:
             session.run([writer, recorder, *callbacks], progress)
+            recorder.model_logged = bool(reg_name)
         except NonFiniteLoss as e:
             raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
         finally:
@@ -281,7 +288,7 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
         best = session.best
         version = None
         if reg_name:
-            version = log_and_register(writer.path(BEST), reg_name, best, session, run_id)
+            version = log_and_register(writer.path(BEST), reg_name, best_metrics(best), session, run_id)
             mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
         summary = summary_markdown(name, session, best, version, reg_name)
         mlflow.log_text(summary, "run_summary.md")

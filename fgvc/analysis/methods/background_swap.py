@@ -8,12 +8,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from fgvc.analysis.methods.base import AnalysisMethod, Column, MethodResult, register
-from fgvc.analysis.shortcut import VARIANT_NAMES, make_variants, variant_predictions
+import torch
+from torch import nn
+
+from fgvc.analysis.common import eval_mode
+from fgvc.analysis.shortcut import VARIANT_NAMES, make_variants
 from fgvc.analysis.stats import bootstrap_mean
 from fgvc.files import write_csv
 from fgvc.viz import save_bar_chart, save_variant_grid
 from fgvc.viz.grids import CAPTIONS
 
+
+
+def variant_predictions(model: nn.Module, variants: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    """The model's predicted class ``[N]`` for every image of every variant (uint8 or [0, 1])."""
+    out = {}
+    with eval_mode(model), torch.inference_mode():
+        for name, images in variants.items():
+            predicted = []
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size]
+                batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch
+                predicted.append(model(batch).argmax(dim=1).cpu())
+            out[name] = torch.cat(predicted)
+    return out
 
 
 @register
