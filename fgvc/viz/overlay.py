@@ -13,7 +13,6 @@ from fgvc.viz._figure import (
     PathLike,
     hide_ticks,
     new_figure,
-    panel_figsize,
     save,
     to_hwc,
     to_numpy,

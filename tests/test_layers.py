@@ -1,0 +1,71 @@
+"""The package's layers, one direction only (docs/architecture.md):
+
+    cli -> tracking -> (training, masking, analysis, study) -> (models, data, viz) -> base
+
+Only fgvc/tracking (and the CLI) import mlflow; no module imports from a layer above its own.
+Checked on the source (every `import` statement, also inside functions), not on a run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fgvc"
+
+# Base modules every layer may use; then the layers, bottom to top.
+BASE = {"errors", "config", "registry", "devices", "distributed", "regimes", "safeload", "files"}
+LAYERS = [BASE, {"models", "data", "viz"}, {"training", "masking", "analysis", "study"}, {"tracking"},
+          {"cli", "mlproject", "__main__"}]
+
+
+def layer_of(unit: str) -> int:
+    for level, units in enumerate(LAYERS):
+        if unit in units:
+            return level
+    raise AssertionError(f"fgvc.{unit} is in no layer of this test: add it to LAYERS")
+
+
+def unit_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the module's package
+                package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-node.level]
+                found.append(".".join([*package, node.module] if node.module else package))
+            elif node.module:
+                found.append(node.module)
+    return found
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(PACKAGE)) for p in MODULES])
+def test_no_module_imports_from_a_layer_above_it(path):
+    unit = unit_of(path)
+    if unit == "__init__":
+        return
+    own = layer_of(unit)
+    for name in imports(path):
+        if name.split(".")[0] == "mlflow":
+            assert unit in ("tracking", "cli"), f"{path.relative_to(PACKAGE)} imports {name}"
+        if not name.startswith("fgvc."):
+            continue
+        other = name.split(".")[1]
+        assert layer_of(other) <= own, f"{path.relative_to(PACKAGE)} ({unit}) imports {name} from a layer above"
+
+
+def test_the_layer_map_names_every_unit():
+    units = {unit_of(p) for p in MODULES} - {"__init__"}
+    assert units <= set().union(*LAYERS)
