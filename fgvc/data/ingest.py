@@ -43,14 +43,17 @@ import logging
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError
 from fgvc.data.shards import (
     SHARD_PATTERN,
@@ -314,9 +317,32 @@ def _remove_stale_shards(split_dir: Path, keep: int) -> None:
         split_dir.rmdir()
 
 
+def _decode(image: SourceImage, height: int, width: int, resize: str):
+    try:
+        return load_image(image.path, height, width, resize)
+    except Exception as e:  # reported by the caller, with the file's name
+        return e
+
+
+def decode_all(images: list[SourceImage], height: int, width: int, resize: str, workers: int | None = None,
+               chunk: int = 256) -> Iterator[tuple[SourceImage, torch.Tensor | Exception]]:
+    """Decode images in order, ``workers`` threads at a time (Pillow releases the GIL while it
+    decodes and resamples, so threads use every core); at most ``chunk`` decoded images wait
+    in memory. A file that cannot be read yields its exception instead of pixels."""
+    workers = workers or cpu_count()
+    if workers == 1:
+        for image in images:
+            yield image, _decode(image, height, width, resize)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fgvc-decode") as pool:
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            yield from zip(part, pool.map(lambda im: _decode(im, height, width, resize), part))
+
+
 def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 48,
            resize: str = "pad", val_fraction: float = 0.2, seed: int = 0, shard_size: int = 500,
-           progress: bool = True) -> dict:
+           progress: bool = True, workers: int | None = None) -> dict:
     """Write a dataset root (train/val shards, index_to_label.json, meta.json) from an image
     folder or a `path,label` CSV; returns the meta written. See the module docstring."""
     source, root = Path(source), Path(root)
@@ -332,14 +358,15 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
     skipped: list[dict] = []
     readable: list[SourceImage] = []
     with tempfile.TemporaryFile(dir=root, prefix=".ingest-staging-") as staging:
-        for image in tqdm(listing.images, desc="ingest", unit="img", disable=None if progress else True):
-            try:
-                pixels = load_image(image.path, height, width, resize)
-            except Exception as e:  # a bad file must not stop the run: report it instead
-                skipped.append({"path": image.name, "error": f"{type(e).__name__}: {e}"})
+        bar = tqdm(total=len(listing.images), desc="ingest", unit="img", disable=None if progress else True)
+        for image, pixels in decode_all(listing.images, height, width, resize, workers):
+            bar.update(1)
+            if isinstance(pixels, Exception):  # a bad file must not stop the run: report it instead
+                skipped.append({"path": image.name, "error": f"{type(pixels).__name__}: {pixels}"})
                 continue
             staging.write(pixels.numpy().tobytes())
             readable.append(image)
+        bar.close()
         _report_skipped(skipped)
 
         listed = {}

@@ -1,0 +1,102 @@
+"""Several processes on one local SQLite store at once: nothing crashes, nothing is lost.
+
+Three trainings started together on a store that does not exist yet (creation and migration
+are serialised by a lock file beside the database), on an existing store (the same dataset
+input logged at the same moment), two analyses of one model version, and a study while a
+single training logs to the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["--arch", "fn-small", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"]
+RUN_DONE = re.compile(r"run ([0-9a-f]{32}): best val acc")
+
+
+def start(args: list[str], cwd: Path, uri: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.Popen([sys.executable, "-m", "fgvc.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(out + err)
+    return outputs
+
+
+def train_together(root: Path, cwd: Path, uri: str, count: int) -> list[str]:
+    outputs = finish([start(["train", *TRAIN, "--data-root", str(root), "--seed", str(seed)], cwd, uri)
+                      for seed in range(count)])
+    return [RUN_DONE.search(out).group(1) for out in outputs]
+
+
+def assert_intact(uri: str, run_ids: list[str]) -> None:
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1]
+    assert sorted(int(v.version) for v in client.search_model_versions("name='fgvc-fn-small'")) == \
+        list(range(1, len(run_ids) + 1))
+
+
+def test_three_trainings_on_a_new_store_all_finish(tiny_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_ids = train_together(tiny_root, tmp_path, uri, 3)
+    assert len(set(run_ids)) == 3
+    assert_intact(uri, run_ids)
+    tables = {name for (name,) in sqlite3.connect(tmp_path / "mlflow.db").execute(
+        "select name from sqlite_master where type = 'table'")}
+    assert not {t for t in tables if t.startswith("_alembic_tmp")}  # no half-done migration left
+
+
+def test_three_trainings_on_an_existing_store_log_one_dataset(tiny_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # creates the store
+    run_ids = train_together(tiny_root, tmp_path, uri, 3)
+    assert_intact(uri, run_ids)
+    client = MlflowClient(uri)
+    digests = {d.dataset.digest for r in run_ids for d in client.get_run(r).inputs.dataset_inputs}
+    assert len(digests) == 1
+
+
+def test_two_analyses_of_one_version_and_a_study_beside_a_training(tiny_root, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    [trained] = train_together(tiny_root, tmp_path, uri, 1)
+    analyses = [start(["analyze", "--model", "models:/fgvc-fn-small/1", "--method", "gradcam,occlusion",
+                       "--num-images", "6", "--window", "8", "--stride", "8", "--seed", str(seed)], tmp_path, uri)
+                for seed in (0, 1)]
+    finish(analyses)
+    client = MlflowClient(uri)
+    records = client.search_runs([client.get_experiment_by_name("fgvc-analysis").experiment_id])
+    assert len(records) == 2 and {r.info.status for r in records} == {"FINISHED"}
+    for record in records:
+        assert {"gradcam/bg_preference_mean", "occlusion/bg_preference_mean"} <= set(record.data.metrics)
+    shown = client.get_run(trained).data.tags["fgvc.analysis.gradcam"]
+    assert shown in {r.info.run_id for r in records}  # the training run shows exactly one of them
+
+    study = start(["study", "--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height",
+                   "32", "--width", "24", "--epochs", "1", "--batch-size", "8", "--num-images", "6", "--regimes",
+                   "unmasked,masked"], tmp_path, uri)
+    single = start(["train", *TRAIN, "--data-root", str(tiny_root), "--seed", "7"], tmp_path, uri)
+    study_out, single_out = finish([study, single])
+    assert "study run" in study_out and RUN_DONE.search(single_out)
+    parent = client.search_runs([client.get_experiment_by_name("fgvc-study").experiment_id],
+                                "tags.`fgvc.task` = 'study'")[0]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["study/cells"] == 2
