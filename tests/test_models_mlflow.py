@@ -1,0 +1,138 @@
+"""Registered versions are MLflow models: loaded by pyfunc anywhere, served by `mlflow models
+serve`, analysed by fgvc; and the original project's checkpoints become such versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from fgvc.cli import main
+from fgvc.data.shards import read_label_map
+from fgvc.models.predict import Predictor
+from test_models_original import reference, save_original
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_root, tmp_path_factory):
+    """A store with an fn-small trained by fgvc and a ResNet-18 checkpoint of the original scripts."""
+    base = tmp_path_factory.mktemp("models")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base}/mlflow.db")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        done = CliRunner().invoke(main, ["train", "--arch", "fn-small", "--epochs", "1", "--batch-size", "8",
+                                         "--num-workers", "0", "--data-root", str(tiny_root)])
+        assert done.exit_code == 0, done.output
+        yield base
+
+
+def test_pyfunc_predicts_designers_for_images_of_any_size(registered, tiny_root):
+    model = mlflow.pyfunc.load_model("models:/fgvc-fn-small@candidate")
+    names = list(read_label_map(tiny_root).values())
+    for shape in ((3, 32, 24, 3), (1, 100, 60, 3)):
+        out = model.predict(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+        assert len(out) == shape[0] and set(out["designer"]) <= set(names)
+        assert all(0 <= i < 3 for i in out["class_index"])
+        assert all(abs(p[0] - q) < 1e-6 for p, q in zip(out["top_probabilities"], out["probability"]))
+    with pytest.raises(Exception, match="uint8"):
+        model.predict(np.zeros((1, 32, 24, 3), dtype=np.float32))
+
+
+def test_the_model_files_are_a_state_dict_and_a_spec(registered):
+    local = mlflow.artifacts.download_artifacts("models:/fgvc-fn-small/1")
+    files = {str(p.relative_to(local)) for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
+    assert "MLmodel" in files and "artifacts/best.pt" in files
+    assert not any(f.endswith((".pkl", ".pickle", ".cloudpickle")) for f in files)  # no pickled model object
+    ckpt = torch.load(os.path.join(local, "artifacts", "best.pt"), weights_only=True)
+    assert {"model", "spec", "label_names"} <= set(ckpt)
+    predictor = Predictor.from_checkpoint(os.path.join(local, "artifacts", "best.pt"))
+    assert predictor.preprocess(np.zeros((2, 64, 64, 3), dtype=np.uint8)).shape == (2, 3, 32, 24)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(registered):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{registered}/mlflow.db"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fgvc-fn-small@candidate",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=registered, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(1)
+        images = np.random.default_rng(1).integers(0, 256, (2, 40, 30, 3), dtype=np.uint8).tolist()
+        body = json.dumps({"inputs": images, "params": {"top_k": 2}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        predictions = answer["predictions"]
+        assert len(predictions) == 2 and all(len(p["top_designers"]) == 2 for p in predictions)
+        assert all(p["designer"].startswith("designer_") for p in predictions)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        server.stdout.close()
+
+
+def test_register_an_original_checkpoint_then_analyse_it(registered, tiny_root, tmp_path):
+    checkpoint = save_original(tmp_path / "best_resnet18.pt", reference("resnet18", 3), 3)
+    done = CliRunner().invoke(main, ["register", "--checkpoint", str(checkpoint), "--data-root", str(tiny_root)])
+    assert done.exit_code == 0, done.output
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("fgvc-resnet18", "candidate")
+    run = client.get_run(version.run_id)
+    assert run.data.tags["fgvc.task"] == "register" and version.tags["imported"] == "true"
+    assert run.data.params["arch_effective"] == "resnet18" and run.data.params["normalization_effective"] == "imagenet"
+    assert 0 <= run.data.metrics["val/acc"] <= 1 and "best/val_acc" in run.data.metrics
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/per_class_accuracy.png"} <= files
+    # the registered copy reproduces the original's logits (ImageNet normalisation inside the model)
+    model = mlflow.pyfunc.load_model("models:/fgvc-resnet18@candidate").unwrap_python_model().predictor.model
+    x = torch.rand(2, 3, 32, 24)
+    ref = reference("resnet18", 3).eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref((x - mean) / std), atol=1e-5, rtol=1e-5)
+    analysed = CliRunner().invoke(main, ["analyze", "--model", "models:/fgvc-resnet18@candidate", "--method", "gradcam",
+                                         "--num-images", "4"])
+    assert analysed.exit_code == 0, analysed.output
+    assert "gradcam/bg_preference_mean" in client.get_run(version.run_id).data.metrics
+
+
+def test_register_refuses_what_does_not_fit(registered, tiny_root, tmp_path):
+    wrong_classes = save_original(tmp_path / "best_fn.pt", reference("fn-small", 5), 5)
+    result = CliRunner().invoke(main, ["register", "--checkpoint", str(wrong_classes), "--data-root", str(tiny_root)])
+    assert result.exit_code == 1 and "has 5 classes" in result.output and "has 3" in result.output
+    result = CliRunner().invoke(main, ["register", "--checkpoint", str(wrong_classes), "--arch", "resnet50",
+                                       "--data-root", str(tiny_root)])
+    assert result.exit_code == 1 and "FashionNet keys" in result.output and "fits fn-small" in result.output
