@@ -3,7 +3,15 @@ import torch
 from torch import nn
 
 from fgvc.analysis import VARIANT_NAMES, evaluate_variants, make_variants
-from fgvc.analysis.shortcut import fill_person_hole, pick_partners
+from fgvc.analysis.shortcut import (
+    fill_person_hole,
+    fill_person_rows,
+    person_box,
+    pick_partners,
+    variant_correctness,
+    variant_intervals,
+    variant_scores,
+)
 
 CLASS_COLOURS = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
 
@@ -36,21 +44,91 @@ def test_only_fg_and_no_fg():
     person = masks[:, None].bool().expand_as(images)
     assert torch.equal(v["only_fg"][person], images[person])
     assert (v["only_fg"][~person] == 0).all()
-    assert torch.equal(v["no_fg"][~person], images[~person])
+    outside = ~person_box(masks)[:, None].expand_as(images)
+    assert torch.equal(v["no_fg"][outside], images[outside])
     assert not torch.isclose(v["no_fg"][person], images[person]).any()
-    # constant backdrop: the hole is filled with exactly the backdrop colour
+    # constant backdrop: the box is filled with exactly the backdrop colour
     backdrop = CLASS_COLOURS[labels][:, :, None, None].expand_as(images)
     assert torch.allclose(v["no_fg"], backdrop)
+    # rows 2..21, cols 6..17 of 24 x 24 replaced
+    assert v["no_fg_filled_share"] == pytest.approx(20 * 12 / 24**2)
 
 
-def test_hole_fill_mirrors_the_same_rows_background():
+def test_person_box_is_the_grown_bounding_box_clipped_to_the_frame():
+    masks = torch.zeros(3, 10, 8, dtype=torch.uint8)
+    masks[0, 4, 3] = masks[0, 6, 4] = 1
+    masks[1, 0:2, 6:8] = 1  # in the top-right corner
+    box = person_box(masks, margin=2)
+    expected = torch.zeros(3, 10, 8, dtype=torch.bool)
+    expected[0, 2:9, 1:7] = True
+    expected[1, 0:4, 4:8] = True
+    assert torch.equal(box, expected)  # the empty mask (image 2) has no box
+    assert torch.equal(person_box(masks, margin=0)[0].nonzero().amin(0), torch.tensor([4, 3]))
+
+
+def test_no_fg_refills_the_box_from_the_wider_side_and_fades_the_other_in():
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 16, 20)
+    masks = torch.zeros(1, 16, 20)
+    masks[0, 3:11, 6:10] = 1  # box: rows 1..12, cols 4..11; strips 4 px left, 8 px right
+    filled = fill_person_hole(images, masks)
+    box = person_box(masks)[:, None].expand_as(images)
+    assert torch.equal(filled[~box], images[~box])
+    # the wider right strip, reflected about col 12 without repeating it: col 11 <- col 13
+    rows = slice(1, 13)
+    assert torch.equal(filled[0, :, rows, 6:12], images[0, :, rows, [18, 17, 16, 15, 14, 13]])
+    assert not torch.isclose(filled[0, :, rows, 4:6], images[0, :, rows, 4:6]).all()
+
+
+def test_the_fade_mixes_the_two_sides_linearly():
+    a, b = torch.tensor([0.2, 0.4, 0.6]), torch.tensor([0.9, 0.1, 0.5])
+    images = torch.cat([a[:, None, None].expand(3, 16, 8), b[:, None, None].expand(3, 16, 12)], dim=2)[None]
+    masks = torch.zeros(1, 16, 20)
+    masks[0, 3:11, 6:10] = 1  # box cols 4..11: b fills it, a fades in over cols 4 and 5
+    filled = fill_person_hole(images, masks)[0, :, 5]
+    assert torch.allclose(filled[:, 4], (2 * a + b) / 3)
+    assert torch.allclose(filled[:, 5], (a + 2 * b) / 3)
+    assert torch.allclose(filled[:, 6:12], b[:, None].expand(3, 6))
+
+
+def test_a_full_width_box_is_filled_along_columns_with_reflection_tiling():
+    torch.manual_seed(1)
+    images = torch.rand(1, 3, 16, 12)
+    masks = torch.zeros(1, 16, 12)
+    masks[0, 5:9, :] = 1  # box rows 3..10; strips: 3 rows above (too few), 5 below
+    filled = fill_person_hole(images, masks)
+    sources = [11, 12, 13, 14, 15, 14, 13, 12]  # rows 3..10, bounced inside rows 11..15
+    assert torch.equal(filled[0, :, 3:11], images[0, :, sources])
+    assert torch.equal(filled[0, :, :3], images[0, :, :3])
+    assert torch.equal(filled[0, :, 11:], images[0, :, 11:])
+
+
+def test_a_box_over_the_whole_frame_takes_the_mean_of_the_non_person_pixels():
+    images = torch.rand(2, 3, 8, 6)
+    masks = torch.zeros(2, 8, 6)
+    masks[0, 0, 0] = masks[0, 7, 5] = 1  # bounding box = the frame
+    masks[1] = 1  # no background at all
+    filled = fill_person_hole(images, masks)
+    background = ~masks[0].bool()
+    assert torch.allclose(filled[0], images[0][:, background].mean(dim=1)[:, None, None].expand(3, 8, 6))
+    assert torch.equal(filled[1], torch.zeros(3, 8, 6))
+
+
+def test_an_empty_mask_leaves_the_image_unchanged():
+    images = torch.rand(2, 3, 8, 6)
+    masks = torch.zeros(2, 8, 6)
+    masks[1, 2:5, 2:4] = 1
+    assert torch.equal(fill_person_hole(images, masks)[0], images[0])
+
+
+def test_the_earlier_row_fill_mirrors_the_same_rows_background():
     torch.manual_seed(3)
     images = torch.rand(2, 3, 16, 16)
     masks = torch.zeros(2, 16, 16)
     masks[0, 2:10, 4:12] = 1
     masks[1, :, 0:5] = 1  # hole touching the left border
     masks[1, 7, :] = 1  # a row with no background at all
-    filled = fill_person_hole(images, masks)
+    filled = fill_person_rows(images, masks)
     person = masks.bool()[:, None].expand_as(images)
     assert torch.equal(filled[~person], images[~person])
     # an 8-px run at cols 4..11: left half mirrors cols 3..0, right half cols 15..12
@@ -63,11 +141,11 @@ def test_hole_fill_mirrors_the_same_rows_background():
     assert torch.allclose(filled[1, :, 7, 3], images[1][:, bg].mean(dim=1))
 
 
-def test_wide_hole_falls_back_to_row_interpolation():
+def test_the_earlier_row_fill_interpolates_wide_holes():
     images = torch.rand(1, 3, 4, 10)
     masks = torch.zeros(1, 4, 10)
     masks[0, :, 2:9] = 1  # 7-px run, 2 px of background left, 1 px right
-    filled = fill_person_hole(images, masks)
+    filled = fill_person_rows(images, masks)
     row = images[0, :, 1]
     assert torch.equal(filled[0, :, 1, 2], row[:, 1])  # mirror of the left side
     assert torch.equal(filled[0, :, 1, 8], row[:, 9])  # mirror of the right side
@@ -110,6 +188,10 @@ def test_variants_are_seeded_and_mixed_use_partner_backgrounds():
         assert torch.equal(a[name][~person], a["no_fg"][partner][~person])
     assert (labels[a["partner_same"]] == labels).all()
     assert (labels[a["partner_rand"]] != labels).all()
+    outside = ~person_box(masks)[:, None].expand_as(images)
+    assert torch.equal(a["no_fg"][outside], images[outside])
+    wider = make_variants(images, masks, labels, seed=7, margin=4)
+    assert wider["no_fg_filled_share"] > a["no_fg_filled_share"]
 
 
 def test_background_reader_shows_a_gap():
@@ -124,6 +206,30 @@ def test_background_reader_shows_a_gap():
     assert scores["no_fg_vs_chance"] == pytest.approx(4.0)
     expected_keys = {f"acc_{n}" for n in VARIANT_NAMES} | {"chance", "bg_gap", "no_fg_vs_chance"}
     assert set(scores) == expected_keys
+
+
+def test_per_image_correctness_gives_the_same_scores_and_intervals_around_them():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    images, masks = _runway(labels)
+    variants = make_variants(images, masks, labels, seed=0)
+    model = ReadsBackground()
+    correct = variant_correctness(model, variants, labels, batch_size=3)
+    assert set(correct) == set(VARIANT_NAMES)
+    for hits in correct.values():
+        assert hits.dtype == torch.bool and hits.shape == (8,)
+    assert correct["mixed_same"].all() and not correct["mixed_rand"].any()
+    scores = evaluate_variants(model, variants, labels, num_classes=4)
+    assert variant_scores(correct, num_classes=4) == scores
+
+    intervals = variant_intervals(correct, chance=0.25, seed=0, resamples=500)
+    keys = [f"acc_{n}" for n in VARIANT_NAMES] + ["bg_gap", "no_fg_vs_chance"]
+    assert set(intervals) == {f"{k}_{end}" for k in keys for end in ("low", "high")}
+    for key in keys:
+        assert intervals[f"{key}_low"] <= scores[key] <= intervals[f"{key}_high"]
+    # every image right on Mixed-Same and wrong on Mixed-Rand: no spread at all
+    assert intervals["bg_gap_low"] == intervals["bg_gap_high"] == 1.0
+    assert intervals["no_fg_vs_chance_high"] == pytest.approx(4.0)
+    assert variant_intervals(correct, chance=0.25, seed=0, resamples=500) == intervals
 
 
 def test_mask_shape_mismatch():

@@ -5,8 +5,9 @@ Variants of each image, built from its person mask:
 
 - ``original``: unchanged.
 - ``only_fg``: the person on black (background set to 0).
-- ``no_fg``: the person removed and the hole filled by mirroring the image's own
-  background, so no silhouette remains (see :func:`fill_person_hole`).
+- ``no_fg``: the person's whole bounding box refilled from the image's own background
+  beside it, so no silhouette remains, only a rectangle (see :func:`fill_person_hole`;
+  :mod:`fgvc.analysis.silhouette` measures what is left).
 - ``mixed_same``: the person pasted, at the same place, on the ``no_fg`` background of
   another image of the same designer.
 - ``mixed_rand``: the person pasted on the ``no_fg`` background of an image of a different
@@ -21,20 +22,174 @@ from __future__ import annotations
 from typing import Mapping, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.analysis.common import eval_mode
+from fgvc.analysis.stats import bootstrap_mean, bootstrap_paired_difference, bootstrap_ratio
 
 VARIANT_NAMES = ("original", "only_fg", "no_fg", "mixed_same", "mixed_rand")
 
 
-def fill_person_hole(images: Tensor, person_mask: Tensor) -> Tensor:
-    """Remove the person and fill the hole from the same image's background.
+# A side strip narrower than this (px) is used only when no side is wider: reflecting a
+# strip of a few columns back and forth across a wide box repeats its content every few px.
+MIN_STRIP = 4
+# Box-mean window (px) that splits the backdrop into a low-pass part and its texture.
+LOW_PASS = 5
+# Columns (px) at the box's far side over which the other side's strip fades in; equal to
+# the default margin, so the fade lies beside the person rather than on it.
+BLEND = 2
+
+
+def person_box(person_mask: Tensor, margin: int = 2) -> Tensor:
+    """bool ``[B, H, W]``: each image's person bounding box grown by ``margin`` px on every
+    side and clipped to the frame; all False for an empty mask."""
+    person = person_mask.bool()
+    y0, y1 = _span(person.any(dim=2), margin)
+    x0, x1 = _span(person.any(dim=1), margin)
+    rows = torch.arange(person.shape[1], device=person.device)[None, :, None]
+    cols = torch.arange(person.shape[2], device=person.device)[None, None, :]
+    inside_rows = (rows >= y0[:, None, None]) & (rows <= y1[:, None, None])
+    return inside_rows & (cols >= x0[:, None, None]) & (cols <= x1[:, None, None])
+
+
+def _span(occupied: Tensor, margin: int) -> tuple[Tensor, Tensor]:
+    """First and last occupied index of each row of ``occupied`` ``[B, L]``, grown by
+    ``margin`` and clipped to ``[0, L)``; ``first > last`` where nothing is occupied."""
+    length = occupied.shape[1]
+    index = torch.arange(length, device=occupied.device).expand_as(occupied)
+    first = torch.where(occupied, index, length).amin(dim=1)
+    last = torch.where(occupied, index, -1).amax(dim=1)
+    empty = ~occupied.any(dim=1)
+    first = torch.where(empty, length, (first - margin).clamp(min=0))
+    last = torch.where(empty, -1, (last + margin).clamp(max=length - 1))
+    return first, last
+
+
+def fill_person_hole(images: Tensor, person_mask: Tensor, *, margin: int = 2) -> Tensor:
+    """Remove the person by refilling its whole bounding box from the background beside it.
+
+    The filled region is :func:`person_box` (the mask's bounding box grown by ``margin``
+    px), so the only shape left is an axis-aligned rectangle, not the person's outline: the
+    "Only-BG-T" construction of Xiao et al. (ICLR 2021), where the box is tiled from the
+    image's own background. The box spans columns ``x0..x1``; every row of it is filled from
+    the same row's background strips, left (columns ``0..x0-1``) and right (``x1+1..W-1``):
+
+    - the wider strip (left on a tie) fills the whole row of the box, reflected about its
+      column next to the box without repeating it (column ``x0 + k`` takes ``x0 - 2 - k``)
+      and bounced back and forth when the box is wider than the strip
+      (``numpy.pad(mode="reflect")`` tiling), so the first filled pixel continues its
+      neighbour and the texture is the backdrop's own, pixel for pixel;
+    - over the box's last ``BLEND`` columns on the other side, that side's strip, reflected
+      the same way, fades in: with the left strip wider, column ``x1 - BLEND + k``
+      (``k = 1..BLEND``) gives the right strip the weight ``w = k / (BLEND + 1)`` (mirrored
+      when the right strip is wider), so the far side continues its neighbour too and no
+      seam is left. For the blend the image is
+      split into a low-pass part (the ``LOW_PASS`` x ``LOW_PASS`` mean of pixels outside the
+      box) and texture (the rest): the low-pass parts mix with ``(1 - w, w)``, the textures
+      with ``(1 - w, w) / hypot(1 - w, w)``, which keeps the variance of two independent
+      textures, so the blend is not smoother than the backdrop.
+
+    The other strip does not fade in when it is narrower than ``MIN_STRIP`` px and the
+    wider one is not. A box that leaves no ``MIN_STRIP`` px strip left or right but one
+    above or below is filled the same way along columns; with neither, along the axis with
+    the wider strip. A box covering the whole frame takes the per-channel mean of the
+    image's non-person pixels (0 when there are none). An empty mask leaves the image
+    unchanged. There is no randomness: equal inputs give equal outputs.
+
+    Args:
+        images: float ``[B, C, H, W]``.
+        person_mask: ``[B, H, W]`` 0/1, person = 1.
+        margin: px added to every side of the bounding box (covers a mask that is a little
+            too tight, e.g. from a segmenter).
+
+    Returns:
+        float ``[B, C, H, W]``, equal to ``images`` outside ``person_box(person_mask, margin)``.
+    """
+    box = person_box(person_mask, margin)
+    height, width = box.shape[1:]
+    x0, x1 = _span(box.any(dim=1), 0)
+    y0, y1 = _span(box.any(dim=2), 0)
+    row_strip = torch.maximum(x0, width - 1 - x1)  # widest strip left or right of the box
+    col_strip = torch.maximum(y0, height - 1 - y1)  # widest strip above or below it
+    wider_of_narrow = (col_strip < MIN_STRIP) & (row_strip >= col_strip) & (row_strip > 0)
+    along_rows = (row_strip >= MIN_STRIP) | wider_of_narrow
+    along_cols = ~along_rows & (col_strip > 0)
+
+    by_rows = _fill_box_from_sides(images, box, x0, x1)
+    by_cols = _fill_box_from_sides(images.transpose(2, 3), box.transpose(1, 2), y0, y1)
+    fill = torch.where(along_rows[:, None, None, None], by_rows, by_cols.transpose(2, 3))
+    keep = (~person_mask.bool())[:, None].to(images.dtype)
+    kept_mean = (images * keep).sum(dim=(2, 3)) / keep.sum(dim=(2, 3)).clamp(min=1)
+    use_mean = ~(along_rows | along_cols)[:, None, None, None]
+    fill = torch.where(use_mean, kept_mean[:, :, None, None].expand_as(images), fill)
+    return torch.where(box[:, None], fill, images)
+
+
+def _fill_box_from_sides(images: Tensor, box: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+    """The row-wise fill of :func:`fill_person_hole` for boxes spanning columns ``x0..x1``
+    (``[B]``); valid inside the box only."""
+    batch, channels, height, width = images.shape
+    cols = torch.arange(width, device=images.device)[None, :]
+    x0, x1 = x0[:, None], x1[:, None]
+    left_width, right_width = x0, width - 1 - x1
+    left_source = x0 - 1 - _bounce(cols - x0 + 1, left_width - 1)
+    right_source = x1 + 1 + _bounce(x1 + 1 - cols, right_width - 1)
+
+    # The wider strip fills the box; the other fades in over the box's last BLEND columns.
+    ramp_to_right = ((cols - (x1 - BLEND)).to(images.dtype) / (BLEND + 1)).clamp(0, 1)
+    ramp_to_left = (((x0 + BLEND) - cols).to(images.dtype) / (BLEND + 1)).clamp(0, 1)
+    weight_right = torch.where(left_width >= right_width, ramp_to_right, 1 - ramp_to_left)
+    usable = torch.maximum(left_width, right_width).clamp(max=MIN_STRIP)
+    weight_right = torch.where(left_width < usable, 1.0, weight_right)
+    weight_right = torch.where(right_width < usable, 0.0, weight_right)
+    weight_right = weight_right.to(images.dtype)[:, None, None, :]  # [B, 1, 1, W]
+    weight_left = 1 - weight_right
+
+    low = _mean_outside(images, box, LOW_PASS)
+    texture = images - low
+
+    def at(values: Tensor, source: Tensor) -> Tensor:
+        index = source.clamp(0, width - 1)[:, None, None, :].expand(batch, channels, height, width)
+        return values.gather(3, index)
+
+    smooth = weight_left * at(low, left_source) + weight_right * at(low, right_source)
+    grain = weight_left * at(texture, left_source) + weight_right * at(texture, right_source)
+    blended = smooth + grain / torch.hypot(weight_left, weight_right)
+    copied = torch.where(weight_right > 0.5, at(images, right_source), at(images, left_source))
+    one_side = (weight_right == 0) | (weight_right == 1)
+    return torch.where(one_side, copied, blended)
+
+
+def _bounce(distance: Tensor, period: Tensor) -> Tensor:
+    """Triangle wave ``0, 1, .., period, period - 1, .., 0, 1, ..`` of ``distance``: the
+    offset of a reflected-and-tiled source from the strip's edge (``period >= 1``)."""
+    period = period.clamp(min=1)
+    phase = distance.clamp(min=0) % (2 * period)
+    return torch.where(phase <= period, phase, 2 * period - phase)
+
+
+def _mean_outside(images: Tensor, box: Tensor, window: int) -> Tensor:
+    """Mean of each pixel's ``window`` x ``window`` neighbourhood over pixels outside ``box``
+    (``[B, C, H, W]``; 0 where the whole neighbourhood is inside)."""
+    outside = (~box)[:, None].to(images.dtype)
+    pad = window // 2
+    total = F.avg_pool2d(images * outside, window, stride=1, padding=pad)
+    count = F.avg_pool2d(outside, window, stride=1, padding=pad)
+    return total / count.clamp(min=1e-6)
+
+
+def fill_person_rows(images: Tensor, person_mask: Tensor) -> Tensor:
+    """The earlier No-FG fill: each row's person run is refilled from the same row.
+
+    Kept as the negative control of :mod:`fgvc.analysis.silhouette` and to reproduce
+    numbers computed with it: it leaves the person's outline (the backdrop mirrored in the
+    garment's shape, each boundary pixel a copy of its outside neighbour), which the
+    silhouette score detects.
 
     Row by row, each run of person pixels is filled by mirroring the background next to it:
     a pixel at distance ``d`` inside the run takes the background pixel at distance ``d``
-    outside the nearer end of the run (reflection about the run's edge), so the backdrop's
-    texture continues across the hole and no smooth silhouette is left. Where that mirror
+    outside the nearer end of the run (reflection about the run's edge). Where that mirror
     source is off the image or on the person, the other end's mirror is used; failing both,
     the pixel is linearly interpolated between the nearest background pixels left and right
     in its row (copying the one available side at the image border). Rows with no
@@ -127,27 +282,30 @@ def pick_partners(labels: Tensor, seed: int) -> dict[str, Union[Tensor, int]]:
 
 
 def make_variants(
-    images: Tensor, masks: Tensor, labels: Tensor, seed: int = 0
-) -> dict[str, Union[Tensor, int]]:
+    images: Tensor, masks: Tensor, labels: Tensor, seed: int = 0, *, margin: int = 2
+) -> dict[str, Union[Tensor, int, float]]:
     """Background-swap variants of ``images`` ``[B, 3, H, W]`` (uint8 or float).
 
     Args:
         masks: ``[B, H, W]`` 0/1 person masks.
         labels: ``[B]`` designer indices (used to choose partners).
         seed: partner choice seed; equal inputs and seed give identical output.
+        margin: px the No-FG box extends beyond the mask (see :func:`fill_person_hole`).
 
     Returns:
         dict with one ``[B, 3, H, W]`` tensor per name in :data:`VARIANT_NAMES`, in the
         input dtype (uint8 fills are rounded), plus ``partner_same`` / ``partner_rand``
-        (``[B]`` indices of the image whose background was used) and ``same_fallbacks`` /
-        ``rand_fallbacks`` (counts from :func:`pick_partners`).
+        (``[B]`` indices of the image whose background was used), ``same_fallbacks`` /
+        ``rand_fallbacks`` (counts from :func:`pick_partners`) and ``no_fg_filled_share``
+        (the mean share of each image that the No-FG box replaced: what is left of the
+        backdrop to judge by).
     """
     if masks.shape != (images.shape[0], *images.shape[-2:]):
         raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}")
     dtype = images.dtype
     work = images.float()
     person = masks.bool()[:, None]
-    no_fg = fill_person_hole(work, masks)
+    no_fg = fill_person_hole(work, masks, margin=margin)
     partners = pick_partners(labels, seed)
     same, rand = partners["same"].to(images.device), partners["rand"].to(images.device)
     variants = {
@@ -168,7 +326,49 @@ def make_variants(
         "partner_rand": rand,
         "same_fallbacks": partners["same_fallbacks"],
         "rand_fallbacks": partners["rand_fallbacks"],
+        "no_fg_filled_share": float(person_box(masks, margin).float().mean()) if masks.numel() else 0.0,
     }
+
+
+def variant_correctness(
+    model: nn.Module, variants: Mapping[str, Tensor], labels: Tensor, batch_size: int = 64
+) -> dict[str, Tensor]:
+    """Per-image top-1 correctness of ``model``: bool ``[N]`` for each name of
+    :data:`VARIANT_NAMES` present in ``variants`` (image ``i`` of every variant is the same
+    shot, so the vectors pair up). uint8 images are scaled to [0, 1]."""
+    labels = torch.as_tensor(labels).long().cpu()
+    correct: dict[str, Tensor] = {}
+    with eval_mode(model), torch.inference_mode():
+        for name in VARIANT_NAMES:
+            if name not in variants:
+                continue
+            images = variants[name]
+            hits = []
+            for start in range(0, images.shape[0], batch_size):
+                batch = images[start : start + batch_size]
+                if batch.dtype == torch.uint8:
+                    batch = batch.float() / 255.0
+                predicted = model(batch).argmax(dim=1).cpu()
+                hits.append(predicted == labels[start : start + batch_size])
+            correct[name] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    return correct
+
+
+def variant_scores(correct: Mapping[str, Tensor], num_classes: int) -> dict[str, float]:
+    """The scores of :func:`evaluate_variants` from per-image correctness
+    (:func:`variant_correctness`)."""
+    chance = 1.0 / num_classes
+    out = {f"acc_{name}": _accuracy(correct[name]) for name in VARIANT_NAMES if name in correct}
+    out["chance"] = chance
+    if "acc_mixed_same" in out and "acc_mixed_rand" in out:
+        out["bg_gap"] = out["acc_mixed_same"] - out["acc_mixed_rand"]
+    if "acc_no_fg" in out:
+        out["no_fg_vs_chance"] = out["acc_no_fg"] / chance
+    return out
+
+
+def _accuracy(correct: Tensor) -> float:
+    return int(correct.sum()) / max(correct.numel(), 1)
 
 
 def evaluate_variants(
@@ -184,27 +384,38 @@ def evaluate_variants(
     (``1 / num_classes``), ``bg_gap`` (``acc_mixed_same - acc_mixed_rand``; how much a
     matching background helps) and ``no_fg_vs_chance`` (``acc_no_fg / chance``; accuracy
     from the background alone, in multiples of chance), the last two when their variants
-    are present. uint8 images are scaled to [0, 1].
+    are present. uint8 images are scaled to [0, 1]. The per-image correctness behind these
+    is :func:`variant_correctness`; its intervals, :func:`variant_intervals`.
     """
-    labels = torch.as_tensor(labels).long()
-    chance = 1.0 / num_classes
+    correct = variant_correctness(model, variants, labels, batch_size=batch_size)
+    return variant_scores(correct, num_classes)
+
+
+def variant_intervals(
+    correct: Mapping[str, Tensor],
+    chance: float,
+    *,
+    seed: int = 0,
+    resamples: int = 2000,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Percentile-bootstrap intervals over images (:mod:`fgvc.analysis.stats`) of the scores
+    of :func:`variant_scores`, from per-image correctness ``correct`` (:func:`variant_correctness`).
+
+    Returns ``<key>_low`` and ``<key>_high`` for ``acc_<variant>`` of each variant present,
+    for ``bg_gap`` (images resampled jointly on Mixed-Same and Mixed-Rand) and for
+    ``no_fg_vs_chance`` (the No-FG interval divided by ``chance``), the last two when their
+    variants are present. One seed gives every key the same resampled image sets.
+    """
+    draw = dict(seed=seed, resamples=resamples, level=level)
+    intervals = {f"acc_{name}": bootstrap_mean(correct[name].float(), **draw)
+                 for name in VARIANT_NAMES if name in correct}
+    if "mixed_same" in correct and "mixed_rand" in correct:
+        intervals["bg_gap"] = bootstrap_paired_difference(
+            correct["mixed_same"].float(), correct["mixed_rand"].float(), **draw)
+    if "no_fg" in correct:
+        intervals["no_fg_vs_chance"] = bootstrap_ratio(correct["no_fg"].float(), chance, **draw)
     out: dict[str, float] = {}
-    with eval_mode(model), torch.inference_mode():
-        for name in VARIANT_NAMES:
-            if name not in variants:
-                continue
-            images = variants[name]
-            correct = 0
-            for start in range(0, images.shape[0], batch_size):
-                batch = images[start : start + batch_size]
-                if batch.dtype == torch.uint8:
-                    batch = batch.float() / 255.0
-                predicted = model(batch).argmax(dim=1).cpu()
-                correct += int((predicted == labels[start : start + batch_size]).sum())
-            out[f"acc_{name}"] = correct / max(images.shape[0], 1)
-    out["chance"] = chance
-    if "acc_mixed_same" in out and "acc_mixed_rand" in out:
-        out["bg_gap"] = out["acc_mixed_same"] - out["acc_mixed_rand"]
-    if "acc_no_fg" in out:
-        out["no_fg_vs_chance"] = out["acc_no_fg"] / chance
+    for key, interval in intervals.items():
+        out[f"{key}_low"], out[f"{key}_high"] = interval.low, interval.high
     return out

@@ -1,25 +1,103 @@
-"""Placeholder bootstrap (replaced by the full statistics module)."""
+"""Uncertainty of the suite's measures: seeded percentile bootstrap over images, and the
+spread across training seeds.
+
+An accuracy is the mean of per-image 0/1 correctness, so every interval here is an
+interval of a mean of per-image values (Efron & Tibshirani, "An Introduction to the
+Bootstrap", 1993, ch. 13, the percentile interval): draw ``resamples`` sets of ``N`` images
+with replacement, take each set's mean, and report the ``(1 - level) / 2`` and
+``(1 + level) / 2`` quantiles of those means. A paired difference (two measures on the same
+images) resamples the images jointly, which is the mean of the per-image differences. The
+same seed and ``N`` give the same resampled sets, so intervals computed with one seed on one
+set of images come from the same resamples.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
 
 import torch
+from torch import Tensor
+
+from fgvc.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Interval:
+    """A point estimate with its percentile-bootstrap interval, over ``n`` images."""
+
     estimate: float
     low: float
     high: float
     n: int
 
 
-def bootstrap_mean(values, *, seed: int = 0, resamples: int = 2000, level: float = 0.95) -> Interval:
-    values = torch.as_tensor(values, dtype=torch.float64).flatten()
-    n = len(values)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (resamples, n), generator=g)
-    means = values[idx].mean(dim=1)
-    alpha = (1 - level) / 2
-    return Interval(float(values.mean()), float(means.quantile(alpha)), float(means.quantile(1 - alpha)), n)
+class SeedSpread(NamedTuple):
+    """A measure across training seeds: mean, sample standard deviation (``None`` for a
+    single seed: one run shows no spread, not a spread of 0) and the number of seeds."""
+
+    mean: float
+    std: Optional[float]
+    n: int
+
+
+def bootstrap_mean(values, *, seed: int, resamples: int = 2000, level: float = 0.95) -> Interval:
+    """Mean of ``values`` ``[N]`` (e.g. per-image 0/1 correctness) and its percentile
+    bootstrap interval, from one seeded ``[resamples, N]`` draw of image indices
+    (``8 * resamples * N`` bytes)."""
+    values = _vector(values)
+    if resamples < 1:
+        raise ConfigError(f"bootstrap: resamples must be at least 1, got {resamples}")
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"bootstrap: level must lie strictly between 0 and 1, got {level}")
+    n = values.numel()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(n, (resamples, n), generator=generator)
+    means = values[index].mean(dim=1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    return Interval(estimate=float(values.mean()), low=low, high=high, n=n)
+
+
+def bootstrap_paired_difference(first, second, *, seed: int, resamples: int = 2000,
+                                level: float = 0.95) -> Interval:
+    """``mean(first) - mean(second)`` for two measures ``[N]`` of the same images (e.g. the
+    BG-gap: correctness on Mixed-Same minus on Mixed-Rand), resampling images jointly."""
+    first, second = _vector(first), _vector(second)
+    if first.shape != second.shape:
+        raise ConfigError(f"bootstrap: paired values must have the same length, got "
+                          f"{first.numel()} and {second.numel()}")
+    return bootstrap_mean(first - second, seed=seed, resamples=resamples, level=level)
+
+
+def bootstrap_ratio(values, constant: float, *, seed: int, resamples: int = 2000,
+                    level: float = 0.95) -> Interval:
+    """``mean(values) / constant`` (e.g. No-FG accuracy in multiples of chance); dividing by
+    a positive constant maps the mean's interval end to end."""
+    if not constant > 0:
+        raise ConfigError(f"bootstrap: the ratio's constant must be positive, got {constant}")
+    mean = bootstrap_mean(values, seed=seed, resamples=resamples, level=level)
+    return Interval(mean.estimate / constant, mean.low / constant, mean.high / constant, mean.n)
+
+
+def across_seeds(values: Sequence[float]) -> SeedSpread:
+    """Mean and sample standard deviation (``n - 1`` in the denominator) of one measure
+    over training seeds; ``std`` is ``None`` for a single seed."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ConfigError("across_seeds: needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return SeedSpread(mean, None, 1)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return SeedSpread(mean, math.sqrt(variance), len(values))
+
+
+def _vector(values) -> Tensor:
+    values = torch.as_tensor(values).detach().cpu().to(torch.float64).flatten()
+    if values.numel() == 0:
+        raise ConfigError("bootstrap: needs at least one value")
+    if not bool(values.isfinite().all()):
+        raise ConfigError("bootstrap: values must be finite (no NaN or inf)")
+    return values

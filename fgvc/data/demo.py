@@ -12,6 +12,7 @@ validated against the truth.
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fgvc.data.shards import make_shard, shard_name, write_json, write_label_map, write_shard
+from fgvc.errors import ConfigError
 
 PATTERNS = ("solid", "hstripes", "vstripes", "checks", "dots", "diagonal")
 SILHOUETTES = ("straight", "a-line", "trousers")
@@ -326,3 +328,51 @@ def generate_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     }
     write_json(root / "meta.json", meta)
     return meta
+
+
+# --- the same shots without the person ----------------------------------------------------
+
+# A figure centred this far right of the frame (in units of the centre jitter) draws no pixel.
+OFF_FRAME_CENTRE = 1e4
+DEMO_SPLITS = ("train", "val")
+
+
+def render_backdrops(cfg: DemoConfig, shots: Shots) -> torch.Tensor:
+    """The venue of each shot with no one on it: uint8 [B, 3, H, W], equal to the photo that
+    `render_shots` draws from the same shots wherever its person mask is 0 (same wall, lights,
+    floor, exposure and noise). Works by moving the figure out of frame, so the photo renderer
+    itself stays untouched."""
+    jitter = shots.jitter.clone()
+    jitter[:, CENTRE] = OFF_FRAME_CENTRE
+    backdrops, mask = render_shots(cfg, dataclasses.replace(shots, jitter=jitter))
+    if mask.any():
+        raise RuntimeError("render_backdrops: the figure did not leave the frame")
+    return backdrops
+
+
+def render_split_with_backdrops(cfg: DemoConfig, split: str) -> dict[str, torch.Tensor]:
+    """One split exactly as `generate_demo` writes it (`images`, `masks`, `labels`, `venues`,
+    in shard order) plus `backdrops`: the same shots rendered without the person."""
+    if split not in DEMO_SPLITS:
+        raise ConfigError(f"demo split must be one of {', '.join(DEMO_SPLITS)}, got {split!r}")
+    split_index = DEMO_SPLITS.index(split)
+    per_class = (cfg.train_per_class, cfg.val_per_class)[split_index]
+    designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
+    # The draws below repeat _render_split's, in its order, so the shots are the same.
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + split_index + 17)
+    n = per_class * cfg.num_designers
+    labels = torch.arange(cfg.num_designers).repeat_interleave(per_class)
+    labels = labels[torch.randperm(n, generator=g)]
+    at_home = torch.rand(n, generator=g) < cfg.bg_correlation
+    elsewhere = torch.randint(0, cfg.venues, (n,), generator=g)
+    venue_ids = torch.where(at_home, labels % cfg.venues, elsewhere)
+    parts: dict[str, list[torch.Tensor]] = {"images": [], "masks": [], "backdrops": []}
+    with _one_intra_op_thread():
+        for start in range(0, n, RENDER_CHUNK):
+            part = slice(start, start + RENDER_CHUNK)
+            shots = _shots(cfg, designers, venues, labels[part], venue_ids[part], g)
+            image, mask = render_shots(cfg, shots)
+            parts["images"].append(image)
+            parts["masks"].append(mask)
+            parts["backdrops"].append(render_backdrops(cfg, shots))
+    return {**{k: torch.cat(v) for k, v in parts.items()}, "labels": labels, "venues": venue_ids}
