@@ -1,7 +1,10 @@
-"""`analyze`: model resolution, data defaults, results attached to the training run."""
+"""`analyze`: model resolution, data defaults, records keyed by settings, what the training
+run shows."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import mlflow
@@ -9,7 +12,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fgvc.tracking.analyze_run import load_analysis_data, parse_methods, run_analyze
+from fgvc.analysis.config import AnalyzeConfig
+from fgvc.analysis.data import load_analysis_data
+from fgvc.analysis.methods import METHODS
+from fgvc.config import parse_value
+from fgvc.errors import ConfigError, FgvcError
+from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.registry import resolve_version
 from fgvc.tracking.train_run import run_train
 from fgvc.training.config import TrainConfig
@@ -30,27 +38,36 @@ def trained(tiny_root, tmp_path_factory):
 
 
 def artifacts(run_id, path):
-    return sorted(a.path for a in MlflowClient().list_artifacts(run_id, path))
+    client = MlflowClient()
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += artifacts(run_id, item.path) if item.is_dir else [item.path]
+    return sorted(out)
 
 
-def test_methods_parse():
-    assert parse_methods("all") == ["gradcam", "occlusion", "neighbors"]
-    assert parse_methods("all+shortcut") == ["gradcam", "occlusion", "neighbors", "shortcut"]
-    assert parse_methods("occlusion,gradcam") == ["occlusion", "gradcam"]
-    with pytest.raises(ValueError, match="unknown analysis method 'lime'"):
-        parse_methods("lime")
+def analyze(**options) -> "AnalysisOutcome":  # noqa: F821
+    return run_analyze(AnalyzeConfig(model="models:/fgvc-fn-small@candidate", **options))
+
+
+def test_methods_parse_from_the_registry():
+    parse = lambda text: parse_value(AnalyzeConfig, "method", text)  # noqa: E731
+    assert parse("all") == METHODS.where(lambda m: m.in_all) == ("gradcam", "occlusion", "neighbors")
+    assert parse("all+shortcut") == ("gradcam", "occlusion", "neighbors", "shortcut")
+    assert parse("occlusion,gradcam") == ("occlusion", "gradcam")
+    with pytest.raises(ConfigError, match="unknown analysis method 'lime'"):
+        parse("lime")
 
 
 def test_resolution_errors_list_what_exists(trained):
     assert resolve_version("fgvc-fn-small@candidate").run_id == trained.run_id
     assert resolve_version("models:/fgvc-fn-small/1").version == "1"
-    with pytest.raises(ValueError, match="no registered model named 'fgvc-nope'; registered models: fgvc-fn-small"):
+    with pytest.raises(ConfigError, match="no registered model named 'fgvc-nope'; registered models: fgvc-fn-small"):
         resolve_version("models:/fgvc-nope@champion")
-    with pytest.raises(ValueError, match=r"has no alias 'champion'; aliases: candidate \(v1\)"):
+    with pytest.raises(ConfigError, match=r"has no alias 'champion'; aliases: candidate \(v1\)"):
         resolve_version("models:/fgvc-fn-small@champion")
-    with pytest.raises(ValueError, match=r"has no version 7; versions: \[1\]"):
+    with pytest.raises(ConfigError, match=r"has no version 7; versions: \[1\]"):
         resolve_version("models:/fgvc-fn-small/7")
-    with pytest.raises(ValueError, match="not understood"):
+    with pytest.raises(ConfigError, match="not understood"):
         resolve_version("runs:/abc/model")
 
 
@@ -61,51 +78,77 @@ def test_version_without_spec_is_refused(trained, tmp_path):
         torch.save({"state_dict": {}}, tmp_path / "best.pt")
         mlflow.log_artifact(str(tmp_path / "best.pt"), "checkpoints")
     client.create_model_version("bare", f"runs:/{run.info.run_id}/checkpoints", run_id=run.info.run_id)
-    with pytest.raises(ValueError, match="lacks the model spec"):
-        run_analyze("models:/bare/1", "gradcam")
+    with pytest.raises(FgvcError, match="not an fgvc checkpoint"):
+        run_analyze(AnalyzeConfig(model="models:/bare/1"))
 
 
-def test_all_methods_attach_pictures_and_numbers_to_the_training_run(trained):
-    results = run_analyze("models:/fgvc-fn-small@candidate", "all+shortcut", num_images=9, batch_size=4,
-                          window=16, stride=8)
-    assert set(results) == {"gradcam", "occlusion", "neighbors", "shortcut"}
-    train_run = MlflowClient().get_run(trained.run_id)
+def test_all_methods_make_one_record_and_show_on_the_training_run(trained):
+    outcome = analyze(method=("gradcam", "occlusion", "neighbors", "shortcut"), num_images=9, batch_size=4,
+                      window=16, stride=8)
+    assert set(outcome.metrics) == {"gradcam", "occlusion", "neighbors", "shortcut"}
+    client = MlflowClient()
+    record = client.get_run(outcome.record_run_id)
+    assert record.data.tags["fgvc.task"] == "analyze" and record.data.tags["fgvc.source_run"] == trained.run_id
+    assert client.get_experiment(record.info.experiment_id).name == "fgvc-analysis"
+    # 32x24 images: stage3's map is 4x3 and stage2's 8x6; stage1's 16x12 is the deepest with >= 7 cells
+    assert record.data.params["gradcam.layer"] == "body.stage1" and record.data.params["gradcam.map_size"] == "16x12"
+    train_run = client.get_run(trained.run_id)
     metrics = train_run.data.metrics
-    for key in ("gradcam/bg_energy_fraction_mean", "gradcam/bg_preference_mean", "gradcam/deletion_auc_mean",
-                "gradcam/insertion_auc_mean", "occlusion/bg_energy_fraction_mean", "neighbors/precision_at_1",
-                "neighbors/recall_at_k", "neighbors/map_at_r", "neighbors/same_venue_other_label_fraction_at_k",
-                "shortcut/acc_no_fg", "shortcut/bg_gap", "shortcut/chance"):
-        assert key in metrics, key
-    assert 0 <= metrics["gradcam/bg_energy_fraction_mean"] <= 1
+    for key in ("gradcam/bg_preference_mean", "gradcam/bg_preference_mean_low", "gradcam/bg_energy_fraction_mean",
+                "gradcam/deletion_auc_mean", "occlusion/bg_preference_mean", "neighbors/precision_at_1",
+                "neighbors/map_at_r", "neighbors/same_venue_other_label_fraction_at_k", "shortcut/acc_no_fg",
+                "shortcut/acc_no_fg_low", "shortcut/bg_gap_high", "shortcut/chance"):
+        assert key in metrics and key in record.data.metrics, key
+        assert metrics[key] == record.data.metrics[key]
     assert metrics["shortcut/chance"] == pytest.approx(1 / 3)
     assert metrics["gradcam/num_images"] == 9 and metrics["neighbors/num_reference"] == 24
-    assert {"analysis/gradcam/summary.png", "analysis/gradcam/example_00.png", "analysis/gradcam/per_image.csv",
-            "analysis/gradcam/bg_energy_fraction_hist.png", "analysis/gradcam/metrics.json"} <= set(
-        artifacts(trained.run_id, "analysis/gradcam"))
-    assert "analysis/neighbors/neighbors_grid.png" in artifacts(trained.run_id, "analysis/neighbors")
-    assert {"analysis/shortcut/variants.png", "analysis/shortcut/accuracy_by_variant.png"} <= set(
-        artifacts(trained.run_id, "analysis/shortcut"))
-    saved = json.loads(mlflow.artifacts.load_text(f"runs:/{trained.run_id}/analysis/gradcam/metrics.json"))
-    assert saved["bg_energy_fraction_mean"] == pytest.approx(metrics["gradcam/bg_energy_fraction_mean"])
-    assert saved["model"] == "models:/fgvc-fn-small/1"
-
-    # the analysis run is nested under the training run and tagged with the model
-    runs = mlflow.search_runs(experiment_ids=[train_run.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{trained.run_id}'")
-    assert len(runs) == 1
-    assert runs.iloc[0]["tags.fgvc.model_uri"] == "models:/fgvc-fn-small@candidate"
-    assert runs.iloc[0]["tags.fgvc.model_version"] == "fgvc-fn-small/1"
-    assert runs.iloc[0]["metrics.gradcam/bg_energy_fraction_mean"] == pytest.approx(
-        metrics["gradcam/bg_energy_fraction_mean"])
+    assert metrics["shortcut/acc_no_fg_low"] <= metrics["shortcut/acc_no_fg"] <= metrics["shortcut/acc_no_fg_high"]
+    for method, key in outcome.ids.items():
+        assert train_run.data.tags[f"fgvc.analysis.{method}"] == outcome.record_run_id
+        assert train_run.data.tags[f"fgvc.analysis.{method}.id"] == key
+    assert "window=16" in train_run.data.tags["fgvc.analysis.occlusion.settings"]
+    gradcam_files = artifacts(trained.run_id, f"analysis/gradcam/{outcome.ids['gradcam']}")
+    assert {f"analysis/gradcam/{outcome.ids['gradcam']}/{f}" for f in (
+        "summary.png", "example_00.png", "per_image.csv", "bg_preference_hist.png", "metrics.json")} <= set(gradcam_files)
+    saved = json.loads(mlflow.artifacts.load_text(f"runs:/{outcome.record_run_id}/analysis/gradcam/metrics.json"))
+    assert saved["metrics"]["bg_preference_mean"] == pytest.approx(metrics["gradcam/bg_preference_mean"])
+    assert saved["model"] == "models:/fgvc-fn-small/1" and saved["settings_id"] == outcome.ids["gradcam"]
+    rows = list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(
+        f"runs:/{outcome.record_run_id}/analysis/gradcam/per_image.csv"))))
+    assert {"dataset_index", "designer", "predicted", "correct", "bg_preference"} <= set(rows[0])
+    assert all(r["designer"].startswith("designer_") for r in rows)
 
 
-def test_rerun_replaces_artifacts_and_is_deterministic(trained):
-    run_analyze("fgvc-fn-small@candidate", "gradcam", num_images=6, batch_size=3)
-    first = artifacts(trained.run_id, "analysis/gradcam")
-    value = MlflowClient().get_run(trained.run_id).data.metrics["gradcam/bg_energy_fraction_mean"]
-    run_analyze("fgvc-fn-small@candidate", "gradcam", num_images=6, batch_size=3)
-    assert artifacts(trained.run_id, "analysis/gradcam") == first
-    assert MlflowClient().get_run(trained.run_id).data.metrics["gradcam/bg_energy_fraction_mean"] == value
+def test_other_settings_never_replace_what_the_training_run_shows(trained):
+    first = analyze(method=("occlusion",), num_images=6, window=8, stride=8)
+    shown = MlflowClient().get_run(trained.run_id).data.metrics["occlusion/bg_preference_mean"]
+    other = analyze(method=("occlusion",), num_images=6, window=16, stride=8)
+    assert other.ids["occlusion"] != first.ids["occlusion"] and not other.shown["occlusion"]
+    client = MlflowClient()
+    train_run = client.get_run(trained.run_id)
+    assert train_run.data.metrics["occlusion/bg_preference_mean"] == shown  # unchanged
+    assert "window=8" in train_run.data.tags["fgvc.analysis.occlusion.settings"]
+    assert client.get_run(other.record_run_id).data.metrics["occlusion/bg_preference_mean"] == \
+        other.metrics["occlusion"]["bg_preference_mean"]  # the new numbers live in their own record
+    # both settings' files stay on the training run, side by side
+    folders = {p.split("/")[2] for p in artifacts(trained.run_id, "analysis/occlusion")}
+    assert {first.ids["occlusion"], other.ids["occlusion"]} <= folders
+    # asked explicitly, the training run shows the new settings, as a new step of the metric
+    pinned = run_analyze(AnalyzeConfig(model="models:/fgvc-fn-small@candidate", method=("occlusion",), num_images=6,
+                                       window=16, stride=8, show_on_training_run=True))
+    train_run = client.get_run(trained.run_id)
+    assert pinned.shown["occlusion"] and "window=16" in train_run.data.tags["fgvc.analysis.occlusion.settings"]
+    history = client.get_metric_history(trained.run_id, "occlusion/bg_preference_mean")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)][0] == shown and len({m.step for m in history}) >= 2
+
+
+def test_same_settings_give_the_same_numbers_and_are_reused_on_request(trained):
+    a = analyze(method=("gradcam",), num_images=6, batch_size=3)
+    b = analyze(method=("gradcam",), num_images=6, batch_size=3)
+    assert a.ids == b.ids and a.metrics == b.metrics and a.record_run_id != b.record_run_id
+    reused = run_analyze(AnalyzeConfig(model="models:/fgvc-fn-small@candidate", method=("gradcam",), num_images=6),
+                         reuse=True)
+    assert reused.reused["gradcam"] in (a.record_run_id, b.record_run_id)
 
 
 def test_masks_come_from_a_mask_root_when_the_shards_have_none(tiny_root, tmp_path):

@@ -115,7 +115,8 @@ def run_analyze(cfg: AnalyzeConfig, reuse: bool = False) -> AnalysisOutcome:
     check_fits_model(data, ckpt["spec"], ckpt.get("label_names"), resolved.uri)
     check_inputs(data, cfg.method)  # before a run exists: a refusal leaves no FAILED run
     context = {"model_version": resolved.uri, "data_digest": data.digest, "mask_source": data.mask_source}
-    settings = {m: settings_of(cfg, METHODS.get(m).settings) for m in cfg.method}
+    settings = {m: {**settings_of(cfg, METHODS.get(m).settings), **METHODS.get(m).fixed_settings}
+                for m in cfg.method}
     ids = {m: settings_id(settings[m], context) for m in cfg.method}
     reused = {m: r for m in cfg.method if reuse and (r := find_record(m, ids[m])) is not None}
     todo = tuple(m for m in cfg.method if m not in reused)

@@ -8,30 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fgvc.analysis.methods.base import AnalysisMethod, Column, MethodResult, register
-import torch
-from torch import nn
-
-from fgvc.analysis.common import eval_mode
-from fgvc.analysis.shortcut import VARIANT_NAMES, make_variants
-from fgvc.analysis.stats import bootstrap_mean
+from fgvc.analysis.shortcut import VARIANT_NAMES, make_variants, variant_correctness, variant_intervals, variant_scores
 from fgvc.files import write_csv
 from fgvc.viz import save_bar_chart, save_variant_grid
 from fgvc.viz.grids import CAPTIONS
 
-
-
-def variant_predictions(model: nn.Module, variants: dict[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
-    """The model's predicted class ``[N]`` for every image of every variant (uint8 or [0, 1])."""
-    out = {}
-    with eval_mode(model), torch.inference_mode():
-        for name, images in variants.items():
-            predicted = []
-            for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size]
-                batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch
-                predicted.append(model(batch).argmax(dim=1).cpu())
-            out[name] = torch.cat(predicted)
-    return out
+FILL_MARGIN = 2  # px around the person's bounding box that No-FG also refills
 
 
 @register
@@ -41,6 +23,7 @@ class ShortcutMethod(AnalysisMethod):
     in_all = False  # asked for by name (it needs person masks and real backdrops)
     needs_masks = True
     settings = ()
+    fixed_settings = {"no_fg_fill": "box", "no_fg_margin": str(FILL_MARGIN)}  # the fill's version is part of the key
     columns = {
         "no_fg_acc": Column("acc_no_fg", "No-FG acc", "accuracy with the person removed and the hole filled from "
                             "the backdrop: the backdrop alone"),
@@ -51,22 +34,18 @@ class ShortcutMethod(AnalysisMethod):
     }
 
     def run(self, model, data, cfg) -> MethodResult:
-        out = make_variants(data.images, data.masks, data.labels, seed=cfg.seed)
+        out = make_variants(data.images, data.masks, data.labels, seed=cfg.seed, margin=FILL_MARGIN)
         variants = {name: out[name] for name in VARIANT_NAMES}
-        predictions = variant_predictions(model, variants, batch_size=cfg.batch_size)
+        correct = variant_correctness(model, variants, data.labels, batch_size=cfg.batch_size)
         chance = 1.0 / len(data.names)
-        correct = {name: (p == data.labels).float() for name, p in predictions.items()}
-        metrics = {"chance": chance, "num_images": float(len(data.labels)),
-                   "same_fallbacks": float(out["same_fallbacks"]), "rand_fallbacks": float(out["rand_fallbacks"])}
-        measures = {f"acc_{name}": c for name, c in correct.items()}
-        measures["bg_gap"] = correct["mixed_same"] - correct["mixed_rand"]
-        for key, values in measures.items():
-            interval = bootstrap_mean(values, seed=cfg.seed)
-            metrics.update({key: interval.estimate, f"{key}_low": interval.low, f"{key}_high": interval.high})
-        for suffix in ("", "_low", "_high"):
-            metrics[f"no_fg_vs_chance{suffix}"] = metrics[f"acc_no_fg{suffix}"] / chance
+        metrics = {**variant_scores(correct, len(data.names)),
+                   **variant_intervals(correct, chance, seed=cfg.seed),
+                   "num_images": float(len(data.labels)), "same_fallbacks": float(out["same_fallbacks"]),
+                   "rand_fallbacks": float(out["rand_fallbacks"]),
+                   "no_fg_filled_share": float(out["no_fg_filled_share"])}
         per_image = {f"correct_{name}": c.int().tolist() for name, c in correct.items()}
-        return MethodResult(metrics, per_image, {"variants": variants}, {"fill": "see make_variants"})
+        info = {"no_fg_fill": f"the person's bounding box (+{FILL_MARGIN} px) refilled from the backdrop beside it"}
+        return MethodResult(metrics, per_image, {"variants": variants}, info)
 
     def write_artifacts(self, result: MethodResult, data, folder: Path) -> None:
         save_variant_grid(folder / "variants.png", result.payload["variants"], min(6, len(data.labels)))

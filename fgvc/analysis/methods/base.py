@@ -46,6 +46,7 @@ class AnalysisMethod:
     in_all: ClassVar[bool] = True  # part of method=all
     needs_masks: ClassVar[bool] = False
     settings: ClassVar[tuple[str, ...]] = ()
+    fixed_settings: ClassVar[dict[str, str]] = {}  # how the method computes (a version), part of the key
     columns: ClassVar[dict[str, Column]] = {}
 
     def run(self, model: nn.Module, data: AnalysisData, cfg: AnalyzeConfig) -> MethodResult:
