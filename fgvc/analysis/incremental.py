@@ -26,6 +26,12 @@ Block computations are batched: one conv call computes the same-sized block of m
 (shifted inwards at the borders), so the values computed outside a pair's own changed
 region are recomputed copies of the kept activation: the result is exact up to float
 rounding (folded BatchNorm and a different summation order, ~1e-6 relative).
+
+Two approximations are available for approximate occlusion: Krypton's projective-field
+threshold (``field_limit``: a changed region is cut to that fraction of the map side, the
+rest taken as unchanged), and ``low_precision``: each conv block is computed as the kept
+output plus the conv of the input's change in bfloat16, so the rounding error scales with
+the change rather than with the activation.
 """
 
 from __future__ import annotations
@@ -328,11 +334,11 @@ class Lowered:
         return tensors
 
 
-def lower(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Lowered:
+def lower(model: nn.Module) -> Lowered:
     """The steps computing ``model`` (in eval mode) on tensor 0, the input image; the last
     step's tensor is the output. Raises :class:`UnsupportedModel` naming the first module
     it does not understand. Weights are read as they are now (BatchNorm folded, conv weights
-    channels-last, cast to ``dtype`` when given), so lower again after the model changes."""
+    channels-last), so lower again after the model changes."""
     if torch.nn.modules.module._global_forward_hooks or (
         torch.nn.modules.module._global_forward_pre_hooks
     ):
@@ -343,14 +349,9 @@ def lower(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Lowered:
     steps = lowering.steps
     if not steps:
         raise UnsupportedModel("the model is the identity")
-    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
     for step in steps:
-        op = step.op
-        if isinstance(op, Conv):
-            op.weight = cast(op.weight).contiguous(memory_format=torch.channels_last)
-            op.bias = None if op.bias is None else cast(op.bias)
-        elif isinstance(op, Pointwise):
-            op.tensors = tuple(cast(t) for t in op.tensors)
+        if isinstance(step.op, Conv):
+            step.op.weight = step.op.weight.contiguous(memory_format=torch.channels_last)
     return Lowered(steps, lowering.outputs)
 
 
@@ -452,6 +453,7 @@ class Plan:
     gathers: dict[tuple[int, int], Gather]  # (step, input position) -> how it is read
     input_block_index: Tensor  # [P, h * w] flat pixel offsets of the input block
     input_in_window: Tensor  # [P, h * w] bool: pixel lies under the window
+    block_rows: dict[int, Tensor]  # tensor -> [P, h * w] flat pixel offsets of its block
     macs_full: int = 0  # conv multiply-accumulates of one whole forward
     macs_incremental: int = 0  # ... of one occluded copy, computed incrementally
     last_reader: dict[int, list[int]] = field(default_factory=dict)  # step -> tensors it frees
@@ -477,6 +479,7 @@ def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
         MapGeometry.around(height, width, boxes, full_fraction=2.0)  # the input block never
     ]  # counts as full: the first layers are where incrementality pays most
     gathers: dict[tuple[int, int], Gather] = {}
+    block_rows: dict[int, Tensor] = {}
     macs_full = macs_incremental = 0
     for index, step in enumerate(steps):
         op, inputs = step.op, [geometry[i] for i in step.inputs]
@@ -542,6 +545,11 @@ def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
         geometry.append(target)
     if geometry[-1] is not None:
         raise UnsupportedModel("the model's output is a map, not one vector per image")
+    for node, g in enumerate(geometry):
+        if g is not None and not g.full:
+            rows = g.start[:, 0:1] + torch.arange(g.block[0])
+            cols = g.start[:, 1:2] + torch.arange(g.block[1])
+            block_rows[node] = (rows[:, :, None] * g.width + cols[:, None, :]).flatten(1)
     first = geometry[0]
     rows = first.start[:, 0:1] + torch.arange(first.block[0])
     cols = first.start[:, 1:2] + torch.arange(first.block[1])
@@ -552,8 +560,8 @@ def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
     last_reader: dict[int, list[int]] = {}
     for node, index in last_read.items():
         last_reader.setdefault(index, []).append(node)
-    return Plan(geometry, gathers, input_block_index, in_window.flatten(1), macs_full,
-                macs_incremental, last_reader)
+    return Plan(geometry, gathers, input_block_index, in_window.flatten(1), block_rows,
+                macs_full, macs_incremental, last_reader)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,22 +589,29 @@ def _nhwc_rows(x: Tensor) -> Tensor:
 @dataclass
 class KeptActivations:
     """The unoccluded pass over a group of images: every tensor, and padded channels-last
-    copies (``[N * Hp * Wp, C]`` rows) made on first use by a gather."""
+    copies (``[N * Hp * Wp, C]`` rows) made on first use by a gather. ``before_relu``:
+    the pre-activation of convs with a fused ReLU, by tensor (only for ``low_precision``)."""
 
     images: Tensor
     baseline: Tensor
     tensors: list[Tensor]
-    padded: dict[tuple[int, Pair, float], Tensor] = field(default_factory=dict)
+    before_relu: dict[int, Tensor] = field(default_factory=dict)
+    padded: dict[tuple, Tensor] = field(default_factory=dict)
     sums: dict[int, Tensor] = field(default_factory=dict)  # summed-area tables, float64
 
     @property
     def logits(self) -> Tensor:
         return self.tensors[-1]
 
-    def padded_rows(self, node: int, padding: Pair, value: float) -> Tensor:
-        key = (node, padding, value)
+    def linear_part(self, node: int) -> Tensor:
+        """Tensor ``node`` before its fused ReLU (the tensor itself when it has none)."""
+        return self.before_relu.get(node, self.tensors[node])
+
+    def padded_rows(self, node: int, padding: Pair, value: float, linear: bool = False
+                    ) -> Tensor:
+        key = (node, padding, value, linear)
         if key not in self.padded:
-            x = self.tensors[node]
+            x = self.linear_part(node) if linear else self.tensors[node]
             n, c, h, w = x.shape
             padded = x.new_full((n, h + 2 * padding[0], w + 2 * padding[1], c), value)
             padded[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w] = x.permute(
@@ -612,6 +627,11 @@ class KeptActivations:
         return self.sums[node]
 
 
+def _per_pair(x: Tensor, image_index: Tensor) -> Tensor:
+    """``x[image_index]`` for ``[N, C, H, W]``, channels-last like the blocks."""
+    return x.permute(0, 2, 3, 1)[image_index].permute(0, 3, 1, 2)
+
+
 class IncrementalOcclusion:
     """Target-class scores of occluded copies, computed incrementally.
 
@@ -619,6 +639,8 @@ class IncrementalOcclusion:
         model: a module :func:`lower` understands (raises :class:`UnsupportedModel` otherwise).
         full_fraction: a layer whose changed block covers at least this share of its map is
             computed whole (and so is every layer after it).
+        field_limit: approximate: Krypton's projective-field threshold (``None``: exact).
+        low_precision: approximate: the dtype of the convs of the changes (``None``: exact).
 
     ``prepare(images, boxes)`` fixes the image size and the windows; ``keep(images,
     baseline)`` runs the unoccluded pass over a group of images; ``scores(kept, image_index,
@@ -628,11 +650,16 @@ class IncrementalOcclusion:
 
     def __init__(self, model: nn.Module, full_fraction: float = 0.7,
                  field_limit: Optional[float] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
-        self.steps = lower(model, dtype).steps
-        self.dtype = dtype
+                 low_precision: Optional[torch.dtype] = None) -> None:
+        self.steps = lower(model).steps
         self.full_fraction = full_fraction
         self.field_limit = field_limit
+        self.low_precision = low_precision
+        self.low_weights: dict[int, Tensor] = {}
+        if low_precision is not None:
+            for index, step in enumerate(self.steps):
+                if isinstance(step.op, Conv):
+                    self.low_weights[index] = step.op.weight.to(low_precision)
         self.plan: Optional[Plan] = None
 
     def prepare(self, height: int, width: int, boxes: Tensor, device: torch.device) -> Plan:
@@ -642,16 +669,24 @@ class IncrementalOcclusion:
         for gather in plan.gathers.values():
             gather.cache_index = gather.cache_index.to(device)
             gather.block_index = gather.block_index.to(device)
+        plan.block_rows = {k: v.to(device) for k, v in plan.block_rows.items()}
         self.plan = plan
         return plan
 
     def keep(self, images: Tensor, baseline: Tensor) -> KeptActivations:
-        if self.dtype is not None:
-            images, baseline = images.to(self.dtype), baseline.to(self.dtype)
         x = images.contiguous(memory_format=torch.channels_last)
-        tensors = Lowered(self.steps, {}).run(x)
-        return KeptActivations(x, baseline.contiguous(memory_format=torch.channels_last),
-                               tensors)
+        kept = KeptActivations(x, baseline.contiguous(memory_format=torch.channels_last), [x])
+        for index, step in enumerate(self.steps):
+            inputs = [kept.tensors[i] for i in step.inputs]
+            op = step.op
+            if self.low_precision is not None and isinstance(op, Conv) and op.relu:
+                linear = F.conv2d(inputs[0], op.weight, op.bias, op.stride, op.padding,
+                                  op.dilation, op.groups)
+                kept.before_relu[index + 1] = linear
+                kept.tensors.append(torch.relu(linear))
+            else:
+                kept.tensors.append(_run_whole(op, inputs))
+        return kept
 
     def _gather(self, kept: KeptActivations, node: int, block: Tensor, gather: Gather,
                 image_index: Tensor, window_index: Tensor) -> Tensor:
@@ -686,6 +721,12 @@ class IncrementalOcclusion:
         blocks = [x.reshape(n, *first.block, -1).permute(0, 3, 1, 2)]
         for index, step in enumerate(self.steps):
             op = step.op
+            if index in self.low_weights:
+                blocks.append(self._conv_change(kept, index, blocks[step.inputs[0]],
+                                                image_index, window_index))
+                for node in plan.last_reader.get(index, ()):
+                    blocks[node] = None
+                continue
             inputs = []
             for position, node in enumerate(step.inputs):
                 gather = plan.gathers.get((index, position))
@@ -706,6 +747,47 @@ class IncrementalOcclusion:
             for node in plan.last_reader.get(index, ()):
                 blocks[node] = None  # free blocks no later step reads
         return blocks[-1].gather(1, targets[:, None])[:, 0]
+
+    def _conv_change(self, kept: KeptActivations, index: int, block: Tensor,
+                     image_index: Tensor, window_index: Tensor) -> Tensor:
+        """A conv block as the kept output plus the conv of the input's change, the latter in
+        low precision: its rounding error scales with the change, not with the activation."""
+        plan, step = self.plan, self.steps[index]
+        op, node = step.op, step.inputs[0]
+        source, target = plan.geometry[node], plan.geometry[index + 1]
+        n = len(window_index)
+        change = torch.empty(block.shape, dtype=self.low_precision, device=block.device,
+                             memory_format=torch.channels_last)
+        torch.sub(block, self._kept_block(kept, node, source, image_index, window_index),
+                  out=change)
+        gather = plan.gathers.get((index, 0))
+        padding = op.padding
+        if gather is not None:  # the input window: the change inside the block, else 0
+            rows = torch.cat([change.new_zeros(1, change.shape[1]), _nhwc_rows(change)])
+            within = gather.block_index[window_index]
+            pair = torch.arange(n, device=within.device)[:, None]
+            picked = torch.where(within >= 0, within + (1 + pair * block[0, 0].numel()), 0)
+            change = rows.index_select(0, picked.reshape(-1)).reshape(
+                n, *gather.size, -1).permute(0, 3, 1, 2)
+            padding = (0, 0)
+        change = F.conv2d(change, self.low_weights[index], None, op.stride, padding,
+                          op.dilation, op.groups)
+        out = self._kept_block(kept, index + 1, target, image_index, window_index, linear=True)
+        out += change
+        return out.relu_() if op.relu else out
+
+    def _kept_block(self, kept: KeptActivations, node: int, geometry: MapGeometry,
+                    image_index: Tensor, window_index: Tensor, linear: bool = False) -> Tensor:
+        """``[n, C, h, w]`` the kept tensor ``node`` (before its ReLU with ``linear``) at each
+        pair's block: a copy the caller may modify."""
+        if geometry.full:
+            tensor = kept.linear_part(node) if linear else kept.tensors[node]
+            return _per_pair(tensor, image_index)
+        rows = self.plan.block_rows[node][window_index] + image_index[:, None] * (
+            geometry.height * geometry.width)
+        table = kept.padded_rows(node, (0, 0), 0.0, linear=linear)
+        return table.index_select(0, rows.reshape(-1)).reshape(
+            len(window_index), *geometry.block, -1).permute(0, 3, 1, 2)
 
     def _pooled(self, kept: KeptActivations, node: int, block: Tensor, geometry: MapGeometry,
                 image_index: Tensor, window_index: Tensor) -> Tensor:

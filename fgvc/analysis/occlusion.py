@@ -94,19 +94,12 @@ class _BatchedScorer:
 
     name = "batched"
 
-    def __init__(self, model: nn.Module, masks: Tensor, dtype: Optional[torch.dtype]) -> None:
+    def __init__(self, model: nn.Module, masks: Tensor) -> None:
         self.model = model
         self.masks = masks
-        self.dtype = dtype
-
-    def _forward(self, x: Tensor) -> Tensor:
-        if self.dtype is None:
-            return self.model(x)
-        with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x)
 
     def keep(self, images: Tensor, baseline: Tensor, logits: Tensor):
-        return images, baseline, logits if self.dtype is None else self._forward(images)
+        return images, baseline, logits
 
     @staticmethod
     def logits(kept) -> Tensor:
@@ -117,7 +110,7 @@ class _BatchedScorer:
         occluded = torch.where(
             self.masks[window_index, None], baseline[image_index], images[image_index]
         )
-        return self._forward(occluded).gather(1, targets[:, None])[:, 0]
+        return self.model(occluded).gather(1, targets[:, None])[:, 0]
 
 
 class _IncrementalScorer:
@@ -177,8 +170,10 @@ class Occlusion:
         field_limit: approx: Krypton's projective-field threshold: a window's changed
             region in any layer is cut to this fraction of the map side around its centre
             (the activations beyond it are taken as unchanged); ``None``: no cut.
-        low_precision: approx: compute in bfloat16 where the hardware runs it natively
-            (drops are still taken in the logits' precision).
+        low_precision: approx, incremental engine: each conv block is computed as the kept
+            (unoccluded, float) output plus the conv of the input's change in bfloat16, where
+            the hardware runs bfloat16 natively; the rounding error then scales with the
+            change, not with the activation.
         coarse_step: approx: coarse-to-fine: evaluate every ``coarse_step``-th window
             position along each axis (always including the last), estimate the other
             windows' drops by bilinear interpolation over the window grid, then evaluate the
@@ -253,7 +248,7 @@ class Occlusion:
         if field_limit is not None:
             parts.append(f"projective-field threshold {field_limit:g}")
         if low_precision:
-            parts.append("bfloat16 compute")
+            parts.append("bfloat16 conv of the changes")
         if self.coarse_step > 1:
             parts.append(
                 f"coarse-to-fine: every {self.coarse_step}th window per axis evaluated, "
@@ -287,6 +282,7 @@ class Occlusion:
             field_limit = self.field_limit if approx else None
             try:
                 engine = IncrementalOcclusion(self.model, self.full_fraction, field_limit, dtype)
+                dtype = dtype if engine.low_weights else None
                 engine.prepare(*images.shape[-2:], boxes, images.device)
                 return _IncrementalScorer(engine), (
                     self._describe(field_limit, dtype is not None) if approx else None)
@@ -296,8 +292,9 @@ class Occlusion:
                         f"occlusion engine 'incremental' cannot run this model: {error}; "
                         "use engine='auto' or 'batched'"
                     ) from None
-        return _BatchedScorer(self.model, masks, dtype), (
-            self._describe(None, dtype is not None) if approx else None)
+        # low precision only works on changes (incremental): the batched engine stays exact
+        return _BatchedScorer(self.model, masks), (
+            self._describe(None, False) if approx else None)
 
     def _chunks(self, image_index: Tensor, window_index: Tensor):
         """Equal chunks of at most ``batch_size`` pairs: no small, slow tail batch."""
@@ -313,7 +310,7 @@ class Occlusion:
         out = [targets.new_zeros(0, dtype=self._dtype)]
         for images_part, windows_part in self._chunks(image_index, window_index):
             scores = scorer.scores(kept, images_part, windows_part, targets[images_part])
-            out.append(scores.to(self._dtype))  # drops are differences: never in bfloat16
+            out.append(scores.to(self._dtype))
         return torch.cat(out)
 
     def attribute(self, images: Tensor, targets: TargetsLike = None) -> OcclusionResult:
