@@ -1,143 +1,130 @@
-"""Throughput of the analysis methods against their reference implementations.
+"""Speed of the analysis methods against their reference implementations.
 
-One randomly initialised torchvision resnet18 (50 classes), CPU, default thread count:
+Per architecture (randomly initialised fgvc models, 50 classes, runway-synth demo images):
 
-- Grad-CAM images/s vs pytorch-grad-cam ``GradCAM`` and vs a plain forward + backward;
-- occlusion images/s vs Captum ``Occlusion`` at its best ``perturbations_per_eval``, and the
-  rate at which occlusion evaluates occluded copies vs the model's plain inference rate at
-  the same batch size;
-- exact cosine top-k vs faiss ``IndexFlatIP``.
+- Grad-CAM vs pytorch-grad-cam ``GradCAM`` on the same layer (``model.feature_stage``);
+- occlusion, exact and approximate, vs Captum ``Occlusion`` at its best
+  ``perturbations_per_eval`` (chosen from a sweep during warm-up), window 32, stride 16,
+  zero fill, predicted-class targets; with the agreement of the maps (exact vs Captum as a
+  share of the map range, approx vs exact as per-image Pearson correlation) and the conv
+  FLOP bound on what incremental inference can gain;
 
-Contenders of one comparison are timed in turn within each repeat and the fastest run of
-each is kept, so load that drifts during the run affects all of them alike.
+and exact cosine top-k (``fgvc.analysis.neighbors.cosine_topk``) vs faiss ``IndexFlatIP``.
 
-Run: ``python bench/analysis.py`` (a few minutes on 2 cores); ``--images/--size`` and
-``--occ-images/--occ-size`` shrink it.
+Every comparison runs through ``bench/harness.py``: warm-up, interleaved rounds, medians
+with spread, ratios per round. See ``bench/README.md`` for getting trustworthy figures.
+
+    python bench/analysis.py            # the figures (several minutes on 2 cores)
+    python bench/analysis.py --quick    # smoke run at small sizes, well under a minute
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
-from typing import Callable
+import sys
+from pathlib import Path
 
 import faiss
 import torch
 import torch.nn.functional as F
-import torchvision
 from captum.attr import Occlusion as CaptumOcclusion
 from pytorch_grad_cam import GradCAM as ReferenceGradCAM
-from torch import nn
 
-from fgvc.analysis import GradCAM, Occlusion, cosine_topk
-from fgvc.analysis.occlusion import window_masks
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Contender, Machine, Timings, compare, report_target  # noqa: E402
 
+from fgvc.analysis import GradCAM, Occlusion, cosine_topk  # noqa: E402
+from fgvc.analysis.incremental import UnsupportedModel, flop_estimate  # noqa: E402
+from fgvc.data.demo import (  # noqa: E402
+    DemoConfig,
+    designer_signatures,
+    render_image,
+    venue_backdrops,
+)
+from fgvc.models import create_model  # noqa: E402
 
-class ResNet18(nn.Module):
-    """resnet18 with the fgvc model interface (``feature_stage = layer4[-1]``)."""
-
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.net = torchvision.models.resnet18(num_classes=num_classes)
-        self.feature_stage = self.net.layer4[-1]
-
-    def forward_features(self, x):
-        n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
-        return torch.flatten(n.avgpool(x), 1)
-
-    def forward(self, x):
-        return self.net.fc(self.forward_features(x))
+TARGETS = {"gradcam": 3.0, "occlusion_exact": 3.0, "occlusion_approx": 10.0,
+           "approx_correlation": 0.95, "exact_error": 1e-4, "neighbors_time": 1.5}
 
 
-def race(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Fastest wall time (s) of each contender over ``repeats`` rounds; every round times
-    all contenders one after the other. Warm-up is the caller's job."""
-    best = {name: float("inf") for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+def runway_images(count: int, height: int, width: int) -> torch.Tensor:
+    """``[count, 3, H, W]`` float demo runway photos (a figure on a venue backdrop)."""
+    cfg = DemoConfig(height=height, width=width)
+    designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
+    g = torch.Generator().manual_seed(0)
+    shots = [render_image(cfg, designers[i % len(designers)], venues[(3 * i) % len(venues)], g)[0]
+             for i in range(count)]
+    return torch.stack(shots).float() / 255.0
 
 
-def over_batches(images: torch.Tensor, batch: int, fn: Callable[[torch.Tensor], object]):
-    def run():
-        for start in range(0, len(images), batch):
-            fn(images[start : start + batch])
-
-    return run
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
 
 
-def bench_gradcam(model, images, batch, repeats):
-    """Images/s of fgvc Grad-CAM, pytorch-grad-cam and a plain forward + backward."""
+def bench_gradcam(model, images, batch, rounds, warmup) -> Timings:
+    def over_batches(fn):
+        def run():
+            for start in range(0, len(images), batch):
+                fn(images[start : start + batch])
+        return run
 
-    def plain_forward_backward(x):
-        model.zero_grad(set_to_none=True)
-        logits = model(x)
-        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+    def reference(x):
+        # hooks only while the reference runs: fgvc runs hooked models as written (slower)
+        with ReferenceGradCAM(model=model, target_layers=[model.feature_stage]) as cam:
+            return torch.from_numpy(cam(input_tensor=x, targets=None))
 
-    with ReferenceGradCAM(model=model, target_layers=[model.feature_stage]) as reference:
-        steps = {
-            "ours": lambda x: GradCAM(model).attribute(x),
-            "pytorch-grad-cam": lambda x: reference(input_tensor=x, targets=None),
-            "plain": plain_forward_backward,
-        }
-        for step in steps.values():
-            step(images[:batch])
-        times = race({k: over_batches(images, batch, f) for k, f in steps.items()}, repeats)
-    model.zero_grad(set_to_none=True)
-    return {name: len(images) / seconds for name, seconds in times.items()}
+    ours = GradCAM(model)
+    got = ours.attribute(images[:batch]).maps
+    agreement = min(pearson(a, b) for a, b in zip(got, reference(images[:batch])))
+    print(f"  maps vs pytorch-grad-cam: min Pearson {agreement:.5f} "
+          f"({'lowered network' if ours.fast_path else 'forward hook'})")
+    timings = compare([
+        Contender("fgvc GradCAM", over_batches(ours.attribute), len(images), "img"),
+        Contender("pytorch-grad-cam", over_batches(reference), len(images), "img"),
+    ], rounds=rounds, warmup=warmup)
+    model.zero_grad(set_to_none=True)  # pytorch-grad-cam's full backward fills .grad
+    return timings
 
 
-def bench_occlusion(model, images, window, stride, batch, captum_ppe, repeats):
-    """Images/s of fgvc and Captum occlusion, and fgvc's forward rate vs plain inference."""
-    ours = Occlusion(model, window=window, stride=stride, fill="zero", batch_size=batch)
-    copies = len(images) * window_masks(*images.shape[-2:], window, stride).shape[0]
-    # fgvc evaluates copies + unoccluded images in equal chunks of at most `batch`
-    total = copies + len(images)
-    chunk = -(-total // -(-total // batch))
-    plain_batch = torch.rand(chunk, *images.shape[1:])
+def bench_occlusion(model, images, window, stride, ppe_sweep, rounds, warmup):
+    """Timings of fgvc exact, fgvc approx and Captum at its best ppe, and map agreement."""
     with torch.inference_mode():
         targets = model(images).argmax(1)
     captum = CaptumOcclusion(model)
 
     def captum_run(ppe):
         return lambda: captum.attribute(
-            images,
-            sliding_window_shapes=(3, window, window),
-            strides=(3, stride, stride),
-            baselines=0.0,
-            target=targets,
-            perturbations_per_eval=ppe,
-        )
+            images, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+            baselines=0.0, target=targets, perturbations_per_eval=ppe)
 
-    def plain():
-        with torch.inference_mode():
-            model(plain_batch)
+    # warm-up doubles as the sweep for Captum's best perturbations_per_eval
+    sweep = compare([Contender(f"captum ppe={p}", captum_run(p), len(images), "img")
+                     for p in ppe_sweep], rounds=1, warmup=0)
+    best = max(ppe_sweep, key=lambda p: sweep.rate(f"captum ppe={p}").median)
+    print("  captum sweep (img/s): " + ", ".join(
+        f"ppe={p}: {sweep.rate(f'captum ppe={p}').median:.3g}" for p in ppe_sweep)
+        + f" -> best ppe={best}")
+    exact = Occlusion(model, window=window, stride=stride)
+    approx = Occlusion(model, window=window, stride=stride, mode="approx")
+    with torch.inference_mode():
+        reference = captum_run(best)()[:, 0]
+    exact_result = exact.attribute(images, targets)
+    approx_result = approx.attribute(images, targets)
+    span = reference.amax(dim=(1, 2)) - reference.amin(dim=(1, 2))
+    error = float(((exact_result.raw - reference).abs().amax(dim=(1, 2)) / span).max())
+    correlation = min(pearson(a, b) for a, b in zip(approx_result.raw, exact_result.raw))
+    print(f"  exact engine: {exact_result.engine}; approx: {approx_result.approximation} "
+          f"({approx_result.evaluated_fraction:.0%} of windows evaluated)")
+    timings = compare([
+        Contender("fgvc exact", lambda: exact.attribute(images, targets), len(images), "img"),
+        Contender("fgvc approx", lambda: approx.attribute(images, targets), len(images), "img"),
+        Contender(f"captum ppe={best}", captum_run(best), len(images), "img"),
+    ], rounds=rounds, warmup=warmup)
+    return timings, f"captum ppe={best}", error, correlation
 
-    plain()
-    ours.attribute(images[:1])
-    contenders = {"ours": lambda: ours.attribute(images, targets), "plain": plain}
-    contenders.update({f"captum ppe={p}": captum_run(p) for p in captum_ppe})
-    times = race(contenders, repeats)
-    return {
-        "ours_img_s": len(images) / times["ours"],
-        "captum_img_s": {p: len(images) / times[f"captum ppe={p}"] for p in captum_ppe},
-        "windows": copies // len(images),
-        # the unoccluded reference forward is part of the work done per image
-        "copies_per_s": total / times["ours"],
-        "plain_img_s": len(plain_batch) / times["plain"],
-        "plain_batch": len(plain_batch),
-    }
 
-
-def bench_neighbors(n_ref, n_query, dim, k, repeats):
-    """Seconds for fgvc cosine_topk and faiss IndexFlatIP (build + search), and the share
-    of identical neighbour indices."""
+def bench_neighbors(n_query, n_ref, dim, k, rounds, warmup):
     g = torch.Generator().manual_seed(0)
     reference = F.normalize(torch.randn(n_ref, dim, generator=g), dim=1)
     query = F.normalize(torch.randn(n_query, dim, generator=g), dim=1)
@@ -148,87 +135,96 @@ def bench_neighbors(n_ref, n_query, dim, k, repeats):
         index.add(ref_np)
         return index.search(query_np, k)
 
-    _, ours_idx = cosine_topk(query, reference, k)
-    _, faiss_idx = faiss_search()
-    agree = float((ours_idx.numpy() == faiss_idx).mean())
-    times = race({"ours": lambda: cosine_topk(query, reference, k), "faiss": faiss_search}, repeats)
-    return times["ours"], times["faiss"], agree
+    same = float((cosine_topk(query, reference, k)[1].numpy() == faiss_search()[1]).mean())
+    print(f"  same neighbour indices as faiss: {same:.4f}")
+    return compare([
+        Contender("fgvc cosine_topk", lambda: cosine_topk(query, reference, k), n_query, "query"),
+        Contender("faiss IndexFlatIP", faiss_search, n_query, "query"),
+    ], rounds=rounds, warmup=warmup)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=32, help="Grad-CAM images")
-    parser.add_argument("--size", type=int, default=224, help="Grad-CAM image side (px)")
-    parser.add_argument("--batch", type=int, default=16, help="Grad-CAM batch size")
-    parser.add_argument("--occ-images", type=int, default=4)
-    parser.add_argument("--occ-size", type=int, default=112, help="occlusion image side (px)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small images, one round; figures not comparable")
+    parser.add_argument("--archs", default="resnet18,fn-small")
+    parser.add_argument("--height", type=int, default=224)
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--cam-images", type=int, default=32)
+    parser.add_argument("--cam-batch", type=int, default=16)
+    parser.add_argument("--occ-images", type=int, default=2)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--stride", type=int, default=16)
-    parser.add_argument("--occ-batch", type=int, default=256, help="occluded copies per pass")
-    parser.add_argument("--captum-ppe", default="1,8,36", help="perturbations_per_eval to try")
-    parser.add_argument("--ref", type=int, default=20000)
+    parser.add_argument("--captum-ppe", default="16,32,64,128",
+                        help="perturbations_per_eval values swept for Captum")
     parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--refs", type=int, default=20000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds; best is kept")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
+    if args.quick:
+        args.height, args.width, args.cam_images, args.cam_batch = 112, 80, 4, 4
+        args.occ_images, args.captum_ppe, args.rounds = 1, "16,32", 1
+        args.queries, args.refs = 500, 5000
+    size = (args.height, args.width)
+    ppe_sweep = [int(p) for p in args.captum_ppe.split(",")]
+    verdicts = []
 
-    torch.manual_seed(0)
-    model = ResNet18(num_classes=50).eval()
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, resnet18 (50 classes), "
-        f"best of {args.repeats}; load average at start {os.getloadavg()[0]:.1f}",
-        flush=True,
-    )
-    rows = []
+    with Machine("bench/analysis.py" + (" --quick (smoke run: not a figure)" if args.quick else "")):
+        for arch in args.archs.split(","):
+            torch.manual_seed(0)
+            model = create_model(arch, 50, pretrained="false", image_size=size).eval()
+            print(f"\n{arch} (random init, 50 classes), {size[0]}x{size[1]} px")
+            try:
+                flops = flop_estimate(model, *size, args.window, args.stride)
+                print(f"  conv MACs per occluded copy: full {flops['macs_full'] / 1e6:.0f}M, "
+                      f"incremental {flops['macs_incremental'] / 1e6:.0f}M: at most "
+                      f"{flops['gain']:.2f}x fewer")
+            except UnsupportedModel as error:
+                print(f"  no incremental inference for this model ({error})")
 
-    images = torch.rand(args.images, 3, args.size, args.size)
-    cam = bench_gradcam(model, images, args.batch, args.repeats)
-    ours, theirs, plain = cam["ours"], cam["pytorch-grad-cam"], cam["plain"]
-    rows += [
-        (f"Grad-CAM fgvc ({args.images}x{args.size}px, batch {args.batch})",
-         f"{ours:.2f} img/s", "", ""),
-        ("Grad-CAM pytorch-grad-cam", f"{theirs:.2f} img/s", f"{ours / theirs:.2f}x", ">= 1.5x"),
-        ("plain forward+backward", f"{plain:.2f} img/s", f"{ours / plain:.2f}x", "(info)"),
-    ]
+            print(f"Grad-CAM, {args.cam_images} images, batch {args.cam_batch}")
+            images = runway_images(args.cam_images, *size)
+            cam = bench_gradcam(model, images, args.cam_batch, args.rounds, args.warmup)
+            cam.print()
+            ratio = cam.ratio("fgvc GradCAM", "pytorch-grad-cam")
+            verdicts.append((f"{arch} Grad-CAM vs pytorch-grad-cam", ratio, ">=",
+                             TARGETS["gradcam"]))
 
-    occ_images = torch.rand(args.occ_images, 3, args.occ_size, args.occ_size)
-    ppe = [int(p) for p in args.captum_ppe.split(",")]
-    occ = bench_occlusion(
-        model, occ_images, args.window, args.stride, args.occ_batch, ppe, args.repeats
-    )
-    best_ppe = max(occ["captum_img_s"], key=occ["captum_img_s"].get)
-    captum_best = occ["captum_img_s"][best_ppe]
-    rows.append((
-        f"occlusion fgvc ({args.occ_images}x{args.occ_size}px, w{args.window}/s{args.stride}, "
-        f"{occ['windows']} windows, batch {args.occ_batch})",
-        f"{occ['ours_img_s']:.3f} img/s", "", "",
-    ))
-    rows += [
-        (f"  captum Occlusion ppe={p}", f"{rate:.3f} img/s", "", "")
-        for p, rate in occ["captum_img_s"].items()
-    ]
-    rows += [
-        (f"occlusion vs captum best (ppe={best_ppe})", f"{captum_best:.3f} img/s",
-         f"{occ['ours_img_s'] / captum_best:.2f}x", ">= 2x"),
-        (f"occluded copies/s vs plain inference (batch {occ['plain_batch']})",
-         f"{occ['copies_per_s']:.1f} vs {occ['plain_img_s']:.1f}",
-         f"{occ['copies_per_s'] / occ['plain_img_s']:.2f}", ">= 0.85"),
-    ]
+            print(f"occlusion, {args.occ_images} images, window {args.window}, "
+                  f"stride {args.stride}")
+            images = runway_images(args.occ_images, *size)
+            occ, captum, error, correlation = bench_occlusion(
+                model, images, args.window, args.stride, ppe_sweep, args.rounds, args.warmup)
+            occ.print()
+            verdicts += [
+                (f"{arch} occlusion exact vs {captum}", occ.ratio("fgvc exact", captum), ">=",
+                 TARGETS["occlusion_exact"]),
+                (f"{arch} occlusion exact max |error| / map range", error, "<=",
+                 TARGETS["exact_error"]),
+                (f"{arch} occlusion approx vs {captum}", occ.ratio("fgvc approx", captum), ">=",
+                 TARGETS["occlusion_approx"]),
+                (f"{arch} occlusion approx vs exact: min Pearson", correlation, ">=",
+                 TARGETS["approx_correlation"]),
+            ]
 
-    ours_s, faiss_s, agree = bench_neighbors(args.ref, args.queries, args.dim, args.k, 3)
-    rows += [
-        (f"cosine_topk {args.queries} queries x {args.ref} refs x {args.dim}d, k={args.k}",
-         f"{ours_s * 1e3:.0f} ms", "", ""),
-        (f"faiss IndexFlatIP (same indices: {agree:.4f})", f"{faiss_s * 1e3:.0f} ms",
-         f"{ours_s / faiss_s:.2f}x time", "<= 1.5x"),
-    ]
+        print(f"\nneighbours: {args.queries} queries x {args.refs} references x {args.dim} "
+              f"dims, k={args.k}")
+        nn_timings = bench_neighbors(args.queries, args.refs, args.dim, args.k,
+                                     max(args.rounds, 3), args.warmup)
+        nn_timings.print()
+        time_ratio = nn_timings.ratio("faiss IndexFlatIP", "fgvc cosine_topk")  # = our time / theirs
+        verdicts.append(("cosine_topk time / faiss time", time_ratio, "<=",
+                         TARGETS["neighbors_time"]))
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  {'value':>18}  {'ratio':>12}  target")
-    for name, value, ratio, target in rows:
-        print(f"{name:<{width}}  {value:>18}  {ratio:>12}  {target}")
-    print(f"load average at end {os.getloadavg()[0]:.1f} (other processes share the CPUs)")
+        print()
+        for label, value, relation, threshold in verdicts:
+            if isinstance(value, float):
+                report_target(label, value, relation, threshold)
+            else:
+                report_target(label, value.median, relation, threshold, value)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from fgvc.analysis import GradCAM
+from fgvc.models import create_model
 
 
 class TinyCNN(nn.Module):
@@ -128,3 +129,78 @@ def test_frozen_model_and_explicit_layer():
 def test_missing_feature_stage_needs_target_layer():
     with pytest.raises(ValueError, match="target_layer"):
         GradCAM(nn.Sequential(nn.Conv2d(3, 2, 3)))
+
+
+def _fgvc_model(arch: str) -> nn.Module:
+    """An fgvc model with non-trivial BatchNorm statistics (so folding them matters)."""
+    torch.manual_seed(0)
+    model = create_model(arch, 5, pretrained="false")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _reference_maps(model, layer, images, targets):
+    reference_targets = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
+    with ReferenceGradCAM(model=model, target_layers=[layer]) as reference:
+        return torch.from_numpy(reference(input_tensor=images, targets=reference_targets))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "fn-small"])
+@pytest.mark.parametrize("targets", [None, [4, 0, 2]])
+def test_fgvc_models_take_the_fast_path_and_match_pytorch_grad_cam(arch, targets):
+    model = _fgvc_model(arch)
+    images = torch.rand(3, 3, 64, 48)
+    cam = GradCAM(model)
+    ours = cam.attribute(images, targets)
+    assert cam.fast_path
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.allclose(ours.logits, model(images), rtol=1e-4, atol=1e-5)
+    expected = _reference_maps(model, model.feature_stage, images, targets)
+    for got, want in zip(ours.maps, expected):
+        assert want.std() > 0
+        assert _pearson(got, want) >= 0.999
+
+
+@pytest.mark.parametrize("layer, fast", [
+    (lambda m: m.body.layer3, True),  # gradient flows back through layer4 of the lowered network
+    (lambda m: m.body.layer3[-1].conv2, False),  # its BatchNorm is folded in: hooked instead
+])
+def test_other_target_layers(layer, fast):
+    model = _fgvc_model("resnet18")
+    images = torch.rand(2, 3, 64, 64)
+    cam = GradCAM(model, target_layer=layer(model))
+    ours = cam.attribute(images, [1, 3])
+    assert cam.fast_path == fast
+    expected = _reference_maps(model, layer(model), images, [1, 3])
+    for got, want in zip(ours.maps, expected):
+        assert want.std() > 0
+        assert _pearson(got, want) >= 0.999
+
+
+def test_weights_changed_inside_the_context_are_used():
+    model = _fgvc_model("fn-small")
+    images = torch.rand(2, 3, 32, 24)
+    with GradCAM(model) as cam:
+        before = cam.attribute(images, 0).raw
+        with torch.no_grad():
+            model.body.stage3[-1].conv.weight.mul_(-1.0)
+        after = cam.attribute(images, 0).raw
+        assert cam.fast_path
+    fresh = GradCAM(model).attribute(images, 0).raw
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, fresh, atol=1e-5)
+
+
+def test_fgvc_model_mode_restored_and_no_hooks_left():
+    model = _fgvc_model("resnet18").train()
+    GradCAM(model).attribute(torch.rand(2, 3, 32, 32))
+    assert all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match=r"1 targets for a batch of 2"):
+        GradCAM(model).attribute(torch.rand(2, 3, 32, 32), targets=[0])
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())

@@ -4,15 +4,24 @@ For a target layer with activation ``A`` of shape ``[B, K, h, w]`` and class sco
 (a logit), the map is ``relu(sum_k w_k A_k)`` with ``w_k`` the spatial mean of
 ``d y_c / d A_k``, upsampled bilinearly to the input size.
 
-Only the gradient with respect to the hooked activation is computed
-(``torch.autograd.grad``), so no parameter ``.grad`` is touched. The forward pass runs
-without autograd up to the target layer; the hook re-roots the activation as a leaf that
-requires grad and switches autograd on, so only the head after the target layer is
-recorded and differentiated (less memory and work than a full backward to the input).
+Only the gradient with respect to the target activation is computed
+(``torch.autograd.grad``), so no parameter ``.grad`` is touched, and autograd records only
+the part of the network after the target layer. Up to the target layer nothing is recorded.
+
+Two ways to get there, same maps:
+
+- models :func:`fgvc.analysis.incremental.lower` understands (torchvision ResNets,
+  FashionNet, the FGVCNet wrapper, plain Sequential CNNs), with a target layer whose output
+  is one of the lowered tensors: the lowered network runs instead of the modules
+  (eval-mode BatchNorm folded into the convs, ReLU fused, channels-last memory), which is
+  the same function computed with fewer passes over memory;
+- any other model: a forward hook on the target layer re-roots its output as a leaf that
+  requires grad and switches autograd on for the rest of the forward pass.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -22,10 +31,19 @@ from torch import Tensor, nn
 from fgvc.analysis.common import (
     AttributionResult,
     TargetsLike,
+    check_target_count,
     eval_mode,
     normalize_per_image,
     resolve_targets,
 )
+from fgvc.analysis.incremental import Lowered, UnsupportedModel, lower
+
+
+def _weights_version(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place."""
+    return tuple(
+        (t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers())
+    )
 
 
 class GradCAM:
@@ -36,10 +54,10 @@ class GradCAM:
         target_layer: module whose output ``[B, K, h, w]`` is explained; defaults to
             ``model.feature_stage`` (the last convolutional stage).
 
-    Use ``GradCAM(model).attribute(images, targets)`` or, to keep the hook across several
+    Use ``GradCAM(model).attribute(images, targets)`` or, to keep the setup across several
     batches, ``with GradCAM(model) as cam: cam.attribute(...)``. The model runs in eval
-    mode; the hook is removed and the model's train/eval flags restored on exit, also on
-    error.
+    mode; any hook is removed and the model's train/eval flags restored on exit, also on
+    error. After a call, ``fast_path`` says whether the lowered network computed it.
     """
 
     def __init__(self, model: nn.Module, target_layer: Optional[nn.Module] = None) -> None:
@@ -55,6 +73,9 @@ class GradCAM:
         self._explaining = False
         self._handle = None
         self._mode = None
+        self._active = False
+        self._lowered: Optional[tuple[tuple, Optional[Lowered], Optional[int]]] = None
+        self.fast_path = False
 
     def _capture(self, module: nn.Module, inputs, output: Tensor) -> Optional[Tensor]:
         if not self._explaining:  # other forward passes inside the context are untouched
@@ -66,16 +87,11 @@ class GradCAM:
         return self._activation
 
     def __enter__(self) -> "GradCAM":
-        if self._handle is not None:
+        if self._active:
             raise RuntimeError("GradCAM context is already active")
         self._mode = eval_mode(self.model)
         self._mode.__enter__()
-        try:
-            self._handle = self.target_layer.register_forward_hook(self._capture)
-        except BaseException:
-            self._mode.__exit__(None, None, None)
-            self._mode = None
-            raise
+        self._active = True
         return self
 
     def __exit__(self, *exc) -> None:
@@ -85,41 +101,50 @@ class GradCAM:
         finally:
             self._handle = None
             self._activation = None
+            self._active = False
             if self._mode is not None:
                 self._mode.__exit__(None, None, None)
                 self._mode = None
+
+    def _lowered_network(self) -> tuple[Optional[Lowered], Optional[int]]:
+        """The lowered model and the target layer's tensor in it, or ``(None, None)``;
+        lowered again whenever a weight changed."""
+        version = _weights_version(self.model)
+        if self._lowered is None or self._lowered[0] != version:
+            try:
+                lowered = lower(self.model)
+                node = lowered.tensor_of(self.target_layer)
+            except UnsupportedModel:
+                lowered, node = None, None
+            if node is None or node == 0:
+                lowered = None
+            self._lowered = (version, lowered, node)
+        return self._lowered[1], self._lowered[2]
 
     def attribute(self, images: Tensor, targets: TargetsLike = None) -> AttributionResult:
         """Explain ``images`` ``[B, 3, H, W]`` for ``targets`` (``None``: predicted class;
         an int; or ``B`` class indices).
 
         Returns an :class:`AttributionResult` whose ``raw`` is the upsampled ReLU'd CAM."""
-        if self._handle is None:
+        if not self._active:
             with self:
                 return self.attribute(images, targets)
+        check_target_count(targets, images.shape[0])
         # inference_mode(False): also usable from code running under inference_mode.
-        try:
-            with torch.inference_mode(False):
-                self._explaining = True
-                with torch.no_grad():
-                    logits = self.model(images)
-                self._explaining = False
-                activation = self._activation
-                if activation is None:
-                    raise RuntimeError("target layer was not called in the forward pass")
-                resolved = resolve_targets(targets, logits)
-                with torch.enable_grad():
-                    score = logits.gather(1, resolved[:, None]).sum()
-                    (grads,) = torch.autograd.grad(score, activation)
-        finally:
-            self._explaining = False
-            self._activation = None
+        with torch.inference_mode(False):
+            lowered, node = self._lowered_network()
+            self.fast_path = lowered is not None
+            if lowered is not None:
+                logits, activation, resolved, grads = self._lowered_pass(
+                    lowered, node, images, targets)
+            else:
+                logits, activation, resolved, grads = self._hooked_pass(images, targets)
         activation = activation.detach()
         weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
         raw = F.interpolate(
             cam, size=images.shape[-2:], mode="bilinear", align_corners=False
-        )[:, 0]
+        )[:, 0].contiguous()
         logits = logits.detach()
         return AttributionResult(
             raw=raw,
@@ -128,3 +153,36 @@ class GradCAM:
             logits=logits,
             probs=logits.softmax(dim=1),
         )
+
+    def _lowered_pass(self, lowered: Lowered, node: int, images: Tensor, targets: TargetsLike):
+        with torch.no_grad():
+            tensors = lowered.run(images.contiguous(memory_format=torch.channels_last),
+                                  stop=node)
+        activation = tensors[node].detach().requires_grad_(True)
+        tensors[node] = activation
+        with torch.enable_grad():
+            logits = lowered.run(images, start=node, tensors=tensors)[-1]
+            resolved = resolve_targets(targets, logits)
+            score = logits.gather(1, resolved[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, activation)
+        return logits, activation, resolved, grads
+
+    def _hooked_pass(self, images: Tensor, targets: TargetsLike):
+        if self._handle is None:
+            self._handle = self.target_layer.register_forward_hook(self._capture)
+        try:
+            self._explaining = True
+            with torch.no_grad():
+                logits = self.model(images)
+            self._explaining = False
+            activation = self._activation
+            if activation is None:
+                raise RuntimeError("target layer was not called in the forward pass")
+            resolved = resolve_targets(targets, logits)
+            with torch.enable_grad():
+                score = logits.gather(1, resolved[:, None]).sum()
+                (grads,) = torch.autograd.grad(score, activation)
+        finally:
+            self._explaining = False
+            self._activation = None
+        return logits, activation, resolved, grads

@@ -1,4 +1,4 @@
-"""Occlusion sensitivity (Zeiler & Fergus, ECCV 2014, arXiv:1311.2901), batched.
+"""Occlusion sensitivity (Zeiler & Fergus, ECCV 2014, arXiv:1311.2901).
 
 A square window slides over the image; the pixels under it are replaced by a baseline and
 the drop of the target logit (unoccluded minus occluded) is recorded. A pixel's attribution
@@ -7,18 +7,25 @@ is the mean drop over all windows covering it, 0 where no window covers it.
 Window placement follows Captum's ``Occlusion``: windows start at ``0, stride, 2*stride, ...``
 along each axis, ``ceil((size - window) / stride) + 1`` positions, and the last one is cut
 at the image border when it would overflow. With the same window, stride and baseline the
-maps equal ``captum.attr.Occlusion(model).attribute(x, sliding_window_shapes=(3, w, w),
+exact maps equal ``captum.attr.Occlusion(model).attribute(x, sliding_window_shapes=(3, w, w),
 strides=(3, s, s), baselines=b, target=t)[:, 0]``.
 
-Occluded copies of all images and all windows, and the unoccluded images themselves, are
-built with tensor ops and evaluated in equal chunks of at most ``batch_size`` under
-``torch.inference_mode``; each image needs ``P + 1`` model evaluations for ``P`` windows.
+How the occluded copies are evaluated (``engine``):
+
+- ``"incremental"``: :mod:`fgvc.analysis.incremental` runs each image once and recomputes,
+  for each window, only the block of each layer the window can change (Krypton, SIGMOD
+  2019). Exact; used by ``"auto"`` whenever the model is built from layers it understands.
+- ``"batched"``: every occluded copy is evaluated in full, many copies per forward pass.
+
+``mode="approx"`` evaluates fewer windows (coarse-to-fine; see :class:`Occlusion`) and says
+so on the result, so a caller can record the map as approximate.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +40,17 @@ from fgvc.analysis.common import (
     normalize_per_image,
     resolve_targets,
 )
+from fgvc.analysis.incremental import (
+    IncrementalOcclusion,
+    KeptActivations,
+    UnsupportedModel,
+    window_boxes,
+)
+from fgvc.errors import ConfigError
 
 Fill = Literal["zero", "mean", "blur"]
+Mode = Literal["exact", "approx"]
+Engine = Literal["auto", "incremental", "batched"]
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -55,6 +71,84 @@ def window_masks(height: int, width: int, window: int, stride: int) -> Tensor:
     return masks
 
 
+@dataclass
+class OcclusionResult(AttributionResult):
+    """:class:`AttributionResult` plus how the map was made.
+
+    Attributes:
+        mode: ``"exact"`` (every window evaluated) or ``"approx"``.
+        approximation: for ``"approx"``, the approximation and its parameters in words
+            (log it with the map); ``None`` for exact maps.
+        engine: ``"incremental"`` or ``"batched"``: how occluded copies were evaluated.
+        evaluated_fraction: share of (image, window) pairs evaluated exactly (1.0 when exact).
+    """
+
+    mode: str = "exact"
+    approximation: Optional[str] = None
+    engine: str = "batched"
+    evaluated_fraction: float = 1.0
+
+
+class _BatchedScorer:
+    """Target logits of occluded copies, each copy evaluated in full."""
+
+    name = "batched"
+
+    def __init__(self, model: nn.Module, masks: Tensor) -> None:
+        self.model = model
+        self.masks = masks
+
+    def keep(self, images: Tensor, baseline: Tensor, logits: Tensor):
+        return images, baseline, logits
+
+    @staticmethod
+    def logits(kept) -> Tensor:
+        return kept[2]
+
+    def scores(self, kept, image_index: Tensor, window_index: Tensor, targets: Tensor) -> Tensor:
+        images, baseline, _ = kept
+        occluded = torch.where(
+            self.masks[window_index, None], baseline[image_index], images[image_index]
+        )
+        return self.model(occluded).gather(1, targets[:, None])[:, 0]
+
+
+class _IncrementalScorer:
+    name = "incremental"
+
+    def __init__(self, engine: IncrementalOcclusion) -> None:
+        self.engine = engine
+
+    def keep(self, images: Tensor, baseline: Tensor, logits: Tensor) -> KeptActivations:
+        return self.engine.keep(images, baseline)
+
+    @staticmethod
+    def logits(kept: KeptActivations) -> Tensor:
+        return kept.logits
+
+    def scores(self, kept, image_index, window_index, targets) -> Tensor:
+        return self.engine.scores(kept, image_index, window_index, targets)
+
+
+Scorer = Union[_BatchedScorer, _IncrementalScorer]
+
+
+def _interpolate_axis(values: Tensor, known: list[int], size: int, dim: int) -> Tensor:
+    """Linear interpolation along ``dim`` from the entries at indices ``known`` (sorted,
+    first 0 and last ``size - 1``) of ``values`` to all ``size`` indices."""
+    known_t = torch.tensor(known)
+    position = torch.arange(size)
+    upper = torch.searchsorted(known_t, position, right=False).clamp(1, len(known) - 1)
+    lower = upper - 1
+    lo, hi = known_t[lower], known_t[upper]
+    weight = ((position - lo) / (hi - lo).clamp(min=1)).to(values.dtype)
+    a, b = values.index_select(dim, lower), values.index_select(dim, upper)
+    shape = [1] * values.dim()
+    shape[dim] = size
+    weight = weight.reshape(shape)
+    return a * (1 - weight) + b * weight
+
+
 class Occlusion:
     """Occlusion sensitivity with a sliding square window.
 
@@ -65,8 +159,28 @@ class Occlusion:
         fill: baseline written under the window: ``"zero"`` (black), ``"mean"`` (the
             image's own per-channel mean) or ``"blur"`` (a Gaussian-blurred copy of the
             image, sigma = :func:`~fgvc.analysis.common.default_blur_sigma`).
-        batch_size: occluded copies per forward pass (copies of several images and windows
-            share one pass).
+        batch_size: occluded copies evaluated per pass (copies of several images and
+            windows share one pass).
+        mode: ``"exact"`` (default) or ``"approx"``, which trades exactness for speed in up
+            to three ways, each set by one argument below (ignored in exact mode).
+        engine: ``"auto"`` (incremental when the model is understood, else batched),
+            ``"incremental"`` (refuse other models) or ``"batched"``.
+        full_fraction: incremental engine: a layer whose changed block covers at least this
+            share of its map is computed whole.
+        field_limit: approx: Krypton's projective-field threshold: a window's changed
+            region in any layer is cut to this fraction of the map side around its centre
+            (the activations beyond it are taken as unchanged); ``None``: no cut.
+        low_precision: approx, incremental engine: each conv block is computed as the kept
+            (unoccluded, float) output plus the conv of the input's change in bfloat16, where
+            the hardware runs bfloat16 natively; the rounding error then scales with the
+            change, not with the activation.
+        coarse_step: approx: coarse-to-fine: evaluate every ``coarse_step``-th window
+            position along each axis (always including the last), estimate the other
+            windows' drops by bilinear interpolation over the window grid, then evaluate the
+            ``refine_fraction`` of the remaining windows of each image whose estimate is
+            least certain (largest spread of the evaluated drops at the corners of its grid
+            cell). ``1``: every window is evaluated.
+        refine_fraction: approx: see ``coarse_step``.
     """
 
     def __init__(
@@ -76,16 +190,71 @@ class Occlusion:
         stride: int = 16,
         fill: Fill = "zero",
         batch_size: int = 256,
+        mode: Mode = "exact",
+        engine: Engine = "auto",
+        full_fraction: float = 0.7,
+        field_limit: Optional[float] = 0.7,
+        low_precision: bool = True,
+        coarse_step: int = 1,
+        refine_fraction: float = 0.25,
     ) -> None:
         if window < 1 or stride < 1 or batch_size < 1:
-            raise ValueError("window, stride and batch_size must be positive")
+            raise ConfigError(
+                f"occlusion window, stride and batch_size must be positive, got window={window}, "
+                f"stride={stride}, batch_size={batch_size}"
+            )
         if fill not in ("zero", "mean", "blur"):
-            raise ValueError(f"fill must be 'zero', 'mean' or 'blur', got {fill!r}")
+            raise ConfigError(f"occlusion fill must be 'zero', 'mean' or 'blur', got {fill!r}")
+        if mode not in ("exact", "approx"):
+            raise ConfigError(f"occlusion mode must be 'exact' or 'approx', got {mode!r}")
+        if engine not in ("auto", "incremental", "batched"):
+            raise ConfigError(
+                f"occlusion engine must be 'auto', 'incremental' or 'batched', got {engine!r}"
+            )
+        if not 0.0 < full_fraction <= 1.0 or field_limit is not None and not 0.0 < field_limit <= 1.0:
+            raise ConfigError(
+                "occlusion full_fraction and field_limit must lie in (0, 1], got "
+                f"full_fraction={full_fraction}, field_limit={field_limit}"
+            )
+        if coarse_step < 1 or not 0.0 <= refine_fraction <= 1.0:
+            raise ConfigError(
+                "occlusion coarse_step must be >= 1 and refine_fraction in [0, 1], got "
+                f"coarse_step={coarse_step}, refine_fraction={refine_fraction}"
+            )
         self.model = model
         self.window = window
         self.stride = stride
         self.fill = fill
         self.batch_size = batch_size
+        self.mode = mode
+        self.engine = engine
+        self.full_fraction = full_fraction
+        self.field_limit = field_limit
+        self.low_precision = low_precision
+        self.coarse_step = coarse_step
+        self.refine_fraction = refine_fraction
+
+    @property
+    def approximation(self) -> Optional[str]:
+        """The approximation in words (``None`` in exact mode): log it with the maps.
+        Which parts apply to one run is on its result (bfloat16 needs hardware support,
+        the projective-field threshold the incremental engine)."""
+        if self.mode == "exact":
+            return None
+        return self._describe(self.field_limit, self.low_precision)
+
+    def _describe(self, field_limit: Optional[float], low_precision: bool) -> str:
+        parts = []
+        if field_limit is not None:
+            parts.append(f"projective-field threshold {field_limit:g}")
+        if low_precision:
+            parts.append("bfloat16 conv of the changes")
+        if self.coarse_step > 1:
+            parts.append(
+                f"coarse-to-fine: every {self.coarse_step}th window per axis evaluated, "
+                f"{self.refine_fraction:.0%} of the rest refined, others interpolated"
+            )
+        return "approx: " + ("; ".join(parts) if parts else "none (every window exact)")
 
     def baseline(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` values written under the window."""
@@ -95,46 +264,158 @@ class Occlusion:
             return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
         return gaussian_blur(images, default_blur_sigma(*images.shape[-2:]))
 
-    def attribute(self, images: Tensor, targets: TargetsLike = None) -> AttributionResult:
+    def _low_precision_dtype(self, device: torch.device) -> Optional[torch.dtype]:
+        """bfloat16 where it runs natively (emulated bfloat16 is slower than float32)."""
+        if self.mode != "approx" or not self.low_precision:
+            return None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+        if device.type == "cpu":
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        return None
+
+    def _scorer(self, masks: Tensor, boxes: Tensor, images: Tensor) -> tuple[Scorer, str | None]:
+        """The scorer and, in approx mode, what it approximates."""
+        dtype = self._low_precision_dtype(images.device)
+        approx = self.mode == "approx"
+        if self.engine != "batched":
+            field_limit = self.field_limit if approx else None
+            try:
+                engine = IncrementalOcclusion(self.model, self.full_fraction, field_limit, dtype)
+                dtype = dtype if engine.low_weights else None
+                engine.prepare(*images.shape[-2:], boxes, images.device)
+                return _IncrementalScorer(engine), (
+                    self._describe(field_limit, dtype is not None) if approx else None)
+            except UnsupportedModel as error:
+                if self.engine == "incremental":
+                    raise ConfigError(
+                        f"occlusion engine 'incremental' cannot run this model: {error}; "
+                        "use engine='auto' or 'batched'"
+                    ) from None
+        # low precision only works on changes (incremental): the batched engine stays exact
+        return _BatchedScorer(self.model, masks), (
+            self._describe(None, False) if approx else None)
+
+    def _chunks(self, image_index: Tensor, window_index: Tensor):
+        """Equal chunks of at most ``batch_size`` pairs: no small, slow tail batch."""
+        total = len(image_index)
+        if total == 0:
+            return
+        size = -(-total // -(-total // self.batch_size))
+        for start in range(0, total, size):
+            yield image_index[start : start + size], window_index[start : start + size]
+
+    def _score_pairs(self, scorer: Scorer, kept, image_index: Tensor, window_index: Tensor,
+                     targets: Tensor) -> Tensor:
+        out = [targets.new_zeros(0, dtype=self._dtype)]
+        for images_part, windows_part in self._chunks(image_index, window_index):
+            scores = scorer.scores(kept, images_part, windows_part, targets[images_part])
+            out.append(scores.to(self._dtype))
+        return torch.cat(out)
+
+    def attribute(self, images: Tensor, targets: TargetsLike = None) -> OcclusionResult:
         """Explain ``images`` ``[B, 3, H, W]`` for ``targets`` (``None``: predicted class).
 
         ``raw`` is the mean logit drop per pixel (logit units)."""
         batch, _, height, width = images.shape
         check_target_count(targets, batch)  # before the expensive passes
-        masks = window_masks(height, width, self.window, self.stride).to(images.device)
+        device = images.device
+        masks = window_masks(height, width, self.window, self.stride).to(device)
+        rows = len(window_starts(height, self.window, self.stride))
         positions = masks.shape[0]
-        # Copy n is image n // (P + 1) under window n % (P + 1); window P is the unoccluded
-        # image, so the reference pass shares batches with the occluded copies.
-        masks = torch.cat([masks, masks.new_zeros(1, height, width)])
-        total = batch * (positions + 1)
-        chunks = -(-total // self.batch_size)
-        chunk = -(-total // chunks)  # equal chunks: no small, slow tail batch
         with eval_mode(self.model), torch.inference_mode():
             baseline = self.baseline(images)
-            outputs = []
-            for start in range(0, total, chunk):
-                copy = torch.arange(start, min(start + chunk, total), device=images.device)
-                image_idx, window_idx = copy // (positions + 1), copy % (positions + 1)
-                occluded = torch.where(
-                    masks[window_idx, None], baseline[image_idx], images[image_idx]
-                )
-                outputs.append(self.model(occluded))
-            all_logits = torch.cat(outputs).reshape(batch, positions + 1, -1)
-            logits = all_logits[:, positions]
+            scorer, approximation = self._scorer(masks, window_boxes(masks), images)
+            logits = torch.cat([
+                self.model(images[start : start + self.batch_size])
+                for start in range(0, batch, self.batch_size)
+            ])
             resolved = resolve_targets(targets, logits)
-            scores = all_logits.gather(2, resolved[:, None, None].expand(-1, positions + 1, 1))
-            drops = scores[:, positions] - scores[:, :positions, 0]
-            cover = masks[:positions].flatten(1).to(drops.dtype)
-            summed = drops @ cover
+            self._dtype = logits.dtype
+            drops = torch.zeros(batch, positions, dtype=logits.dtype, device=device)
+            evaluated = 0
+            group = max(1, self.batch_size // positions)
+            for start in range(0, batch, group):
+                part = slice(start, min(start + group, batch))
+                kept = scorer.keep(images[part], baseline[part], logits[part])
+                part_targets = resolved[part]
+                reference = scorer.logits(kept).gather(1, part_targets[:, None]).to(logits.dtype)
+                if self.mode == "exact" or self.coarse_step == 1:
+                    drops[part], count = self._exact(scorer, kept, part_targets, reference,
+                                                     positions)
+                else:
+                    drops[part], count = self._approx(scorer, kept, part_targets, reference,
+                                                      rows, positions // rows)
+                evaluated += count
+            cover = masks.flatten(1).to(drops.dtype)
             counts = cover.sum(dim=0)
+            summed = drops @ cover
             raw = torch.where(counts > 0, summed / counts.clamp(min=1), torch.zeros_like(summed))
             raw = raw.reshape(batch, height, width)
         # cloned outside inference mode so callers get ordinary tensors
         raw, logits = raw.clone(), logits.clone()
-        return AttributionResult(
+        return OcclusionResult(
             raw=raw,
             maps=normalize_per_image(raw),
             targets=resolved.clone(),
             logits=logits,
             probs=logits.softmax(dim=1),
+            mode=self.mode,
+            approximation=approximation,
+            engine=scorer.name,
+            evaluated_fraction=evaluated / (batch * positions),
         )
+
+    def _exact(self, scorer: Scorer, kept, targets: Tensor, reference: Tensor,
+               positions: int) -> tuple[Tensor, int]:
+        count = len(targets)
+        device = targets.device
+        image_index = torch.arange(count, device=device).repeat_interleave(positions)
+        window_index = torch.arange(positions, device=device).repeat(count)
+        scores = self._score_pairs(scorer, kept, image_index, window_index, targets)
+        return reference - scores.reshape(count, positions), count * positions
+
+    def _approx(self, scorer: Scorer, kept, targets: Tensor, reference: Tensor, rows: int,
+                cols: int) -> tuple[Tensor, int]:
+        count, device = len(targets), targets.device
+        coarse_rows = sorted(set(range(0, rows, self.coarse_step)) | {rows - 1})
+        coarse_cols = sorted(set(range(0, cols, self.coarse_step)) | {cols - 1})
+        grid = torch.zeros(rows, cols, dtype=torch.bool)
+        grid[torch.tensor(coarse_rows)[:, None], torch.tensor(coarse_cols)[None, :]] = True
+        coarse = grid.flatten().nonzero()[:, 0].to(device)
+        image_index = torch.arange(count, device=device).repeat_interleave(len(coarse))
+        window_index = coarse.repeat(count)
+        scores = self._score_pairs(scorer, kept, image_index, window_index, targets)
+        known = (reference - scores.reshape(count, len(coarse))).reshape(
+            count, len(coarse_rows), len(coarse_cols)).cpu()
+        estimate = _interpolate_axis(_interpolate_axis(known, coarse_cols, cols, 2),
+                                     coarse_rows, rows, 1)
+        drops = estimate.reshape(count, rows * cols).to(device)
+        remaining = (~grid).flatten().nonzero()[:, 0].to(device)
+        refine = round(self.refine_fraction * len(remaining))
+        evaluated = count * len(coarse)
+        if refine > 0:
+            doubt = self._doubt(known, coarse_rows, coarse_cols, rows, cols).to(device)
+            pick = doubt[:, remaining].topk(refine, dim=1).indices
+            window_index = remaining[pick].flatten()
+            image_index = torch.arange(count, device=device).repeat_interleave(refine)
+            scores = self._score_pairs(scorer, kept, image_index, window_index, targets)
+            drops[image_index, window_index] = reference[image_index, 0] - scores
+            evaluated += count * refine
+        drops[:, coarse] = known.reshape(count, -1).to(device)
+        return drops, evaluated
+
+    @staticmethod
+    def _doubt(known: Tensor, coarse_rows: list[int], coarse_cols: list[int], rows: int,
+               cols: int) -> Tensor:
+        """``[B, P]`` how little an interpolated drop can be trusted: the spread (max - min)
+        of the evaluated drops at the corners of its grid cell, plus the estimate itself
+        (large drops matter most in the map)."""
+        known_r, known_c = torch.tensor(coarse_rows), torch.tensor(coarse_cols)
+        r_hi = torch.searchsorted(known_r, torch.arange(rows)).clamp(1, len(coarse_rows) - 1)
+        c_hi = torch.searchsorted(known_c, torch.arange(cols)).clamp(1, len(coarse_cols) - 1)
+        corners = torch.stack([
+            known[:, r][:, :, c] for r in (r_hi - 1, r_hi) for c in (c_hi - 1, c_hi)
+        ])  # [4, B, rows, cols]
+        spread = corners.amax(0) - corners.amin(0)
+        return spread.reshape(len(known), -1)
