@@ -1,4 +1,5 @@
-"""`study`: the grid, the parent and child runs, reuse of finished cells, the table and the report."""
+"""`study`: the grid, the parent and child runs, reuse of finished cells, the tables, the report,
+and the records its numbers come from."""
 
 from __future__ import annotations
 
@@ -15,25 +16,28 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from fgvc.analysis.config import AnalyzeConfig
 from fgvc.data.demo import DemoConfig
-from fgvc.tracking import train_run
-from fgvc.tracking.study_run import PRESETS, REGIMES, StudyConfig, demo_root_for, run_study
-from fgvc.viz.report import Example, build_report, save_regime_bars, save_reliance_scatter, summarize
+from fgvc.errors import ConfigError
+from fgvc.regimes import REGIMES
+from fgvc.study.config import PRESETS, Cell, StudyConfig
+from fgvc.study.tables import GARMENT, RUNWAY, UNDECIDED, columns, report_tables, summarize, verdict
+from fgvc.tracking.analyze_run import run_analyze
+from fgvc.tracking.study_run import demo_root_for, run_study, train_config
+from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
 
 torch.set_num_threads(1)
 
 TINY_DEMO = dict(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24)
 TINY_ARGS = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32",
              "--width", "24", "--epochs", "1", "--batch-size", "8", "--num-images", "6"]
-TABLE_COLUMNS = ["arch", "regime", "seed", "run_id", "status", "model", "val_acc", "val_balanced_acc",
-                 "gradcam_bg_fraction", "occlusion_bg_fraction", "no_fg_acc", "no_fg_vs_chance", "only_fg_acc",
-                 "bg_gap", "precision_at_1", "chance"]
+KEY_COLUMNS = ["arch", "regime", "bg_correlation", "seed", "run_name", "run_id", "status", "model", "chance"]
 
 
 def tiny_study(**overrides) -> StudyConfig:
-    opts = dict(epochs=1, batch_size=8, num_images=6)
+    opts = dict(epochs=1, batch_size=8, num_images=6, **TINY_DEMO)
     opts.update(overrides)
-    return StudyConfig.from_preset("quick", demo=TINY_DEMO, **opts)
+    return StudyConfig(**opts)
 
 
 def children(parent_id: str) -> list:
@@ -76,30 +80,30 @@ def assert_self_contained(page: str) -> int:
 # --- configuration ------------------------------------------------------------------------
 
 def test_presets_fill_the_grid_and_single_params_override_them():
-    quick = StudyConfig.from_preset("quick")
-    assert quick.archs == ("fn-small",) and quick.regimes == REGIMES and quick.seeds == (0,)
-    assert [c.key for c in quick.cells()] == [f"fn-small/{r}/seed0" for r in REGIMES]
-    full = StudyConfig.from_preset("full")
+    quick = StudyConfig().plan()
+    assert quick.archs == ("fn-small",) and quick.regimes == REGIMES.names() and quick.seeds == (0,)
+    assert [c.key for c in quick.cells()] == [f"fn-small/{r}/seed0" for r in REGIMES.names()]
+    full = StudyConfig(preset="full").plan()
     assert full.archs == ("resnet18", "resnet34", "fn-small", "fn-medium") and full.seeds == (0, 1, 2)
     assert len(full.cells()) == 4 * 4 * 3 and full.demo == DemoConfig()
-    mine = StudyConfig.from_preset("full", archs=("fn-small",), regimes=("masked",), epochs=2,
-                                   demo={"num_designers": 4})
+    mine = StudyConfig(preset="full", archs=("fn-small",), regimes=("masked",), epochs=2, num_designers=4).plan()
     assert mine.archs == ("fn-small",) and mine.regimes == ("masked",) and mine.epochs == 2
     assert mine.seeds == (0, 1, 2) and mine.demo == DemoConfig(num_designers=4)
-    assert mine.cells()[0].masked and not mine.cells()[0].aug
+    assert mine.cells()[0].spec.masked and mine.cells()[0].spec.augment is None
+    dose = StudyConfig(bg_correlations=(0.0, 1.0), regimes=("unmasked",)).plan()
+    assert [c.key for c in dose.cells()] == ["fn-small/unmasked/seed0/bg0", "fn-small/unmasked/seed0/bg1"]
+    assert dose.demo_for(0.0).bg_correlation == 0.0
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(regimes=("unmasked", "bg-only")), "unknown regime.*'bg-only'.*unmasked, masked"),
-    (dict(seeds=(0, 0)), "seeds lists a value twice"),
-    (dict(archs=()), "at least one of archs"),
-    (dict(epochs=0), "epochs must be positive"),
+    (dict(regimes=("unmasked", "bg-only")), "unknown regime.*'bg-only'|'bg-only' is not one of"),
+    (dict(seeds=(0, 0)), r"--seeds \(seeds\): lists a value twice"),
+    (dict(epochs=0), r"--epochs \(epochs\): must be positive"),
+    (dict(bg_correlations=(0.5, 2.0)), "must be in \\[0, 1\\]"),
 ])
 def test_bad_grids_are_refused(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        StudyConfig.from_preset("quick", **overrides)
-    with pytest.raises(ValueError, match="unknown preset 'huge'; choose from quick, full"):
-        StudyConfig.from_preset("huge")
+    with pytest.raises((ConfigError, ValueError), match=message):
+        StudyConfig(**overrides)
 
 
 def test_each_demo_configuration_has_its_own_root():
@@ -109,21 +113,25 @@ def test_each_demo_configuration_has_its_own_root():
     assert other.name.startswith("demo-") and other != demo_root_for(DemoConfig(num_designers=4))
 
 
-# --- numbers, figures, report --------------------------------------------------------------
+# --- numbers, verdicts, figures, report ----------------------------------------------------
 
 def fake_rows() -> list[dict]:
     rows = []
     for regime, acc, no_fg in (("unmasked", 0.9, 0.8), ("masked", 0.8, 0.2)):
         for seed, delta in ((0, -0.05), (1, 0.05)):
-            rows.append({"arch": "fn-small", "regime": regime, "seed": seed, "run_id": f"run-{regime}-{seed}",
-                         "status": "trained", "val_acc": acc + delta, "val_balanced_acc": acc,
-                         "gradcam_bg_fraction": 0.5, "occlusion_bg_fraction": 0.4, "no_fg_acc": no_fg,
-                         "no_fg_vs_chance": no_fg * 4, "only_fg_acc": 0.5, "bg_gap": 0.1,
-                         "precision_at_1": float("nan") if seed else 0.7})
+            row = {"arch": "fn-small", "regime": regime, "bg_correlation": None, "seed": seed,
+                   "run_id": f"run-{regime}-{seed}", "status": "trained", "val_acc": acc + delta,
+                   "val_balanced_acc": acc, "verdict": RUNWAY if regime == "unmasked" else GARMENT}
+            for c in columns()[2:]:
+                row[c.name] = no_fg if c.name == "no_fg_acc" else 0.5
+                if c.interval:
+                    row[f"{c.name}_low"], row[f"{c.name}_high"] = row[c.name] - 0.1, row[c.name] + 0.1
+            row["precision_at_1"] = float("nan") if seed else 0.7
+            rows.append(row)
     return rows
 
 
-def test_summary_gives_mean_and_spread_across_seeds():
+def test_summary_gives_mean_and_spread_across_seeds_and_no_spread_for_one():
     summary = summarize(fake_rows())
     assert [(s["arch"], s["regime"], s["seeds"]) for s in summary] == [("fn-small", "unmasked", 2),
                                                                       ("fn-small", "masked", 2)]
@@ -131,20 +139,40 @@ def test_summary_gives_mean_and_spread_across_seeds():
     assert summary[0]["val_acc_std"] == pytest.approx(math.sqrt(2 * 0.05 ** 2))  # sample std
     assert summary[1]["no_fg_acc_mean"] == pytest.approx(0.2) and summary[1]["no_fg_acc_std"] == 0
     assert summary[0]["precision_at_1_mean"] == pytest.approx(0.7)  # the NaN seed is left out
+    assert summary[0]["verdict"] == f"{RUNWAY} (2/2)"
+    one = summarize(fake_rows()[:1])
+    assert one[0]["val_acc_std"] is None and one[0]["no_fg_acc_low"] == pytest.approx(0.7)
+    [table, _] = report_tables(fake_rows()[:1], one, chance=0.25)
+    assert "±" not in " ".join(table.body[0]) and "[0.700, 0.900]" in " ".join(table.body[0])
+
+
+@pytest.mark.parametrize("no_fg, gap, only_fg, expected", [
+    ((0.6, 0.9), (0.1, 0.4), (0.2, 0.5), RUNWAY),     # backdrop alone above chance and a positive BG-gap
+    ((0.0, 0.1), (-0.1, 0.1), (0.8, 1.0), GARMENT),   # the person alone suffices, no backdrop effect
+    ((0.3, 0.9), (-0.2, 0.3), (0.8, 1.0), UNDECIDED),  # backdrop above chance but BG-gap's interval holds 0
+    ((0.0, 0.2), (-0.1, 0.1), (0.0, 0.3), UNDECIDED),  # nothing above chance at all
+])
+def test_verdict_rules(no_fg, gap, only_fg, expected):
+    row = {"no_fg_acc_low": no_fg[0], "no_fg_acc_high": no_fg[1], "bg_gap_low": gap[0], "bg_gap_high": gap[1],
+           "only_fg_acc_low": only_fg[0], "only_fg_acc_high": only_fg[1]}
+    assert verdict(row, chance=0.25) == expected
 
 
 def test_report_is_self_contained_and_lists_every_cell(tmp_path):
     rows = fake_rows()
     summary = summarize(rows)
     figures = [Example("scatter", save_reliance_scatter(tmp_path / "a.png", rows, chance=0.25)),
-               Example("bars", save_regime_bars(tmp_path / "b.png", summary, chance=0.25))]
-    page = build_report("Study <x>", {"data": "demo & more"}, rows, summary, figures,
-                        {"unmasked": [Example("gradcam <0>", figures[0].path)]}, notes=["a note"], chance=0.25)
-    assert assert_self_contained(page) == 3
+               Example("bars", save_regime_bars(tmp_path / "b.png", summary, columns(), chance=0.25)),
+               Example("dose", save_dose_response(tmp_path / "c.png", [{**s, "bg_correlation": b}
+                                                                        for s in summary for b in (0.0, 1.0)]))]
+    page = build_report("Study <x>", {"data": "demo & more"}, report_tables(rows, summary, 0.25), figures,
+                        {"unmasked": [Example("gradcam <0>", figures[0].path)]}, notes=["a note"])
+    assert assert_self_contained(page) == 4
     for row in rows:
         assert row["run_id"] in page
     assert "0.900 ± 0.071" in page  # mean ± spread of val acc, unmasked
     assert "Study &lt;x&gt;" in page and "demo &amp; more" in page and "gradcam &lt;0&gt;" in page
+    assert 'runway"' in page and 'garment"' in page  # verdict cells are coloured
 
 
 # --- the study end to end ------------------------------------------------------------------
@@ -166,94 +194,141 @@ def study_store(tmp_path_factory):
     mp.undo()
 
 
-def test_study_run_holds_the_table_figures_and_report(study_store):
+def test_study_run_holds_the_tables_figures_report_and_verdicts(study_store):
     client = MlflowClient()
     parent = client.get_run(study_store)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "study-quick"
     assert client.get_experiment(parent.info.experiment_id).name == "fgvc-study"
     p = parent.data.params
-    assert p["preset"] == "quick" and p["archs"] == "fn-small" and p["regimes"] == ",".join(REGIMES)
+    assert p["preset"] == "quick" and p["archs"] == "auto" and p["archs_effective"] == "fn-small"
     assert p["segmenter_effective"] == "groundtruth" and p["cells"] == "4"
     assert p["data_root_effective"].endswith("data/" + demo_root_for(DemoConfig(**TINY_DEMO)).name)
     assert parent.data.metrics["study/cells_trained"] == 4 and parent.data.metrics["study/cells_reused"] == 0
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.count("fn-small-") == 4 and ("reads the" in description or "undecided" in description)
     files = {a.path for a in client.list_artifacts(study_store, "study")}
     assert files == {f"study/{f}" for f in ("results.csv", "results.md", "summary.csv", "report.html",
                                             "accuracy_vs_background_reliance.png", "regime_bars.png")}
 
     rows = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/results.csv"))))
-    assert list(rows[0]) == TABLE_COLUMNS
-    assert [(r["arch"], r["regime"], r["seed"]) for r in rows] == [("fn-small", r, "0") for r in REGIMES]
+    assert list(rows[0])[:len(KEY_COLUMNS)] == KEY_COLUMNS
+    assert {"verdict", "no_fg_acc_low", "no_fg_acc_high", "bg_gap_low", "gradcam_bg_preference"} <= set(rows[0])
+    assert [(r["arch"], r["regime"], r["seed"]) for r in rows] == [("fn-small", r, "0") for r in REGIMES.names()]
     for row in rows:
-        for key in TABLE_COLUMNS[6:]:
-            assert 0 <= float(row[key]) <= 3 or key in ("bg_gap", "no_fg_vs_chance"), (key, row[key])
+        assert row["verdict"] in (RUNWAY, GARMENT, UNDECIDED)
+        assert float(row["no_fg_acc_low"]) <= float(row["no_fg_acc"]) <= float(row["no_fg_acc_high"])
         assert float(row["chance"]) == pytest.approx(1 / 3) and -1 <= float(row["bg_gap"]) <= 1
     summary = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/summary.csv"))))
-    assert [s["regime"] for s in summary] == list(REGIMES) and {"no_fg_acc_mean", "bg_gap_std"} <= set(summary[0])
+    assert [s["regime"] for s in summary] == list(REGIMES.names()) and {"no_fg_acc_mean", "verdict"} <= set(summary[0])
     markdown = artifact_text(study_store, "study/results.md")
-    assert "| fn-small | masked+aug | 0 |" in markdown and "No-FG acc" in markdown
+    assert "| fn-small | masked+aug |" in markdown and "No-FG acc" in markdown and "best/val_acc" in markdown
 
     page = artifact_text(study_store, "study/report.html")
     # 2 figures, 2 Grad-CAM + 2 occlusion examples per regime, the swap variants
     assert assert_self_contained(page) == 2 + 4 * len(REGIMES) + 1
     for row in rows:
         assert row["run_id"] in page
-    assert "No-FG" in page and "mirroring" in page
+    assert "No-FG" in page and "bounding" in page and "verdict" in page and "Grad-CAM and occlusion can disagree" in page
 
 
-def test_cells_are_child_runs_with_the_same_params_and_metrics(study_store):
+def test_cells_are_child_runs_with_the_same_params_and_one_chart_line_each(study_store):
     client = MlflowClient()
     cells = children(study_store)
-    assert sorted(r.data.tags["fgvc.study_cell"] for r in cells) == sorted(f"fn-small/{r}/seed0" for r in REGIMES)
-    assert {r.info.run_name for r in cells} == {f"fn-small-{r}-s0" for r in REGIMES}
-    assert {r.info.experiment_id for r in cells} == {client.get_run(study_store).info.experiment_id}
+    experiment = client.get_run(study_store).info.experiment_id
+    assert sorted(r.data.tags["fgvc.study_cell"] for r in cells) == sorted(f"fn-small/{r}/seed0"
+                                                                        for r in REGIMES.names())
+    assert {r.info.run_name for r in cells} == {f"fn-small-{r}-s0" for r in REGIMES.names()}
+    assert {r.data.params["regime"] for r in cells} == set(REGIMES.names())  # one vocabulary everywhere
+    assert {r.data.tags["fgvc.regime"] for r in cells} == set(REGIMES.names())
     assert len({frozenset(r.data.params) for r in cells}) == 1  # comparable side by side in the UI
     assert len({frozenset(r.data.metrics) for r in cells}) == 1
+    # the study's experiment holds the study and its cells only: one chart line per cell
+    assert len(client.search_runs([experiment])) == 1 + len(cells)
     metrics = cells[0].data.metrics
-    for key in ("val/acc", "best/val_acc", "gradcam/bg_energy_fraction_mean", "occlusion/bg_energy_fraction_mean",
-                "neighbors/precision_at_1", "shortcut/acc_no_fg", "shortcut/bg_gap", "shortcut/no_fg_vs_chance"):
+    for key in ("val/acc", "best/val_acc", "best/val_balanced_acc", "gradcam/bg_preference_mean",
+                "occlusion/bg_preference_mean", "neighbors/precision_at_1", "shortcut/acc_no_fg", "shortcut/bg_gap"):
         assert key in metrics, key
-    regimes = {r.data.tags["fgvc.study_regime"]: r.data.params["regime"] for r in cells}
-    assert regimes == {"unmasked": "unmasked-noaug", "masked": "masked-noaug", "unmasked+aug": "unmasked-aug",
-                       "masked+aug": "masked-aug"}
-    masked = next(r for r in cells if r.data.tags["fgvc.study_regime"] == "masked")
+    masked = next(r for r in cells if r.data.params["regime"] == "masked")
     assert masked.data.params["data_root"].endswith("-masked")
     assert masked.data.tags["fgvc.model_version"].startswith("fgvc-fn-small/")
 
 
-def test_rerun_reuses_finished_cells_and_moves_them_under_the_new_study(study_store):
+def test_the_table_the_ui_and_the_records_agree_and_reanalysis_leaves_them(study_store):
+    client = MlflowClient()
+    rows = {r["regime"]: r for r in csv.DictReader(io.StringIO(artifact_text(study_store, "study/results.csv")))}
+    cell = next(r for r in children(study_store) if r.data.params["regime"] == "unmasked")
+    table_value = float(rows["unmasked"]["occlusion_bg_preference"])
+    assert cell.data.metrics["occlusion/bg_preference_mean"] == pytest.approx(table_value, abs=1e-6)
+    record = client.get_run(cell.data.tags["fgvc.analysis.occlusion"])
+    assert record.data.metrics["occlusion/bg_preference_mean"] == pytest.approx(table_value, abs=1e-6)
+
+    # a user analyses the cell again with other settings
+    run_analyze(AnalyzeConfig(model=f"models:/{cell.data.tags['fgvc.model_version']}", method=("occlusion",),
+                              num_images=9, window=8, stride=4))
+    again = client.get_run(cell.info.run_id)
+    assert again.data.metrics["occlusion/bg_preference_mean"] == cell.data.metrics["occlusion/bg_preference_mean"]
+    assert again.data.tags["fgvc.analysis.occlusion"] == record.info.run_id
+    assert client.get_run(record.info.run_id).data.metrics == record.data.metrics
+    rows_after = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/results.csv"))))
+    assert float(next(r for r in rows_after if r["regime"] == "unmasked")["occlusion_bg_preference"]) == table_value
+
+
+def test_a_single_train_and_a_study_cell_log_the_same_params_and_config_id(study_store, tmp_path):
+    from fgvc.cli import main
+
+    cell = next(r for r in children(study_store) if r.data.params["regime"] == "unmasked+aug")
+    args = ["train"]
+    for name in ("arch", "pretrained", "data_root", "aug", "epochs", "batch_size", "lr_head", "seed", "num_workers",
+                 "registered_model"):
+        args += [f"--{name.replace('_', '-')}", cell.data.params[name]]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    single = mlflow.search_runs(experiment_names=["fgvc-train"], output_format="list")[0]
+    assert single.data.tags["fgvc.config_id"] == cell.data.tags["fgvc.config_id"]
+    per_run = {"data_root_abs", "git_commit", "device_effective"}
+    assert {k: v for k, v in single.data.params.items() if k not in per_run} == \
+        {k: v for k, v in cell.data.params.items() if k not in per_run}
+
+
+def test_rerun_reuses_finished_cells_and_their_records(study_store):
     client = MlflowClient()
     before = {r.data.tags["fgvc.study_cell"]: r.info.run_id for r in children(study_store)}
     trainings = len(mlflow.search_runs(experiment_names=["fgvc-study"], filter_string="tags.`fgvc.config_id` != ''"))
+    records = len(client.search_runs([client.get_experiment_by_name("fgvc-analysis").experiment_id]))
     again = run_study(tiny_study(), progress=False)
-    assert again.run_id != study_store
-    assert [c.status for c in again.cells] == ["reused"] * 4
+    assert again.run_id != study_store and [c.status for c in again.cells] == ["reused"] * 4
     assert {c.cell.key: c.run_id for c in again.cells} == before
     assert len(mlflow.search_runs(experiment_names=["fgvc-study"],
                                   filter_string="tags.`fgvc.config_id` != ''")) == trainings
+    assert len(client.search_runs([client.get_experiment_by_name("fgvc-analysis").experiment_id])) == records
     assert {r.info.run_id for r in children(again.run_id)} == set(before.values())
-    assert client.get_run(again.run_id).data.metrics["study/cells_reused"] == 4
     old = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/results.csv"))))
     new = list(csv.DictReader(io.StringIO(artifact_text(again.run_id, "study/results.csv"))))
     assert [r["val_acc"] for r in new] == [r["val_acc"] for r in old]
+    assert [r["occlusion_bg_preference"] for r in new] == [r["occlusion_bg_preference"] for r in old]
     assert [r["status"] for r in new] == ["reused"] * 4
 
 
+class InterruptSeed1AfterEpoch1:
+    def on_epoch_end(self, record, session):
+        if session.cfg.seed == 1 and record.epoch == 1:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
 def test_interrupted_study_continues_where_it_stopped_under_mlflow_run(tiny_root, mlflow_store, monkeypatch):
     """Ctrl-C in the second cell's second epoch; the rerun (as `mlflow run` would start it)
     reuses the first cell and resumes the second from its checkpoint, in the same run."""
-    cfg = StudyConfig.from_preset("quick", data_root=str(tiny_root), regimes=("unmasked",), seeds=(0, 1),
-                                  epochs=2, batch_size=8, num_images=6)
-    real_save = train_run._Checkpointer.save
+    from fgvc.tracking import study_run
 
-    def interrupt_seed1_after_epoch1(self, record, best):
-        real_save(self, record, best)
-        if self.cfg.seed == 1 and record.epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_run._Checkpointer, "save", interrupt_seed1_after_epoch1)
+    cfg = StudyConfig(data_root=str(tiny_root), regimes=("unmasked",), seeds=(0, 1), epochs=2, batch_size=8,
+                      num_images=6)
+    real_run_train = study_run.run_train
+    monkeypatch.setattr(study_run, "run_train", lambda c, **kw: real_run_train(
+        c, callbacks=[InterruptSeed1AfterEpoch1()], **kw))
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg, progress=False)
-    monkeypatch.setattr(train_run._Checkpointer, "save", real_save)
+    monkeypatch.setattr(study_run, "run_train", real_run_train)
     first = mlflow.search_runs(experiment_names=["fgvc-study"], filter_string="tags.`fgvc.task` = 'study'")
     assert first.status.tolist() == ["KILLED"]
     killed = mlflow.search_runs(experiment_names=["fgvc-study"], filter_string="tags.`fgvc.study_cell` LIKE '%seed1'")
@@ -278,3 +353,10 @@ def test_interrupted_study_continues_where_it_stopped_under_mlflow_run(tiny_root
     assert "shortcut/acc_no_fg" in resumed.data.metrics
     assert {r.info.run_id for r in children(result.run_id)} == {c.run_id for c in result.cells}
     assert {r.info.experiment_id for r in children(result.run_id)} == {study_experiment}
+
+
+def test_cell_training_config_is_what_train_would_build(tiny_root):
+    plan = StudyConfig(data_root=str(tiny_root)).plan()
+    roots = type("Roots", (), {"root": lambda self, cell: tiny_root})()
+    cfg = train_config(plan, Cell("fn-small", "unmasked+aug", 3), roots)
+    assert cfg.aug == "heavy" and cfg.params()["aug"] == "true" and cfg.seed == 3 and cfg.epochs == plan.epochs

@@ -47,6 +47,13 @@ def _distinct(values) -> str | None:
     return None
 
 
+def _regimes(values) -> str | None:
+    unknown = [v for v in values or () if v not in REGIMES]
+    if unknown:
+        return f"unknown regime(s) {', '.join(map(repr, unknown))}; choose from {', '.join(REGIMES.names())}"
+    return _distinct(values)
+
+
 @dataclass(frozen=True)
 class StudyConfig(Config):
     preset: str = option(Choice(PRESETS), "quick",
@@ -55,7 +62,7 @@ class StudyConfig(Config):
     archs: tuple[str, ...] | None = option(Maybe(ListOf(STR)), None, "Comma list of architectures.", check=_archs)
     regimes: tuple[str, ...] | None = option(Maybe(ListOf(Choice(REGIMES.names))), None,
                                              "Comma list of regimes (unmasked, masked, unmasked+aug, masked+aug).",
-                                             check=_distinct)
+                                             check=_regimes)
     seeds: tuple[int, ...] | None = option(Maybe(ListOf(INT)), None, "Comma list of seeds, e.g. 0,1,2.",
                                            check=_distinct)
     epochs: int | None = option(Maybe(INT), None, "Training epochs per cell.", check=positive)

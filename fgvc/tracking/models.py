@@ -54,12 +54,12 @@ def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[st
     """Log the checkpoint as the active run's MLflow model; returns MLflow's ModelInfo."""
     predictor = Predictor.from_checkpoint(checkpoint)
     output = pd.DataFrame(predictor.predict(example, top_k=5))
-    inferred = infer_signature(example, output, params={"top_k": 5})
-    # Any image size: the model fits images to its training size itself.
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                               outputs=inferred.outputs, params=inferred.params)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MLflow's notes on example formats and environment inference
+        warnings.simplefilter("ignore")  # MLflow's notes on example formats, integer columns, type hints
+        inferred = infer_signature(example, output, params={"top_k": 5})
+        # Any image size: the model fits images to its training size itself.
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                                   outputs=inferred.outputs, params=inferred.params)
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
             code_paths=[str(Path(fgvc.__file__).parent)], signature=signature, input_example=example,

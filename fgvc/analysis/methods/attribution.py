@@ -158,8 +158,13 @@ def background_columns(method: str) -> dict[str, Column]:
 def stage_map_sizes(model: nn.Module, modules: list[nn.Module], image_size: tuple[int, int]) -> list[tuple]:
     """The spatial size of each module's output for one image of `image_size` ([] if unknown)."""
     sizes: dict[int, tuple] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, out, k=k: sizes.setdefault(k, tuple(out.shape[-2:])))
-             for k, m in enumerate(modules)]
+
+    def record(k: int):
+        def hook(module, inputs, output) -> None:  # returns None: the output is left as it is
+            sizes.setdefault(k, tuple(output.shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_hook(record(k)) for k, m in enumerate(modules)]
     was_training = model.training
     try:
         model.eval()
