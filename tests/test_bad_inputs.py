@@ -5,6 +5,7 @@ RUNNING, nothing deleted."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def test_checkpoints_holding_code_are_refused_in_one_line(store):
     run = CliRunner().invoke(main, ["train", *TRAIN, "--epochs", "2", "--data-root", str(store / "data"),
                                     "--registered-model", "none", "--seed", "5"])
     assert run.exit_code == 0, run.output
-    run_id = run.output.split()[1].rstrip(":")
+    run_id = re.search(r"run ([0-9a-f]{32}): best val acc", run.output).group(1)
     local = Path(mlflow.get_run(run_id).info.artifact_uri.replace("file://", "")) / "checkpoints" / "last.pt"
     torch.save({"model": RunsCodeWhenLoaded(witness)}, local)
     assert_refused(["train", *TRAIN, "--epochs", "2", "--data-root", str(store / "data"), "--seed", "5",
