@@ -282,6 +282,7 @@ CRASHING_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_rerun_after_sigkill_is_byte_identical(src, reference, tmp_path):
     dst = tmp_path / "crashed"
     script = tmp_path / "crashing_run.py"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+from PIL import Image
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -39,7 +40,7 @@ from fgvc.devices import resolve_device
 from fgvc.errors import FgvcError
 from fgvc.tracking.markdown import code
 from fgvc.tracking.registry import load_model
-from fgvc.tracking.runs import configure_tracking, describe_experiment, log_params, tracked_run
+from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 
 log = logging.getLogger("fgvc")
 
@@ -97,6 +98,10 @@ def _attach(client: MlflowClient, train_run_id: str, method: str, key: str, sett
     client.log_batch(train_run_id, metrics=[Metric(f"{method}/{k}", float(v), now, step) for k, v in metrics.items()],
                      tags=[RunTag(tag(method), record_id), RunTag(tag(method, "id"), key),
                            RunTag(tag(method, "settings"), readable(settings)), RunTag(tag(method, "step"), str(step))])
+    summary = folder / "summary.png" if folder is not None else None
+    if summary is not None and summary.is_file():  # the UI's image grid then compares runs side by side
+        with Image.open(summary) as image:
+            client.log_image(train_run_id, image.convert("RGB"), key=f"{method}/examples", step=step)
 
 
 def run_analyze(cfg: AnalyzeConfig, reuse: bool = False) -> AnalysisOutcome:
@@ -131,14 +136,14 @@ def run_analyze(cfg: AnalyzeConfig, reuse: bool = False) -> AnalysisOutcome:
         outcome.record_run_id = next(iter(outcome.reused.values()))
         return outcome
 
-    describe_experiment(EXPERIMENT, EXPERIMENT_DESCRIPTION)
     name = f"analyze-{'+'.join(todo)}-{resolved.name}-v{resolved.version}"
     description = (f"{', '.join(todo)} of {code(resolved.uri)} (training run {code(resolved.run_id)}) on "
                    f"{len(data.labels)} {cfg.split} images of {code(data.root)}; masks: {data.mask_source}.")
     tags = {"fgvc.model_uri": cfg.model, "fgvc.model_version": f"{resolved.name}/{resolved.version}",
             "fgvc.source_run": resolved.run_id, **{tag(m, "id"): ids[m] for m in todo},
             **{tag(m, "settings"): readable(settings[m]) for m in todo}}
-    with tracked_run(EXPERIMENT, name, task="analyze", description=description, tags=tags) as run:
+    with tracked_run(EXPERIMENT, name, task="analyze", description=description, tags=tags,
+                     experiment_description=EXPERIMENT_DESCRIPTION) as run:
         outcome.record_run_id = run.info.run_id
         log_params({**cfg.params(), "method": ",".join(todo), "model_version": resolved.version,
                     "data_root": str(root), "mask_source": data.mask_source, "num_images_effective": len(data.labels)})

@@ -23,6 +23,8 @@ from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
 from fgvc.viz.masking import plot_mask_examples, plot_person_ratio_hist
 
+EXPERIMENT_DESCRIPTION = ("Background removal by `mask`: person segmentation of a dataset root into its masked copy "
+                          "(fallback rates, person coverage, examples).")
 EXPERIMENT = "fgvc-mask"
 EXAMPLES = 8
 
@@ -42,7 +44,8 @@ def run_mask(cfg: MaskConfig, progress: bool = True, segmenter: Segmenter | None
             return {}
         description = (f"Background removal of {code(plan.src)} into {code(plan.dst)} with segmenter "
                        f"{code(plan.segmenter_name)} ({', '.join(plan.splits)}).")
-        with tracked_run(EXPERIMENT, f"mask-{plan.segmenter_name}", task="mask", description=description):
+        with tracked_run(EXPERIMENT, f"mask-{plan.segmenter_name}", task="mask", description=description,
+                         experiment_description=EXPERIMENT_DESCRIPTION):
             log_params({**cfg.params(), **plan.describe()})
             log_dataset(plan.src, plan.source_digest, name=plan.src.name, context="source")
             report = execute(plan, progress=progress)

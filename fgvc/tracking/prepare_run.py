@@ -20,6 +20,8 @@ from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_ru
 
 log = logging.getLogger("fgvc")
 
+EXPERIMENT_DESCRIPTION = ("Dataset roots built by `prepare`: the demo generator or an ingest of real images (params, "
+                          "counts, a sample grid, the digest).")
 EXPERIMENT = "fgvc-data"
 
 
@@ -76,7 +78,7 @@ def run_prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     check(cfg)  # before a run exists: a refusal leaves no FAILED run behind
     name = "prepare-demo" if cfg.is_demo else f"prepare-{Path(cfg.source).name}"
     what = "the synthetic runway demo" if cfg.is_demo else f"an ingest of {code(cfg.source)}"
-    with tracked_run(EXPERIMENT, name, task="prepare",
+    with tracked_run(EXPERIMENT, name, task="prepare", experiment_description=EXPERIMENT_DESCRIPTION,
                      description=f"Dataset root {code(cfg.root)}: {what}."):
         meta = build_root(cfg, progress)
         info = validate_root(cfg.root)

@@ -8,6 +8,8 @@ from fgvc.tracking.markdown import code
 from fgvc.tracking.registry import Promotion, PromoteConfig, promote
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 
+EXPERIMENT_DESCRIPTION = ("Registry moves by `promote`: which alias went to which version, chosen among "
+                          "versions of one dataset.")
 EXPERIMENT = "fgvc-registry"
 
 
@@ -18,7 +20,7 @@ def run_promote(cfg: PromoteConfig) -> Promotion:
     promotion = promote(name, metric=cfg.metric, dataset_digest=cfg.dataset_digest,
                         version=None if cfg.version is None else str(cfg.version), alias=cfg.alias)
     with tracked_run(EXPERIMENT, f"promote-{name}-{cfg.alias}", task="promote",
-                     description=f"{code(promotion.describe())}"):
+                     description=code(promotion.describe()), experiment_description=EXPERIMENT_DESCRIPTION):
         log_params({**cfg.params(), "registered_model": name, "version_effective": promotion.version,
                     "dataset_digest_effective": promotion.dataset_digest or "any"})
         mlflow.set_tag("fgvc.model_version", f"{name}/{promotion.version}")

@@ -19,7 +19,7 @@ from fgvc.tracking.markdown import code
 from fgvc.tracking.models import log_model, register, version_description
 from fgvc.tracking.registry import registered_name
 from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
-from fgvc.tracking.train_run import EXPERIMENT
+from fgvc.tracking.train_run import EXPERIMENT, EXPERIMENT_DESCRIPTION
 from fgvc.training.imported import RegisterConfig, example_images, fgvc_checkpoint, import_checkpoint
 from fgvc.viz.training_plots import save_confusion, save_per_class
 
@@ -38,7 +38,8 @@ def run_register(cfg: RegisterConfig) -> tuple[str, str, str]:
                    f"{val.acc:.4f}.")
     tags = {"fgvc.regime": regime, "fgvc.arch": imported.arch, "fgvc.dataset_digest": data.digest,
             "fgvc.imported_from": str(Path(cfg.checkpoint).resolve())}
-    with tracked_run(EXPERIMENT, run_name, task="register", description=description, tags=tags) as run:
+    with tracked_run(EXPERIMENT, run_name, task="register", description=description, tags=tags,
+                     experiment_description=EXPERIMENT_DESCRIPTION) as run:
         log_params({**cfg.params(), "arch_effective": imported.arch, "normalization_effective": imported.normalization,
                     "regime": regime, "num_classes": data.num_classes, "dataset_digest": data.digest,
                     "image_size": f"{data.image_size[0]}x{data.image_size[1]}", "val_images": val.images,

@@ -27,8 +27,8 @@ from fgvc.training.checkpoint import read_checkpoint
 
 log = logging.getLogger("fgvc")
 
-__all__ = ["CANDIDATE", "CHAMPION", "PromoteConfig", "ResolvedModel", "literal", "load_model", "promote", "registered_name",
-           "resolve_version"]
+__all__ = ["CANDIDATE", "CHAMPION", "PromoteConfig", "ResolvedModel", "literal", "load_model", "promote",
+           "registered_name", "resolve_version"]
 
 
 def registered_name(arch: str) -> str:

@@ -150,10 +150,11 @@ def describe_experiment(name: str, text: str) -> None:
 
 @contextlib.contextmanager
 def tracked_run(experiment: str, run_name: str, task: str, description: str = "",
-                tags: dict | None = None, run_id: str | None = None,
-                parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+                tags: dict | None = None, run_id: str | None = None, parent_run_id: str | None = None,
+                experiment_description: str = "") -> Iterator[mlflow.ActiveRun]:
     """Start (or continue: `run_id`, else `MLFLOW_RUN_ID` from `mlflow run`) the run to log
-    into, named, tagged with the task and described; ended by :func:`ending`."""
+    into, named, tagged with the task and described; ended by :func:`ending`. A new run's
+    experiment gets `experiment_description` when it has none yet."""
     configure_tracking()
     tags = {TASK: task, "fgvc.git_commit": git_commit(), **(tags or {})}
     if description:
@@ -166,6 +167,8 @@ def tracked_run(experiment: str, run_name: str, task: str, description: str = ""
     else:
         # By id: when two processes create the experiment at once, set_experiment hands the
         # loser the experiment without making it active, and its run would land in "Default".
+        if experiment_description:
+            describe_experiment(experiment, experiment_description)
         run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags,
                                parent_run_id=parent_run_id, nested=parent_run_id is not None)
     with ending(run.info.run_id, fluent=True):

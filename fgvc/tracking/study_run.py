@@ -50,13 +50,17 @@ from fgvc.study.tables import (RUNWAY, cell_values, columns, markdown_tables, re
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.mask_run import run_mask
 from fgvc.tracking.markdown import code
-from fgvc.tracking.runs import TASK, DESCRIPTION, configure_tracking, ending, experiment_id, git_commit, log_params
+from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
+                                git_commit, log_params)
 from fgvc.tracking.train_run import checkpoint_cache, run_train
 from fgvc.training.config import TrainConfig
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
 
 log = logging.getLogger("fgvc")
 
+EXPERIMENT_DESCRIPTION = ("Background-reliance studies: one parent run per study (tables, figures, report.html, the "
+                          "verdicts in its description) and one training run per cell; open 'Model training' and "
+                          "use Chart or Compare to see the cells side by side.")
 EXAMPLES_PER_METHOD = 2
 DEFAULT_SEGMENTER = "deeplabv3_resnet101"
 ATTRIBUTION_AND_RETRIEVAL = tuple(METHODS.where(lambda m: m.in_all))
@@ -221,7 +225,8 @@ def cell_row(client: MlflowClient, result: CellResult, chance: float) -> dict:
     analysis number from the records the study computed (or reused)."""
     metrics = client.get_run(result.run_id).data.metrics
     row = {"arch": result.cell.arch, "regime": result.cell.regime, "bg_correlation": result.cell.bg_correlation,
-           "seed": result.cell.seed, "run_name": result.cell.run_name, "run_id": result.run_id, "status": result.status, "model": result.model_uri,
+           "seed": result.cell.seed, "run_name": result.cell.run_name, "run_id": result.run_id,
+           "status": result.status, "model": result.model_uri,
            "chance": chance, **cell_values(metrics, result.analyses)}
     row["verdict"] = verdict(row, chance)
     row["verdict_reason"] = verdict_reason(row, chance)
@@ -352,6 +357,7 @@ def _start_parent(client: MlflowClient, plan: StudyPlan, env_run_id: str | None)
     if env_run_id:
         client.set_tag(env_run_id, "mlflow.runName", name)  # `mlflow run` names its runs at random
         return env_run_id, client.get_experiment(client.get_run(env_run_id).info.experiment_id).name
+    describe_experiment(plan.experiment, EXPERIMENT_DESCRIPTION)
     run = client.create_run(experiment_id(plan.experiment), run_name=name)
     return run.info.run_id, plan.experiment
 

@@ -48,8 +48,8 @@ from fgvc.training.session import Callback, Session, TrainingData, build_session
 from fgvc.tracking.markdown import code, text
 from fgvc.tracking.models import log_and_register
 from fgvc.tracking.registry import registered_name
-from fgvc.tracking.runs import (RunFailed, artifact_dir, configure_tracking, describe_experiment, git_commit,
-                                log_dataset, log_params, tracked_run)
+from fgvc.tracking.runs import (RunFailed, artifact_dir, configure_tracking, git_commit, log_dataset, log_params,
+                                tracked_run)
 from fgvc.viz.training_plots import save_confusion, save_curves, save_per_class
 
 log = logging.getLogger("fgvc")
@@ -265,9 +265,8 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
     tags = {"fgvc.config_id": cfg.identity(), "fgvc.regime": session.regime, "fgvc.arch": cfg.arch,
             "fgvc.dataset_digest": data.digest, **tags}
     experiment = experiment or EXPERIMENT
-    if experiment == EXPERIMENT:
-        describe_experiment(experiment, EXPERIMENT_DESCRIPTION)
     with tracked_run(experiment, name, task="train", tags=tags, run_id=prepared.run_id,
+                     experiment_description=EXPERIMENT_DESCRIPTION if experiment == EXPERIMENT else "",
                      description=f"Training {name} on `{data.root}` (running).",
                      parent_run_id=None if prepared.run_id else parent_run_id) as run:
         run_id = run.info.run_id
