@@ -338,3 +338,23 @@ def test_coarse_to_fine_on_a_single_row_of_windows():
     assert approx.evaluated_fraction < 1
     for a, e in zip(approx.raw, exact.raw):
         assert _pearson(a, e) >= 0.95
+
+
+def test_reused_explainer_follows_weight_and_hook_changes():
+    model = _model("fn-small")
+    images = torch.rand(2, 3, 32, 24)
+    occlusion = Occlusion(model, window=8, stride=8)
+    before = occlusion.attribute(images, [0, 1])
+    with torch.no_grad():
+        model.body.stage1[0].conv.weight.mul_(-1.0)
+    after = occlusion.attribute(images, [0, 1])
+    assert after.engine == "incremental"
+    assert not torch.allclose(before.raw, after.raw)
+    _assert_close_to(_captum(model, images, 8, 8, 0.0, [0, 1]), after.raw)
+    handle = model.body.stage2[0].register_forward_hook(lambda m, i, out: out * 0.5)
+    try:
+        hooked = occlusion.attribute(images, [0, 1])
+        assert hooked.engine == "batched"
+        _assert_close_to(_captum(model, images, 8, 8, 0.0, [0, 1]), hooked.raw)
+    finally:
+        handle.remove()

@@ -43,6 +43,7 @@ from fgvc.analysis.common import (
 from fgvc.analysis.incremental import (
     IncrementalOcclusion,
     KeptActivations,
+    LoweringCache,
     UnsupportedModel,
     window_boxes,
 )
@@ -241,6 +242,7 @@ class Occlusion:
         self.low_precision = low_precision
         self.coarse_step = coarse_step
         self.refine_fraction = refine_fraction
+        self._lowering = LoweringCache()
 
     @property
     def approximation(self) -> Optional[str]:
@@ -276,11 +278,16 @@ class Occlusion:
         """bfloat16 where it runs natively (emulated bfloat16 is slower than float32)."""
         if self.mode != "approx" or not self.low_precision:
             return None
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
-        if device.type == "cpu":
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        return None
+        try:
+            if device.type == "cuda":
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            elif device.type == "cpu":
+                native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            else:
+                native = False
+        except (AttributeError, RuntimeError, TypeError):  # a build without the query
+            native = False
+        return torch.bfloat16 if native else None
 
     def _scorer(self, masks: Tensor, boxes: Tensor, images: Tensor) -> tuple[Scorer, str | None]:
         """The scorer and, in approx mode, what it approximates."""
@@ -289,7 +296,8 @@ class Occlusion:
         if self.engine != "batched":
             field_limit = self.field_limit if approx else None
             try:
-                engine = IncrementalOcclusion(self.model, self.full_fraction, field_limit, dtype)
+                engine = IncrementalOcclusion(self.model, self.full_fraction, field_limit, dtype,
+                                              lowered=self._lowering.get(self.model))
                 dtype = dtype if engine.low_weights else None
                 engine.prepare(*images.shape[-2:], boxes, images.device)
                 return _IncrementalScorer(engine), (
