@@ -21,7 +21,6 @@ Two ways to get there, same maps:
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
@@ -36,14 +35,7 @@ from fgvc.analysis.common import (
     normalize_per_image,
     resolve_targets,
 )
-from fgvc.analysis.incremental import Lowered, UnsupportedModel, lower
-
-
-def _weights_version(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple(
-        (t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers())
-    )
+from fgvc.analysis.incremental import Lowered, LoweringCache, UnsupportedModel
 
 
 class GradCAM:
@@ -74,7 +66,7 @@ class GradCAM:
         self._handle = None
         self._mode = None
         self._active = False
-        self._lowered: Optional[tuple[tuple, Optional[Lowered], Optional[int]]] = None
+        self._lowering = LoweringCache()
         self.fast_path = False
 
     def _capture(self, module: nn.Module, inputs, output: Tensor) -> Optional[Tensor]:
@@ -108,18 +100,13 @@ class GradCAM:
 
     def _lowered_network(self) -> tuple[Optional[Lowered], Optional[int]]:
         """The lowered model and the target layer's tensor in it, or ``(None, None)``;
-        lowered again whenever a weight changed."""
-        version = _weights_version(self.model)
-        if self._lowered is None or self._lowered[0] != version:
-            try:
-                lowered = lower(self.model)
-                node = lowered.tensor_of(self.target_layer)
-            except UnsupportedModel:
-                lowered, node = None, None
-            if node is None or node == 0:
-                lowered = None
-            self._lowered = (version, lowered, node)
-        return self._lowered[1], self._lowered[2]
+        lowered again whenever a weight, a module or a hook changed."""
+        try:
+            lowered = self._lowering.get(self.model)
+        except UnsupportedModel:
+            return None, None
+        node = lowered.tensor_of(self.target_layer)
+        return (lowered, node) if node else (None, None)
 
     def attribute(self, images: Tensor, targets: TargetsLike = None) -> AttributionResult:
         """Explain ``images`` ``[B, 3, H, W]`` for ``targets`` (``None``: predicted class;

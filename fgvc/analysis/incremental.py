@@ -36,6 +36,7 @@ the change rather than with the activation.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -50,8 +51,13 @@ from fgvc.models.fashionnet import FashionNet
 
 __all__ = [
     "IncrementalOcclusion",
+    "Lowered",
+    "LoweringCache",
     "UnsupportedModel",
+    "flop_estimate",
     "lower",
+    "model_state",
+    "window_boxes",
 ]
 
 Pair = tuple[int, int]
@@ -332,6 +338,38 @@ class Lowered:
         for step in self.steps[start:stop]:
             tensors.append(_run_whole(step.op, [tensors[i] for i in step.inputs]))
         return tensors
+
+
+def model_state(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place, a submodule
+    is swapped, or a hook is added or removed: when a lowering must be redone."""
+    tensors = tuple((t.data_ptr(), t._version)
+                    for t in itertools.chain(model.parameters(), model.buffers()))
+    modules = tuple((type(m), len(m._forward_hooks), len(m._forward_pre_hooks))
+                    for m in model.modules())
+    return tensors, modules
+
+
+class LoweringCache:
+    """The last lowering of one model, redone when :func:`model_state` changes."""
+
+    def __init__(self) -> None:
+        self._state: Optional[tuple] = None
+        self._model: Optional[nn.Module] = None
+        self._result: Union[Lowered, UnsupportedModel, None] = None
+
+    def get(self, model: nn.Module) -> Lowered:
+        """The lowered model; raises :class:`UnsupportedModel` like :func:`lower`."""
+        state = model_state(model)
+        if self._model is not model or self._state != state:
+            try:
+                self._result = lower(model)
+            except UnsupportedModel as error:
+                self._result = error
+            self._model, self._state = model, state
+        if isinstance(self._result, UnsupportedModel):
+            raise self._result
+        return self._result
 
 
 def lower(model: nn.Module) -> Lowered:
@@ -650,8 +688,9 @@ class IncrementalOcclusion:
 
     def __init__(self, model: nn.Module, full_fraction: float = 0.7,
                  field_limit: Optional[float] = None,
-                 low_precision: Optional[torch.dtype] = None) -> None:
-        self.steps = lower(model).steps
+                 low_precision: Optional[torch.dtype] = None,
+                 lowered: Optional[Lowered] = None) -> None:
+        self.steps = (lowered or lower(model)).steps
         self.full_fraction = full_fraction
         self.field_limit = field_limit
         self.low_precision = low_precision
@@ -663,6 +702,7 @@ class IncrementalOcclusion:
         self.plan: Optional[Plan] = None
 
     def prepare(self, height: int, width: int, boxes: Tensor, device: torch.device) -> Plan:
+        """Plan the blocks for ``height x width`` images and windows ``boxes``."""
         plan = make_plan(self.steps, height, width, boxes, self.full_fraction, self.field_limit)
         plan.input_block_index = plan.input_block_index.to(device)
         plan.input_in_window = plan.input_in_window.to(device)

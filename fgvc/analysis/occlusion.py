@@ -43,6 +43,7 @@ from fgvc.analysis.common import (
 from fgvc.analysis.incremental import (
     IncrementalOcclusion,
     KeptActivations,
+    LoweringCache,
     UnsupportedModel,
     window_boxes,
 )
@@ -133,15 +134,23 @@ class _IncrementalScorer:
 Scorer = Union[_BatchedScorer, _IncrementalScorer]
 
 
+def _cell(known: list[int], size: int) -> tuple[Tensor, Tensor]:
+    """For each of ``size`` grid indices, the evaluated indices (positions in ``known``,
+    sorted, first 0 and last ``size - 1``) just below and above it."""
+    if len(known) == 1:
+        zero = torch.zeros(size, dtype=torch.long)
+        return zero, zero
+    upper = torch.searchsorted(torch.tensor(known), torch.arange(size)).clamp(1, len(known) - 1)
+    return upper - 1, upper
+
+
 def _interpolate_axis(values: Tensor, known: list[int], size: int, dim: int) -> Tensor:
-    """Linear interpolation along ``dim`` from the entries at indices ``known`` (sorted,
-    first 0 and last ``size - 1``) of ``values`` to all ``size`` indices."""
+    """Linear interpolation along ``dim`` from the entries at indices ``known`` of ``values``
+    to all ``size`` indices."""
+    lower, upper = _cell(known, size)
     known_t = torch.tensor(known)
-    position = torch.arange(size)
-    upper = torch.searchsorted(known_t, position, right=False).clamp(1, len(known) - 1)
-    lower = upper - 1
     lo, hi = known_t[lower], known_t[upper]
-    weight = ((position - lo) / (hi - lo).clamp(min=1)).to(values.dtype)
+    weight = ((torch.arange(size) - lo) / (hi - lo).clamp(min=1)).to(values.dtype)
     a, b = values.index_select(dim, lower), values.index_select(dim, upper)
     shape = [1] * values.dim()
     shape[dim] = size
@@ -233,6 +242,7 @@ class Occlusion:
         self.low_precision = low_precision
         self.coarse_step = coarse_step
         self.refine_fraction = refine_fraction
+        self._lowering = LoweringCache()
 
     @property
     def approximation(self) -> Optional[str]:
@@ -268,11 +278,16 @@ class Occlusion:
         """bfloat16 where it runs natively (emulated bfloat16 is slower than float32)."""
         if self.mode != "approx" or not self.low_precision:
             return None
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
-        if device.type == "cpu":
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        return None
+        try:
+            if device.type == "cuda":
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            elif device.type == "cpu":
+                native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            else:
+                native = False
+        except (AttributeError, RuntimeError, TypeError):  # a build without the query
+            native = False
+        return torch.bfloat16 if native else None
 
     def _scorer(self, masks: Tensor, boxes: Tensor, images: Tensor) -> tuple[Scorer, str | None]:
         """The scorer and, in approx mode, what it approximates."""
@@ -281,7 +296,8 @@ class Occlusion:
         if self.engine != "batched":
             field_limit = self.field_limit if approx else None
             try:
-                engine = IncrementalOcclusion(self.model, self.full_fraction, field_limit, dtype)
+                engine = IncrementalOcclusion(self.model, self.full_fraction, field_limit, dtype,
+                                              lowered=self._lowering.get(self.model))
                 dtype = dtype if engine.low_weights else None
                 engine.prepare(*images.shape[-2:], boxes, images.device)
                 return _IncrementalScorer(engine), (
@@ -306,11 +322,11 @@ class Occlusion:
             yield image_index[start : start + size], window_index[start : start + size]
 
     def _score_pairs(self, scorer: Scorer, kept, image_index: Tensor, window_index: Tensor,
-                     targets: Tensor) -> Tensor:
-        out = [targets.new_zeros(0, dtype=self._dtype)]
+                     targets: Tensor, dtype: torch.dtype) -> Tensor:
+        out = [targets.new_zeros(0, dtype=dtype)]
         for images_part, windows_part in self._chunks(image_index, window_index):
             scores = scorer.scores(kept, images_part, windows_part, targets[images_part])
-            out.append(scores.to(self._dtype))
+            out.append(scores.to(dtype))
         return torch.cat(out)
 
     def attribute(self, images: Tensor, targets: TargetsLike = None) -> OcclusionResult:
@@ -331,7 +347,6 @@ class Occlusion:
                 for start in range(0, batch, self.batch_size)
             ])
             resolved = resolve_targets(targets, logits)
-            self._dtype = logits.dtype
             drops = torch.zeros(batch, positions, dtype=logits.dtype, device=device)
             evaluated = 0
             group = max(1, self.batch_size // positions)
@@ -372,7 +387,8 @@ class Occlusion:
         device = targets.device
         image_index = torch.arange(count, device=device).repeat_interleave(positions)
         window_index = torch.arange(positions, device=device).repeat(count)
-        scores = self._score_pairs(scorer, kept, image_index, window_index, targets)
+        scores = self._score_pairs(scorer, kept, image_index, window_index, targets,
+                                   reference.dtype)
         return reference - scores.reshape(count, positions), count * positions
 
     def _approx(self, scorer: Scorer, kept, targets: Tensor, reference: Tensor, rows: int,
@@ -385,7 +401,8 @@ class Occlusion:
         coarse = grid.flatten().nonzero()[:, 0].to(device)
         image_index = torch.arange(count, device=device).repeat_interleave(len(coarse))
         window_index = coarse.repeat(count)
-        scores = self._score_pairs(scorer, kept, image_index, window_index, targets)
+        scores = self._score_pairs(scorer, kept, image_index, window_index, targets,
+                                   reference.dtype)
         known = (reference - scores.reshape(count, len(coarse))).reshape(
             count, len(coarse_rows), len(coarse_cols)).cpu()
         estimate = _interpolate_axis(_interpolate_axis(known, coarse_cols, cols, 2),
@@ -399,7 +416,8 @@ class Occlusion:
             pick = doubt[:, remaining].topk(refine, dim=1).indices
             window_index = remaining[pick].flatten()
             image_index = torch.arange(count, device=device).repeat_interleave(refine)
-            scores = self._score_pairs(scorer, kept, image_index, window_index, targets)
+            scores = self._score_pairs(scorer, kept, image_index, window_index, targets,
+                                       reference.dtype)
             drops[image_index, window_index] = reference[image_index, 0] - scores
             evaluated += count * refine
         drops[:, coarse] = known.reshape(count, -1).to(device)
@@ -409,13 +427,11 @@ class Occlusion:
     def _doubt(known: Tensor, coarse_rows: list[int], coarse_cols: list[int], rows: int,
                cols: int) -> Tensor:
         """``[B, P]`` how little an interpolated drop can be trusted: the spread (max - min)
-        of the evaluated drops at the corners of its grid cell, plus the estimate itself
-        (large drops matter most in the map)."""
-        known_r, known_c = torch.tensor(coarse_rows), torch.tensor(coarse_cols)
-        r_hi = torch.searchsorted(known_r, torch.arange(rows)).clamp(1, len(coarse_rows) - 1)
-        c_hi = torch.searchsorted(known_c, torch.arange(cols)).clamp(1, len(coarse_cols) - 1)
+        of the evaluated drops at the corners of its grid cell."""
+        r_lo, r_hi = _cell(coarse_rows, rows)
+        c_lo, c_hi = _cell(coarse_cols, cols)
         corners = torch.stack([
-            known[:, r][:, :, c] for r in (r_hi - 1, r_hi) for c in (c_hi - 1, c_hi)
+            known[:, r][:, :, c] for r in (r_lo, r_hi) for c in (c_lo, c_hi)
         ])  # [4, B, rows, cols]
         spread = corners.amax(0) - corners.amin(0)
         return spread.reshape(len(known), -1)
