@@ -134,7 +134,7 @@ def test_missing_feature_stage_needs_target_layer():
 def _fgvc_model(arch: str) -> nn.Module:
     """An fgvc model with non-trivial BatchNorm statistics (so folding them matters)."""
     torch.manual_seed(0)
-    model = create_model(arch, 5, pretrained="false")
+    model = create_model(arch, 5, pretrained=False)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -154,16 +154,21 @@ def _reference_maps(model, layer, images, targets):
 @pytest.mark.parametrize("targets", [None, [4, 0, 2]])
 def test_fgvc_models_take_the_fast_path_and_match_pytorch_grad_cam(arch, targets):
     model = _fgvc_model(arch)
-    images = torch.rand(3, 3, 64, 48)
+    images = torch.rand(3, 3, 64, 48, generator=torch.Generator().manual_seed(11))
     cam = GradCAM(model)
     ours = cam.attribute(images, targets)
     assert cam.fast_path
     assert all(p.grad is None for p in model.parameters())
     assert torch.allclose(ours.logits, model(images), rtol=1e-4, atol=1e-5)
     expected = _reference_maps(model, model.feature_stage, images, targets)
+    compared = 0
     for got, want in zip(ours.maps, expected):
-        assert want.std() > 0
+        if want.std() == 0:  # the ReLU'd map is empty for this target: ours must be empty too
+            assert torch.allclose(got, want.float(), atol=1e-6)
+            continue
         assert _pearson(got, want) >= 0.999
+        compared += 1
+    assert compared >= 2
 
 
 @pytest.mark.parametrize("layer, fast", [

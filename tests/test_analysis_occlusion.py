@@ -70,9 +70,9 @@ def _with_conv_biases(model: nn.Module, seed: int) -> nn.Module:
 def _model(arch: str) -> nn.Module:
     torch.manual_seed(0)
     if arch == "fn-small+bias":
-        model = _with_conv_biases(create_model("fn-small", 4, pretrained="false"), 1)
+        model = _with_conv_biases(create_model("fn-small", 4, pretrained=False), 1)
     else:
-        model = create_model(arch, 4, pretrained="false")
+        model = create_model(arch, 4, pretrained=False)
     return _randomize_batchnorm(model, 2).eval()
 
 
@@ -190,8 +190,8 @@ def test_hooked_model_is_evaluated_as_written():
 
 def test_fashionnet_gains_most_from_incrementality():
     """Conv work per occluded copy at 224x160, window 32, stride 16: the bound on the gain."""
-    fashionnet = flop_estimate(create_model("fn-small", 4, pretrained="false"), 224, 160, 32, 16)
-    resnet = flop_estimate(create_model("resnet18", 4, pretrained="false"), 224, 160, 32, 16)
+    fashionnet = flop_estimate(create_model("fn-small", 4, pretrained=False), 224, 160, 32, 16)
+    resnet = flop_estimate(create_model("resnet18", 4, pretrained=False), 224, 160, 32, 16)
     assert fashionnet["gain"] > 6
     assert 1.5 < resnet["gain"] < fashionnet["gain"]
 

@@ -91,6 +91,9 @@ class AttributionMethod(AnalysisMethod):
         maps, targets, predictions = [], [], []
         for rows in _batches(len(images), cfg.batch_size):
             result = explainer.attribute(images[rows], labels[rows] if cfg.target == "label" else None)
+            for key in ("mode", "approximation", "engine"):  # how an occlusion map was made
+                if getattr(result, key, None) is not None:
+                    info[key] = str(getattr(result, key))
             maps.append(result.maps.detach())
             targets.append(result.targets)
             predictions.append(result.logits.argmax(1))
@@ -221,6 +224,4 @@ class OcclusionMethod(AttributionMethod):
 
     def explainer(self, model, data, cfg):
         explainer = Occlusion(model, window=cfg.window, stride=cfg.stride, fill=cfg.fill, mode=cfg.occlusion_mode)
-        info = {"window": str(cfg.window), "stride": str(cfg.stride), "fill": cfg.fill,
-                "mode": getattr(explainer, "description", cfg.occlusion_mode)}
-        return explainer, info
+        return explainer, {"window": str(cfg.window), "stride": str(cfg.stride), "fill": cfg.fill}
