@@ -166,3 +166,20 @@ def test_masks_come_from_a_mask_root_when_the_shards_have_none(tiny_root, tmp_pa
     data = load_analysis_data(bare, "val", 6, 0, mask_root=tiny_root)
     assert data.masks is not None and data.masks.shape == (6, 32, 24)
     assert torch.equal(data.masks, load_analysis_data(tiny_root, "val", 6, 0).masks)
+
+
+def test_examples_alternate_right_and_wrong_across_designers():
+    from fgvc.analysis.methods.attribution import caption, example_indices
+
+    labels, predicted = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 0, 2, 2])
+    chosen = example_indices(labels, predicted, 4)
+    assert [bool(labels[i] == predicted[i]) for i in chosen] == [True, False, True, False]
+    assert len({int(labels[i]) for i in chosen}) >= 2
+    assert example_indices(labels, labels, 3) == [0, 2, 4]  # all right: one per designer
+
+    class Data:
+        def designer(self, i):
+            return ["Dior", "Prada"][i]
+
+    assert caption(Data(), 0, 1, 1.25) == "WRONG  true: Dior / predicted: Prada\nbackground preference 1.25"
+    assert caption(Data(), 1, 1) == "true: Prada / predicted: Prada"

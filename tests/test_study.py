@@ -42,7 +42,7 @@ def tiny_study(**overrides) -> StudyConfig:
 
 def children(parent_id: str) -> list:
     experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
-    return MlflowClient().search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return MlflowClient().search_runs([experiment_id], f"tags.`fgvc.study` = '{parent_id}'")
 
 
 def artifact_text(run_id: str, path: str) -> str:
@@ -242,8 +242,10 @@ def test_cells_are_child_runs_with_the_same_params_and_one_chart_line_each(study
     assert {r.data.tags["fgvc.regime"] for r in cells} == set(REGIMES.names())
     assert len({frozenset(r.data.params) for r in cells}) == 1  # comparable side by side in the UI
     assert len({frozenset(r.data.metrics) for r in cells}) == 1
-    # the study's experiment holds the study and its cells only: one chart line per cell
-    assert len(client.search_runs([experiment])) == 1 + len(cells)
+    # the study's experiment holds the study and its cells only, all top-level (the UI charts
+    # top-level runs by default): one chart line per cell
+    runs = client.search_runs([experiment])
+    assert len(runs) == 1 + len(cells) and not any("mlflow.parentRunId" in r.data.tags for r in runs)
     metrics = cells[0].data.metrics
     for key in ("val/acc", "best/val_acc", "best/val_balanced_acc", "gradcam/bg_preference_mean",
                 "occlusion/bg_preference_mean", "neighbors/precision_at_1", "shortcut/acc_no_fg", "shortcut/bg_gap"):
@@ -348,7 +350,7 @@ def test_interrupted_study_continues_where_it_stopped_under_mlflow_run(tiny_root
     assert parent.info.status == "FINISHED" and parent.info.run_name == "study-quick"
     assert parent.data.params["archs"] == "auto" and parent.data.params["archs_effective"] == "fn-small"
     resumed = client.get_run(killed.run_id[0])
-    assert resumed.info.status == "FINISHED" and resumed.data.tags["mlflow.parentRunId"] == result.run_id
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["fgvc.study"] == result.run_id
     assert [m.step for m in client.get_metric_history(resumed.info.run_id, "val/acc")] == [1, 2]
     assert "shortcut/acc_no_fg" in resumed.data.metrics
     assert {r.info.run_id for r in children(result.run_id)} == {c.run_id for c in result.cells}

@@ -1,8 +1,9 @@
 """`study`: the background-reliance study as one parent run with a child run per cell.
 
-Each cell is an ordinary training run (`run_train`) in the study's experiment with
-``mlflow.parentRunId`` = the study run, so every child has the same param and metric names
-and the MLflow UI's chart and compare views line them up. On each trained model the study
+Each cell is an ordinary training run (`run_train`) in the study's experiment, tagged
+``fgvc.study`` = the study run (not nested under it: the MLflow UI charts only top-level runs
+by default, so nesting would hide the cells), so every cell has the same param and metric
+names and the chart and compare views line them up, one line per cell. On each trained model the study
 runs the attribution methods and neighbours on the validation images of the cell's own
 regime, and the background-swap test on the source images (it needs real backdrops). Those
 are analysis records (fgvc.tracking.analyze_run, experiment fgvc-analysis: they take no
@@ -58,9 +59,9 @@ from fgvc.viz.report import Example, build_report, save_dose_response, save_regi
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT_DESCRIPTION = ("Background-reliance studies: one parent run per study (tables, figures, report.html, the "
-                          "verdicts in its description) and one training run per cell; open 'Model training' and "
-                          "use Chart or Compare to see the cells side by side.")
+EXPERIMENT_DESCRIPTION = ("Background-reliance studies: a study run per study (tables, figures, report.html, the "
+                          "verdicts in its description) and a training run per cell, tagged fgvc.study with its "
+                          "study run; open 'Model training' and use Chart or Compare to see the cells side by side.")
 EXAMPLES_PER_METHOD = 2
 DEFAULT_SEGMENTER = "deeplabv3_resnet101"
 ATTRIBUTION_AND_RETRIEVAL = tuple(METHODS.where(lambda m: m.in_all))
@@ -187,7 +188,7 @@ def _resumable(client: MlflowClient, run_id: str) -> bool:
 
 def _run_cell(client: MlflowClient, plan: StudyPlan, cell: Cell, roots: Roots, parent_id: str,
               experiment_name: str, experiment: str, image_size: tuple[int, int], progress: bool) -> CellResult:
-    tags = {"fgvc.study": parent_id, "fgvc.study_cell": cell.key, "mlflow.parentRunId": parent_id}
+    tags = {"fgvc.study": parent_id, "fgvc.study_cell": cell.key}
     if cell.bg_correlation is not None:
         tags["fgvc.bg_correlation"] = f"{cell.bg_correlation:g}"
     cfg = train_config(plan, cell, roots)
@@ -206,8 +207,7 @@ def _run_cell(client: MlflowClient, plan: StudyPlan, cell: Cell, roots: Roots, p
         if interrupted is not None:
             cfg = cfg.replace(resume=interrupted.info.run_id)
             mlflow.set_experiment(experiment_id=experiment)  # resuming continues a run of this experiment
-        run_id = run_train(cfg, progress=progress, experiment=experiment_name, parent_run_id=parent_id,
-                           tags=tags).run_id
+        run_id = run_train(cfg, progress=progress, experiment=experiment_name, tags=tags).run_id
         if interrupted is not None:
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_tag(run_id, "mlflow.runName", cell.run_name)

@@ -43,25 +43,23 @@ def _batches(n: int, size: int):
 
 
 def example_indices(labels: torch.Tensor, predictions: torch.Tensor, count: int) -> list[int]:
-    """Up to ``count`` images to show: wrong predictions first (up to half), then correct ones,
-    each time one designer after another, so the examples span designers and outcomes."""
-    wrong = (labels != predictions).tolist()
+    """Up to ``count`` images to show, alternating right and wrong predictions while both last,
+    each kind taken one designer after another, so even the first two examples show one of
+    each and the examples span designers."""
+    def by_designer(pool: list[int]) -> list[int]:
+        order, seen, rest = [], set(), []
+        for i in pool:
+            (rest if int(labels[i]) in seen else order).append(i)
+            seen.add(int(labels[i]))
+        return order + rest
+
+    right = by_designer([i for i in range(len(labels)) if int(labels[i]) == int(predictions[i])])
+    wrong = by_designer([i for i in range(len(labels)) if int(labels[i]) != int(predictions[i])])
     chosen: list[int] = []
-
-    def take(pool: list[int], limit: int) -> None:
-        seen: set[int] = set()
-        for rounds in range(2):  # first one per designer, then any
-            for i in pool:
-                if len(chosen) >= limit or i in chosen:
-                    continue
-                if rounds == 0 and int(labels[i]) in seen:
-                    continue
-                seen.add(int(labels[i]))
-                chosen.append(i)
-
-    take([i for i, w in enumerate(wrong) if w], count // 2)
-    take([i for i, w in enumerate(wrong) if not w], count)
-    take(list(range(len(wrong))), count)
+    while len(chosen) < count and (right or wrong):
+        for pool in (right, wrong):
+            if pool and len(chosen) < count:
+                chosen.append(pool.pop(0))
     return chosen
 
 
