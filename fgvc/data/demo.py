@@ -282,14 +282,21 @@ def _one_intra_op_thread():
         torch.set_num_threads(before)
 
 
-def _render_split(cfg: DemoConfig, per_class: int, split_seed: int, designers, venues):
+def _split_draws(cfg: DemoConfig, per_class: int, split_seed: int):
+    """A split's labels and venues, and the generator the shots then draw from (in this order:
+    every renderer of a split repeats it, so they all see the same shots)."""
     g = torch.Generator().manual_seed(split_seed)
     n = per_class * cfg.num_designers
     labels = torch.arange(cfg.num_designers).repeat_interleave(per_class)
     labels = labels[torch.randperm(n, generator=g)]
     at_home = torch.rand(n, generator=g) < cfg.bg_correlation
     elsewhere = torch.randint(0, cfg.venues, (n,), generator=g)
-    venue_ids = torch.where(at_home, labels % cfg.venues, elsewhere)
+    return g, labels, torch.where(at_home, labels % cfg.venues, elsewhere)
+
+
+def _render_split(cfg: DemoConfig, per_class: int, split_seed: int, designers, venues):
+    g, labels, venue_ids = _split_draws(cfg, per_class, split_seed)
+    n = len(labels)
     images = torch.empty(n, 3, cfg.height, cfg.width, dtype=torch.uint8)
     masks = torch.empty(n, cfg.height, cfg.width, dtype=torch.uint8)
     for start in range(0, n, RENDER_CHUNK):
@@ -358,14 +365,8 @@ def render_split_with_backdrops(cfg: DemoConfig, split: str) -> dict[str, torch.
     split_index = DEMO_SPLITS.index(split)
     per_class = (cfg.train_per_class, cfg.val_per_class)[split_index]
     designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
-    # The draws below repeat _render_split's, in its order, so the shots are the same.
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + split_index + 17)
-    n = per_class * cfg.num_designers
-    labels = torch.arange(cfg.num_designers).repeat_interleave(per_class)
-    labels = labels[torch.randperm(n, generator=g)]
-    at_home = torch.rand(n, generator=g) < cfg.bg_correlation
-    elsewhere = torch.randint(0, cfg.venues, (n,), generator=g)
-    venue_ids = torch.where(at_home, labels % cfg.venues, elsewhere)
+    g, labels, venue_ids = _split_draws(cfg, per_class, cfg.seed * 1000 + split_index + 17)
+    n = len(labels)
     parts: dict[str, list[torch.Tensor]] = {"images": [], "masks": [], "backdrops": []}
     with _one_intra_op_thread():
         for start in range(0, n, RENDER_CHUNK):

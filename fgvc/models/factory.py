@@ -51,7 +51,7 @@ def render_pretrained(pretrained: bool | None | os.PathLike | str) -> str:
     return os.fspath(pretrained)
 
 
-def _image_size(image_size) -> tuple[int, int] | None:
+def image_size_of(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
     if isinstance(image_size, int):
@@ -91,7 +91,7 @@ def create_model(arch: str, num_classes: int, pretrained: bool | None | os.PathL
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     architecture = architecture_of(arch)
-    size = _image_size(image_size)
+    size = image_size_of(image_size)
     if pretrained is False:
         net, effective, mean, std = architecture.build(num_classes, size), "none", None, None
     elif pretrained is None or pretrained is True:

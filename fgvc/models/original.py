@@ -37,7 +37,7 @@ import torch
 
 from ..errors import ConfigError, FgvcError, MissingFileError
 from ..safeload import load_tensors
-from .factory import IMAGENET_MEAN, IMAGENET_STD, FGVCNet, ModelSpec, build_model
+from .factory import IMAGENET_MEAN, IMAGENET_STD, FGVCNet, ModelSpec, build_model, image_size_of
 from .fashionnet import ConvBNReLU
 
 __all__ = [
@@ -299,7 +299,7 @@ def import_original(state_dict: Mapping[str, torch.Tensor], arch: str,
     else:
         requested = effective = "state_dict"
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalization == "imagenet" else (None, None)
-    spec = ModelSpec(arch=arch, num_classes=classes, image_size=_image_size(image_size),
+    spec = ModelSpec(arch=arch, num_classes=classes, image_size=image_size_of(image_size),
                      pretrained=requested, pretrained_effective=effective, mean=mean, std=std)
     model = build_model(spec)
     to_fgvc = _layout(arch).to_fgvc
@@ -356,12 +356,3 @@ def _fits_hint(state: Mapping[str, torch.Tensor]) -> str:
 def _unknown_family(state: Mapping[str, torch.Tensor]) -> str:
     return (f"the checkpoint has neither FashionNet keys ({_FAMILY_KEYS[_FASHIONNET]}) nor ResNet keys "
             f"({_FAMILY_KEYS[_RESNET]}): its keys start {list(state)[:3]}")
-
-
-def _image_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    height, width = (int(value) for value in image_size)
-    return (height, width)

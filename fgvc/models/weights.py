@@ -238,6 +238,20 @@ def _save_to_cache(response, target: Path, expected_sha: str | None, *, source: 
 # Public entry points.
 # --------------------------------------------------------------------------------------------
 
+def _network_or_raise(url: str, unavailable) -> float:
+    """Before any download: refuse at once when offline or when `url`'s host cannot be
+    reached within the connect timeout (raising ``unavailable(reason)``); returns the read
+    timeout to download with."""
+    switch = _offline_switch()
+    if switch:
+        raise unavailable(f"downloads are off ({switch})")
+    connect_s, read_s = download_timeouts()
+    problem = _unreachable(url, connect_s)
+    if problem:
+        raise unavailable(problem)
+    return read_s
+
+
 def fetch_url(url: str, *, description: str, progress: bool = True) -> Path:
     """The torch hub cache file of ``url``, downloaded first if it is not there.
 
@@ -260,13 +274,7 @@ def fetch_url(url: str, *, description: str, progress: bool = True) -> Path:
             f"{target}. To provide it: copy the file to that path{mirror}, or pass an explicit "
             "weights file.")
 
-    switch = _offline_switch()
-    if switch:
-        raise unavailable(f"downloads are off ({switch})")
-    connect_s, read_s = download_timeouts()
-    problem = _unreachable(source, connect_s)
-    if problem:
-        raise unavailable(problem)
+    read_s = _network_or_raise(source, unavailable)
     request = urllib.request.Request(source, headers={"User-Agent": "fgvc"})
     try:
         response = urllib.request.urlopen(request, timeout=read_s)
@@ -319,13 +327,7 @@ def fetch_hf(repo_id: str, filename: str, *, revision: str | None = None) -> Pat
             f"where `hf download {repo_id} {filename}` ran (with HF_HUB_CACHE={cache}), set "
             "HF_ENDPOINT to a Hub mirror, or pass an explicit weights file.")
 
-    switch = _offline_switch()
-    if switch:
-        raise unavailable(f"downloads are off ({switch})")
-    connect_s, read_s = download_timeouts()
-    problem = _unreachable(endpoint, connect_s)
-    if problem:
-        raise unavailable(problem)
+    read_s = _network_or_raise(endpoint, unavailable)
     try:
         found = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
                                 endpoint=endpoint, etag_timeout=read_s)
