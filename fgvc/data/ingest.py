@@ -37,14 +37,11 @@ at about twice the size of the written shards.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import math
-import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -53,6 +50,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError
 from fgvc.data.shards import (
@@ -67,28 +65,11 @@ from fgvc.data.shards import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 RESIZE_POLICIES = ("pad", "stretch", "center-crop")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Downscale in steps first (JPEG DCT scaling, then box reduction) before the final LANCZOS pass,
 # as Pillow's thumbnail does; 3.0 is indistinguishable from a single full LANCZOS resize.
 REDUCING_GAP = 3.0
-MAX_NAMES_IN_LOG = 20
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: Path  # where to read it
-    name: str  # how it is reported and hashed: relative to the source, or as written in the CSV
-    label: str  # designer name, exactly as given
-
-
-@dataclass
-class SourceListing:
-    kind: str  # "image-folder" or "csv"
-    images: list[SourceImage]
-    designers: list[str]  # every designer named by the source, sorted
-    notes: dict  # what the listing ignored, for meta.json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,87 +129,6 @@ def load_image(path: str | Path, height: int, width: int, resize: str = "pad") -
         image = ImageOps.exif_transpose(image)
         image = fit_image(to_rgb(image), height, width, resize)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# Listing a source
-
-
-def list_image_folder(source: Path) -> SourceListing:
-    """`<source>/<designer>/*.{png,jpg,jpeg,webp}`; hidden files and folders are ignored."""
-    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [p.name for p in source.iterdir() if p.is_file() and not p.name.startswith(".")]
-    if not folders:
-        raise ConfigError(
-            f"{source}: no designer folders found; an image-folder source must look like "
-            f"<source>/<designer>/*.jpg (extensions: {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    if loose:
-        log.warning("%s: ignored %d file(s) outside designer folders: %s",
-                    source, len(loose), ", ".join(sorted(loose)[:MAX_NAMES_IN_LOG]))
-    images, not_images = [], 0
-    for folder in folders:
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                images.append(SourceImage(path, f"{folder.name}/{path.name}", folder.name))
-            else:
-                not_images += 1
-    if not images:
-        raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
-    notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images}
-    return SourceListing("image-folder", images, [f.name for f in folders], notes)
-
-
-def list_csv(source: Path) -> SourceListing:
-    """A CSV with columns `path,label` (others ignored). Rows naming the same file twice with the
-    same label count once; with different labels the CSV is refused."""
-    with open(source, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
-        if "path" not in columns or "label" not in columns:
-            raise ConfigError(
-                f"{source}: a CSV source needs the header 'path,label', found {reader.fieldnames}"
-            )
-        images: list[SourceImage] = []
-        seen: dict[str, str] = {}
-        duplicates = 0
-        for row in reader:
-            where = f"{source}, line {reader.line_num}"
-            written, label = row.get(columns["path"]), row.get(columns["label"])
-            if not written or not written.strip() or not label:
-                raise ConfigError(f"{where}: empty path or label")
-            path = Path(written.strip())
-            path = path if path.is_absolute() else source.parent / path
-            key = os.path.normpath(path)
-            if key in seen:
-                if seen[key] != label:
-                    raise ConfigError(
-                        f"{where}: {written!r} is labelled both {seen[key]!r} and {label!r}"
-                    )
-                duplicates += 1
-                continue
-            seen[key] = label
-            images.append(SourceImage(path, written.strip(), label))
-    if not images:
-        raise ConfigError(f"{source}: the CSV lists no images")
-    if duplicates:
-        log.warning("%s: ignored %d duplicate row(s)", source, duplicates)
-    designers = sorted({image.label for image in images})
-    return SourceListing("csv", images, designers, {"duplicate_rows": duplicates})
-
-
-def list_source(source: str | Path) -> SourceListing:
-    source = Path(source)
-    if source.is_dir():
-        return list_image_folder(source)
-    if source.is_file() and source.suffix.lower() == ".csv":
-        return list_csv(source)
-    if not source.exists():
-        raise ConfigError(f"{source}: source does not exist")
-    raise ConfigError(
-        f"{source}: unknown source kind; expected an image folder <source>/<designer>/*.jpg "
-        f"or a .csv file with the header 'path,label'"
-    )
 
 
 # ---------------------------------------------------------------------------------------------

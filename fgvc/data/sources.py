@@ -1,0 +1,110 @@
+"""Listing a source of real runway photos: an image-folder tree `<source>/<designer>/*.jpg`
+(the iDesigner training set's layout) or a CSV file with the header `path,label`. Designer
+names are kept exactly as given; nothing is decoded here (fgvc.data.ingest does that)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fgvc.errors import ConfigError
+
+log = logging.getLogger("fgvc.data.ingest")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MAX_NAMES_IN_LOG = 20
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    path: Path  # where to read it
+    name: str  # how it is reported and hashed: relative to the source, or as written in the CSV
+    label: str  # designer name, exactly as given
+
+
+@dataclass
+class SourceListing:
+    kind: str  # "image-folder" or "csv"
+    images: list[SourceImage]
+    designers: list[str]  # every designer named by the source, sorted
+    notes: dict  # what the listing ignored, for meta.json
+
+
+def list_image_folder(source: Path) -> SourceListing:
+    """`<source>/<designer>/*.{png,jpg,jpeg,webp}`; hidden files and folders are ignored."""
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p.name for p in source.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if not folders:
+        raise ConfigError(
+            f"{source}: no designer folders found; an image-folder source must look like "
+            f"<source>/<designer>/*.jpg (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    if loose:
+        log.warning("%s: ignored %d file(s) outside designer folders: %s",
+                    source, len(loose), ", ".join(sorted(loose)[:MAX_NAMES_IN_LOG]))
+    images, not_images = [], 0
+    for folder in folders:
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(SourceImage(path, f"{folder.name}/{path.name}", folder.name))
+            else:
+                not_images += 1
+    if not images:
+        raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
+    notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images}
+    return SourceListing("image-folder", images, [f.name for f in folders], notes)
+
+
+def list_csv(source: Path) -> SourceListing:
+    """A CSV with columns `path,label` (others ignored). Rows naming the same file twice with the
+    same label count once; with different labels the CSV is refused."""
+    with open(source, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or [] if name}
+        if "path" not in columns or "label" not in columns:
+            raise ConfigError(
+                f"{source}: a CSV source needs the header 'path,label', found {reader.fieldnames}"
+            )
+        images: list[SourceImage] = []
+        seen: dict[str, str] = {}
+        duplicates = 0
+        for row in reader:
+            where = f"{source}, line {reader.line_num}"
+            written, label = row.get(columns["path"]), row.get(columns["label"])
+            if not written or not written.strip() or not label:
+                raise ConfigError(f"{where}: empty path or label")
+            path = Path(written.strip())
+            path = path if path.is_absolute() else source.parent / path
+            key = os.path.normpath(path)
+            if key in seen:
+                if seen[key] != label:
+                    raise ConfigError(
+                        f"{where}: {written!r} is labelled both {seen[key]!r} and {label!r}"
+                    )
+                duplicates += 1
+                continue
+            seen[key] = label
+            images.append(SourceImage(path, written.strip(), label))
+    if not images:
+        raise ConfigError(f"{source}: the CSV lists no images")
+    if duplicates:
+        log.warning("%s: ignored %d duplicate row(s)", source, duplicates)
+    designers = sorted({image.label for image in images})
+    return SourceListing("csv", images, designers, {"duplicate_rows": duplicates})
+
+
+def list_source(source: str | Path) -> SourceListing:
+    source = Path(source)
+    if source.is_dir():
+        return list_image_folder(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return list_csv(source)
+    if not source.exists():
+        raise ConfigError(f"{source}: source does not exist")
+    raise ConfigError(
+        f"{source}: unknown source kind; expected an image folder <source>/<designer>/*.jpg "
+        f"or a .csv file with the header 'path,label'"
+    )
