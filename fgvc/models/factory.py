@@ -130,9 +130,7 @@ def _build_standard(architecture: Architecture, arch: str, num_classes: int,
     except WeightsUnavailable as error:
         if required:
             raise PretrainedWeightsError(str(error)) from None
-        message = f"{error} Falling back to random initialisation."
-        warnings.warn(message, stacklevel=3)
-        logger.warning("%s", message)
+        warnings.warn(f"{error} Falling back to random initialisation.", stacklevel=3)
         return architecture.build(num_classes, size), "none", None, None
     net = architecture.build_with_standard_weights(num_classes, size, weights_file)
     logger.info("%s: loaded %s from %s", arch, standard.label, weights_file)
