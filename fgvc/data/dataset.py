@@ -6,6 +6,7 @@ per shard touched (no per-sample Python work) and converts to float on the targe
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -124,6 +125,23 @@ class ShardDataset:
         return out
 
 
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """Run torch ops of the calling thread on `count` intra-op threads, then restore.
+
+    Torch's thread count is per OS thread here (OpenMP), so this touches neither the training
+    thread nor other loader threads."""
+    before = torch.get_num_threads()
+    if before == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # float [B, 3, H, W] in [0, 1], on the target device
@@ -134,27 +152,39 @@ class Batch:
 
 class BatchLoader:
     """Batches over a ShardDataset: seeded shuffle per epoch, optional rank sharding, optional
-    per-sample transform on the uint8 batch (e.g. augmentation), background prefetch.
+    per-sample transform on the uint8 batch (e.g. augmentation), background loading.
 
     `rank`/`world_size` give each process a disjoint part of every epoch's order (DDP); part
     sizes differ by at most one item, so ranks may differ by one batch.
-    `transform(images_uint8 [B,3,H,W], generator) -> float [B,3,H,W] in [0, 1]` runs in the
-    `workers` loader threads (each keeping up to `prefetch` batches ready) when both are > 0; without a transform, images go to the device as uint8
-    and become float there. Each batch's positions come sorted (see `order`).
+
+    `transform(images_uint8 [B,3,H,W], generator) -> float [B,3,H,W] in [0, 1]` draws from a
+    generator seeded by (seed, epoch, batch), so a batch's result does not depend on which
+    thread makes it. It runs where the batch is loaded: in the `workers` loader threads (each
+    keeping up to `prefetch` batches ready) when both are > 0, else in the consumer's thread.
+    On the CPU it runs on one intra-op thread wherever it runs, so its result does not depend
+    on thread counts either (a reduction split across threads sums in another order). With
+    `augment_on_device`, the uint8 batch is copied to the device first and transformed there,
+    in the consumer's thread (a GPU augments a batch faster than CPU threads can).
+    Without a transform, images go to the device as uint8 and become float there. Each
+    batch's positions come sorted (see `order`).
     """
 
     def __init__(self, dataset: ShardDataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device: str | torch.device = "cpu",
                  transform: Callable | None = None, prefetch: int = 2, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False, workers: int = 1):
+                 world_size: int = 1, channels_last: bool = False, workers: int = 1,
+                 augment_on_device: bool = False):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.drop_last, self.device, self.transform = drop_last, torch.device(device), transform
         self.prefetch, self.rank, self.world_size = prefetch, rank, world_size
         self.channels_last, self.workers = channels_last, workers
+        self.augment_on_device = augment_on_device
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -187,22 +217,26 @@ class BatchLoader:
             batches.pop()
         return batches
 
-    def _load(self, k: int, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Batch k on the CPU: the work that can run ahead of the consumer. Its augmentation
-        draws come from a generator of (seed, epoch, k), so they do not depend on which
-        thread loads it."""
+    def _generator(self, k: int) -> torch.Generator:
+        """The draws of batch k: from (seed, epoch, k) only."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + k)
+
+    def _load(self, k: int, positions: torch.Tensor) -> tuple[int, torch.Tensor, dict]:
+        """Batch k on the CPU: the work that can run ahead of the consumer."""
         items = self.dataset.gather(positions)
-        if self.transform is not None:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + k)
-            items["images"] = self.transform(items["images"], g)
+        if self.transform is not None and not self.augment_on_device:
+            with intra_op_threads(1):
+                items["images"] = self.transform(items["images"], self._generator(k))
         if self.device.type == "cuda" and items["images"].dtype == torch.uint8:
             items["images"] = items["images"].pin_memory()  # for a non-blocking copy
-        return positions, items
+        return k, positions, items
 
-    def _to_device(self, positions: torch.Tensor, items: dict) -> Batch:
+    def _to_device(self, k: int, positions: torch.Tensor, items: dict) -> Batch:
         non_blocking = self.device.type == "cuda"
         images = items.pop("images").to(self.device, non_blocking=non_blocking)
-        if images.dtype == torch.uint8:
+        if self.transform is not None and self.augment_on_device:
+            images = self.transform(images, self._generator(k))
+        elif images.dtype == torch.uint8:
             # After the copy (4x fewer bytes than float), and in the consumer: batches waiting
             # in the prefetch queue stay uint8, so they cost a quarter of the memory.
             images = images.float().div_(255.0)
