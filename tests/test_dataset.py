@@ -413,3 +413,52 @@ def test_intra_op_threads_restores_the_count():
 def test_negative_workers_are_refused(root):
     with pytest.raises(ValueError, match="workers must be >= 0"):
         BatchLoader(ShardDataset(root, "train"), 8, workers=-1)
+
+
+# --- reused batch memory ----------------------------------------------------------------------
+
+@pytest.fixture()
+def pooled(monkeypatch):
+    """The buffer pool on for the tiny batches of these tests (it skips blocks under 1 MB)."""
+    import fgvc.data.dataset as dataset
+
+    monkeypatch.setattr(dataset, "POOL_MIN_BYTES", 0)
+    assert dataset.POOLING
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_memory_is_reused_only_once_nothing_holds_it(root, rows, pooled, workers):
+    loader = BatchLoader(ShardDataset(root, "train"), 16, shuffle=True, seed=2, workers=workers)
+    seen = set()
+    for batch in loader:  # dropped as we go: the same few blocks come back
+        assert torch.equal(batch.images, rows["images"][batch.positions].float() / 255.0)
+        seen.add(batch.images.data_ptr())
+    assert len(seen) < len(loader)
+    kept = list(loader)  # all held at once: every batch has its own memory, and stays right
+    assert len({b.images.data_ptr() for b in kept}) == len(kept)
+    for batch in kept:
+        assert torch.equal(batch.images, rows["images"][batch.positions].float() / 255.0)
+        assert torch.equal(batch.labels, rows["labels"][batch.positions])
+
+
+def test_a_view_or_an_autograd_graph_keeps_a_block_from_being_reused(pooled):
+    from fgvc.data.dataset import BufferPool
+
+    pool = BufferPool(capacity=1)  # one pooled block: handed out again only when free
+    block = pool.empty((4, 8)).fill_(1.0)
+    address = block.data_ptr()
+    view = block[1:3]
+    del block
+    assert pool.empty((4, 8)).data_ptr() != address  # a view still reads it
+    assert bool((view == 1.0).all())
+    del view
+    x = pool.empty((4, 8))
+    assert x.data_ptr() == address  # free again: reused
+    weight = torch.ones(8, requires_grad=True)
+    loss = (x.fill_(3.0) * weight).sum()  # the product keeps x for the weight's gradient
+    del x
+    assert pool.empty((4, 8)).data_ptr() != address
+    loss.backward()
+    assert torch.equal(weight.grad, torch.full((8,), 12.0))  # computed from the untouched block
+    del loss
+    assert pool.empty((4, 8)).data_ptr() == address
