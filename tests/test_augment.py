@@ -163,3 +163,73 @@ def test_extreme_jitter_factors_match_torchvision():
                               (F.adjust_hue, augment._hue_, [-0.5, -0.25, 0.0, 0.08, 0.33, 0.5])):
         expected = torch.stack([fn(image, f) for image, f in zip(x, factors)])
         assert torch.equal(ours(x.clone(), factors), expected), fn.__name__
+
+
+# --- the batch path (for a GPU) -----------------------------------------------------------------
+
+def still(**changes) -> HeavyAugment:
+    """A recipe that changes nothing, except what `changes` turns on."""
+    base = dict(crop_scale=(1.0, 1.0), crop_ratio=(24 / 32, 24 / 32), flip_p=0.0, brightness=0, contrast=0,
+                saturation=0, hue=0, blur_p=0, erase_p=0)
+    return HeavyAugment(**{**base, **changes})
+
+
+def test_batch_path_is_seeded_in_range_and_draws_per_image():
+    aug = get_preset("heavy")
+    x = batch(8)
+    a = aug.batch(x, torch.Generator().manual_seed(1))
+    assert a.shape == (8, 3, 32, 24) and a.dtype == torch.float32
+    assert torch.equal(a, aug.batch(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, aug.batch(x, torch.Generator().manual_seed(2)))
+    assert a.min() >= 0 and a.max() <= 1
+    same = batch(1).expand(6, -1, -1, -1).contiguous()
+    out = aug.batch(same, torch.Generator().manual_seed(0))
+    assert len({tuple(o.flatten()[:50].tolist()) for o in out}) == 6
+
+
+def test_batch_path_steps_off_change_nothing_and_a_flip_flips():
+    x = batch(4)
+    identity = x.float() / 255
+    assert torch.allclose(still().batch(x, torch.Generator().manual_seed(0)), identity, atol=1e-6)
+    flipped = still(flip_p=1.0).batch(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(flipped, identity.flip(-1), atol=1e-6)
+
+
+def test_batch_path_colour_jitters_agree_with_the_exact_ones():
+    from fgvc.training import augment
+
+    x = contrasty_batch(8, 19, 23, 5).float() / 255
+    factors = torch.linspace(0.7, 1.3, 8)
+    shifts = torch.linspace(-0.08, 0.08, 8)
+    exact = (augment._brightness_, augment._contrast_, augment._saturation_, augment._hue_)
+    for k, (batched, reference) in enumerate(zip(augment.DEVICE_JITTERS, exact)):
+        f = shifts if k == 3 else factors
+        assert torch.allclose(batched(x, f.view(-1, 1, 1, 1)), reference(x.clone(), f.tolist()), atol=1e-5), k
+
+
+def test_batch_path_boxes_follow_the_crop_and_erase_rules():
+    from fgvc.training.augment import _batch_boxes
+
+    g = torch.Generator().manual_seed(0)
+    for scale, ratio in (((0.6, 1.0), (0.8, 1.25)), ((0.02, 0.2), (0.3, 3.3))):
+        top, left, h, w, found = _batch_boxes(g, 500, 64, 48, scale, ratio)
+        assert found.float().mean() > 0.9
+        top, left, h, w = top[found], left[found], h[found], w[found]
+        assert bool((top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 48).all())
+        share = (h * w).float() / (64 * 48)
+        assert share.min() >= scale[0] * 0.8 and share.max() <= scale[1] * 1.2  # rounding of h and w
+        aspect = w.float() / h.float()
+        assert aspect.min() >= ratio[0] * 0.8 and aspect.max() <= ratio[1] * 1.25
+
+
+def test_batch_path_erases_one_box_of_random_values_where_it_erases():
+    x = torch.full((64, 3, 32, 24), 128, dtype=torch.uint8)
+    out = still(erase_p=0.4).batch(x, torch.Generator().manual_seed(3))
+    changed = (out != 128 / 255).any(1)  # [64, 32, 24]
+    erased = changed.flatten(1).any(1)
+    assert 10 < int(erased.sum()) < 45  # p = 0.4 of 64
+    for mask in changed[erased]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert bool(box.all())  # one filled rectangle
+        assert 0.02 * 0.8 <= box.numel() / (32 * 24) <= 0.2 * 1.2

@@ -141,3 +141,32 @@ def test_auto_loader_threads_none_on_a_cpu_two_beside_a_gpu_and_explicit_counts_
                             TrainingData.of(tiny_root), World())
     assert session.train_loader.workers == session.val_loader.workers == 0
     assert session.train_loader.transform is not None and not session.train_loader.augment_on_device
+
+
+# --- the GPU benchmark, without a GPU -----------------------------------------------------------
+
+def test_the_gpu_benchmark_refuses_without_cuda_and_its_dry_run_writes_every_figure(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    refused = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "has none" in refused.stderr and "--dry-run" in refused.stderr
+    out = tmp_path / "figures.json"
+    dry = subprocess.run([sys.executable, str(script), "--dry-run", "--json", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["dry_run"] is True and figures["device"] == "CPU (dry run)"
+    training = figures["training"]["resnet18"]
+    assert set(training["figures"]) == {"raw step", "ours, aug on GPU", "ours, exact aug on GPU", "ours, aug on CPU",
+                                        "original"}
+    assert all(f["median_img_s"] > 0 for f in training["figures"].values())
+    assert set(training["targets"]) == {"ours_gpu_aug/raw >= 0.9", "ours_gpu_aug/original >= 2.0"}
+    assert set(figures["masking"]["figures"]) == {"raw", "original", "pipeline"}
+    assert "target: [resnet18] ours (aug on GPU) / raw step >= 0.9" in dry.stdout

@@ -4,12 +4,14 @@ Parameters are drawn from an explicit `torch.Generator`, not the global RNG, so 
 reproducible and augmentation can run in a loader thread (or on the GPU) without racing the
 training thread for random numbers.
 
-A recipe draws every sample's parameters first (on the CPU, in the order of the per-sample
-definition), then applies each step to the whole batch at once: one kernel per step for the
-batch instead of dozens of small ops per image. The batched steps perform the same float
-operations in the same order as the per-sample definition (`HeavyAugment.sample`), so the
-result is bit for bit the same for the same generator (tests/test_augment.py holds them to
-it); the same code runs on a CUDA batch (`BatchLoader(..., augment_on_device=True)`).
+`HeavyAugment.__call__` (the CPU path) draws every sample's parameters first, in the order of
+the per-sample definition (`HeavyAugment.sample`), then applies each step to the whole batch:
+one kernel per step and batch instead of dozens of small ops per image. The batched steps do
+the same float operations in the same order as the per-sample definition, so the result is
+the same bit for bit for the same generator (tests/test_augment.py holds them to it).
+`HeavyAugment.batch` is the same recipe for a GPU: parameters drawn for the whole batch at
+once and no per-sample work at all (`BatchLoader(..., augment_on_device=True)`); its results
+are reproducible but not the CPU path's.
 """
 
 from __future__ import annotations
@@ -184,15 +186,23 @@ def _gaussian_kernels(sigmas: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _blur(images: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """Each image [3, H, W] blurred by its own 3x3 Gaussian (reflect padding), as torchvision's
+def _blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Each image [3, H, W] blurred by its own 3x3 kernel (reflect padding), as torchvision's
     gaussian_blur: one grouped convolution over the batch, a group per (image, channel), on a
     channels-last input (several times faster on the CPU, and the same sums)."""
     n, c, h, w = images.shape
-    weight = _gaussian_kernels(sigmas, images).unsqueeze(1).expand(n, c, 3, 3).reshape(n * c, 1, 3, 3)
+    weight = kernels.unsqueeze(1).expand(n, c, 3, 3).reshape(n * c, 1, 3, 3)
     padded = nnf.pad(images.reshape(1, n * c, h, w), [1, 1, 1, 1], mode="reflect")
     blurred = nnf.conv2d(padded.contiguous(memory_format=torch.channels_last), weight, groups=n * c)
     return blurred.reshape(n, c, h, w)
+
+
+def _gaussian_kernels_batch(sigmas: torch.Tensor) -> torch.Tensor:
+    """`_gaussian_kernels` for a tensor of sigmas at once, on their device (the batch path)."""
+    lim = 2 / (2.0 * math.sqrt(2.0))
+    taps = torch.linspace(-lim, lim, steps=3, dtype=sigmas.dtype, device=sigmas.device)
+    k = torch.softmax((taps[None, :] / sigmas[:, None]).pow(2).neg(), dim=1)
+    return k[:, :, None] * k[:, None, :]
 
 
 def _resized_crop_into(dest: torch.Tensor, image: torch.Tensor, box: tuple[int, int, int, int]) -> None:
@@ -206,6 +216,72 @@ def _resized_crop_into(dest: torch.Tensor, image: torch.Tensor, box: tuple[int, 
         dest.copy_(crop)
     else:
         torch.ops.aten._upsample_bilinear2d_aa.out(crop, list(dest.shape[-2:]), False, None, None, out=dest)
+
+
+# --- the batch path for a GPU: every parameter drawn for the whole batch at once, every step one
+# batched op (a few hundred kernel launches per batch and none per sample) ---------------------
+
+def _batch_boxes(g: torch.Generator, n: int, height: int, width: int, scale, ratio, attempts: int = 10):
+    """`_box` for n samples at once: (top, left, h, w) int64 [n] each and `found` bool [n]
+    (the first of `attempts` draws that fits; where none fits, found is False)."""
+    area = height * width
+    shares = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)
+    aspects = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp_()
+    w = torch.round(torch.sqrt(area * shares * aspects))
+    h = torch.round(torch.sqrt(area * shares / aspects))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.int8).argmax(1, keepdim=True)  # the first attempt that fits
+    w, h = w.gather(1, first)[:, 0].long(), h.gather(1, first)[:, 0].long()
+    corner = torch.rand(n, 2, generator=g)
+    top = (corner[:, 0] * (height - h + 1)).long().clamp_(min=0)
+    left = (corner[:, 1] * (width - w + 1)).long().clamp_(min=0)
+    return top, left, h, w, fits.any(1)
+
+
+def _hue_batch(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Hue rotation through HSV (torchvision's adjust_hue formulas) with the selections made by
+    comparisons and `where`: few kernels, and no tensor made on the host (a host-to-device copy
+    would wait for the GPU)."""
+    red, green, _ = images.unbind(dim=-3)
+    low, high = torch.aminmax(images, dim=-3)
+    grey = high == low
+    spread = high - low
+    saturation = spread / torch.where(grey, 1.0, high)
+    distance = (high.unsqueeze(-3) - images) / torch.where(grey, 1.0, spread).unsqueeze(-3)
+    dr, dg, db = distance.unbind(dim=-3)
+    hue = torch.where(high == red, db - dg, torch.where(high == green, 2.0 + dr - db, 4.0 + dg - dr))
+    hue = torch.remainder(hue / 6.0 + 1.0 + shifts[:, 0], 1.0)
+    sextant_pos = hue * 6
+    sextant = torch.floor(sextant_pos)
+    fraction = sextant_pos - sextant
+    sextant = torch.remainder(sextant, 6)
+    v = high
+    p = (v * (1.0 - saturation)).clamp_(0, 1)
+    q = (v * (1.0 - saturation * fraction)).clamp_(0, 1)
+    t = (v * (1.0 - saturation * (1.0 - fraction))).clamp_(0, 1)
+    at = [sextant == k for k in range(6)]
+    # (r, g, b) per sextant 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
+    red = torch.where(at[0] | at[5], v, torch.where(at[1], q, torch.where(at[4], t, p)))
+    green = torch.where(at[1] | at[2], v, torch.where(at[0], t, torch.where(at[3], q, p)))
+    blue = torch.where(at[3] | at[4], v, torch.where(at[2], t, torch.where(at[5], q, p)))
+    return torch.stack((red, green, blue), dim=-3)
+
+
+def _luma_batch(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=-3)
+    return (r * LUMA[0] + g * LUMA[1] + b * LUMA[2]).unsqueeze(-3)
+
+
+def _blend_batch(images: torch.Tensor, others: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    return (images * ratios + others * (1.0 - ratios)).clamp_(0, 1)
+
+
+DEVICE_JITTERS = (
+    lambda x, f: (x * f).clamp_(0, 1),
+    lambda x, f: _blend_batch(x, _luma_batch(x).mean(dim=(-3, -2, -1), keepdim=True), f),
+    lambda x, f: _blend_batch(x, _luma_batch(x), f),
+    _hue_batch,
+)
 
 
 @dataclass(frozen=True)
@@ -291,7 +367,7 @@ class HeavyAugment:
                 members = [i for i, d in enumerate(draws) if d.order[slot] == k]
                 apply(members, lambda rows: jitter(rows, [draws[i].factors[k] for i in members]))
         blurred = [i for i, d in enumerate(draws) if d.blur_sigma is not None]
-        apply(blurred, lambda rows: _blur(rows, [draws[i].blur_sigma for i in blurred]))
+        apply(blurred, lambda rows: _blur(rows, _gaussian_kernels([draws[i].blur_sigma for i in blurred], rows)))
         erased = [i for i, d in enumerate(draws) if d.erase is not None]
         if erased:
             # One host-to-device copy for all of the batch's erasing values.
@@ -302,6 +378,68 @@ class HeavyAugment:
                 out[i, :, top:top + h, left:left + w] = values[start:start + 3 * h * w].view(3, h, w)
                 start += 3 * h * w
         return out.clamp_(0, 1)
+
+
+    def batch(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The recipe for a batch on a GPU: uint8 [B, 3, H, W] on any device -> float in [0, 1].
+
+        The same steps and distributions as `__call__`, but every parameter is drawn for the
+        whole batch at once (from `g`, on the CPU) and every step is one batched op: the crop
+        and resize is one `roi_align` (bilinear; the crop is never larger than the image, so
+        torchvision's antialiasing never applies; at the crop's edge the interpolation may
+        read the neighbouring pixel instead of repeating the edge one), the colour jitters are
+        applied to every image of a slot of the random order at once and kept where that image
+        has that jitter, and erasing is a mask. Its draws and float rounding differ from
+        `__call__`'s, so its results differ too; they are reproducible for the same generator.
+        """
+        from torchvision.ops import roi_align
+
+        n, channels, height, width = images.shape
+        device = images.device
+        top, left, h, w, found = _batch_boxes(g, n, height, width, self.crop_scale, self.crop_ratio)
+        top, left = top.where(found, 0), left.where(found, 0)
+        h, w = h.where(found, height), w.where(found, width)
+        flip = torch.rand(n, generator=g) < self.flip_p
+        spans = torch.tensor([[1 - self.brightness, 1 + self.brightness], [1 - self.contrast, 1 + self.contrast],
+                              [1 - self.saturation, 1 + self.saturation], [-self.hue, self.hue]])
+        factors = spans[:, 0] + (spans[:, 1] - spans[:, 0]) * torch.rand(n, 4, generator=g)
+        order = torch.rand(n, 4, generator=g).argsort(1)  # a uniform random order per image
+        blur = torch.rand(n, generator=g) < self.blur_p
+        sigmas = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
+        erase = torch.rand(n, generator=g) < self.erase_p
+        e_top, e_left, e_h, e_w, e_found = _batch_boxes(g, n, height, width, self.erase_scale, self.erase_ratio)
+        erase &= e_found
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+        # Every parameter in one pinned host tensor and one non-blocking copy: a plain copy to
+        # the GPU would wait for the work queued before it (the previous training step).
+        columns = [torch.arange(n), left, top, left + w, top + h, flip, *factors.T, *order.T, blur, sigmas,
+                   erase, e_top, e_left, e_h, e_w]
+        params = torch.stack([c.float() for c in columns], 1)
+        if device.type == "cuda":
+            params = params.pin_memory()
+        params = params.to(device, non_blocking=True)
+        boxes, flip_d, factors_d = params[:, 0:5].contiguous(), params[:, 5], params[:, 6:10]
+        order_d, blur_d, sigmas_d = params[:, 10:14], params[:, 14], params[:, 15]
+        erase_d, erase_box = params[:, 16], params[:, 17:21]
+
+        x = images.float().div_(255.0)
+        x = roi_align(x, boxes, output_size=(height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+        x = torch.where(flip_d.view(-1, 1, 1, 1) > 0, x.flip(-1), x)
+        for slot in range(4):
+            for k, jitter in enumerate(DEVICE_JITTERS):
+                here = (order_d[:, slot] == k).view(-1, 1, 1, 1)
+                x = torch.where(here, jitter(x, factors_d[:, k].view(-1, 1, 1, 1)), x)
+        if bool(blur.any()):  # decided on the host: no wait for the GPU
+            x = torch.where(blur_d.view(-1, 1, 1, 1) > 0, _blur(x, _gaussian_kernels_batch(sigmas_d)), x)
+        if bool(erase.any()):
+            rows = torch.arange(height, device=device, dtype=x.dtype).view(1, height, 1)
+            cols = torch.arange(width, device=device, dtype=x.dtype).view(1, 1, width)
+            e_top, e_left, e_h, e_w = (erase_box[:, i].view(-1, 1, 1) for i in range(4))
+            inside = (rows >= e_top) & (rows < e_top + e_h) & (cols >= e_left) & (cols < e_left + e_w)
+            inside &= erase_d.view(-1, 1, 1) > 0
+            noise = torch.rand(x.shape, generator=torch.Generator(device).manual_seed(seed), device=device)
+            x = torch.where(inside.unsqueeze(1), noise, x)
+        return x.clamp_(0, 1)
 
 
 PRESETS: Registry = Registry("augmentation recipe")

@@ -163,12 +163,14 @@ def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: di
     val_set = ShardDataset(data.root, "val", count=cfg.val_count, seed=cfg.seed)
     loader_opts = dict(device=device, workers=loader_workers(cfg, device), prefetch=2,
                        channels_last=precision.channels_last, rank=world.rank, world_size=world.world_size)
-    # On a GPU the augmentation runs there, on the whole batch: CPU threads cannot keep up
-    # with a GPU step at 224x160, the GPU does it in a small share of a step.
+    # On a GPU the augmentation runs there, batched (`HeavyAugment.batch`): CPU threads
+    # cannot keep up with a GPU step at 224x160, the GPU does it in a small share of one.
+    recipe = get_preset(cfg.aug)
+    on_device = device.type == "cuda" and recipe is not None
     train_loader = (ddp.EqualShareLoader if world.is_distributed else BatchLoader)(
         train_set, cfg.batch_size // world.world_size, shuffle=True, seed=cfg.seed, drop_last=False,
-        transform=ddp.per_rank_transform(get_preset(cfg.aug), world.rank),
-        augment_on_device=device.type == "cuda", **loader_opts)
+        transform=ddp.per_rank_transform(recipe.batch if on_device else recipe, world.rank),
+        augment_on_device=on_device, **loader_opts)
     val_loader = BatchLoader(val_set, max(cfg.batch_size, 128), **loader_opts)
 
     optimizer = build_optimizer(ddp.unwrap(model), cfg.effective_lr_backbone, cfg.lr_head,
