@@ -196,36 +196,21 @@ def main(argv=None) -> None:
 
         with Machine(f"data loading: {args.images} images {args.height}x{args.width}, batch {args.batch_size}"):
             dataset = OriginalShardDataset(one, "train")
-            ours_runs = [Contender(f"ours ({w} thr.)", ours(one, args.batch_size, w), args.images, "img")
-                         for w in our_workers]
-            timings = compare(ours_runs + [Contender(original_name(0), original(dataset, args.batch_size, 0),
-                                                     args.images, "img")
-                                           for w in original_workers if w == 0],
-                              rounds=args.rounds, warmup=args.warmup)
+            contenders = [Contender(f"ours ({w} thr.)", ours(one, args.batch_size, w), args.images, "img")
+                          for w in our_workers]
+            contenders += [Contender(original_name(w), original(dataset, args.batch_size, w), args.images, "img")
+                           for w in original_workers]
+            timings = compare(contenders, rounds=args.rounds, warmup=args.warmup)
             timings.print()
-            best_ours = max((c.name for c in ours_runs), key=lambda n: timings.rate(n).median)
-            rates = {name: timings.rate(name).median for name in timings.contenders}
-            forking = [w for w in original_workers if w > 0]
-            if forking:
-                # DataLoader workers fork this process every epoch, and every page it writes
-                # afterwards takes a copy-on-write fault: that would slow whichever contender ran
-                # next, so the worker settings run in rounds of their own.
-                print("  the original with worker processes, in rounds of its own:")
-                workers = compare([Contender(original_name(w), original(dataset, args.batch_size, w), args.images,
-                                             "img") for w in forking], rounds=args.rounds, warmup=args.warmup)
-                workers.print()
-                rates.update({name: workers.rate(name).median for name in workers.contenders})
-            originals = [name for name in rates if name.startswith("original")]
-            best_original = max(originals, key=rates.get)
+            best_ours = max((c.name for c in contenders if c.name.startswith("ours")),
+                            key=lambda n: timings.rate(n).median)
+            originals = [c.name for c in contenders if c.name.startswith("original")]
+            best_original = max(originals, key=lambda n: timings.rate(n).median)
             for name in originals:
-                print(f"  {best_ours} / {name}: {rates[best_ours] / rates[name]:.3g} (medians)")
-            if best_original in timings.contenders:
-                speedup = timings.ratio(best_ours, best_original)
-                report_target(f"our fastest ({best_ours}) / the original's fastest ({best_original})",
-                              speedup.median, ">=", TARGET_SPEEDUP, speedup)
-            else:
-                report_target(f"our fastest ({best_ours}) / the original's fastest ({best_original}, other rounds)",
-                              rates[best_ours] / rates[best_original], ">=", TARGET_SPEEDUP)
+                print(f"  {best_ours} / {name}: {timings.ratio(best_ours, name).text()}")
+            speedup = timings.ratio(best_ours, best_original)
+            report_target(f"our fastest ({best_ours}) / the original's fastest ({best_original})",
+                          speedup.median, ">=", TARGET_SPEEDUP, speedup)
             del dataset
 
         fastest = int(best_ours.split("(")[1].split()[0])

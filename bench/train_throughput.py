@@ -186,18 +186,15 @@ def throughput(args, tmp: Path, size: tuple[int, int], aug: bool) -> None:
         items = tracked_session.train_set.gather(torch.arange(start, min(start + args.batch, n)))
         raw_batches.append((items["images"].float() / 255, items["labels"]))
 
-    in_process = [w for w in args.original_workers if w == 0]
-    forking = [w for w in args.original_workers if w > 0]
     with Machine(f"training throughput: {label}, {n} images per epoch, batch {args.batch}"), \
             tracking(tmp) as callbacks:
-        raw = Contender("raw step", raw_step(args.arch, data.num_classes, size, raw_batches), n, "img")
-        contenders = [raw]
+        contenders = [Contender("raw step", raw_step(args.arch, data.num_classes, size, raw_batches), n, "img")]
         for w in sorted(set(args.our_workers) | {auto}):
             name = f"ours ({w} thr.{', auto' if w == auto else ''})"
             contenders.append(Contender(name, our_loop(args.arch, tracked_session, w, cfg.aug), n, "img"))
         contenders.append(Contender("ours + tracking", tracked_loop(tracked_session, callbacks), n, "img"))
         contenders += [Contender(original_name(w), original(args.arch, root, size, w, aug), n, "img")
-                       for w in in_process]
+                       for w in args.original_workers]
         timings = compare(contenders, rounds=args.rounds, warmup=args.warmup)
         timings.print()
         ours = f"ours ({auto} thr., auto)"
@@ -208,7 +205,7 @@ def throughput(args, tmp: Path, size: tuple[int, int], aug: bool) -> None:
         pick = timings.ratio(ours, fastest)
         report_target(f"[{label}] num_workers=auto ({auto}) / fastest thread count ({fastest})",
                       pick.median, ">=", 0.98, pick)
-        for w in in_process:
+        for w in args.original_workers:
             r = timings.ratio(ours, original_name(w))
             report_target(f"[{label}] ours (auto) / {original_name(w)}", r.median, ">=", 1.0, r)
         share = timings.ratio("ours + tracking", ours)
@@ -217,20 +214,6 @@ def throughput(args, tmp: Path, size: tuple[int, int], aug: bool) -> None:
         for callback in callbacks:
             if callback.calls:
                 print(f"    {callback.name}: {callback.seconds / callback.calls:.3f} s per epoch")
-        if forking:
-            # DataLoader workers fork this process every epoch: afterwards every page it writes
-            # takes a copy-on-write fault, which would slow whichever contender runs next. So
-            # they run in rounds of their own, against the raw step again.
-            print("  the original with worker processes, in rounds of its own (with the raw step):")
-            workers = compare([Contender("raw step", raw.run, n, "img")]
-                              + [Contender(original_name(w), original(args.arch, root, size, w, aug), n, "img")
-                                 for w in forking], rounds=args.rounds, warmup=args.warmup)
-            workers.print()
-            for w in forking:
-                theirs = workers.ratio(original_name(w), "raw step")
-                r = ratio.median / theirs.median
-                report_target(f"[{label}] ours (auto) / {original_name(w)} (each against the raw step of its "
-                              f"rounds: {ratio.median:.3g} / {theirs.median:.3g})", r, ">=", 1.0)
 
 
 def original_name(workers: int) -> str:
