@@ -20,7 +20,7 @@ One round = one epoch of every contender. Then, at the default demo size (1,200 
 callbacks, and what each callback costs.
 
     python bench/train_throughput.py --quick          # smoke run, under a minute: no figures
-    python bench/train_throughput.py                  # the figures (about 10 minutes, 2 cores)
+    python bench/train_throughput.py                  # the figures (about 20 minutes on 2 cores)
     python bench/train_throughput.py --sizes 64x48 --aug on --rounds 7
 """
 
