@@ -1,33 +1,31 @@
-"""Throughput of `mask`: the full pipeline against the segmenter's raw forward pass and
-against the original project's per-image PIL preprocessing loop.
+"""Throughput of `mask` on the harness: the full pipeline against the segmenter's raw forward
+pass and against the original project's per-image PIL preprocessing loop.
 
-Same images, same batch size, same randomly initialised DeepLabV3-MobileNetV3 (no weights
-are needed, so it runs offline on a CPU):
+Same images, same batch size, the same randomly initialised DeepLabV3-MobileNetV3-Large
+(seg_weights="random": no weights are needed, so it runs offline), in interleaved rounds:
 
-  raw       model(x) over batches of a tensor already resized and normalised, in the
-            segmenter's memory format (channels-last): the ceiling
+  raw       model(x)["out"] over batches of a tensor already resized and normalised, in the
+            segmenter's memory format: the ceiling
   original  per image: tensor -> PIL, Resize(seg_size), ToTensor, Normalize; then a batched
             forward (NCHW, as the original), argmax label map upsampled (nearest), == person,
-            masking (no file I/O)
+            background removed (no file I/O)
   pipeline  mask_dataset(src, dst): validating and reading shards, batched tensor
-            preprocessing, segmentation, masking and writing shards, statistics and meta.json
+            preprocessing, segmentation, masking and writing shards, statistics, meta.json
 
-Targets: pipeline / raw >= 0.90, pipeline / original >= 1. Each method runs --repeats times,
-interleaved; the ratios use the best (least disturbed) wall time; the median wall time and
-the process CPU time are shown too, since a shared machine makes wall times noisy.
+Targets: pipeline / raw >= 0.90, pipeline / original >= 1.
 
-    python bench/mask_throughput.py --images 64 --height 224 --width 160 --seg-size 224
+    python bench/mask_throughput.py --quick      # smoke run, under a minute: no figures
+    python bench/mask_throughput.py              # 64 images 224x160, seg size 224, 5 rounds
+    python bench/mask_throughput.py --images 128 --rounds 7
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import shutil
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,10 +33,18 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-from fgvc.data.demo import DemoConfig, generate_demo
-from fgvc.data.shards import load_shard, shards_of, write_shard
-from fgvc.masking import build_segmenter, mask_dataset, preprocess, remove_background
-from fgvc.masking.segmenters import IMAGENET_MEAN, IMAGENET_STD, VOC_PERSON
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import Contender, Machine, compare, report_target  # noqa: E402
+
+from fgvc.data.demo import DemoConfig, generate_demo  # noqa: E402
+from fgvc.data.shards import load_shard, shards_of, write_shard  # noqa: E402
+from fgvc.masking import build_segmenter, mask_dataset, preprocess, remove_background  # noqa: E402
+from fgvc.masking.segmenters import IMAGENET_MEAN, IMAGENET_STD, VOC_PERSON  # noqa: E402
+
+SEGMENTER = "deeplabv3_mobilenet_v3_large"
+TARGETS = (("raw", 0.90), ("original", 1.0))
 
 
 def make_source(root: Path, images: int, height: int, width: int, shard_size: int) -> Path:
@@ -58,100 +64,99 @@ def all_images(src: Path) -> torch.Tensor:
     return torch.cat([load_shard(p, mmap=False)["images"] for p in shards_of(src, "train")])
 
 
-class Clock:
-    """Wall and process CPU seconds of a block (CPU time is less disturbed by other jobs on a
-    shared machine; it counts every thread of this process, the pipeline's reader and writer
-    included)."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+def raw_forward(model, x: torch.Tensor, batch: int):
+    def run():
+        with torch.inference_mode():
+            for s in range(0, len(x), batch):
+                model(x[s:s + batch])["out"]
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    return run
 
 
-def time_raw(model, x: torch.Tensor, batch: int) -> Clock:
-    with Clock() as clock, torch.inference_mode():
-        for s in range(0, len(x), batch):
-            model(x[s:s + batch])["out"]
-    return clock
-
-
-def time_original(model, images: torch.Tensor, batch: int, seg_size: int) -> Clock:
+def original_loop(model, images: torch.Tensor, batch: int, seg_size: int, device: torch.device):
     to_input = T.Compose([T.Resize(seg_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    with Clock() as clock, torch.inference_mode():
-        for s in range(0, len(images), batch):
-            chunk = images[s:s + batch]
-            x = torch.stack([to_input(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in chunk])
-            labels = model(x)["out"].argmax(dim=1, keepdim=True).to(torch.uint8)
-            person = (F.interpolate(labels, size=tuple(chunk.shape[2:]), mode="nearest")[:, 0]
-                      == VOC_PERSON).to(torch.uint8)
-            remove_background(chunk, person)
-    return clock
+
+    def run():
+        with torch.inference_mode():
+            for s in range(0, len(images), batch):
+                chunk = images[s:s + batch]
+                x = torch.stack([to_input(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in chunk])
+                labels = model(x.to(device))["out"].argmax(dim=1, keepdim=True).to(torch.uint8)
+                person = (F.interpolate(labels, size=tuple(chunk.shape[2:]), mode="nearest")[:, 0]
+                          == VOC_PERSON).to(torch.uint8)
+                remove_background(chunk, person.cpu())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
 
 
-def time_pipeline(segmenter, src: Path, dst: Path, batch: int) -> Clock:
-    with Clock() as clock:
-        mask_dataset(src, dst, segmenter=segmenter, batch_size=batch, device="cpu", progress=False,
+def pipeline(segmenter, src: Path, dst: Path, batch: int, device: torch.device):
+    def run():
+        mask_dataset(src, dst, segmenter=segmenter, batch_size=batch, device=str(device), progress=False,
                      overwrite=True)
-    return clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def contenders(tmp: Path, images: int, height: int, width: int, seg_size: int, batch: int, shard_size: int,
+               device: torch.device, name: str = SEGMENTER) -> tuple[list[Contender], str]:
+    """raw / original / pipeline on `device`, and a line describing the setting (shared with
+    bench/gpu.py)."""
+    src = make_source(tmp, images, height, width, shard_size)
+    pixels = all_images(src)
+    n = len(pixels)
+    segmenter = build_segmenter(name, "random", seg_size, str(device))
+    model = segmenter.model
+    # The original ran the model in the default NCHW layout.
+    original_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    x = preprocess(pixels.to(device), seg_size, channels_last=segmenter.channels_last)
+    setting = (f"{n} images {height}x{width} -> {list(x.shape[2:])}, batch {batch}, shards of {shard_size}, "
+               f"{name} (random init) on {device}")
+    return [Contender("raw", raw_forward(model, x, batch), n, "img"),
+            Contender("original", original_loop(original_model, pixels, batch, seg_size, device), n, "img"),
+            Contender("pipeline", pipeline(segmenter, src, tmp / "dst", batch, device), n, "img")], setting
+
+
+def report(timings, prefix: str = "") -> dict[str, float]:
+    """Print the pipeline's targets; returns the ratios' medians."""
+    ratios = {}
+    for other, target in TARGETS:
+        r = timings.ratio("pipeline", other)
+        report_target(f"{prefix}masking pipeline / {other}", r.median, ">=", target, r)
+        ratios[other] = r.median
+    return ratios
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--height", type=int, default=224)
     ap.add_argument("--width", type=int, default=160)
     ap.add_argument("--seg-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shard-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--segmenter", default=SEGMENTER, help="a registered segmenter (random weights)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="smoke run (< 1 minute): tiny, one round, no figures")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quick:
+        args.images, args.height, args.width, args.seg_size, args.rounds = 16, 96, 64, 96, 1
+        args.batch_size = args.shard_size = 8
+        print("--quick: a smoke run; the figures below are not measurements")
 
-    with tempfile.TemporaryDirectory(prefix="fgvc-bench-") as tmp:
-        tmp = Path(tmp)
-        src = make_source(tmp, args.images, args.height, args.width, args.shard_size)
-        images = all_images(src)
-        n = len(images)
-        segmenter = build_segmenter("deeplabv3_mobilenet_v3_large", "random", args.seg_size, "cpu")
-        model = segmenter.model
-        # The original ran the model in the default NCHW layout.
-        original_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-        x = preprocess(images, args.seg_size, channels_last=segmenter.channels_last)
-        print(f"{n} images {args.height}x{args.width} -> {list(x.shape[2:])}, batch "
-              f"{args.batch_size}, shards of {args.shard_size}, "
-              f"deeplabv3_mobilenet_v3_large (random init), {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        with torch.inference_mode():  # warm-up
-            model(x[: args.batch_size])
-            original_model(x[: args.batch_size].contiguous())
-
-        times = {"raw": [], "original": [], "pipeline": []}
-        for r in range(args.repeats):
-            times["raw"].append(time_raw(model, x, args.batch_size))
-            times["original"].append(time_original(original_model, images, args.batch_size,
-                                                   args.seg_size))
-            times["pipeline"].append(time_pipeline(segmenter, src, tmp / f"dst{r}", args.batch_size))
-            print(f"  repeat {r + 1}: " + ", ".join(
-                f"{k} {v[-1].wall:.2f}s (cpu {v[-1].cpu:.2f}s)" for k, v in times.items()), flush=True)
-
-    best = {k: n / min(c.wall for c in v) for k, v in times.items()}
-    median = {k: n / statistics.median(c.wall for c in v) for k, v in times.items()}
-    per_cpu = {k: n / min(c.cpu for c in v) for k, v in times.items()}
-    print(f"{'method':<10}{'best img/s':>12}{'median img/s':>14}{'img/cpu-s':>11}")
-    for k in times:
-        print(f"{k:<10}{best[k]:>12.2f}{median[k]:>14.2f}{per_cpu[k]:>11.2f}")
-    for name, other, target in (("pipeline / raw forward", "raw", 0.90),
-                                ("pipeline / original", "original", 1.0)):
-        ratio = best["pipeline"] / best[other]
-        verdict = "ok" if ratio >= target else "BELOW TARGET"
-        print(f"{name:<24} {ratio:5.3f}  target >= {target:.2f}  {verdict}   (median "
-              f"{median['pipeline'] / median[other]:5.3f}, per cpu-s "
-              f"{per_cpu['pipeline'] / per_cpu[other]:5.3f})")
+    with tempfile.TemporaryDirectory(prefix="fgvc-bench-mask-") as tmp:
+        found, setting = contenders(Path(tmp), args.images, args.height, args.width, args.seg_size,
+                                    args.batch_size, args.shard_size, torch.device("cpu"), args.segmenter)
+        with Machine(f"masking throughput: {setting}"):
+            timings = compare(found, rounds=args.rounds, warmup=args.warmup)
+            timings.print()
+            report(timings)
 
 
 if __name__ == "__main__":

@@ -1,181 +1,303 @@
-"""Training throughput, side by side in one run, on the same shards, model and batch size:
+"""Training throughput on the harness: our loop against the raw model step and the original
+project's loop, on the same data, model and batch size, in interleaved rounds.
 
-  (a) raw model step: forward, backward, optimiser step on a batch already in memory;
-  (b) our training loop: `fgvc.training.loop.train_one_epoch` over `BatchLoader` (memory-mapped
-      shards, batched gather, augmentation in the prefetch thread), plus the per-epoch
-      tracking work of `fgvc train` (checkpoint + metrics + plots, timed separately, amortised
-      over the epoch);
-  (c) the original approach: shards loaded into RAM, a per-sample `Dataset.__getitem__` with
-      torchvision transforms, a standard `DataLoader`.
+For each image size and augmentation setting (resnet18, batch 64, runway-synth images):
 
-Prints (b)/(a) and (b)/(c), without and with augmentation.
+  raw step         forward, backward, AdamW step over batches already in memory as float
+                   (the most any loop can do on this machine);
+  ours (N thr.)    `fgvc.training.loop.train_one_epoch` over `BatchLoader` with N loader
+                   threads (0, 1, 2), heavy augmentation batched in the loader; the setting
+                   `num_workers=auto` picks is marked "auto";
+  ours + tracking  the auto setting plus the per-epoch tracking callbacks of `fgvc train`
+                   (CheckpointWriter: last.pt and best.pt with fsync; Recorder: metrics into
+                   a local SQLite MLflow store), each epoch counted as a new best;
+  original (N w.)  the original approach (bench/original_loop.py): shards in RAM, per-sample
+                   Dataset with torchvision transforms, DataLoader with N worker processes
+                   (its own setting, 6, and 0/1/2, the candidates for a small machine).
 
-    python bench/train_throughput.py [--arch resnet18] [--images 1024] [--height 64 --width 48]
+One round = one epoch of every contender. Then, at the default demo size (1,200 train /
+400 val images, 64x48), a whole epoch (train + validation) with and without the tracking
+callbacks, and what each callback costs.
+
+    python bench/train_throughput.py --quick          # smoke run, under a minute: no figures
+    python bench/train_throughput.py                  # the figures (about 20 minutes on 2 cores)
+    python bench/train_throughput.py --sizes 64x48 --aug on --rounds 7
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import logging
+import shutil
 import os
 import statistics
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-import mlflow
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from fgvc.data.dataset import BatchLoader, ShardDataset
-from fgvc.data.shards import make_shard, write_shard
-from fgvc.models import create_model
-from fgvc.training.augment import get_preset
-from fgvc.training.loop import build_optimizer, train_one_epoch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import Contender, Machine, Spread, compare, report_target  # noqa: E402
+from original_loop import (OWN_WORKERS, OriginalShardDataset, OriginalTrainer, original_loader,  # noqa: E402
+                           original_transform)
+
+from fgvc.data.dataset import BatchLoader  # noqa: E402
+from fgvc.data.demo import DemoConfig, generate_demo  # noqa: E402
+from fgvc.distributed import World  # noqa: E402
+from fgvc.models import create_model  # noqa: E402
+from fgvc.training.augment import get_preset  # noqa: E402
+from fgvc.training.config import TrainConfig  # noqa: E402
+from fgvc.training.loop import EpochRecord, build_optimizer, evaluate, train_one_epoch  # noqa: E402
+from fgvc.training.session import TrainingData, build_session, loader_workers  # noqa: E402
+
+CPU = torch.device("cpu")
+TARGET_RAW = {False: 0.95, True: 0.90}  # ours / raw step, without and with heavy augmentation
+TARGET_TRACKING_SHARE = 0.05
 
 
-def make_root(root: Path, images: int, height: int, width: int, classes: int = 10, shard_size: int = 500) -> None:
-    g = torch.Generator().manual_seed(0)
-    for k, start in enumerate(range(0, images, shard_size)):
-        n = min(shard_size, images - start)
-        x = torch.randint(0, 256, (n, 3, height, width), generator=g, dtype=torch.uint8)
-        y = torch.randint(0, classes, (n,), generator=g)
-        write_shard(root / "train" / f"shard_{k:03d}.pt", make_shard(x, y, classes))
+def parse_size(text: str) -> tuple[int, int]:
+    h, w = text.lower().split("x")
+    return int(h), int(w)
 
 
-def fresh_model(arch: str, classes: int, size):
+def demo_root(base: Path, images: int, size: tuple[int, int], val: int, classes: int = 10) -> Path:
+    root = base / f"demo-{size[0]}x{size[1]}-{images}"
+    if not root.exists():
+        generate_demo(root, DemoConfig(num_designers=classes, train_per_class=max(1, images // classes),
+                                       val_per_class=max(1, val // classes), height=size[0], width=size[1]))
+    return root
+
+
+def fresh_model(arch: str, classes: int, size: tuple[int, int]) -> nn.Module:
     torch.manual_seed(0)
-    model = create_model(arch, classes, pretrained="false", image_size=size)
-    return model, build_optimizer(model, 1e-4, 1e-3, 0.05), nn.CrossEntropyLoss(label_smoothing=0.1)
+    return create_model(arch, classes, pretrained=False, image_size=size)
 
 
-def raw_step_rate(arch, classes, size, batch, steps) -> float:
-    model, opt, loss_fn = fresh_model(arch, classes, size)
-    model.train()
-    x = torch.rand(batch, 3, *size)
-    y = torch.randint(0, classes, (batch,))
+def raw_step(arch: str, classes: int, size, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    model = fresh_model(arch, classes, size)
+    optimizer = build_optimizer(model, 1e-4, 1e-3, 0.05)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def step():
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - start)
-
-
-def our_loop_rate(root, arch, classes, size, batch, aug) -> tuple[float, float]:
-    """Images/s of train_one_epoch over our loader, and the same including the per-epoch
-    tracking work (checkpoint files + metrics + plots logged to a local MLflow store)."""
-    from fgvc.viz.training_plots import save_curves
-
-    model, opt, loss_fn = fresh_model(arch, classes, size)
-    ds = ShardDataset(root, "train")
-    loader = BatchLoader(ds, batch, shuffle=True, seed=0, transform=get_preset(aug), prefetch=2)
-    loader.set_epoch(0)
-    train_one_epoch(model, BatchLoader(ds, batch, prefetch=0, transform=get_preset(aug)), opt, loss_fn,
-                    torch.device("cpu"))  # warm-up epoch
-    loader.set_epoch(1)
-    stats = train_one_epoch(model, loader, opt, loss_fn, torch.device("cpu"))
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-        mlflow.set_experiment("bench")
-        with mlflow.start_run():
-            start = time.perf_counter()
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f"{tmp}/last.pt")
-            mlflow.log_artifact(f"{tmp}/last.pt", "checkpoints")
-            mlflow.log_metrics({"train/loss": stats["loss"], "train/acc": stats["acc"]}, step=1)
-            history = [{"epoch": 1, "train/loss": stats["loss"], "val/loss": stats["loss"]}]
-            mlflow.log_artifact(str(save_curves(Path(tmp) / "loss.png", history,
-                                                {"train/loss": "train", "val/loss": "val"}, "", "")), "plots")
-            tracking_s = time.perf_counter() - start
-    return stats["images"] / stats["seconds"], stats["images"] / (stats["seconds"] + tracking_s)
-
-
-class OriginalShardDataset(Dataset):
-    """The original approach: every shard in RAM, per-sample conversion and transforms."""
-
-    def __init__(self, root: Path, transform):
-        shards = [torch.load(p, weights_only=True) for p in sorted((root / "train").glob("*.pt"))]
-        self.images = torch.cat([s["images"] for s in shards])
-        self.labels = torch.cat([s["labels"] for s in shards])
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        image = self.images[i].float() / 255.0
-        return self.transform(image), self.labels[i]
-
-
-def original_transform(size, aug: bool):
-    if not aug:
-        return T.Compose([])
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(0.3, 0.3, 0.3, 0.08),
-        T.RandomApply([T.GaussianBlur(3)], p=0.3),
-        T.RandomErasing(p=0.4, scale=(0.02, 0.2), ratio=(0.3, 3.3), value="random"),
-    ])
-
-
-def original_loop_rate(root, arch, classes, size, batch, aug, workers) -> float:
-    model, opt, loss_fn = fresh_model(arch, classes, size)
-    model.train()
-    loader = DataLoader(OriginalShardDataset(root, original_transform(size, aug)), batch_size=batch,
-                        shuffle=True, num_workers=workers)
-    for epoch in range(2):  # first epoch warms up
-        n, start = 0, time.perf_counter()
-        for x, y in loader:
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
+    def run():
+        model.train()
+        for x, y in batches:
+            loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            n += len(y)
-    return n / (time.perf_counter() - start)
+            optimizer.step()
+    return run
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="median over this many measurements")
-    parser.add_argument("--original-workers", type=int, default=0,
-                        help="DataLoader workers for the original approach (its scripts used 0-2)")
-    args = parser.parse_args()
-    size = (args.height, args.width)
-    steps = max(2, args.images // args.batch)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpus {os.cpu_count()}; "
-          f"{args.arch}, {args.images} images {args.height}x{args.width}, batch {args.batch}")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "root"
-        make_root(root, args.images, *size)
-        med = lambda f: statistics.median(f() for _ in range(args.repeats))  # noqa: E731
-        raw = med(lambda: raw_step_rate(args.arch, 10, size, args.batch, steps))
-        print(f"(a) raw model step:                 {raw:8.1f} img/s")
-        for aug in (False, True):
-            ours = [our_loop_rate(root, args.arch, 10, size, args.batch, aug) for _ in range(args.repeats)]
-            loop = statistics.median(o[0] for o in ours)
-            tracked = statistics.median(o[1] for o in ours)
-            orig = med(lambda: original_loop_rate(root, args.arch, 10, size, args.batch, aug,
-                                                  args.original_workers))
-            tag = "aug  " if aug else "noaug"
-            target = 0.80 if aug else 0.90
-            print(f"[{tag}] (b) our loop:                 {loop:8.1f} img/s; with per-epoch tracking "
-                  f"{tracked:8.1f} img/s")
-            print(f"[{tag}] (c) original loop:            {orig:8.1f} img/s")
-            print(f"[{tag}] (b)/(a) = {loop / raw:.3f} (target >= {target:.2f}); with tracking "
-                  f"{tracked / raw:.3f}; (b)/(c) = {loop / orig:.2f} (target >= 1)")
+def our_loop(arch: str, session, workers: int, aug: str | None):
+    """train_one_epoch over a BatchLoader with `workers` threads, a model of its own."""
+    model = fresh_model(arch, session.data.num_classes, session.data.image_size)
+    optimizer = build_optimizer(model, 1e-4, 1e-3, 0.05)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    loader = BatchLoader(session.train_set, session.train_loader.batch_size, shuffle=True, seed=0,
+                         transform=get_preset(aug), workers=workers, prefetch=2)
+
+    def run():
+        loader.set_epoch(loader.epoch + 1)
+        train_one_epoch(model, loader, optimizer, criterion, CPU)
+    return run
+
+
+class TimedCallback:
+    """Wraps an epoch callback and adds up its wall time."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback, self.seconds, self.calls = name, callback, 0.0, 0
+
+    def on_epoch_end(self, record, session) -> None:
+        start = time.perf_counter()
+        self.callback.on_epoch_end(record, session)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+
+
+def open_store(tmp: Path) -> None:
+    """A local SQLite MLflow store in `tmp` (made once: creating its tables takes seconds)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    mlflow.set_experiment("bench-train-throughput")
+
+
+@contextlib.contextmanager
+def tracking(tmp: Path):
+    """An active run in the store; yields the two epoch callbacks of `fgvc train` (run_train
+    wires the same two), timed."""
+    import mlflow
+
+    from fgvc.tracking.train_run import Recorder
+    from fgvc.training.checkpoint import CheckpointWriter
+
+    with mlflow.start_run() as run:
+        writer = CheckpointWriter(tmp / "checkpoints" / run.info.run_id)
+        yield [TimedCallback("CheckpointWriter (best.pt + last.pt)", writer),
+               TimedCallback("Recorder (metrics)", Recorder(run.info.run_id, writer))]
+    shutil.rmtree(writer.directory, ignore_errors=True)
+
+
+def tracked_loop(session, callbacks):
+    """Our auto setting's epoch, then the tracking callbacks on its record (validation taken
+    once beforehand: it is not tracking work)."""
+    val = evaluate(session.model, session.val_loader, session.data.num_classes, CPU)
+
+    def run():
+        session.train_loader.set_epoch(session.train_loader.epoch + 1)
+        stats = train_one_epoch(session.model, session.train_loader, session.optimizer, session.criterion, CPU)
+        record = EpochRecord(1, stats, val, 1e-4, 1e-3, stats["seconds"], True)
+        record.history = [{"epoch": 1, **record.metrics()}]
+        session.best, session.history = dict(record.history[-1]), record.history
+        for callback in callbacks:
+            callback.on_epoch_end(record, session)
+    return run
+
+
+def original(arch: str, root: Path, size, workers: int, aug: bool):
+    dataset = OriginalShardDataset(root, "train", original_transform(size) if aug else None)
+    trainer = OriginalTrainer(fresh_model(arch, 10, size), original_loader(dataset, workers), CPU)
+    return trainer.run
+
+
+def throughput(args, tmp: Path, size: tuple[int, int], aug: bool) -> None:
+    label = f"{args.arch} {size[0]}x{size[1]}, {'heavy augmentation' if aug else 'no augmentation'}"
+    images = args.images if size[0] * size[1] <= 64 * 48 * 2 else args.images_large
+    root = demo_root(tmp, images, size, val=max(args.batch, 64))
+    cfg = TrainConfig(arch=args.arch, data_root=str(root), pretrained=False, aug="heavy" if aug else None,
+                      batch_size=args.batch, epochs=1, seed=0)
+    data = TrainingData.of(root)
+    tracked_session = build_session(cfg, data, World())
+    n = len(tracked_session.train_set)
+    auto = loader_workers(cfg, CPU)
+    raw_batches = []
+    for start in range(0, n, args.batch):
+        items = tracked_session.train_set.gather(torch.arange(start, min(start + args.batch, n)))
+        raw_batches.append((items["images"].float() / 255, items["labels"]))
+
+    with Machine(f"training throughput: {label}, {n} images per epoch, batch {args.batch}"), \
+            tracking(tmp) as callbacks:
+        contenders = [Contender("raw step", raw_step(args.arch, data.num_classes, size, raw_batches), n, "img")]
+        for w in sorted(set(args.our_workers) | {auto}):
+            name = f"ours ({w} thr.{', auto' if w == auto else ''})"
+            contenders.append(Contender(name, our_loop(args.arch, tracked_session, w, cfg.aug), n, "img"))
+        contenders.append(Contender("ours + tracking", tracked_loop(tracked_session, callbacks), n, "img"))
+        contenders += [Contender(original_name(w), original(args.arch, root, size, w, aug), n, "img")
+                       for w in args.original_workers]
+        timings = compare(contenders, rounds=args.rounds, warmup=args.warmup)
+        timings.print()
+        ours = f"ours ({auto} thr., auto)"
+        ratio = timings.ratio(ours, "raw step")
+        report_target(f"[{label}] ours (auto) / raw step", ratio.median, ">=", TARGET_RAW[aug], ratio)
+        fastest = max((c.name for c in contenders if c.name.startswith("ours (")),
+                      key=lambda name: timings.rate(name).median)
+        pick = timings.ratio(ours, fastest)
+        report_target(f"[{label}] num_workers=auto ({auto}) / fastest thread count ({fastest})",
+                      pick.median, ">=", 0.98, pick)
+        for w in args.original_workers:
+            r = timings.ratio(ours, original_name(w))
+            report_target(f"[{label}] ours (auto) / {original_name(w)}", r.median, ">=", 1.0, r)
+        share = timings.ratio("ours + tracking", ours)
+        print(f"  ours + tracking / ours: {share.text()} (checkpoint files and metrics every epoch; "
+              f"the epoch-level share is measured below at the demo size)")
+        for callback in callbacks:
+            if callback.calls:
+                print(f"    {callback.name}: {callback.seconds / callback.calls:.3f} s per epoch")
+
+
+def original_name(workers: int) -> str:
+    return f"original ({workers} w.{', own' if workers == OWN_WORKERS else ''})"
+
+
+def tracking_share(args, tmp: Path) -> None:
+    """A whole epoch (train + validation) at the default demo size, with and without the
+    tracking callbacks."""
+    demo = DemoConfig() if not args.quick else DemoConfig(train_per_class=24, val_per_class=8)
+    root = tmp / "demo-default"
+    if not root.exists():
+        generate_demo(root, demo)
+    cfg = TrainConfig(arch=args.arch, data_root=str(root), pretrained=False, batch_size=args.batch, epochs=1,
+                      seed=0)
+    data = TrainingData.of(root)
+    plain, tracked = build_session(cfg, data, World()), build_session(cfg, data, World())
+    for session in (plain, tracked):
+        session.cfg = dataclasses.replace(cfg, epochs=1)
+
+    def epoch(session, callbacks):
+        def run():
+            session.history, session.start_epoch = [], 0  # every epoch is epoch 1, a new best
+            session.run(callbacks, progress=False)
+        return run
+
+    n = len(plain.train_set)
+    label = (f"{args.arch} {demo.height}x{demo.width}, {n} train / {len(plain.val_set)} val images, "
+             f"batch {args.batch}")
+    with Machine(f"per-epoch tracking cost: {label}"), tracking(tmp) as callbacks:
+        timings = compare([Contender("epoch", epoch(plain, []), n, "img"),
+                           Contender("epoch + tracking", epoch(tracked, callbacks), n, "img")],
+                          rounds=args.rounds, warmup=args.warmup)
+        timings.print()
+        share = [1 - 1 / r for r in timings.ratio("epoch", "epoch + tracking").values]
+        spread = Spread(share)
+        report_target(f"[{label}] tracking share of an epoch", statistics.median(share), "<=",
+                      TARGET_TRACKING_SHARE, spread)
+        epoch_s = statistics.median(timings.seconds["epoch + tracking"])
+        for callback in callbacks:
+            per_epoch = callback.seconds / max(callback.calls, 1)
+            print(f"    {callback.name}: {per_epoch:.3f} s per epoch ({per_epoch / epoch_s:.1%} of a tracked epoch)")
+        last = callbacks[0].callback.path("last")
+        if last.is_file():
+            print(f"    last.pt is {last.stat().st_size / 2**20:.0f} MiB (model + AdamW state), best.pt "
+                  f"{callbacks[0].callback.path('best').stat().st_size / 2**20:.0f} MiB")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--sizes", default="64x48,224x160", help="HxW list")
+    p.add_argument("--aug", default="off,on", help="off, on or off,on")
+    p.add_argument("--images", type=int, default=512, help="training images per epoch at 64x48")
+    p.add_argument("--images-large", type=int, default=128, help="training images per epoch at larger sizes")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (one epoch of every contender)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--our-workers", default="0,1,2", help="loader threads of our loop to measure")
+    p.add_argument("--original-workers", default=f"0,1,2,{OWN_WORKERS}",
+                   help="DataLoader worker processes of the original to measure")
+    p.add_argument("--no-tracking-share", action="store_true", help="skip the per-epoch tracking section")
+    p.add_argument("--tracking-share-only", action="store_true", help="only the per-epoch tracking section")
+    p.add_argument("--dir", type=Path, default=None, help="where to write the data (default: a temp dir)")
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 minute): tiny, one round, no figures")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.images, args.images_large, args.rounds = "64x48", 128, 64, 1
+        args.our_workers, args.original_workers = "0", f"0,{OWN_WORKERS}"
+    args.our_workers = [int(w) for w in str(args.our_workers).split(",")]
+    args.original_workers = [int(w) for w in str(args.original_workers).split(",")]
+    if args.quick:
+        print("--quick: a smoke run; the figures below are not measurements")
+    # The original's own DataLoader setting exceeds the 2 cores here; torch says so each epoch.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="fgvc-bench-train-") as tmp:
+        tmp = Path(tmp)
+        open_store(tmp)
+        sizes = [] if args.tracking_share_only else [parse_size(s) for s in args.sizes.split(",")]
+        for size in sizes:
+            for aug in (a == "on" for a in args.aug.split(",")):
+                throughput(args, tmp, size, aug)
+        if not args.no_tracking_share:
+            tracking_share(args, tmp)
 
 
 if __name__ == "__main__":

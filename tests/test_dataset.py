@@ -353,3 +353,112 @@ def test_stopping_early_ends_the_prefetch_thread(root):
 def test_channels_last(root):
     batch = next(iter(BatchLoader(ShardDataset(root, "train"), 8, channels_last=True, prefetch=0)))
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_augmented_batches_do_not_depend_on_where_or_in_how_many_threads_they_are_made(root):
+    from fgvc.training.augment import get_preset
+
+    ds = ShardDataset(root, "train")
+    aug = get_preset("heavy")
+    made = {}
+    for label, options in {"in line": dict(workers=0), "1 thread": dict(workers=1), "3 threads": dict(workers=3),
+                           "on the device": dict(workers=2, augment_on_device=True)}.items():
+        loader = BatchLoader(ds, 16, shuffle=True, seed=4, transform=aug, **options)
+        loader.set_epoch(1)
+        made[label] = list(loader)
+    first = made.pop("in line")
+    assert len(first) == 8
+    for label, batches in made.items():
+        for a, b in zip(first, batches):
+            assert torch.equal(a.positions, b.positions) and torch.equal(a.labels, b.labels), label
+            assert torch.equal(a.images, b.images), label
+    # each batch is the recipe applied to its rows with the generator of (seed, epoch, batch)
+    loader = BatchLoader(ds, 16, shuffle=True, seed=4, transform=aug, workers=0)
+    loader.set_epoch(1)
+    k = 3
+    assert torch.equal(first[k].images, aug(ds.gather(first[k].positions)["images"], loader._generator(k)))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_transform_runs_on_one_intra_op_thread_and_the_consumer_keeps_its_own(root, workers):
+    threads_seen = []
+
+    def spy(images, g):
+        threads_seen.append(torch.get_num_threads())
+        return images.float() / 255.0
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in BatchLoader(ShardDataset(root, "train"), 32, transform=spy, workers=workers):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert threads_seen == [1, 1, 1, 1]
+
+
+def test_intra_op_threads_restores_the_count():
+    from fgvc.data.dataset import intra_op_threads
+
+    before = torch.get_num_threads()
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with intra_op_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_negative_workers_are_refused(root):
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        BatchLoader(ShardDataset(root, "train"), 8, workers=-1)
+
+
+# --- reused batch memory ----------------------------------------------------------------------
+
+@pytest.fixture()
+def pooled(monkeypatch):
+    """The buffer pool on for the tiny batches of these tests (it skips blocks under 1 MB)."""
+    import fgvc.data.dataset as dataset
+
+    monkeypatch.setattr(dataset, "POOL_MIN_BYTES", 0)
+    assert dataset.POOLING
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_memory_is_reused_only_once_nothing_holds_it(root, rows, pooled, workers):
+    loader = BatchLoader(ShardDataset(root, "train"), 16, shuffle=True, seed=2, workers=workers)
+    seen = set()
+    for batch in loader:  # dropped as we go: the same few blocks come back
+        assert torch.equal(batch.images, rows["images"][batch.positions].float() / 255.0)
+        seen.add(batch.images.data_ptr())
+    assert len(seen) < len(loader)
+    kept = list(loader)  # all held at once: every batch has its own memory, and stays right
+    assert len({b.images.data_ptr() for b in kept}) == len(kept)
+    for batch in kept:
+        assert torch.equal(batch.images, rows["images"][batch.positions].float() / 255.0)
+        assert torch.equal(batch.labels, rows["labels"][batch.positions])
+
+
+def test_a_view_or_an_autograd_graph_keeps_a_block_from_being_reused(pooled):
+    from fgvc.data.dataset import BufferPool
+
+    pool = BufferPool(capacity=1)  # one pooled block: handed out again only when free
+    block = pool.empty((4, 8)).fill_(1.0)
+    address = block.data_ptr()
+    view = block[1:3]
+    del block
+    assert pool.empty((4, 8)).data_ptr() != address  # a view still reads it
+    assert bool((view == 1.0).all())
+    del view
+    x = pool.empty((4, 8))
+    assert x.data_ptr() == address  # free again: reused
+    weight = torch.ones(8, requires_grad=True)
+    loss = (x.fill_(3.0) * weight).sum()  # the product keeps x for the weight's gradient
+    del x
+    assert pool.empty((4, 8)).data_ptr() != address
+    loss.backward()
+    assert torch.equal(weight.grad, torch.full((8,), 12.0))  # computed from the untouched block
+    del loss
+    assert pool.empty((4, 8)).data_ptr() == address

@@ -54,3 +54,119 @@ def test_non_finite_loss_stops_before_the_step(tiny_root):
     with pytest.raises(NonFiniteLoss, match="at batch 0"):
         train_one_epoch(model, BatchLoader(ds, 8, prefetch=0), opt, nn.CrossEntropyLoss(), torch.device("cpu"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k)
+
+
+def test_evaluation_sums_equal_per_batch_python_sums(tiny_root):
+    import torch.nn.functional as F
+
+    ds = ShardDataset(tiny_root, "val")
+    model = create_model("fn-small", ds.num_classes, pretrained=False).eval()
+    loader = BatchLoader(ds, 5, prefetch=0)
+    r = evaluate(model, loader, ds.num_classes, torch.device("cpu"))
+    loss_sum = 0.0
+    with torch.no_grad():
+        for b in loader:
+            loss_sum += F.cross_entropy(model(b.images), b.labels, reduction="sum").item()
+    assert r.loss == loss_sum / 12  # summed in float64, in batch order: exactly
+
+
+class NaNOnCall(nn.Module):
+    """Cross-entropy whose `bad_call`-th call (0-based) returns NaN."""
+
+    def __init__(self, bad_call: int):
+        super().__init__()
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, logits, labels):
+        loss = nn.functional.cross_entropy(logits, labels)
+        self.calls += 1
+        return loss * float("nan") if self.calls - 1 == self.bad_call else loss
+
+
+def test_a_nan_in_a_later_batch_stops_before_that_step_and_after_the_good_ones(tiny_root):
+    ds = ShardDataset(tiny_root, "train")
+
+    def run(criterion, batches=None):
+        torch.manual_seed(0)
+        model = create_model("fn-small", ds.num_classes, pretrained=False)
+        opt = build_optimizer(model, 1e-3, 1e-3, 0.0)
+        loader = BatchLoader(ds, 8, shuffle=True, seed=1, prefetch=0)
+        if batches is not None:  # the same first batches, and nothing after them
+            loader._batch_positions = lambda full=loader._batch_positions: full()[:batches]
+        try:
+            train_one_epoch(model, loader, opt, criterion, torch.device("cpu"))
+        except NonFiniteLoss as e:
+            return model, opt, str(e)
+        return model, opt, None
+
+    model, opt, error = run(NaNOnCall(bad_call=2))
+    assert error is not None and "training loss is nan at batch 2" in error
+    assert {s["step"].item() for s in opt.state.values()} == {2.0}  # two steps taken, not the third
+    clean, _, clean_error = run(nn.CrossEntropyLoss(), batches=2)
+    assert clean_error is None
+    for (name, a), b in zip(model.named_parameters(), clean.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_same_seed_same_epoch_bit_for_bit_whatever_the_loader_threads(tiny_root):
+    from fgvc.training.augment import get_preset
+
+    ds = ShardDataset(tiny_root, "train")
+    results = []
+    for workers in (0, 2, 0):
+        torch.manual_seed(0)
+        model = create_model("fn-small", ds.num_classes, pretrained=False)
+        opt = build_optimizer(model, 1e-3, 1e-3, 0.01)
+        loader = BatchLoader(ds, 8, shuffle=True, seed=3, transform=get_preset("heavy"), workers=workers)
+        stats = [train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(label_smoothing=0.1), torch.device("cpu"))
+                 for loader.epoch in (0, 1)]
+        results.append(([(s["loss"], s["acc"], s["images"]) for s in stats],
+                        [p.detach().clone() for p in model.parameters()]))
+    for metrics, params in results[1:]:
+        assert metrics == results[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(params, results[0][1]))
+
+
+def test_auto_loader_threads_none_on_a_cpu_two_beside_a_gpu_and_explicit_counts_kept(tiny_root):
+    from fgvc.distributed import World
+    from fgvc.training.config import TrainConfig
+    from fgvc.training.session import TrainingData, build_session, loader_workers
+
+    auto = TrainConfig(arch="fn-small", data_root=str(tiny_root))
+    assert loader_workers(auto, torch.device("cpu")) == 0
+    assert loader_workers(auto, torch.device("cuda")) == 2
+    assert loader_workers(TrainConfig(arch="fn-small", num_workers=3), torch.device("cpu")) == 3
+    assert loader_workers(TrainConfig(arch="fn-small", num_workers=0), torch.device("cuda")) == 0
+    session = build_session(TrainConfig(arch="fn-small", data_root=str(tiny_root), aug="heavy", batch_size=8),
+                            TrainingData.of(tiny_root), World())
+    assert session.train_loader.workers == session.val_loader.workers == 0
+    assert session.train_loader.transform is not None and not session.train_loader.augment_on_device
+
+
+# --- the GPU benchmark, without a GPU -----------------------------------------------------------
+
+def test_the_gpu_benchmark_refuses_without_cuda_and_its_dry_run_writes_every_figure(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    refused = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "has none" in refused.stderr and "--dry-run" in refused.stderr
+    out = tmp_path / "figures.json"
+    dry = subprocess.run([sys.executable, str(script), "--dry-run", "--json", str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["dry_run"] is True and figures["device"] == "CPU (dry run)"
+    training = figures["training"]["resnet18"]
+    assert set(training["figures"]) == {"raw step", "ours, aug on GPU", "ours, exact aug on GPU", "ours, aug on CPU",
+                                        "original"}
+    assert all(f["median_img_s"] > 0 for f in training["figures"].values())
+    assert set(training["targets"]) == {"ours_gpu_aug/raw >= 0.9", "ours_gpu_aug/original >= 2.0"}
+    assert set(figures["masking"]["figures"]) == {"raw", "original", "pipeline"}
+    assert "target: [resnet18] ours (aug on GPU) / raw step >= 0.9" in dry.stdout

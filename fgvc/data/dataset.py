@@ -6,6 +6,8 @@ per shard touched (no per-sample Python work) and converts to float on the targe
 
 from __future__ import annotations
 
+import contextlib
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -73,6 +75,7 @@ class ShardDataset:
                 raise ShardError(f"{path}: {shard['one_hot'].shape[1]} classes, expected {self.num_classes}")
         sizes = torch.tensor([len(s["labels"]) for s in self.shards])
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        self._starts = self.offsets.tolist()
         all_labels = torch.cat([s["labels"] for s in self.shards])
         if len(all_labels) == 0:
             raise ShardError(f"{self.root / split}: split is empty (its shards hold no images)")
@@ -87,8 +90,9 @@ class ShardDataset:
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=self.num_classes).tolist()
 
-    def gather(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Items at `positions` (indices into this dataset), as uint8/int64 CPU tensors.
+    def gather(self, positions: torch.Tensor, empty: Callable = torch.empty) -> dict[str, torch.Tensor]:
+        """Items at `positions` (indices into this dataset), as uint8/int64 CPU tensors
+        (allocated by `empty(shape, dtype=...)`).
 
         Rows are read in file order, one `index_select` per shard and key touched, straight
         into the output; the batch keeps the order of `positions` (already-sorted positions,
@@ -96,32 +100,83 @@ class ShardDataset:
         """
         positions = torch.as_tensor(positions, dtype=torch.long).flatten()
         global_idx = self.indices[positions]
-        order = torch.argsort(global_idx, stable=True)
-        in_order = bool((order == torch.arange(len(order))).all())
-        if not in_order:
-            global_idx = global_idx[order]
-        counts = torch.bincount(torch.searchsorted(self.offsets, global_idx, right=True) - 1,
-                                minlength=len(self.shards)).tolist()
         n = len(positions)
+        in_order = n < 2 or bool((global_idx[1:] >= global_idx[:-1]).all())
+        if not in_order:
+            order = torch.argsort(global_idx, stable=True)
+            global_idx = global_idx[order]
+        # Row range of each shard in the sorted indices: one search for every shard boundary.
+        bounds = torch.searchsorted(global_idx, self.offsets).tolist()
         first = self.shards[0]
-        out = {key: torch.empty((n, *first[key].shape[1:]), dtype=first[key].dtype)
+        out = {key: empty((n, *first[key].shape[1:]), dtype=first[key].dtype)
                for key in ("images", "labels", *self.keys)}
-        start = 0
-        for s, count in enumerate(counts):
-            if not count:
+        for s, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if start == stop:
                 continue
-            rows = slice(start, start + count)
-            local = global_idx[rows] - self.offsets[s]
+            local = global_idx[start:stop] - self._starts[s]
             for key, dest in out.items():
                 source = self.shards[s][key]
                 if source.dtype == dest.dtype:
-                    torch.index_select(source, 0, local, out=dest[rows])
+                    torch.index_select(source, 0, local, out=dest[start:stop])
                 else:
-                    dest[rows] = source.index_select(0, local)
-            start += count
+                    dest[start:stop] = source.index_select(0, local)
         if not in_order:  # row j holds positions[order[j]]; put row j back at order[j]
             out = {key: torch.empty_like(v).index_copy_(0, order, v) for key, v in out.items()}
         return out
+
+
+class BufferPool:
+    """Batch-sized CPU tensors whose memory is used again once nothing else holds it.
+
+    A fresh 20-40 MB tensor per batch costs more in page faults (the allocator returns such
+    blocks to the system and gets zeroed pages back) than gathering and converting the
+    batch. The pool keeps up to `capacity` storages and hands one out again only when its
+    use count shows the pool as the sole owner: no tensor, view, numpy array or autograd
+    graph still refers to it, so a batch a caller keeps is never overwritten.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._storages: list[torch.UntypedStorage] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _free(storage: torch.UntypedStorage) -> bool:
+        return torch._C._storage_Use_Count(storage._cdata) == 1
+
+    def empty(self, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not POOLING or nbytes < POOL_MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:  # the tensor is made under the lock: no two threads take one storage
+            storage = next((s for s in self._storages if s.nbytes() == nbytes and self._free(s)), None)
+            if storage is None:
+                storage = torch.UntypedStorage(nbytes)
+                if len(self._storages) < self.capacity:
+                    self._storages.append(storage)
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+# Reuse needs torch's storage use count (present since torch 2.0); without it, no pooling.
+POOLING = hasattr(torch._C, "_storage_Use_Count")
+POOL_MIN_BYTES = 1 << 20  # smaller blocks come back from the allocator's free lists anyway
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """Run torch ops of the calling thread on `count` intra-op threads, then restore.
+
+    Torch's thread count is per OS thread here (OpenMP), so this touches neither the training
+    thread nor other loader threads."""
+    before = torch.get_num_threads()
+    if before == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -134,28 +189,43 @@ class Batch:
 
 class BatchLoader:
     """Batches over a ShardDataset: seeded shuffle per epoch, optional rank sharding, optional
-    per-sample transform on the uint8 batch (e.g. augmentation), background prefetch.
+    per-sample transform on the uint8 batch (e.g. augmentation), background loading.
 
     `rank`/`world_size` give each process a disjoint part of every epoch's order (DDP); part
     sizes differ by at most one item, so ranks may differ by one batch.
-    `transform(images_uint8 [B,3,H,W], generator) -> float [B,3,H,W] in [0, 1]` runs in the
-    `workers` loader threads (each keeping up to `prefetch` batches ready) when both are > 0; without a transform, images go to the device as uint8
-    and become float there. Each batch's positions come sorted (see `order`).
+
+    `transform(images_uint8 [B,3,H,W], generator) -> float [B,3,H,W] in [0, 1]` draws from a
+    generator seeded by (seed, epoch, batch), so a batch's result does not depend on which
+    thread makes it. It runs where the batch is loaded: in the `workers` loader threads (each
+    keeping up to `prefetch` batches ready) when both are > 0, else in the consumer's thread.
+    On the CPU it runs on one intra-op thread wherever it runs, so its result does not depend
+    on thread counts either (a reduction split across threads sums in another order). With
+    `augment_on_device`, the uint8 batch is copied to the device first and transformed there,
+    in the consumer's thread (a GPU augments a batch faster than CPU threads can).
+    Without a transform, a GPU gets the batch as uint8 and makes it float; for the CPU the
+    loader threads make it float (so `prefetch * workers` float batches may wait in memory).
+    Each batch's positions come sorted (see `order`).
     """
 
     def __init__(self, dataset: ShardDataset, batch_size: int, shuffle: bool = False, seed: int = 0,
                  drop_last: bool = False, device: str | torch.device = "cpu",
                  transform: Callable | None = None, prefetch: int = 2, rank: int = 0,
-                 world_size: int = 1, channels_last: bool = False, workers: int = 1):
+                 world_size: int = 1, channels_last: bool = False, workers: int = 1,
+                 augment_on_device: bool = False):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.drop_last, self.device, self.transform = drop_last, torch.device(device), transform
         self.prefetch, self.rank, self.world_size = prefetch, rank, world_size
         self.channels_last, self.workers = channels_last, workers
+        self.augment_on_device = augment_on_device
         self.epoch = 0
+        # Enough for the batches in flight: queued, being made, and the consumer's two.
+        self._pool = BufferPool(capacity=2 * (max(workers, 1) * (max(prefetch, 0) + 1) + 2))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -187,25 +257,34 @@ class BatchLoader:
             batches.pop()
         return batches
 
-    def _load(self, k: int, positions: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Batch k on the CPU: the work that can run ahead of the consumer. Its augmentation
-        draws come from a generator of (seed, epoch, k), so they do not depend on which
-        thread loads it."""
-        items = self.dataset.gather(positions)
-        if self.transform is not None:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + k)
-            items["images"] = self.transform(items["images"], g)
-        if self.device.type == "cuda" and items["images"].dtype == torch.uint8:
-            items["images"] = items["images"].pin_memory()  # for a non-blocking copy
-        return positions, items
+    def _generator(self, k: int) -> torch.Generator:
+        """The draws of batch k: from (seed, epoch, k) only."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + k)
 
-    def _to_device(self, positions: torch.Tensor, items: dict) -> Batch:
+    def _load(self, k: int, positions: torch.Tensor) -> tuple[int, torch.Tensor, dict]:
+        """Batch k, as far as it can be made ahead of the consumer: gathered, transformed (unless
+        on the device), and on a CPU target already float; for a GPU it stays uint8 (a quarter
+        of the bytes to copy), pinned for a non-blocking copy."""
+        items = self.dataset.gather(positions, empty=self._pool.empty)
+        if self.transform is None:
+            if self.device.type == "cpu":
+                pixels = items["images"]
+                items["images"] = self._pool.empty(pixels.shape, torch.float32).copy_(pixels).div_(255.0)
+                del pixels
+        elif not self.augment_on_device:
+            with intra_op_threads(1):
+                items["images"] = self.transform(items["images"], self._generator(k))
+        if self.device.type == "cuda" and items["images"].dtype == torch.uint8:
+            items["images"] = items["images"].pin_memory()
+        return k, positions, items
+
+    def _to_device(self, k: int, positions: torch.Tensor, items: dict) -> Batch:
         non_blocking = self.device.type == "cuda"
         images = items.pop("images").to(self.device, non_blocking=non_blocking)
-        if images.dtype == torch.uint8:
-            # After the copy (4x fewer bytes than float), and in the consumer: batches waiting
-            # in the prefetch queue stay uint8, so they cost a quarter of the memory.
-            images = images.float().div_(255.0)
+        if self.transform is not None and self.augment_on_device:
+            images = self.transform(images, self._generator(k))
+        elif images.dtype == torch.uint8:
+            images = images.float().div_(255.0)  # after the copy to the device
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = items.pop("labels").to(self.device, non_blocking=non_blocking)

@@ -66,9 +66,19 @@ class Callback(Protocol):
 
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
-    """``num_workers=auto``: beside a GPU two loader threads keep the device fed; on a CPU the
-    model step already uses every core, and a loader thread only competes with it (measured
-    by bench/train_throughput.py), so batches are loaded in the training thread."""
+    """``num_workers=auto``: the loader thread count that measured fastest (bench/README.md,
+    "Loader threads").
+
+    - On a CPU: none. The model step already keeps every core busy (its intra-op threads);
+      a loader thread can only take cores from it, and on two cores the training thread and
+      a busy loader thread slow each other more than the loader's work costs when done in
+      line. Loading a batch (one gather from the memory-mapped shards, the uint8->float
+      conversion) is under 1% of a step, and heavy augmentation, batched, a few percent.
+    - Beside a GPU: two threads gather and pin the next batches while the GPU trains (the
+      augmentation itself runs on the GPU, see `build_session`).
+    Results do not depend on the choice: every batch's augmentation draws are seeded by
+    (seed, epoch, batch) and run on one intra-op thread, wherever the batch is loaded.
+    """
     if cfg.num_workers is not None:
         return cfg.num_workers
     return 2 if device.type == "cuda" else 0
@@ -153,9 +163,14 @@ def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: di
     val_set = ShardDataset(data.root, "val", count=cfg.val_count, seed=cfg.seed)
     loader_opts = dict(device=device, workers=loader_workers(cfg, device), prefetch=2,
                        channels_last=precision.channels_last, rank=world.rank, world_size=world.world_size)
+    # On a GPU the augmentation runs there, batched (`HeavyAugment.batch`): CPU threads
+    # cannot keep up with a GPU step at 224x160, the GPU does it in a small share of one.
+    recipe = get_preset(cfg.aug)
+    on_device = device.type == "cuda" and recipe is not None
     train_loader = (ddp.EqualShareLoader if world.is_distributed else BatchLoader)(
         train_set, cfg.batch_size // world.world_size, shuffle=True, seed=cfg.seed, drop_last=False,
-        transform=ddp.per_rank_transform(get_preset(cfg.aug), world.rank), **loader_opts)
+        transform=ddp.per_rank_transform(recipe.batch if on_device else recipe, world.rank),
+        augment_on_device=on_device, **loader_opts)
     val_loader = BatchLoader(val_set, max(cfg.batch_size, 128), **loader_opts)
 
     optimizer = build_optimizer(ddp.unwrap(model), cfg.effective_lr_backbone, cfg.lr_head,
