@@ -170,3 +170,16 @@ def test_the_gpu_benchmark_refuses_without_cuda_and_its_dry_run_writes_every_fig
     assert set(training["targets"]) == {"ours_gpu_aug/raw >= 0.9", "ours_gpu_aug/original >= 2.0"}
     assert set(figures["masking"]["figures"]) == {"raw", "original", "pipeline"}
     assert "target: [resnet18] ours (aug on GPU) / raw step >= 0.9" in dry.stdout
+
+
+@pytest.mark.parametrize("budget, writes", [(0.0, 2), (1.0, 3)])
+def test_checkpoints_are_written_on_a_time_budget_first_and_last_always(tiny_root, tmp_path, budget, writes):
+    from fgvc.training import TrainConfig, train
+    from fgvc.training.checkpoint import CheckpointWriter, read_checkpoint
+
+    writer = CheckpointWriter(tmp_path / "ckpt", budget=budget)
+    outcome = train(TrainConfig(arch="fn-small", data_root=str(tiny_root), epochs=3, batch_size=8, num_workers=0),
+                    callbacks=[writer], progress=False)
+    assert writer.writes == writes
+    last, best = read_checkpoint(writer.path("last")), read_checkpoint(writer.path("best"))
+    assert last["epoch"] == 3 and last["best"]["epoch"] == best["epoch"] == outcome.best["epoch"]
