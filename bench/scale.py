@@ -24,6 +24,7 @@ The root and the JPEG files are written once under --dir (default bench/out/scal
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import os
 import shutil
@@ -204,11 +205,14 @@ def ingest_section(args, base: Path, files: int) -> None:
     listing = list_source(source)
 
     def decode(workers: int):
-        """The decoding alone (what the thread pool runs), without staging and shard writing."""
+        """The decoding alone (what the thread pool runs, into a staging file), without the
+        shard writing."""
         def go():
-            for _, pixels in decode_all(listing.images, args.height, args.width, "pad", workers=workers):
-                if isinstance(pixels, Exception):
-                    raise pixels
+            with tempfile.TemporaryFile(dir=base) as staging:
+                for _, error in decode_all(listing.images, args.height, args.width, "pad", staging.fileno(),
+                                           workers=workers):
+                    if error is not None:
+                        raise error
         return go
 
     with Machine(f"scale, prepare: ingest {files} JPEG files {args.jpeg_size[0]}x{args.jpeg_size[1]} "

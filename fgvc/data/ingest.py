@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,27 +218,50 @@ def _remove_stale_shards(split_dir: Path, keep: int) -> None:
         split_dir.rmdir()
 
 
-def _decode(image: SourceImage, height: int, width: int, resize: str):
-    try:
-        return load_image(image.path, height, width, resize)
-    except Exception as e:  # reported by the caller, with the file's name
-        return e
+def decode_all(images: list[SourceImage], height: int, width: int, resize: str, staging: int,
+               workers: int | None = None, chunk: int = 256) -> Iterator[tuple[SourceImage, Exception | None]]:
+    """Decode every image into row k of the staging file `staging` (a file descriptor; row k
+    holds images[k], [3, H, W] uint8), ``workers`` threads at a time: Pillow releases the GIL
+    while it decodes and resamples, and each thread writes its own rows (``os.pwrite``), so
+    decoding uses every core. Yields, in order, each image with None or the exception that
+    made it unreadable. At most ``chunk`` images are in flight."""
+    row_bytes = 3 * height * width
 
+    def decode(k: int) -> Exception | None:
+        try:
+            pixels = load_image(images[k].path, height, width, resize)
+        except Exception as e:  # reported by the caller, with the file's name
+            return e
+        os.pwrite(staging, pixels.numpy().tobytes(), k * row_bytes)
+        return None
 
-def decode_all(images: list[SourceImage], height: int, width: int, resize: str, workers: int | None = None,
-               chunk: int = 256) -> Iterator[tuple[SourceImage, torch.Tensor | Exception]]:
-    """Decode images in order, ``workers`` threads at a time (Pillow releases the GIL while it
-    decodes and resamples, so threads use every core); at most ``chunk`` decoded images wait
-    in memory. A file that cannot be read yields its exception instead of pixels."""
     workers = workers or cpu_count()
     if workers == 1:
-        for image in images:
-            yield image, _decode(image, height, width, resize)
+        yield from ((images[k], decode(k)) for k in range(len(images)))
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fgvc-decode") as pool:
         for start in range(0, len(images), chunk):
-            part = images[start:start + chunk]
-            yield from zip(part, pool.map(lambda im: _decode(im, height, width, resize), part))
+            part = range(start, min(start + chunk, len(images)))
+            yield from zip((images[k] for k in part), pool.map(decode, part))
+
+
+def _write_shards(jobs: list[tuple[Path, list[int], list[int]]], staging: int, height: int, width: int,
+                  num_classes: int, workers: int) -> None:
+    """Assemble each shard from its staging rows and write it (job: path, rows, labels), several
+    shards at a time (reading rows and writing files release the GIL)."""
+    row_bytes = 3 * height * width
+
+    def write(job) -> None:
+        path, rows, labels = job
+        images = torch.empty(len(rows), 3, height, width, dtype=torch.uint8)  # [N, 3, H, W]
+        for j, row in enumerate(rows):
+            if os.preadv(staging, [images[j].numpy().reshape(-1)], row * row_bytes) != row_bytes:
+                raise OSError(f"{path.parent.parent}: staging file ended early (disk full?)")
+        write_shard(path, make_shard(images, torch.tensor(labels, dtype=torch.int64), num_classes),
+                    num_classes=num_classes)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fgvc-shards") as pool:
+        list(pool.map(write, jobs))
 
 
 def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 48,
@@ -252,20 +276,22 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
     # meta.json is written last and marks a finished root; an interrupted re-ingest must not
     # leave the previous one's in place.
     (root / "meta.json").unlink(missing_ok=True)
-    row_bytes = 3 * height * width
 
-    # Decode every file once; row i of the staging file holds readable[i], [3, H, W] uint8.
+    # Decode every file once; row k of the staging file holds listing.images[k], [3, H, W] uint8.
     skipped: list[dict] = []
     readable: list[SourceImage] = []
+    rows: list[int] = []  # staging row of each readable image
+    workers = workers or cpu_count()
     with tempfile.TemporaryFile(dir=root, prefix=".ingest-staging-") as staging:
         bar = tqdm(total=len(listing.images), desc="ingest", unit="img", disable=None if progress else True)
-        for image, pixels in decode_all(listing.images, height, width, resize, workers):
+        for k, (image, error) in enumerate(decode_all(listing.images, height, width, resize, staging.fileno(),
+                                                      workers)):
             bar.update(1)
-            if isinstance(pixels, Exception):  # a bad file must not stop the run: report it instead
-                skipped.append({"path": image.name, "error": f"{type(pixels).__name__}: {pixels}"})
+            if error is not None:  # a bad file must not stop the run: report it instead
+                skipped.append({"path": image.name, "error": f"{type(error).__name__}: {error}"})
                 continue
-            staging.write(pixels.numpy().tobytes())
             readable.append(image)
+            rows.append(k)
         bar.close()
         _report_skipped(skipped)
 
@@ -286,24 +312,18 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
         index_of = {name: i for i, name in enumerate(kept)}
 
         splits = split_stratified(readable, val_fraction, seed)
-        counts, class_counts = {}, {}
+        counts, class_counts, jobs = {}, {}, []
         for split, members in splits.items():
             chunks = [members[start:start + shard_size] for start in range(0, len(members), shard_size)]
-            for k, chunk in enumerate(chunks):
-                images = torch.empty(len(chunk), 3, height, width, dtype=torch.uint8)  # [N, 3, H, W]
-                for j, i in enumerate(chunk):
-                    staging.seek(i * row_bytes)
-                    if staging.readinto(images[j].numpy().reshape(-1)) != row_bytes:
-                        raise OSError(f"{root}: staging file ended early (disk full?)")
-                labels = torch.tensor([index_of[readable[i].label] for i in chunk], dtype=torch.int64)
-                write_shard(root / split / shard_name(k), make_shard(images, labels, len(kept)),
-                            num_classes=len(kept))
+            jobs += [(root / split / shard_name(k), [rows[i] for i in chunk],
+                      [index_of[readable[i].label] for i in chunk]) for k, chunk in enumerate(chunks)]
             _remove_stale_shards(root / split, len(chunks))
             counts[split] = len(members)
             per_class = {name: 0 for name in kept}
             for i in members:
                 per_class[readable[i].label] += 1
             class_counts[split] = per_class
+        _write_shards(jobs, staging.fileno(), height, width, len(kept), workers)
 
     if counts["val"] == 0:
         log.warning("%s: no validation images (val_fraction=%s, largest designer has %d image(s)); "
