@@ -176,7 +176,7 @@ def main() -> None:
     with Machine("bench/analysis.py" + (" --quick (smoke run: not a figure)" if args.quick else "")):
         for arch in args.archs.split(","):
             torch.manual_seed(0)
-            model = create_model(arch, 50, pretrained="false", image_size=size).eval()
+            model = create_model(arch, 50, pretrained=False, image_size=size).eval()
             print(f"\n{arch} (random init, 50 classes), {size[0]}x{size[1]} px")
             try:
                 flops = flop_estimate(model, *size, args.window, args.stride)

@@ -226,8 +226,8 @@ def ingest_section(args, base: Path, files: int) -> None:
         r = timings.ratio(f"ingest, workers={cores} (every core)", "ingest, workers=1 (single-process PIL loop)")
         report_target(f"ingest on {cores} cores / single-process", r.median, ">=", TARGET_INGEST, r)
         d = timings.ratio(f"decoding only, {cores} threads", "decoding only, 1 thread")
-        print(f"  decoding alone, {cores} threads / 1: {d.text()} (what the thread pool gains; the rest of "
-              f"ingest, staging and writing the shards, runs in one thread)")
+        print(f"  decoding alone, {cores} threads / 1: {d.text()} (about the ceiling for ingest: "
+              f"decoding is what the cores share; the shards are written after it, by {cores} threads)")
     shutil.rmtree(dst, ignore_errors=True)
 
 
