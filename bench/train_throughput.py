@@ -281,8 +281,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run (< 1 minute): tiny, one round, no figures")
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.images, args.images_large, args.rounds = "64x48", 128, 64, 1
-        args.our_workers, args.original_workers = "0", f"0,{OWN_WORKERS}"
+        args.sizes, args.images, args.images_large, args.rounds, args.warmup = "64x48", 64, 64, 1, 0
+        args.our_workers, args.original_workers = "0,1", "0,1"
     args.our_workers = [int(w) for w in str(args.our_workers).split(",")]
     args.original_workers = [int(w) for w in str(args.original_workers).split(",")]
     if args.quick:

@@ -15,10 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
+from fgvc.tracking.runs import log_dataset
 
 TRAIN = ["--arch", "fn-small", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"]
 RUN_DONE = re.compile(r"run ([0-9a-f]{32}): best val acc")
@@ -56,6 +58,7 @@ def assert_intact(uri: str, run_ids: list[str]) -> None:
         list(range(1, len(run_ids) + 1))
 
 
+@pytest.mark.slow
 def test_three_trainings_on_a_new_store_all_finish(tiny_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_ids = train_together(tiny_root, tmp_path, uri, 3)
@@ -66,6 +69,7 @@ def test_three_trainings_on_a_new_store_all_finish(tiny_root, tmp_path):
     assert not {t for t in tables if t.startswith("_alembic_tmp")}  # no half-done migration left
 
 
+@pytest.mark.slow
 def test_three_trainings_on_an_existing_store_log_one_dataset(tiny_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).search_experiments()  # creates the store
@@ -76,6 +80,7 @@ def test_three_trainings_on_an_existing_store_log_one_dataset(tiny_root, tmp_pat
     assert len(digests) == 1
 
 
+@pytest.mark.slow
 def test_two_analyses_of_one_version_and_a_study_beside_a_training(tiny_root, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     [trained] = train_together(tiny_root, tmp_path, uri, 1)
@@ -100,3 +105,45 @@ def test_two_analyses_of_one_version_and_a_study_beside_a_training(tiny_root, tm
     parent = client.search_runs([client.get_experiment_by_name("fgvc-study").experiment_id],
                                 "tags.`fgvc.task` = 'study'")[0]
     assert parent.info.status == "FINISHED" and parent.data.metrics["study/cells"] == 2
+
+
+# What each store says when another process inserted the same dataset a moment before.
+DUPLICATE_DATASET = {
+    "sqlite": "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+              "datasets.digest",
+    "postgresql via mlflow server": "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates "
+                                    'unique constraint "dataset_pk"',
+    "mysql": "(pymysql.err.IntegrityError) (1062, \"Duplicate entry '1-tiny-3740718bd666e018' for key "
+             "'datasets.PRIMARY'\")",
+}
+
+
+@pytest.mark.parametrize("store", sorted(DUPLICATE_DATASET))
+def test_logging_a_dataset_another_process_just_created_succeeds(store, mlflow_store, tmp_path, monkeypatch):
+    real, calls = mlflow.log_input, []
+
+    def racing(dataset, context=None):
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException(DUPLICATE_DATASET[store])
+        return real(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run() as run:
+        log_dataset(tmp_path, "3740718bd666e018", name="tiny", context="training")
+    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(calls) == 2
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("tiny", "3740718bd666e018")]
+
+
+def test_logging_a_dataset_does_not_retry_other_errors(mlflow_store, tmp_path, monkeypatch):
+    calls = []
+
+    def broken(dataset, context=None):
+        calls.append(context)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run not found")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with mlflow.start_run(), pytest.raises(MlflowException, match="run not found"):
+        log_dataset(tmp_path, "3740718bd666e018", name="tiny", context="training")
+    assert len(calls) == 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgvc.data.demo import DemoConfig, generate_demo
+from fgvc.data.demo import DemoConfig
 from fgvc.study.config import StudyConfig
 from fgvc.study.tables import GARMENT, RUNWAY
 from fgvc.tracking.study_run import run_study
@@ -47,11 +47,19 @@ def study(tmp_path_factory, name: str, **options) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cells(tmp_path_factory) -> dict[str, dict]:
-    """fn-small trained unmasked and masked on the full-shortcut demo, analysed by the study."""
-    root = tmp_path_factory.mktemp("shortcut-data") / "shortcut"
-    generate_demo(root, SHORTCUT_DEMO)
-    return {row["regime"]: row for row in study(tmp_path_factory, "science", data_root=str(root))}
+def dose(tmp_path_factory) -> dict[tuple[str, float], dict]:
+    """fn-small trained unmasked and masked at planted strengths 0 and 1 (one demo root each),
+    analysed by the study; the strength-1 root is SHORTCUT_DEMO."""
+    rows = study(tmp_path_factory, "dose", bg_correlations=(0.0, 1.0), num_designers=SHORTCUT_DEMO.num_designers,
+                 train_per_class=SHORTCUT_DEMO.train_per_class, val_per_class=SHORTCUT_DEMO.val_per_class,
+                 height=SHORTCUT_DEMO.height, width=SHORTCUT_DEMO.width)
+    return {(row["regime"], row["bg_correlation"]): row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def cells(dose) -> dict[str, dict]:
+    """The full-shortcut cells (bg_correlation 1.0), by regime."""
+    return {regime: row for (regime, strength), row in dose.items() if strength == SHORTCUT_DEMO.bg_correlation}
 
 
 def test_both_models_learn_the_task(cells):
@@ -80,14 +88,6 @@ def test_unmasked_model_puts_more_attribution_on_the_background(cells):
     assert unmasked["gradcam_bg_preference_low"] > masked["gradcam_bg_preference_high"], (unmasked, masked)
     assert unmasked["occlusion_bg_preference"] > masked["occlusion_bg_preference"] + 0.1, (unmasked, masked)
     assert unmasked["bg_gap"] > masked["bg_gap"]
-
-
-@pytest.fixture(scope="module")
-def dose(tmp_path_factory) -> dict[tuple[str, float], dict]:
-    """The same grid at planted strengths 0 and 1 (one demo root each)."""
-    rows = study(tmp_path_factory, "dose", bg_correlations=(0.0, 1.0), num_designers=5, train_per_class=32,
-                 val_per_class=10, height=48, width=64)
-    return {(row["regime"], row["bg_correlation"]): row for row in rows}
 
 
 def test_dose_response_background_measures_follow_the_planted_shortcut(dose):

@@ -231,9 +231,17 @@ def log_dataset(root: str | Path, digest: str, name: str, context: str) -> None:
             mlflow.log_input(dataset, context=context)
             return
         except MlflowException as error:
-            if "UNIQUE constraint" not in str(error) and "IntegrityError" not in str(error) or attempt == 4:
+            if not _duplicate_key(error) or attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+# How SQLite, PostgreSQL (also through `mlflow server`) and MySQL report a duplicate key.
+_DUPLICATE_KEY = ("UNIQUE constraint", "IntegrityError", "UniqueViolation", "duplicate key value", "Duplicate entry")
+
+
+def _duplicate_key(error: MlflowException) -> bool:
+    return any(words in str(error) for words in _DUPLICATE_KEY)
 
 
 @contextlib.contextmanager
