@@ -208,11 +208,11 @@ def test_batch_path_colour_jitters_agree_with_the_exact_ones():
 
 
 def test_batch_path_boxes_follow_the_crop_and_erase_rules():
-    from fgvc.training.augment import _batch_boxes
+    from fgvc.training.augment_batch import batch_boxes
 
     g = torch.Generator().manual_seed(0)
     for scale, ratio in (((0.6, 1.0), (0.8, 1.25)), ((0.02, 0.2), (0.3, 3.3))):
-        top, left, h, w, found = _batch_boxes(g, 500, 64, 48, scale, ratio)
+        top, left, h, w, found = batch_boxes(g, 500, 64, 48, scale, ratio)
         assert found.float().mean() > 0.9
         top, left, h, w = top[found], left[found], h[found], w[found]
         assert bool((top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 48).all())

@@ -10,8 +10,8 @@ one kernel per step and batch instead of dozens of small ops per image. The batc
 the same float operations in the same order as the per-sample definition, so the result is
 the same bit for bit for the same generator (tests/test_augment.py holds them to it).
 `HeavyAugment.batch` is the same recipe for a GPU: parameters drawn for the whole batch at
-once and no per-sample work at all (`BatchLoader(..., augment_on_device=True)`); its results
-are reproducible but not the CPU path's.
+once and no per-sample work at all (`BatchLoader(..., augment_on_device=True)`; its batched ops
+are in `augment_batch.py`); its results are reproducible but not the CPU path's.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 
 from fgvc.registry import Registry
-
-# ITU-R 601 luma weights, as torchvision's grayscale conversion uses them.
-LUMA = (0.2989, 0.587, 0.114)
+from fgvc.training.augment_batch import DEVICE_JITTERS, LUMA, batch_boxes
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
@@ -218,72 +216,6 @@ def _resized_crop_into(dest: torch.Tensor, image: torch.Tensor, box: tuple[int, 
         torch.ops.aten._upsample_bilinear2d_aa.out(crop, list(dest.shape[-2:]), False, None, None, out=dest)
 
 
-# --- the batch path for a GPU: every parameter drawn for the whole batch at once, every step one
-# batched op (a few hundred kernel launches per batch and none per sample) ---------------------
-
-def _batch_boxes(g: torch.Generator, n: int, height: int, width: int, scale, ratio, attempts: int = 10):
-    """`_box` for n samples at once: (top, left, h, w) int64 [n] each and `found` bool [n]
-    (the first of `attempts` draws that fits; where none fits, found is False)."""
-    area = height * width
-    shares = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)
-    aspects = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g).exp_()
-    w = torch.round(torch.sqrt(area * shares * aspects))
-    h = torch.round(torch.sqrt(area * shares / aspects))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.int8).argmax(1, keepdim=True)  # the first attempt that fits
-    w, h = w.gather(1, first)[:, 0].long(), h.gather(1, first)[:, 0].long()
-    corner = torch.rand(n, 2, generator=g)
-    top = (corner[:, 0] * (height - h + 1)).long().clamp_(min=0)
-    left = (corner[:, 1] * (width - w + 1)).long().clamp_(min=0)
-    return top, left, h, w, fits.any(1)
-
-
-def _hue_batch(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Hue rotation through HSV (torchvision's adjust_hue formulas) with the selections made by
-    comparisons and `where`: few kernels, and no tensor made on the host (a host-to-device copy
-    would wait for the GPU)."""
-    red, green, _ = images.unbind(dim=-3)
-    low, high = torch.aminmax(images, dim=-3)
-    grey = high == low
-    spread = high - low
-    saturation = spread / torch.where(grey, 1.0, high)
-    distance = (high.unsqueeze(-3) - images) / torch.where(grey, 1.0, spread).unsqueeze(-3)
-    dr, dg, db = distance.unbind(dim=-3)
-    hue = torch.where(high == red, db - dg, torch.where(high == green, 2.0 + dr - db, 4.0 + dg - dr))
-    hue = torch.remainder(hue / 6.0 + 1.0 + shifts[:, 0], 1.0)
-    sextant_pos = hue * 6
-    sextant = torch.floor(sextant_pos)
-    fraction = sextant_pos - sextant
-    sextant = torch.remainder(sextant, 6)
-    v = high
-    p = (v * (1.0 - saturation)).clamp_(0, 1)
-    q = (v * (1.0 - saturation * fraction)).clamp_(0, 1)
-    t = (v * (1.0 - saturation * (1.0 - fraction))).clamp_(0, 1)
-    at = [sextant == k for k in range(6)]
-    # (r, g, b) per sextant 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
-    red = torch.where(at[0] | at[5], v, torch.where(at[1], q, torch.where(at[4], t, p)))
-    green = torch.where(at[1] | at[2], v, torch.where(at[0], t, torch.where(at[3], q, p)))
-    blue = torch.where(at[3] | at[4], v, torch.where(at[2], t, torch.where(at[5], q, p)))
-    return torch.stack((red, green, blue), dim=-3)
-
-
-def _luma_batch(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(dim=-3)
-    return (r * LUMA[0] + g * LUMA[1] + b * LUMA[2]).unsqueeze(-3)
-
-
-def _blend_batch(images: torch.Tensor, others: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
-    return (images * ratios + others * (1.0 - ratios)).clamp_(0, 1)
-
-
-DEVICE_JITTERS = (
-    lambda x, f: (x * f).clamp_(0, 1),
-    lambda x, f: _blend_batch(x, _luma_batch(x).mean(dim=(-3, -2, -1), keepdim=True), f),
-    lambda x, f: _blend_batch(x, _luma_batch(x), f),
-    _hue_batch,
-)
-
-
 @dataclass(frozen=True)
 class HeavyAugment:
     """The original project's heavy recipe, per sample:
@@ -396,7 +328,7 @@ class HeavyAugment:
 
         n, channels, height, width = images.shape
         device = images.device
-        top, left, h, w, found = _batch_boxes(g, n, height, width, self.crop_scale, self.crop_ratio)
+        top, left, h, w, found = batch_boxes(g, n, height, width, self.crop_scale, self.crop_ratio)
         top, left = top.where(found, 0), left.where(found, 0)
         h, w = h.where(found, height), w.where(found, width)
         flip = torch.rand(n, generator=g) < self.flip_p
@@ -407,7 +339,7 @@ class HeavyAugment:
         blur = torch.rand(n, generator=g) < self.blur_p
         sigmas = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
         erase = torch.rand(n, generator=g) < self.erase_p
-        e_top, e_left, e_h, e_w, e_found = _batch_boxes(g, n, height, width, self.erase_scale, self.erase_ratio)
+        e_top, e_left, e_h, e_w, e_found = batch_boxes(g, n, height, width, self.erase_scale, self.erase_ratio)
         erase &= e_found
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
         # Every parameter in one pinned host tensor and one non-blocking copy: a plain copy to
