@@ -1,7 +1,9 @@
-"""The one device resolver: ``None`` (auto) or a device string -> a ``torch.device``."""
+"""The one device resolver: ``None`` (auto) or a device string -> a ``torch.device``; and the
+one way to run a block of torch ops on a given number of intra-op threads."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -31,3 +33,20 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """Run torch ops of the calling thread on `count` intra-op threads, then restore.
+
+    Torch's thread count is per OS thread here (OpenMP), so this touches neither the training
+    thread nor other loader threads."""
+    before = torch.get_num_threads()
+    if before == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -398,7 +398,7 @@ def test_the_transform_runs_on_one_intra_op_thread_and_the_consumer_keeps_its_ow
 
 
 def test_intra_op_threads_restores_the_count():
-    from fgvc.data.dataset import intra_op_threads
+    from fgvc.devices import intra_op_threads
 
     before = torch.get_num_threads()
     with intra_op_threads(1):

@@ -6,7 +6,6 @@ per shard touched (no per-sample Python work) and converts to float on the targe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import queue
 import threading
@@ -17,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from fgvc.data.shards import ShardError, read_label_map, read_shard, shards_of
+from fgvc.devices import intra_op_threads
 
 # Per-image keys the loader carries along with images and labels when a shard has them.
 OPTIONAL_KEYS = ("masks", "venues", "bg_removed")
@@ -160,23 +160,6 @@ class BufferPool:
 # Reuse needs torch's storage use count (present since torch 2.0); without it, no pooling.
 POOLING = hasattr(torch._C, "_storage_Use_Count")
 POOL_MIN_BYTES = 1 << 20  # smaller blocks come back from the allocator's free lists anyway
-
-
-@contextlib.contextmanager
-def intra_op_threads(count: int):
-    """Run torch ops of the calling thread on `count` intra-op threads, then restore.
-
-    Torch's thread count is per OS thread here (OpenMP), so this touches neither the training
-    thread nor other loader threads."""
-    before = torch.get_num_threads()
-    if before == count:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

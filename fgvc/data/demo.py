@@ -14,13 +14,13 @@ from __future__ import annotations
 import colorsys
 import dataclasses
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from fgvc.data.shards import make_shard, shard_name, write_json, write_label_map, write_shard
+from fgvc.devices import intra_op_threads
 from fgvc.errors import ConfigError
 
 PATTERNS = ("solid", "hstripes", "vstripes", "checks", "dots", "diagonal")
@@ -270,18 +270,6 @@ def render_image(cfg: DemoConfig, designer: Designer, venue: Venue, g: torch.Gen
 RENDER_CHUNK = 256
 
 
-@contextmanager
-def _one_intra_op_thread():
-    """Rendering runs many short ops on small tensors: a second thread gains nothing there, and
-    costs several times the work in synchronisation when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _split_draws(cfg: DemoConfig, per_class: int, split_seed: int):
     """A split's labels and venues, and the generator the shots then draw from (in this order:
     every renderer of a split repeats it, so they all see the same shots)."""
@@ -316,7 +304,7 @@ def generate_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
     counts = {}
     for split_index, (split, per_class) in enumerate((("train", cfg.train_per_class), ("val", cfg.val_per_class))):
-        with _one_intra_op_thread():
+        with intra_op_threads(1):  # many short ops on small tensors: a second thread only syncs
             images, labels, masks, venue_ids = _render_split(
                 cfg, per_class, cfg.seed * 1000 + split_index + 17, designers, venues)
         for k, start in enumerate(range(0, len(labels), cfg.shard_size)):
@@ -368,7 +356,7 @@ def render_split_with_backdrops(cfg: DemoConfig, split: str) -> dict[str, torch.
     g, labels, venue_ids = _split_draws(cfg, per_class, cfg.seed * 1000 + split_index + 17)
     n = len(labels)
     parts: dict[str, list[torch.Tensor]] = {"images": [], "masks": [], "backdrops": []}
-    with _one_intra_op_thread():
+    with intra_op_threads(1):  # many short ops on small tensors: a second thread only syncs
         for start in range(0, n, RENDER_CHUNK):
             part = slice(start, start + RENDER_CHUNK)
             shots = _shots(cfg, designers, venues, labels[part], venue_ids[part], g)

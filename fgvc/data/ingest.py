@@ -51,9 +51,6 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
-from fgvc.devices import cpu_count
-from fgvc.errors import ConfigError
 from fgvc.data.shards import (
     SHARD_PATTERN,
     ShardError,
@@ -63,6 +60,9 @@ from fgvc.data.shards import (
     write_label_map,
     write_shard,
 )
+from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
+from fgvc.devices import cpu_count
+from fgvc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -7,24 +7,20 @@ designer, its class index and probability, and the top-k designers with their pr
 (``params={"top_k": k}``, default 5).
 """
 
-import warnings
-
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # MLflow's hint to declare input types: the signature declares them
 
-    class DesignerClassifier(PythonModel):
-        def load_context(self, context):
-            from fgvc.models.predict import Predictor
+class DesignerClassifier(PythonModel):
+    def load_context(self, context):
+        from fgvc.models.predict import Predictor
 
-            self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
+        self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
 
-        def predict(self, context, model_input, params=None):
-            top_k = int((params or {}).get("top_k", 5))
-            return pd.DataFrame(self.predictor.predict(model_input, top_k=top_k))
+    def predict(self, context, model_input, params=None):
+        top_k = int((params or {}).get("top_k", 5))
+        return pd.DataFrame(self.predictor.predict(model_input, top_k=top_k))
 
 
 set_model(DesignerClassifier())

@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +43,22 @@ from fgvc import distributed
 from fgvc.config import render_params
 from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError
+from fgvc.tracking.markdown import code, text
+from fgvc.tracking.models import log_and_register
+from fgvc.tracking.registry import registered_name
+from fgvc.tracking.runs import (
+    RunFailed,
+    artifact_dir,
+    configure_tracking,
+    git_commit,
+    log_dataset,
+    log_params,
+    tracked_run,
+)
 from fgvc.training.checkpoint import BEST, LAST, CheckpointWriter, read_checkpoint
 from fgvc.training.config import TrainConfig
 from fgvc.training.loop import EpochRecord, NonFiniteLoss
 from fgvc.training.session import Callback, Session, TrainingData, build_session
-from fgvc.tracking.markdown import code, text
-from fgvc.tracking.models import log_and_register
-from fgvc.tracking.registry import registered_name
-from fgvc.tracking.runs import (RunFailed, artifact_dir, configure_tracking, git_commit, log_dataset, log_params,
-                                tracked_run)
 from fgvc.viz.training_plots import save_confusion, save_curves, save_per_class
 
 log = logging.getLogger("fgvc")
@@ -305,13 +313,13 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
 
 
 def _fetch_best(run_id: str, writer: CheckpointWriter) -> None:
-    try:
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/{BEST}.pt",
-                                            dst_path=str(writer.directory.parent / f"{run_id}-download"))
-    except Exception:  # no best.pt uploaded yet: the resumed epochs will make one
-        return
-    shutil.move(str(writer.directory.parent / f"{run_id}-download" / "checkpoints" / f"{BEST}.pt"), writer.path(BEST))
-    shutil.rmtree(writer.directory.parent / f"{run_id}-download", ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=writer.directory.parent) as tmp:
+        try:
+            found = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/{BEST}.pt",
+                                                        dst_path=tmp)
+        except Exception:  # no best.pt uploaded yet: the resumed epochs will make one
+            return
+        shutil.move(found, writer.path(BEST))
 
 
 def _relog_missing_epochs(run_id: str, history: list[dict]) -> None:
