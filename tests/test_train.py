@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,10 +18,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fgvc.errors import ConfigError, FgvcError
+from fgvc.safeload import load_tensors
 from fgvc.tracking import train_run
 from fgvc.tracking.registry import load_model, promote
 from fgvc.tracking.runs import RunFailed
-from fgvc.tracking.train_run import run_train
+from fgvc.tracking.train_run import checkpoint_cache, run_train
 from fgvc.training.config import TrainConfig
 
 METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "val/top5", "val/error", "val/balanced_acc",
@@ -264,3 +266,20 @@ def test_promote_chooses_among_versions_of_one_dataset(tiny_root, mlflow_store, 
         promote("fgvc-fn-small", dataset_digest="0000")
     with pytest.raises(ConfigError, match="registered models: fgvc-fn-small"):
         promote("fgvc-nope")
+
+
+def test_a_run_resumed_on_another_machine_registers_its_best_epoch(tiny_root, mlflow_store):
+    """Resumed where the interrupted process's local checkpoints are absent: the best epoch so
+    far comes from the run's artifacts, and the registered model is that epoch's weights."""
+    frozen = dict(lr_head=1e-12, lr_backbone=1e-12, weight_decay=0.0)  # epoch 2 cannot beat epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_cfg(tiny_root, **frozen), callbacks=[InterruptAfterEpoch()], progress=False)
+    run_id = mlflow.search_runs(experiment_names=["fgvc-train"]).iloc[0].run_id
+    shutil.rmtree(checkpoint_cache(run_id))  # another machine: nothing on local disk
+    result = run_train(tiny_cfg(tiny_root, resume=True, **frozen), progress=False)
+    assert result.run_id == run_id
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    model_dir = Path(mlflow.artifacts.download_artifacts("models:/fgvc-fn-small/1"))
+    best = load_tensors(next(model_dir.rglob("best.pt")), "checkpoint")
+    assert best["epoch"] == metrics["best/epoch"] == 1, (best["epoch"], metrics["best/epoch"])
+    assert best["val_acc"] == pytest.approx(metrics["best/val_acc"])
