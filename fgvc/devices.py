@@ -1,10 +1,13 @@
-"""The one device resolver: ``None`` (auto) or a device string -> a ``torch.device``; and the
-one way to run a block of torch ops on a given number of intra-op threads."""
+"""The one device resolver: ``None`` (auto) or a device string -> a ``torch.device``; where a
+model lives and how data follows it there; and the one way to run a block of torch ops on a
+given number of intra-op threads."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+from typing import Any
 
 import torch
 
@@ -25,6 +28,32 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device: {device} requested but CUDA is not available on this machine")
     return resolved
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU for a model without either."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(value: Any, device: str | torch.device) -> Any:
+    """``value`` with every tensor in it on ``device``: a tensor, or dicts, lists, tuples and
+    dataclass instances of them (a new container; other objects are returned as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: to_device(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
 
 
 def cpu_count() -> int:

@@ -148,9 +148,10 @@ def _interpolate_axis(values: Tensor, known: list[int], size: int, dim: int) -> 
     """Linear interpolation along ``dim`` from the entries at indices ``known`` of ``values``
     to all ``size`` indices."""
     lower, upper = _cell(known, size)
-    known_t = torch.tensor(known)
+    lower, upper = lower.to(values.device), upper.to(values.device)
+    known_t = torch.tensor(known, device=values.device)
     lo, hi = known_t[lower], known_t[upper]
-    weight = ((torch.arange(size) - lo) / (hi - lo).clamp(min=1)).to(values.dtype)
+    weight = ((torch.arange(size, device=values.device) - lo) / (hi - lo).clamp(min=1)).to(values.dtype)
     a, b = values.index_select(dim, lower), values.index_select(dim, upper)
     shape = [1] * values.dim()
     shape[dim] = size

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from fgvc.analysis.common import eval_mode
 from fgvc.analysis.stats import bootstrap_mean, bootstrap_paired_difference, bootstrap_ratio
+from fgvc.devices import model_device
 
 VARIANT_NAMES = ("original", "only_fg", "no_fg", "mixed_same", "mixed_rand")
 
@@ -335,8 +336,11 @@ def variant_correctness(
 ) -> dict[str, Tensor]:
     """Per-image top-1 correctness of ``model``: bool ``[N]`` for each name of
     :data:`VARIANT_NAMES` present in ``variants`` (image ``i`` of every variant is the same
-    shot, so the vectors pair up). uint8 images are scaled to [0, 1]."""
-    labels = torch.as_tensor(labels).long().cpu()
+    shot, so the vectors pair up), on the model's device (no host sync per batch). uint8
+    images are scaled to [0, 1]; images and labels move to the model's device batch by batch
+    when they are elsewhere."""
+    device = model_device(model)
+    labels = torch.as_tensor(labels).long().to(device)
     correct: dict[str, Tensor] = {}
     with eval_mode(model), torch.inference_mode():
         for name in VARIANT_NAMES:
@@ -345,12 +349,12 @@ def variant_correctness(
             images = variants[name]
             hits = []
             for start in range(0, images.shape[0], batch_size):
-                batch = images[start : start + batch_size]
+                batch = images[start : start + batch_size].to(device)
                 if batch.dtype == torch.uint8:
                     batch = batch.float() / 255.0
-                predicted = model(batch).argmax(dim=1).cpu()
+                predicted = model(batch).argmax(dim=1)
                 hits.append(predicted == labels[start : start + batch_size])
-            correct[name] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+            correct[name] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=device)
     return correct
 
 

@@ -29,6 +29,7 @@ from fgvc.analysis.methods.base import AnalysisMethod, Column, MethodResult, reg
 from fgvc.analysis.metrics import bg_energy_fraction, bg_preference, deletion_insertion_auc
 from fgvc.analysis.occlusion import Occlusion
 from fgvc.analysis.stats import bootstrap_mean
+from fgvc.devices import model_device
 from fgvc.errors import ConfigError
 from fgvc.files import write_csv
 from fgvc.viz import save_attribution_grid, save_histogram
@@ -170,7 +171,7 @@ def stage_map_sizes(model: nn.Module, modules: list[nn.Module], image_size: tupl
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, *image_size))
+            model(torch.zeros(1, 3, *image_size, device=model_device(model)))
     finally:
         model.train(was_training)
         for hook in hooks:
