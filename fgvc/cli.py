@@ -80,7 +80,7 @@ def _relaunch_under_torchrun(cfg, processes: int, command: str, skip: str) -> No
     for name, text in cfg.params().items():
         if name != skip:
             argv += [cli_name(name), text]
-    distributed.exec_torchrun(processes, argv)
+    distributed.exec_torchrun(processes, argv, getattr(cfg, "device", None))
 
 
 from fgvc.analysis.config import AnalyzeConfig  # noqa: E402  (after click: the options read them)

@@ -23,14 +23,26 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from fgvc.errors import ConfigError
+
 log = logging.getLogger("fgvc")
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+# How long a collective may wait for the slowest rank. The backends' defaults (nccl 10 min,
+# gloo 30 min) are shorter than work one rank does while the others wait: in masking, a rank
+# whose shards are done waits at the barrier while the others still run DeepLabV3 over theirs
+# (hours for a large split on CPUs); in training, ranks wait at the next collective while
+# rank 0 alone logs to MLflow, uploads checkpoints and registers the model. A rank that dies
+# still ends the job at once (torchrun stops the others); the timeout only bounds a hang.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
+TIMEOUT_ENV = "FGVC_PROCESS_GROUP_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,37 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     return device
 
 
+def check_ranks_fit(device: torch.device | str | None, ranks_per_node: int) -> None:
+    """Refuse more CUDA ranks on a node than it has visible GPUs: each nccl rank needs a GPU of
+    its own (a second rank on one GPU fails; rank N on a machine with N GPUs has no device).
+    ``None`` (auto) means CUDA when it is available."""
+    try:
+        cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    except RuntimeError:  # not a device: resolve_device says so in the process itself
+        return
+    if not cuda or ranks_per_node <= 1:
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if ranks_per_node > visible:
+        raise ConfigError(f"{ranks_per_node} processes per node on CUDA, but {visible} GPU(s) are visible: each "
+                          f"process needs a GPU of its own; use {max(visible, 1)} process(es) per node, or "
+                          f"--device cpu")
+
+
+def process_group_timeout() -> timedelta:
+    """PROCESS_GROUP_TIMEOUT, or seconds from FGVC_PROCESS_GROUP_TIMEOUT_S."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return PROCESS_GROUP_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected seconds > 0")
+    return timedelta(seconds=seconds)
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[World]:
     """Join the torchrun process group (nccl on GPUs, gloo on CPUs) and leave it on exit.
@@ -77,11 +120,13 @@ def process_group(device: torch.device) -> Iterator[World]:
         yield World(device=device)
         return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    check_ranks_fit(device, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    timeout = process_group_timeout()
     device = rank_device(device, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     try:
         yield World(rank, world_size, local_rank, device, backend)
@@ -158,8 +203,10 @@ def from_main(compute: Callable[[], Any]) -> Any:
     return value
 
 
-def exec_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process with `torchrun --standalone --nproc-per-node nproc -m fgvc.cli argv`."""
+def exec_torchrun(nproc: int, argv: list[str], device: str | None = None) -> None:
+    """Replace this process with `torchrun --standalone --nproc-per-node nproc -m fgvc.cli argv`;
+    refused first when `device` (None: auto) is CUDA and the node has fewer GPUs than `nproc`."""
+    check_ranks_fit(device, nproc)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "fgvc.cli", *argv]
     log.info("launching %d training processes: %s", nproc, " ".join(command))
