@@ -183,3 +183,53 @@ def test_checkpoints_are_written_on_a_time_budget_first_and_last_always(tiny_roo
     assert writer.writes == writes
     last, best = read_checkpoint(writer.path("last")), read_checkpoint(writer.path("best"))
     assert last["epoch"] == 3 and last["best"]["epoch"] == best["epoch"] == outcome.best["epoch"]
+
+
+def test_evaluation_counts_without_bincount(tiny_root, monkeypatch):
+    """bincount sizes its output from the data: on a GPU a host sync per batch."""
+    ds = ShardDataset(tiny_root, "val")
+    model = create_model("fn-small", ds.num_classes, pretrained=False).eval()
+    expected = evaluate(model, BatchLoader(ds, 5, prefetch=0), ds.num_classes, torch.device("cpu"))
+    monkeypatch.setattr(torch, "bincount", lambda *a, **k: pytest.fail("bincount in evaluation"))
+    r = evaluate(model, BatchLoader(ds, 5, prefetch=0), ds.num_classes, torch.device("cpu"))
+    assert torch.equal(r.confusion, expected.confusion) and r.images == 12
+
+
+def test_on_a_gpu_the_host_looks_at_the_loss_every_few_steps_and_names_the_first_bad_one(tiny_root, monkeypatch):
+    from fgvc.training import loop
+
+    ds = ShardDataset(tiny_root, "train")
+    looks = []
+    real = loop.distributed.all_ranks_true
+    monkeypatch.setattr(loop.distributed, "all_ranks_true", lambda flag: looks.append(1) or real(flag))
+    monkeypatch.setattr(loop, "nonfinite_check_interval", lambda device: 3)  # a GPU's interval, shortened
+    model = create_model("fn-small", ds.num_classes, pretrained=False)
+    opt = build_optimizer(model, 1e-3, 1e-3, 0.0)
+    loader = BatchLoader(ds, 3, prefetch=0)  # 24 images: 8 steps
+    train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), torch.device("cpu"))
+    assert len(looks) == 3  # after steps 2, 5 and the last (7), not 8 times
+    looks.clear()
+    with pytest.raises(NonFiniteLoss, match="training loss is nan at batch 1;"):
+        train_one_epoch(model, loader, opt, NaNOnCall(bad_call=1), torch.device("cpu"))
+    assert len(looks) == 1  # found at the first look, step 2
+
+
+def test_buffers_are_broadcast_once_per_dtype(monkeypatch):
+    from fgvc.training import ddp
+
+    model = create_model("resnet18", 3, pretrained=False)
+    calls = []
+
+    def broadcast(tensor, src):
+        calls.append((tensor.dtype, tensor.numel(), src))
+        tensor.fill_(7)  # what rank 0 sent
+
+    monkeypatch.setattr(ddp, "is_initialized", lambda: True)
+    monkeypatch.setattr(ddp, "collective_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ddp.dist, "broadcast", broadcast)
+    ddp.broadcast_buffers(model)
+    buffers = list(model.buffers())
+    assert len(buffers) > 50 and {c[0] for c in calls} == {b.dtype for b in buffers}
+    assert len(calls) == len({b.dtype for b in buffers}) == 2
+    assert sum(c[1] for c in calls) == sum(b.numel() for b in buffers)
+    assert all(bool((b == 7).all()) for b in buffers)

@@ -43,8 +43,15 @@ class Precision:
         use_amp = cuda if amp is None else amp
         dtype = None
         if use_amp:
-            dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float16
+            # native bfloat16 only: emulated bfloat16 (pre-Ampere GPUs) is slower than float16
+            dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported(including_emulation=False)) \
+                else torch.float16
         return Precision(dtype, cuda if channels_last is None else channels_last)
+
+    @property
+    def amp_name(self) -> str:
+        """``off``, ``bfloat16`` or ``float16``: how it is logged and part of the identity."""
+        return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "off"
 
     def autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -118,6 +125,7 @@ def _evaluation_sums(model: nn.Module, loader: BatchLoader, num_classes: int, de
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5_hits = torch.zeros((), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    ones = torch.ones(loader.batch_size, dtype=torch.int64, device=device)  # counts added per cell
     k = min(5, num_classes)
     try:
         with torch.inference_mode():
@@ -127,8 +135,9 @@ def _evaluation_sums(model: nn.Module, loader: BatchLoader, num_classes: int, de
                 logits = logits.float()
                 loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
                 top5_hits += (logits.topk(k, dim=1).indices == batch.labels[:, None]).any(1).sum()
-                confusion += torch.bincount(batch.labels * num_classes + logits.argmax(1),
-                                            minlength=num_classes ** 2)
+                # index_add_, not bincount: bincount sizes its output from the data (a host sync)
+                cells = batch.labels * num_classes + logits.argmax(1)
+                confusion.index_add_(0, cells, ones[:len(cells)])
     finally:
         model.train(was_training)
     return confusion.view(num_classes, num_classes).cpu(), float(loss_sum), int(top5_hits)
@@ -152,15 +161,22 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
                     criterion: nn.Module, device: torch.device, precision: Precision = Precision(),
                     grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
                     progress: bool = False, desc: str = "train") -> dict:
-    """One pass over the training loader. Raises NonFiniteLoss before stepping on a bad loss.
+    """One pass over the training loader. Raises NonFiniteLoss on a bad loss (see below when).
 
-    Under DDP every rank checks the loss of every step together (one rank's NaN stops all of
-    them), and the returned loss, accuracy and image count are those of all ranks together;
+    The loss is checked at every step on the CPU and every NONFINITE_CHECK_STEPS steps on a
+    GPU (no host sync per step), always before the epoch ends. Under DDP the ranks check
+    together (one rank's NaN stops all of them), and the returned loss, accuracy and image count are those of all ranks together;
     `seconds` is the slowest rank's.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    # The first step whose loss was not finite, and that loss, kept on the device; the host
+    # looks (and under DDP the ranks agree) every `every` steps and after the last one.
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    bad_loss = torch.zeros((), device=device)
+    every = nonfinite_check_interval(device)
+    last_step = len(loader) - 1
     n = 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
@@ -168,11 +184,11 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         with precision.autocast(device):
             logits = model(batch.images)
             loss = criterion(logits.float(), batch.labels)
-        if not distributed.all_ranks_true(torch.isfinite(loss)):
-            here = loss.item()
-            what = here if not math.isfinite(here) else f"not finite on another rank (here {here:.4f})"
-            raise NonFiniteLoss(f"training loss is {what} at batch {step}; stopping "
-                                f"(try a lower learning rate, or grad_clip)")
+        first_bad = ~torch.isfinite(loss.detach()) & (bad_step < 0)
+        bad_step = torch.where(first_bad, step, bad_step)
+        bad_loss = torch.where(first_bad, loss.detach(), bad_loss)
+        if (step % every == every - 1 or step >= last_step) and not distributed.all_ranks_true(bad_step < 0):
+            raise _nonfinite(int(bad_step), float(bad_loss), float(loss.detach()), step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -200,6 +216,25 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         seconds = float(distributed.all_reduce_max(torch.tensor(seconds, dtype=torch.float64)))
     return {"loss": loss_sum.item() / max(n, 1), "acc": correct.item() / max(n, 1),
             "images": n, "seconds": seconds}
+
+
+# Steps between looks at the loss on a GPU: each look waits for the device (and under DDP is an
+# all-reduce). A bad step is still found within this many steps and always before the epoch
+# ends, so no checkpoint holds its weights. On the CPU the host computes the loss anyway, so it
+# looks at every step, before the step is applied.
+NONFINITE_CHECK_STEPS = 50
+
+
+def nonfinite_check_interval(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else NONFINITE_CHECK_STEPS
+
+
+def _nonfinite(bad_step: int, bad_loss: float, here: float, step: int) -> NonFiniteLoss:
+    if bad_step < 0:
+        return NonFiniteLoss(f"training loss is not finite on another rank (here {here:.4f}) at batch {step}; "
+                             f"stopping (try a lower learning rate, or grad_clip)")
+    return NonFiniteLoss(f"training loss is {bad_loss} at batch {bad_step}; stopping "
+                         f"(try a lower learning rate, or grad_clip)")
 
 
 @dataclass
