@@ -254,6 +254,18 @@ def test_refuses_unfinished_run_with_other_settings(src, tmp_path):
     assert report.skipped_shards == 5
 
 
+def test_a_job_begun_on_the_cpu_is_not_finished_on_a_gpu(src, tmp_path, monkeypatch):
+    """The GPU resizes on float and convolves with its own kernels: other masks at the edges,
+    so its shards never join a CPU job's (nor the other way round)."""
+    dst = tmp_path / "half"
+    mask_dataset(src, dst, segmenter="groundtruth", progress=False)
+    assert read_meta(dst)["masking"]["resize_effective"] == "uint8-cpu"
+    (dst / "meta.json").unlink()  # as if it had stopped before finishing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(MaskError, match=r"different settings \(resize_effective\)"):
+        mask_dataset(src, dst, segmenter="groundtruth", device="cuda", progress=False)
+
+
 def test_bad_source_shard_is_refused_before_writing(tmp_path):
     src = tmp_path / "bad"
     generate_demo(src, TINY)

@@ -230,6 +230,7 @@ def _finish(plan: MaskPlan, all_stats: list[ShardStats]) -> dict:
         "masking": {"segmenter": plan.segmenter_name, "weights": plan.weights,
                     "person_class": None if plan.seg_size is None else VOC_PERSON,
                     "min_person_ratio": plan.min_person_ratio, "seg_size": plan.seg_size,
+                    "resize_effective": plan.resize_effective,
                     "statistics": {s: split_statistics([x for x in all_stats if x.split == s]) for s in plan.splits}},
         "source_meta": read_meta(plan.src),
     }

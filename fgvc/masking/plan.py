@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fgvc.data.shards import ShardError, dataset_digest, load_shard, splits_of, validate_root
 from fgvc.devices import resolve_device
 from fgvc.distributed import World
@@ -67,10 +69,18 @@ class MaskPlan:
     segmenter: Segmenter | None = None  # an injected instance; None: build from the name
 
     @property
+    def resize_effective(self) -> str:
+        """How images are resized for the segmenter: on uint8 on the CPU (as PIL), on float
+        elsewhere; with the device's own convolutions, other masks at the edges."""
+        return "uint8-cpu" if torch.device(self.device).type == "cpu" else f"float32-{torch.device(self.device).type}"
+
+    @property
     def fingerprint(self) -> dict:
-        """What decides the output bytes: a resumed run must match it exactly."""
+        """What decides the output bytes: a resumed run must match it exactly (so CPU and GPU
+        shards never mix in one root; CPU jobs keep the fingerprint they always had)."""
+        device = {} if self.resize_effective == "uint8-cpu" else {"resize_effective": self.resize_effective}
         return {"source_digest": self.source_digest, "segmenter": self.segmenter_name, "weights": self.weights,
-                "seg_size": self.seg_size, "min_person_ratio": self.min_person_ratio}
+                "seg_size": self.seg_size, "min_person_ratio": self.min_person_ratio, **device}
 
     @property
     def my_tasks(self) -> list[ShardTask]:
@@ -81,7 +91,7 @@ class MaskPlan:
         return {"weights": self.weights, "seg_size_effective": self.seg_size or "none",
                 "splits_effective": ",".join(self.splits), "source_root": str(self.src),
                 "source_digest": self.source_digest, "dst_root": str(self.dst), "device_effective": self.device,
-                "world_size": self.world_size}
+                "resize_effective": self.resize_effective, "world_size": self.world_size}
 
 
 def _inside(path: Path, parent: Path) -> bool:

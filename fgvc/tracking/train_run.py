@@ -226,9 +226,7 @@ def train_params(cfg: TrainConfig, session: Session) -> dict:
         "train_images": len(session.train_set), "val_images": len(session.val_set),
         "data_root_abs": str(data.root.resolve()), "dataset_digest": data.digest,
         "device_effective": str(world.device), "num_workers_effective": session.train_loader.workers,
-        "amp_effective": str(session.precision.amp_dtype).replace("torch.", "") if session.precision.amp_dtype
-        else "off",
-        "channels_last_effective": "true" if session.precision.channels_last else "false",
+        **session.device_recipe,  # amp_effective, channels_last_effective, augment_path, cudnn_benchmark
         "optimizer": "AdamW", "scheduler": "cosine", "world_size": world.world_size,
         "batch_size_per_rank": cfg.batch_size // world.world_size,
         "git_commit": git_commit(), "torch_version": torch.__version__,
@@ -273,7 +271,7 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
     data = session.data
     name = run_name(cfg, session.regime)
     reg_name = None if cfg.registered_model is False else (cfg.registered_model or registered_name(cfg.arch))
-    tags = {"fgvc.config_id": cfg.identity(), "fgvc.regime": session.regime, "fgvc.arch": cfg.arch,
+    tags = {"fgvc.config_id": cfg.identity(session.world.device), "fgvc.regime": session.regime, "fgvc.arch": cfg.arch,
             "fgvc.dataset_digest": data.digest, **tags}
     experiment = experiment or EXPERIMENT
     with tracked_run(experiment, name, task="train", tags=tags, run_id=prepared.run_id,

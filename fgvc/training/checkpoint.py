@@ -44,9 +44,11 @@ def require_fgvc_checkpoint(ckpt: dict, where: str) -> None:
                         f"{', '.join(sorted(map(str, ckpt)))})")
 
 
-def check_resumable(ckpt: dict, where: str, arch: str, num_classes: int, digest: str) -> None:
-    """Refuse to resume from a checkpoint of another architecture, class count or dataset,
-    before anything is loaded (a state_dict mismatch would dump every key)."""
+def check_resumable(ckpt: dict, where: str, arch: str, num_classes: int, digest: str,
+                    recipe: dict[str, str] | None = None) -> None:
+    """Refuse to resume from a checkpoint of another architecture, class count, dataset or
+    device recipe (precision, memory layout, augmentation path: a CPU run continued on a GPU
+    would change recipe mid-run), before anything is loaded."""
     require_fgvc_checkpoint(ckpt, where)
     for key in ("optimizer", "scheduler", "history", "best", "epoch"):
         if key not in ckpt:
@@ -60,6 +62,11 @@ def check_resumable(ckpt: dict, where: str, arch: str, num_classes: int, digest:
     if ckpt.get("dataset_digest") not in (None, digest):
         raise ConfigError(f"cannot resume {where}: it trained on dataset {ckpt['dataset_digest']}, but the "
                           f"data root has digest {digest}")
+    before = ckpt.get("device_recipe")
+    if recipe is not None and before is not None and before != recipe:
+        changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in recipe.items() if before.get(k) != v)
+        raise ConfigError(f"cannot resume {where}: this device changes how it trains ({changed}); resume it on "
+                          f"the kind of device it started on (--device), or start a new run")
 
 
 def save(path: Path, content: dict) -> Path:

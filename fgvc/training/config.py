@@ -6,11 +6,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from fgvc.config import (BOOL, FLOAT, INT, STR, Choice, Config, FlagOr, Kind, Maybe, below_one, config_id,
                          non_negative, option, positive)
+from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError
 from fgvc.models import arch_problem
 from fgvc.training.augment import PRESETS
+from fgvc.training.loop import Precision
 
 DEFAULT_DATA_ROOT = "data/demo"
 DEFAULT_RECIPE = "heavy"
@@ -108,7 +112,36 @@ class TrainConfig(Config):
             return self.weight_decay
         return 0.01 if self.is_fashionnet else 0.05
 
-    def identity(self) -> str:
+    def device_recipe(self, device: torch.device) -> dict[str, str]:
+        """What the device changes about the result, rendered concretely: the autocast dtype,
+        the memory layout, where the augmentation runs (a GPU runs it batched, with other
+        random draws than the CPU's per-image path) and cuDNN's autotuned kernels."""
+        precision = Precision.for_device(device, self.amp, self.channels_last)
+        return {"amp_effective": precision.amp_name,
+                "channels_last_effective": "true" if precision.channels_last else "false",
+                "augment_path": augment_path(self.aug, device),
+                "cudnn_benchmark": "true" if cudnn_benchmark(device) else "false"}
+
+    def identity(self, device: torch.device | None = None) -> str:
         """Digest of the options that define the result: finds the run to resume and the
-        finished cells a study can reuse (together with the dataset digest)."""
-        return config_id(self)
+        finished cells a study can reuse (together with the dataset digest). The device
+        recipe on `device` (default: this config's device) is part of it where it differs
+        from the CPU's: CPU runs keep the ids they always had, and a GPU run never continues
+        or stands in for a CPU run, or the other way round."""
+        device = resolve_device(self.device) if device is None else device
+        cpu = self.device_recipe(torch.device("cpu"))
+        differs = {k: v for k, v in self.device_recipe(device).items() if v != cpu[k]}
+        return config_id(self, differs or None)
+
+
+def augment_path(aug: str | None, device: torch.device) -> str:
+    """``none``, ``cpu`` (per image, in the loader) or ``device`` (batched, on the GPU)."""
+    if aug is None:
+        return "none"
+    return "device" if device.type == "cuda" else "cpu"
+
+
+def cudnn_benchmark(device: torch.device) -> bool:
+    """Autotuned cuDNN kernels on CUDA: a root's images share one size, so the tuning of the
+    first batches holds for the rest (the last, smaller batch tunes once more)."""
+    return device.type == "cuda"

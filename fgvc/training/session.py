@@ -32,7 +32,7 @@ from fgvc.regimes import regime_of
 from fgvc.training import ddp
 from fgvc.training.augment import get_preset
 from fgvc.training.checkpoint import check_resumable
-from fgvc.training.config import TrainConfig
+from fgvc.training.config import TrainConfig, cudnn_benchmark
 from fgvc.training.loop import EpochRecord, Precision, build_optimizer, evaluate, evaluate_sharded, fit
 
 log = logging.getLogger("fgvc")
@@ -98,6 +98,7 @@ class Session:
     val_set: ShardDataset
     train_loader: BatchLoader
     val_loader: BatchLoader
+    device_recipe: dict[str, str] = field(default_factory=dict)  # TrainConfig.device_recipe here
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=dict)  # the history entry of the best epoch so far
@@ -116,7 +117,7 @@ class Session:
                 "spec": self.network.spec.to_dict(), "epoch": record.epoch, "val_acc": record.val.acc,
                 "config": render_params(self.cfg), "dataset_digest": self.data.digest,
                 "label_names": list(self.data.label_names), "regime": self.regime,
-                "resize": self.data.resize}
+                "resize": self.data.resize, "device_recipe": dict(self.device_recipe)}
 
     def resume_checkpoint(self, record: EpochRecord) -> dict:
         """What last.pt holds: best.pt's content plus everything a resume needs."""
@@ -146,10 +147,13 @@ class Session:
 def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: dict | None = None,
                   resume_from: str = "checkpoint") -> Session:
     """Everything a training needs, on `world.device`; `resume` is a last.pt dict."""
-    if resume is not None:
-        check_resumable(resume, resume_from, cfg.arch, data.num_classes, data.digest)
     device = world.device
+    device_recipe = cfg.device_recipe(device)
+    if resume is not None:
+        check_resumable(resume, resume_from, cfg.arch, data.num_classes, data.digest, device_recipe)
     precision = Precision.for_device(device, cfg.amp, cfg.channels_last)
+    if device.type == "cuda":  # the benchmark measures this setting too (bench/gpu.py)
+        torch.backends.cudnn.benchmark = cudnn_benchmark(device)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, data.num_classes, cfg.pretrained, image_size=data.image_size)
     if resume is not None:
@@ -166,7 +170,7 @@ def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: di
     # On a GPU the augmentation runs there, batched (`HeavyAugment.batch`): CPU threads
     # cannot keep up with a GPU step at 224x160, the GPU does it in a small share of one.
     recipe = get_preset(cfg.aug)
-    on_device = device.type == "cuda" and recipe is not None
+    on_device = device_recipe["augment_path"] == "device"
     train_loader = (ddp.EqualShareLoader if world.is_distributed else BatchLoader)(
         train_set, cfg.batch_size // world.world_size, shuffle=True, seed=cfg.seed, drop_last=False,
         transform=ddp.per_rank_transform(recipe.batch if on_device else recipe, world.rank),
@@ -178,7 +182,7 @@ def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: di
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     session = Session(cfg, data, world, model, optimizer, scheduler,
                       nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), precision,
-                      train_set, val_set, train_loader, val_loader)
+                      train_set, val_set, train_loader, val_loader, device_recipe)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
