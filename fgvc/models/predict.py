@@ -10,6 +10,7 @@ own input normalisation.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -17,11 +18,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fgvc.devices import resolve_device
 from fgvc.errors import FgvcError
 from fgvc.models.factory import FGVCNet, build_model
 from fgvc.safeload import load_tensors
 
 RESIZE_POLICIES = ("pad", "stretch", "center-crop")
+SERVE_DEVICE_ENV = "FGVC_SERVE_DEVICE"
+# Images per forward pass: a request of more images runs in batches of this many, so a large
+# request cannot exhaust GPU memory (64 images at 224x160 take about 1 GB in a ResNet-50).
+BATCH_SIZE = 64
+
+
+def serving_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Where a served model runs: ``auto`` (or None) means $FGVC_SERVE_DEVICE when set, else
+    the GPU when one is visible, else the CPU; anything else is a device (cpu, cuda, cuda:N)."""
+    if device is None or str(device) == "auto":
+        device = os.environ.get(SERVE_DEVICE_ENV, "").strip() or None
+        if device == "auto":
+            device = None
+    try:
+        return resolve_device(device)
+    except FgvcError as e:
+        raise FgvcError(str(e).replace("--device", SERVE_DEVICE_ENV if device else "device")) from None
 
 
 def model_from_checkpoint(ckpt: dict, where: str) -> FGVCNet:
@@ -80,17 +99,20 @@ def as_image_list(images) -> list[torch.Tensor]:
 
 
 class Predictor:
-    """``Predictor.from_checkpoint(path).predict(images, top_k=5)`` -> one record per image."""
+    """``Predictor.from_checkpoint(path).predict(images, top_k=5)`` -> one record per image.
+
+    Runs on ``device`` (default ``auto``: see :func:`serving_device`), ``batch_size`` images
+    per forward pass; images are fitted on the CPU, probabilities come back to it once."""
 
     def __init__(self, model: FGVCNet, label_names: Sequence[str], resize: str = "pad",
-                 device: str | torch.device = "cpu", batch_size: int = 64):
+                 device: str | torch.device | None = "auto", batch_size: int = BATCH_SIZE):
         if model.spec.image_size is None:
             raise FgvcError(f"{model.spec.arch}: the checkpoint records no image size to fit images to")
-        self.model, self.label_names, self.resize = model.to(device).eval(), list(label_names), resize
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.batch_size = serving_device(device), batch_size
+        self.model, self.label_names, self.resize = model.to(self.device).eval(), list(label_names), resize
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = "auto") -> "Predictor":
         ckpt = load_tensors(path, what="checkpoint")
         if not isinstance(ckpt, dict):
             raise FgvcError(f"{path}: a checkpoint must be a dict, found {type(ckpt).__name__}")
@@ -109,8 +131,8 @@ class Predictor:
         with torch.inference_mode():
             for start in range(0, len(batch), self.batch_size):
                 logits = self.model(batch[start:start + self.batch_size].to(self.device))
-                out.append(logits.float().softmax(dim=1).cpu())
-        return torch.cat(out)
+                out.append(logits.float().softmax(dim=1))
+        return torch.cat(out).cpu()
 
     def predict(self, images, top_k: int = 5) -> list[dict]:
         """Per image: ``designer``, ``class_index``, ``probability`` and the ``top_k`` designers
