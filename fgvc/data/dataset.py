@@ -247,8 +247,9 @@ class BatchLoader:
     def _load(self, k: int, positions: torch.Tensor) -> tuple[int, torch.Tensor, dict]:
         """Batch k, as far as it can be made ahead of the consumer: gathered, transformed (unless
         on the device), and on a CPU target already float; for a GPU it stays uint8 (a quarter
-        of the bytes to copy), pinned for a non-blocking copy."""
-        items = self.dataset.gather(positions, empty=self._pool.empty)
+        of the bytes to copy), gathered into pinned memory for a non-blocking copy."""
+        items = self.dataset.gather(positions, empty=self._pinned_empty if self.device.type == "cuda"
+                                    else self._pool.empty)
         if self.transform is None:
             if self.device.type == "cpu":
                 pixels = items["images"]
@@ -257,9 +258,16 @@ class BatchLoader:
         elif not self.augment_on_device:
             with intra_op_threads(1):
                 items["images"] = self.transform(items["images"], self._generator(k))
-        if self.device.type == "cuda" and items["images"].dtype == torch.uint8:
+        if self.device.type == "cuda" and not items["images"].is_pinned():  # made by a CPU transform
             items["images"] = items["images"].pin_memory()
         return k, positions, items
+
+    @staticmethod
+    def _pinned_empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A batch gathered straight into pinned memory, no pageable copy in between. Torch's
+        caching host allocator pools these blocks and, after a non-blocking copy, hands one out
+        again only once the copy has finished."""
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def _to_device(self, k: int, positions: torch.Tensor, items: dict) -> Batch:
         non_blocking = self.device.type == "cuda"
