@@ -170,6 +170,9 @@ def test_the_gpu_benchmark_refuses_without_cuda_and_its_dry_run_writes_every_fig
     assert set(training["targets"]) == {"ours_gpu_aug/raw >= 0.9", "ours_gpu_aug/original >= 2.0"}
     assert set(figures["masking"]["figures"]) == {"raw", "original", "pipeline"}
     assert "target: [resnet18] ours (aug on GPU) / raw step >= 0.9" in dry.stdout
+    assert set(figures["summary"]) == {"resnet18: loop / raw step", "resnet18: loop / original loop",
+                                       "masking / raw DeepLabV3 forward"}
+    assert figures["summary"]["resnet18: loop / original loop"]["target"] == 2.0
 
 
 @pytest.mark.parametrize("budget, writes", [(0.0, 2), (1.0, 3)])

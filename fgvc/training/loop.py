@@ -206,7 +206,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         loss_sum += loss.detach() * b
         correct += (logits.detach().argmax(1) == batch.labels).sum()
         n += b
-        if progress and step % 10 == 0:
+        if progress and step % max(10, every) == 0:  # reading the sums waits for the device
             bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}")
     seconds = time.perf_counter() - start
     if distributed.is_initialized():
