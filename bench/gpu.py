@@ -191,7 +191,8 @@ def summary(out: dict) -> dict:
         rows[f"{arch}: loop / raw step"] = (found["ratios"]["ours_gpu_aug/raw"], TARGET_RAW)
         rows[f"{arch}: loop / original loop"] = (found["ratios"]["ours_gpu_aug/original"], TARGET_ORIGINAL)
     if "masking" in out:
-        rows["masking / raw DeepLabV3 forward"] = (out["masking"]["ratios"]["raw"], dict(mask_throughput.TARGETS)["raw"])
+        rows["masking / raw DeepLabV3 forward"] = (out["masking"]["ratios"]["raw"],
+                                                   dict(mask_throughput.TARGETS)["raw"])
     print("\nsummary" + (" (dry run: not measurements)" if out["dry_run"] else f" on {out['device']}"))
     for name, (ratio, target) in rows.items():
         print(f"  {name:<40} {ratio:6.2f}  target >= {target:g}  {'met' if ratio >= target else 'NOT met'}")

@@ -42,7 +42,8 @@ VARIANTS = [(name, {}) for name in METHOD_NAMES] + [
     ("neighbors", {"exclude_same_designer": True})]
 
 
-@pytest.mark.parametrize("method,settings", VARIANTS, ids=[f"{m}-{'-'.join(map(str, s.values()))}" for m, s in VARIANTS])
+@pytest.mark.parametrize("method,settings", VARIANTS,
+                         ids=[f"{m}-{'-'.join(map(str, s.values()))}" for m, s in VARIANTS])
 def test_each_method_runs_on_the_models_device_and_returns_cpu_results(method, settings, tiny_root, tmp_path):
     data = load_analysis_data(tiny_root, "val", 9, 0)
     cfg = _cfg(**settings)

@@ -165,8 +165,8 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
 
     The loss is checked at every step on the CPU and every NONFINITE_CHECK_STEPS steps on a
     GPU (no host sync per step), always before the epoch ends. Under DDP the ranks check
-    together (one rank's NaN stops all of them), and the returned loss, accuracy and image count are those of all ranks together;
-    `seconds` is the slowest rank's.
+    together (one rank's NaN stops all of them), and the returned loss, accuracy and image
+    count are those of all ranks together; `seconds` is the slowest rank's.
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
