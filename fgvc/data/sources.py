@@ -23,6 +23,7 @@ class SourceImage:
     path: Path  # where to read it
     name: str  # how it is reported and hashed: relative to the source, or as written in the CSV
     label: str  # designer name, exactly as given
+    group: str | None = None  # a CSV's `group` column (the show), when given
 
 
 @dataclass
@@ -33,8 +34,28 @@ class SourceListing:
     notes: dict  # what the listing ignored, for meta.json
 
 
+def visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def unwrap_single_folder(source: Path) -> Path:
+    """The iDesigner download unpacks as `designer_image_train_v2_cropped/
+    designer_image_train_v2_cropped/<designer>/*.png`: a folder holding one folder and no
+    files, whose own entries are folders, is followed one level down (and the log says so)."""
+    entries = visible(source)
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = visible(entries[0])
+        if inner and all(p.is_dir() for p in inner):
+            log.info("%s: holds a single folder %r and nothing else; reading the designer folders inside it",
+                     source, entries[0].name)
+            return entries[0]
+    return source
+
+
 def list_image_folder(source: Path) -> SourceListing:
-    """`<source>/<designer>/*.{png,jpg,jpeg,webp}`; hidden files and folders are ignored."""
+    """`<source>/<designer>/*.{png,jpg,jpeg,webp}`; hidden files and folders are ignored. A
+    source holding a single folder of designer folders is read one level down."""
+    given, source = source, unwrap_single_folder(source)
     folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = [p.name for p in source.iterdir() if p.is_file() and not p.name.startswith(".")]
     if not folders:
@@ -54,12 +75,14 @@ def list_image_folder(source: Path) -> SourceListing:
                 not_images += 1
     if not images:
         raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
-    notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images}
+    notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images,
+             "followed_single_folder": source.name if source != given else None}
     return SourceListing("image-folder", images, [f.name for f in folders], notes)
 
 
 def list_csv(source: Path) -> SourceListing:
-    """A CSV with columns `path,label` (others ignored). Rows naming the same file twice with the
+    """A CSV with columns `path,label` and optionally `group` (the show; others ignored). Rows
+    naming the same file twice with the
     same label count once; with different labels the CSV is refused."""
     with open(source, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -68,6 +91,7 @@ def list_csv(source: Path) -> SourceListing:
             raise ConfigError(
                 f"{source}: a CSV source needs the header 'path,label', found {reader.fieldnames}"
             )
+        group_column = columns.get("group")
         images: list[SourceImage] = []
         seen: dict[str, str] = {}
         duplicates = 0
@@ -87,7 +111,8 @@ def list_csv(source: Path) -> SourceListing:
                 duplicates += 1
                 continue
             seen[key] = label
-            images.append(SourceImage(path, written.strip(), label))
+            group = (row.get(group_column) or "").strip() or None if group_column else None
+            images.append(SourceImage(path, written.strip(), label, group))
     if not images:
         raise ConfigError(f"{source}: the CSV lists no images")
     if duplicates:
