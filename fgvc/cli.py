@@ -99,10 +99,14 @@ CONFIGS = {"prepare": PrepareConfig, "mask": MaskConfig, "train": TrainConfig, "
 @config_options(PrepareConfig)
 def prepare(**values):
     """Build a dataset root: the demo runway data or an ingest of real images."""
-    from fgvc.tracking.prepare_run import run_prepare
+    from fgvc.tracking.prepare_run import check_root, describe_split, run_prepare
 
+    if values["check"] is not None:
+        clean, line = check_root(values["check"])
+        click.echo(line)
+        sys.exit(0 if clean else 1)
     meta = run_prepare(PrepareConfig(**values))
-    click.echo(f"{values['root']}: {meta.get('counts')} (digest {meta['digest']})")
+    click.echo(f"{values['root']}: {meta.get('counts')} (digest {meta['digest']}). {describe_split(meta)}")
 
 
 @main.command()

@@ -15,8 +15,9 @@ Rules (the pure functions below; `fgvc.data.ingest` and the demo generator use t
 - a file whose name carries no code (`Bottega_297.png`, `BV2_482.png`) is its own group: it
   cannot leak a show it does not name, and it lets the split hit each designer's share;
 - per designer, whole groups go to test, then val, then the rest to train, each aiming at
-  `round(n * fraction)` images; groups are taken in a seeded order and one is added while it
-  brings the split nearer its target. A designer with two or more groups keeps at least one
+  `round(n * fraction)` images: groups are taken in a seeded order while they fit under the
+  target, then the one group that brings the split nearest to it (so a split is off by at most
+  half a show, and uncoded files fill it finely). A designer with two or more groups keeps at least one
   in train and one in val (and one in test when it has three or more and a test is asked for).
 
 Which groups go where, and the order of images in each split, come from a seeded hash of
@@ -141,12 +142,19 @@ def group_keys(labels: Sequence[str], names: Sequence[str], pattern: str = DEFAU
 
 
 def _take(groups: list[str], sizes: dict[str, int], target: int) -> list[str]:
-    """Groups (in the given order) added while each brings the total nearer `target`."""
+    """Groups (in the given order) that fit under `target`, then the one remaining group that
+    brings the total nearest to it, if any does."""
     taken, total = [], 0
     for g in groups:
-        if abs(total + sizes[g] - target) < abs(total - target):
+        if total + sizes[g] <= target:
             taken.append(g)
             total += sizes[g]
+    chosen = set(taken)
+    rest = [g for g in groups if g not in chosen]
+    if rest:
+        best = min(rest, key=lambda g: abs(total + sizes[g] - target))
+        if abs(total + sizes[best] - target) < abs(total - target):
+            taken.append(best)
     return taken
 
 
@@ -170,7 +178,8 @@ def split_by_group(labels: Sequence[str], names: Sequence[str], keys: Sequence[s
             taken = _take(free, sizes, split_count(n, fraction))
             if len(taken) < minimum:
                 taken = [min(free, key=lambda g: sizes[g])]
-            remaining = [g for g in free if g not in taken]
+            chosen_now = set(taken)
+            remaining = [g for g in free if g not in chosen_now]
             if not remaining and taken:  # keep one group in train
                 smallest = min(taken, key=lambda g: sizes[g])
                 taken.remove(smallest)
