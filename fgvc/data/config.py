@@ -60,3 +60,19 @@ class PrepareConfig(Config):
                           bg_correlation=self.bg_correlation, seed=self.seed, test_per_class=self.test_per_class,
                           looks_per_show=self.looks_per_show, collection_spread=self.collection_spread,
                           split_by="random" if self.split_by == "random" else "show")
+
+
+PREDICT_FORMATS = ("csv", "kaggle")
+
+
+@dataclass(frozen=True)
+class PredictConfig(Config):
+    model: str = option(STR, "models:/fgvc-resnet18@champion",
+                        "models:/<name>@<alias>, models:/<name>/<version> or <name>@<alias>.")
+    source: str = option(STR, "photos", "A folder of photos (any layout; a Kaggle test folder with sample.csv is "
+                         "read by Id) or a CSV with a path or Id column.")
+    out: str = option(STR, "predictions.csv", "Where to write the predictions (also logged as the run's artifact).")
+    format: str = option(Choice(PREDICT_FORMATS), "csv", "csv: file, designer, probability, top-k; kaggle: "
+                         "Id,Category (the designer).")
+    top_k: int = option(INT, 5, "Designers listed per photo, most likely first.", check=positive)
+    batch_size: int = option(INT, 64, "Photos per forward pass.", check=positive, identity=False)

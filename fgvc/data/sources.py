@@ -133,3 +133,62 @@ def list_source(source: str | Path) -> SourceListing:
         f"{source}: unknown source kind; expected an image folder <source>/<designer>/*.jpg "
         f"or a .csv file with the header 'path,label'"
     )
+
+
+# --- photos to predict (no labels) ------------------------------------------------------------
+
+KAGGLE_LIST = "sample.csv"
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: Path
+    key: str  # how the output names it: the Kaggle Id, the CSV's path, or the path under the folder
+
+
+def _photos_by_id(listing: Path) -> list[Photo]:
+    """A Kaggle-style list (`sample.csv`, column `Id`): images `<folder>/<Id>.<ext>`."""
+    with open(listing, newline="", encoding="utf-8-sig") as f:
+        ids = [row.get("Id") or row.get("id") for row in csv.DictReader(f)]
+    if not ids or any(i is None for i in ids):
+        raise ConfigError(f"{listing}: needs a column 'Id' naming the images (as Kaggle's sample.csv)")
+    folder = listing.parent
+    found = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    return [Photo(found.get(i.strip(), folder / f"{i.strip()}.png"), i.strip()) for i in ids]
+
+
+def list_photos(source: str | Path) -> list[Photo]:
+    """Photos to predict: a folder (every image under it, sorted; a folder with a Kaggle
+    `sample.csv` means the images it lists, keyed by `Id`), or a CSV with a `path` column
+    (relative to the CSV) or an `Id` column. A listed file that is missing is kept, so it is
+    reported as unreadable rather than dropped."""
+    source = Path(source)
+    if source.is_dir():
+        if (source / KAGGLE_LIST).is_file():
+            return _photos_by_id(source / KAGGLE_LIST)
+        source = unwrap_single_folder(source)
+        photos = [Photo(p, str(p.relative_to(source))) for p in sorted(source.rglob("*"))
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in
+                                                                      p.relative_to(source).parts)]
+        if not photos:
+            raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return photos
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            header = [h.strip().lower() for h in (csv.DictReader(f).fieldnames or [])]
+        if "path" not in header:
+            return _photos_by_id(source)
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            rows = [{k.strip().lower(): v for k, v in row.items() if k} for row in csv.DictReader(f)]
+        photos = []
+        for row in rows:
+            written = (row.get("path") or "").strip()
+            if written:
+                path = Path(written)
+                photos.append(Photo(path if path.is_absolute() else source.parent / path, written))
+        if not photos:
+            raise ConfigError(f"{source}: the CSV lists no images")
+        return photos
+    if not source.exists():
+        raise ConfigError(f"{source}: source does not exist")
+    raise ConfigError(f"{source}: expected a folder of images or a .csv with a 'path' or 'Id' column")

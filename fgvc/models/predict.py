@@ -109,43 +109,50 @@ def decode_base64_image(text, index: int = 0) -> np.ndarray:
     over the byte or pixel budget (checked from the header, before decoding)."""
     import base64
     import binascii
+
+    max_bytes = _budget(MAX_IMAGE_BYTES_ENV, MAX_IMAGE_BYTES)
+    if isinstance(text, (bytes, bytearray)) and not bytes(text[:4]).isascii():
+        return decode_image_bytes(bytes(text), f"image {index}")
+    text = text.decode("ascii", "replace") if isinstance(text, (bytes, bytearray)) else str(text)
+    text = text.strip()
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    if len(text) > max_bytes * 4 // 3 + 4:
+        raise ImageInputError(f"image {index}: {len(text)} base64 characters, over the budget of {max_bytes} "
+                              f"bytes ({MAX_IMAGE_BYTES_ENV})")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError(f"image {index}: not base64 text (send `base64 -w0 photo.jpg`)") from None
+    return decode_image_bytes(data, f"image {index}")
+
+
+def decode_image_bytes(data: bytes, what: str) -> np.ndarray:
+    """An encoded image (JPEG, PNG, WebP, ...) -> uint8 [H, W, 3], EXIF orientation applied,
+    transparency on black (as ingest does); refused in one line naming ``what`` when it is
+    over the byte or pixel budget (read from the header, before decoding) or not an image."""
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from fgvc.data.ingest import to_rgb
 
     max_bytes = _budget(MAX_IMAGE_BYTES_ENV, MAX_IMAGE_BYTES)
-    if isinstance(text, (bytes, bytearray)) and not bytes(text[:4]).isascii():
-        data = bytes(text)
-    else:
-        text = text.decode("ascii", "replace") if isinstance(text, (bytes, bytearray)) else str(text)
-        text = text.strip()
-        if text.startswith("data:") and "," in text:
-            text = text.split(",", 1)[1]
-        if len(text) > max_bytes * 4 // 3 + 4:
-            raise ImageInputError(f"image {index}: {len(text)} base64 characters, over the budget of {max_bytes} "
-                                  f"bytes ({MAX_IMAGE_BYTES_ENV})")
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageInputError(f"image {index}: not base64 text (send `base64 -w0 photo.jpg`)") from None
     if len(data) > max_bytes:
-        raise ImageInputError(f"image {index}: {len(data)} bytes, over the budget of {max_bytes} ({MAX_IMAGE_BYTES_ENV})")
+        raise ImageInputError(f"{what}: {len(data)} bytes, over the budget of {max_bytes} ({MAX_IMAGE_BYTES_ENV})")
     try:
         with Image.open(io.BytesIO(data)) as image:
             w, h = image.size
             max_pixels = _budget(MAX_PIXELS_ENV, MAX_PIXELS)
             if w * h > max_pixels:
-                raise ImageInputError(f"image {index}: {w}x{h} pixels, over the budget of {max_pixels} "
-                                      f"({MAX_PIXELS_ENV})")
+                raise ImageInputError(f"{what}: {w}x{h} pixels, over the budget of {max_pixels} ({MAX_PIXELS_ENV})")
             image.load()
-            return np.asarray(to_rgb(image)).copy()
+            return np.asarray(to_rgb(ImageOps.exif_transpose(image))).copy()
     except ImageInputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         reason = "not a JPEG/PNG/WebP image" if isinstance(e, UnidentifiedImageError) else f"unreadable image ({e})"
-        raise ImageInputError(f"image {index}: {reason}".splitlines()[0]) from None
+        raise ImageInputError(f"{what}: {reason}".splitlines()[0]) from None
 
 
 def _encoded_column(model_input):
