@@ -153,3 +153,25 @@ def test_demo_shows_split_whole_or_at_random_from_the_same_images(tmp_path):
             members = items["groups"] == show
             assert items["venues"][members].unique().numel() == 1
             assert items["labels"][members].unique().numel() == 1
+
+
+def test_a_masked_root_is_checked_against_the_split_it_was_made_from(tmp_path):
+    import shutil
+
+    outer = idesigner_tree(tmp_path)
+    ingest(outer, tmp_path / "root", height=16, width=12, val_fraction=0.25, progress=False)
+    shutil.copytree(tmp_path / "root", tmp_path / "masked")
+    meta = read_meta(tmp_path / "root")
+    (tmp_path / "masked" / "meta.json").write_text(json.dumps({"source": "mask", "source_meta": meta}))
+    assert check_groups(tmp_path / "masked") == check_groups(tmp_path / "root")
+    (tmp_path / "masked" / "meta.json").write_text(json.dumps({"source": "mask"}))
+    with pytest.raises(Exception, match="records no groups"):
+        check_groups(tmp_path / "masked")
+
+
+def test_prepare_passes_the_split_rule_to_the_demo():
+    from fgvc.data.config import PrepareConfig
+
+    assert PrepareConfig().demo().split_by == "show"
+    assert PrepareConfig(split_by="random", test_per_class=4, looks_per_show=3).demo() == dataclasses.replace(
+        DemoConfig(), split_by="random", test_per_class=4, looks_per_show=3)

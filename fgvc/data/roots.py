@@ -89,6 +89,12 @@ def remove_written(root: str | Path) -> int:
     return removed
 
 
+def recorded_split(root: str | Path) -> dict:
+    """meta.json's `split` record, or that of the root a masked root was made from."""
+    meta = read_meta(root)
+    return meta.get("split") or (meta.get("source_meta") or {}).get("split") or {}
+
+
 def groups_by_split(root: str | Path) -> dict[str, list[str]]:
     """The group (show) of every image per split, from the shards' `groups` ids and meta.json's
     `split.group_names`. Refuses a root that records no groups (prepared before splits kept
@@ -98,7 +104,7 @@ def groups_by_split(root: str | Path) -> dict[str, list[str]]:
     from fgvc.data.shards import load_shard, shards_of, splits_of
 
     root = Path(root)
-    names = (read_meta(root).get("split") or {}).get("group_names")
+    names = recorded_split(root).get("group_names")
     if not names:
         raise ShardError(f"{root}: meta.json records no groups (split.group_names); rebuild it with "
                          f"`fgvc prepare` to check its split")
@@ -123,5 +129,5 @@ def check_groups(root: str | Path) -> dict:
     from fgvc.data.splits import spanning
 
     of = groups_by_split(root)
-    return {"by": (read_meta(root).get("split") or {}).get("by"),
+    return {"by": recorded_split(root).get("by"),
             "groups": {split: len(set(keys)) for split, keys in of.items()}, "spanning": spanning(of)}
