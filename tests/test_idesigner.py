@@ -175,3 +175,15 @@ def test_prepare_passes_the_split_rule_to_the_demo():
     assert PrepareConfig().demo().split_by == "show"
     assert PrepareConfig(split_by="random", test_per_class=4, looks_per_show=3).demo() == dataclasses.replace(
         DemoConfig(), split_by="random", test_per_class=4, looks_per_show=3)
+
+
+def test_the_kaggle_test_folder_is_sent_to_predict_not_ingested(tmp_path):
+    from fgvc.data.sources import list_photos
+    from fgvc.errors import ConfigError
+
+    for k in (13455, 7):
+        Image.new("RGB", (6, 10)).save(tmp_path / f"{k}.png")
+    (tmp_path / "sample.csv").write_text("Id,Category\n13455,a\n7,a\n")
+    with pytest.raises(ConfigError, match="unlabelled test folder.*`fgvc predict --source "):
+        ingest(tmp_path, tmp_path.parent / "root-of-test", height=16, width=12, progress=False)
+    assert [(p.key, p.path.name) for p in list_photos(tmp_path)] == [("13455", "13455.png"), ("7", "7.png")]

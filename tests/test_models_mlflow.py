@@ -89,7 +89,8 @@ def test_pyfunc_takes_base64_photos_and_refuses_what_is_not_an_image(registered,
         with pytest.raises(mlflow.exceptions.MlflowException, match=reason):
             model.predict(np.zeros((1, 8, 6, 3), dtype=np.uint8), params={"top_k": top_k})
     monkeypatch.setenv("FGVC_MAX_PIXELS", "1000")
-    with pytest.raises(mlflow.exceptions.MlflowException, match=r"50x30 pixels, over the budget of 1000 \(FGVC_MAX_PIXELS\)"):
+    budget = r"50x30 pixels, over the budget of 1000 \(FGVC_MAX_PIXELS\)"
+    with pytest.raises(mlflow.exceptions.MlflowException, match=budget):
         model.predict(pd.DataFrame({"image": [jpeg_base64((50, 30))]}))
     with pytest.raises(mlflow.exceptions.MlflowException, match="over the budget of 1000"):
         model.predict(np.zeros((2, 30, 30, 3), dtype=np.uint8))
@@ -142,7 +143,8 @@ def test_mlflow_models_serve_answers_invocations(registered):
         assert all(p["designer"].startswith("designer_") for p in predictions)
 
         def post(payload):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                             data=json.dumps(payload).encode(),
                                              headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=60) as response:
@@ -154,14 +156,15 @@ def test_mlflow_models_serve_answers_invocations(registered):
         status, answer = post({"dataframe_split": {"columns": ["image"], "data": [[jpeg_base64()]]}})
         assert status == 200 and answer["predictions"][0]["designer"].startswith("designer_")
         for payload, reason in (
-                ({"dataframe_split": {"columns": ["image"], "data": [[jpeg_base64()[:100]]]}}, "image 0: unreadable"),
+                ({"dataframe_split": {"columns": ["image"], "data": [[jpeg_base64()[:100]]]}},
+                 "image 0: unreadable"),
                 ({"inputs": {"image": ["%%% not base64"]}}, "image 0: not base64"),
                 ({"inputs": [[[[0.5, 0.5, 0.5]]]]}, "floats are refused"),
                 ({"inputs": [[[[True, False, True]]]]}, "boolean pixels"),
                 ({"inputs": [[[[1, 2, 999]]]]}, "must be 0..255"),
                 ({"inputs": images, "params": {"top_k": -3}}, "top_k must be an integer >= 1")):
             status, answer = post(payload)
-            assert status == 400 and reason in answer["message"], (payload if len(str(payload)) < 300 else reason, answer)
+            assert status == 400 and reason in answer["message"], (reason, answer)
         assert post({"inputs": images})[0] == 200  # still serving
     finally:
         server.terminate()

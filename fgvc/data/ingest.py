@@ -61,7 +61,15 @@ from fgvc.data.shards import (
     write_shard,
 )
 from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
-from fgvc.data.splits import DEFAULT_GROUP_PATTERN, check_split_arguments, make_split, seeded_rank, split_random, summary, val_count  # noqa: F401
+from fgvc.data.splits import (  # noqa: F401  (seeded_rank, val_count: imported from here too)
+    DEFAULT_GROUP_PATTERN,
+    check_split_arguments,
+    make_split,
+    seeded_rank,
+    split_random,
+    summary,
+    val_count,
+)
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def list_csv(source: Path) -> SourceListing:
 
 def list_source(source: str | Path) -> SourceListing:
     source = Path(source)
+    if source.is_dir() and (source / KAGGLE_LIST).is_file():
+        raise ConfigError(f"{source}: an unlabelled test folder ({KAGGLE_LIST} lists its images by Id); a dataset "
+                          f"root needs labels. Predict it with "
+                          f"`fgvc predict --source {shlex.quote(str(source))} --format kaggle`")
     if source.is_dir():
         return list_image_folder(source)
     if source.is_file() and source.suffix.lower() == ".csv":
