@@ -387,8 +387,10 @@ def split_members(cfg: DemoConfig, pool: Pool) -> dict[str, torch.Tensor]:
             for split, m in members.items()}
 
 
-def _pool_shots(cfg: DemoConfig, pool: Pool, venues: list[Venue], looks: slice, g: torch.Generator) -> Shots:
-    """Shots of consecutive pool looks: the show fixes venue, lighting and collection."""
+def _pool_shots(cfg: DemoConfig, pool: Pool, venues: list[Venue], periods: torch.Tensor, looks: slice,
+                g: torch.Generator) -> Shots:
+    """Shots of consecutive pool looks: the show fixes venue, lighting and collection; the
+    designer the pattern period (`periods` [num_designers])."""
     show = pool.shows[looks]
     v = [venues[i] for i in pool.show_venue[show].tolist()]
     b = len(show)
@@ -396,7 +398,7 @@ def _pool_shots(cfg: DemoConfig, pool: Pool, venues: list[Venue], looks: slice, 
     jitter[:, [EXPOSURE, HORIZON, LIGHT_PHASE]] = pool.light[show]
     return Shots(
         primary=pool.primary[show], secondary=pool.secondary[show], pattern=pool.pattern[show],
-        silhouette=pool.silhouette[show], period=torch.tensor([0], dtype=torch.long),
+        silhouette=pool.silhouette[show], period=periods[pool.labels[looks]],
         wall=torch.stack([x.wall for x in v]).reshape(b, 3),
         floor=torch.stack([x.floor for x in v]).reshape(b, 3),
         light_colour=torch.stack([x.light_colour for x in v]).reshape(b, 3),
@@ -422,8 +424,7 @@ def render_pool(cfg: DemoConfig, backdrops: bool = False) -> dict[str, torch.Ten
     with intra_op_threads(1):  # many short ops on small tensors: a second thread only syncs
         for start in range(0, n, RENDER_CHUNK):
             part = slice(start, start + RENDER_CHUNK)
-            shots = _pool_shots(cfg, pool, venues, part, g)
-            shots.period = periods[pool.labels[part]]
+            shots = _pool_shots(cfg, pool, venues, periods, part, g)
             out["images"][part], out["masks"][part] = render_shots(cfg, shots)
             if backdrops:
                 out["backdrops"][part] = render_backdrops(cfg, shots)
