@@ -84,7 +84,7 @@ def _relaunch_under_torchrun(cfg, processes: int, command: str, skip: str) -> No
 
 
 from fgvc.analysis.config import AnalyzeConfig  # noqa: E402  (after click: the options read them)
-from fgvc.data.config import PrepareConfig  # noqa: E402
+from fgvc.data.config import PredictConfig, PrepareConfig  # noqa: E402
 from fgvc.masking.config import MaskConfig  # noqa: E402
 from fgvc.study.config import StudyConfig  # noqa: E402
 from fgvc.tracking.registry import PromoteConfig  # noqa: E402
@@ -92,17 +92,22 @@ from fgvc.training.config import TrainConfig  # noqa: E402
 from fgvc.training.imported import RegisterConfig  # noqa: E402
 
 CONFIGS = {"prepare": PrepareConfig, "mask": MaskConfig, "train": TrainConfig, "promote": PromoteConfig,
-           "analyze": AnalyzeConfig, "register": RegisterConfig, "study": StudyConfig}
+           "analyze": AnalyzeConfig, "register": RegisterConfig, "study": StudyConfig,
+           "predict": PredictConfig}
 
 
 @main.command()
 @config_options(PrepareConfig)
 def prepare(**values):
     """Build a dataset root: the demo runway data or an ingest of real images."""
-    from fgvc.tracking.prepare_run import run_prepare
+    from fgvc.tracking.prepare_run import check_root, describe_split, run_prepare
 
+    if values["check"] is not None:
+        clean, line = check_root(values["check"])
+        click.echo(line)
+        sys.exit(0 if clean else 1)
     meta = run_prepare(PrepareConfig(**values))
-    click.echo(f"{values['root']}: {meta.get('counts')} (digest {meta['digest']})")
+    click.echo(f"{values['root']}: {meta.get('counts')} (digest {meta['digest']}). {describe_split(meta)}")
 
 
 @main.command()
@@ -178,6 +183,17 @@ def study(**values):
     result = run_study(StudyConfig(**values))
     click.echo(f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s; "
                f"report at runs:/{result.run_id}/study/report.html")
+
+
+@main.command()
+@config_options(PredictConfig)
+def predict(**values):
+    """Designers for any photos (a folder or a CSV) from a registered model: a CSV, tracked."""
+    from fgvc.tracking.predict_run import run_predict
+
+    done = run_predict(PredictConfig(**values))
+    click.echo(f"run {done['run_id']}: {done['rows']} photo(s) predicted by {done['model']} -> {done['out']}"
+               + (f"; {len(done['unreadable'])} unreadable (listed)" if done["unreadable"] else ""))
 
 
 def run(command: str, argv: list[str] | None = None) -> None:

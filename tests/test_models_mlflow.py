@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import mlflow
@@ -48,6 +49,51 @@ def test_pyfunc_predicts_designers_for_images_of_any_size(registered, tiny_root)
         assert all(abs(p[0] - q) < 1e-6 for p, q in zip(out["top_probabilities"], out["probability"]))
     with pytest.raises(Exception, match="uint8"):
         model.predict(np.zeros((1, 32, 24, 3), dtype=np.float32))
+
+
+def jpeg_base64(shape=(50, 30), colour=(200, 40, 40), fmt="JPEG") -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", shape, colour).save(buffer, fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_pyfunc_takes_base64_photos_and_refuses_what_is_not_an_image(registered, monkeypatch):
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/fgvc-fn-small@candidate")
+    photos = [jpeg_base64(), jpeg_base64((20, 40), (10, 10, 200), "PNG")]
+    out = model.predict(pd.DataFrame({"image": photos}), params={"top_k": 2})
+    assert len(out) == 2 and all(len(t) == 2 for t in out["top_designers"])
+    same = model.predict({"image": np.array(photos[:1])})
+    assert same["designer"][0] == out["designer"][0]
+    # integers in 0..255 are pixels; anything else is refused with its reason, never cast
+    assert len(model.predict(np.full((1, 8, 6, 3), 7, dtype=np.int64))) == 1
+    refusals = [
+        (np.full((1, 8, 6, 3), 0.5), "floats are refused"),
+        (np.ones((1, 8, 6, 3), dtype=bool), "boolean pixels"),
+        (np.full((1, 8, 6, 3), 300), "must be 0..255, found 300..300"),
+        (pd.DataFrame({"image": ["not base64 at all!"]}), "image 0: not base64"),
+        (pd.DataFrame({"image": [jpeg_base64()[: 200]]}), "image 0: unreadable image"),
+        (pd.DataFrame({"image": ["aGVsbG8gd29ybGQ="]}), "image 0: not a JPEG/PNG/WebP image"),
+    ]
+    for value, reason in refusals:
+        with pytest.raises(mlflow.exceptions.MlflowException, match=reason):
+            model.predict(value)
+    for top_k, reason in ((-3, "top_k must be an integer >= 1"), (0, "top_k must be an integer >= 1"),
+                          (2.5, "top_k"), ("two", "top_k")):  # MLflow's parameter schema refuses the last two
+        with pytest.raises(mlflow.exceptions.MlflowException, match=reason):
+            model.predict(np.zeros((1, 8, 6, 3), dtype=np.uint8), params={"top_k": top_k})
+    monkeypatch.setenv("FGVC_MAX_PIXELS", "1000")
+    budget = r"50x30 pixels, over the budget of 1000 \(FGVC_MAX_PIXELS\)"
+    with pytest.raises(mlflow.exceptions.MlflowException, match=budget):
+        model.predict(pd.DataFrame({"image": [jpeg_base64((50, 30))]}))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="over the budget of 1000"):
+        model.predict(np.zeros((2, 30, 30, 3), dtype=np.uint8))
 
 
 def test_the_model_files_are_a_state_dict_and_a_spec(registered):
@@ -95,6 +141,31 @@ def test_mlflow_models_serve_answers_invocations(registered):
         predictions = answer["predictions"]
         assert len(predictions) == 2 and all(len(p["top_designers"]) == 2 for p in predictions)
         assert all(p["designer"].startswith("designer_") for p in predictions)
+
+        def post(payload):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                             data=json.dumps(payload).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        # a photo as base64 (what `base64 -w0 photo.jpg` prints), in a column `image`
+        status, answer = post({"dataframe_split": {"columns": ["image"], "data": [[jpeg_base64()]]}})
+        assert status == 200 and answer["predictions"][0]["designer"].startswith("designer_")
+        for payload, reason in (
+                ({"dataframe_split": {"columns": ["image"], "data": [[jpeg_base64()[:100]]]}},
+                 "image 0: unreadable"),
+                ({"inputs": {"image": ["%%% not base64"]}}, "image 0: not base64"),
+                ({"inputs": [[[[0.5, 0.5, 0.5]]]]}, "floats are refused"),
+                ({"inputs": [[[[True, False, True]]]]}, "boolean pixels"),
+                ({"inputs": [[[[1, 2, 999]]]]}, "must be 0..255"),
+                ({"inputs": images, "params": {"top_k": -3}}, "top_k must be an integer >= 1")):
+            status, answer = post(payload)
+            assert status == 400 and reason in answer["message"], (reason, answer)
+        assert post({"inputs": images})[0] == 200  # still serving
     finally:
         server.terminate()
         try:

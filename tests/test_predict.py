@@ -1,47 +1,94 @@
-"""Where a served model runs: the GPU when one is visible, FGVC_SERVE_DEVICE to choose, a
-stated batch size; the answers are the same whatever the batching."""
+"""`fgvc predict`: a registered model's designers for a folder of photos or a Kaggle test
+folder, written as a CSV (or Id,Category), unreadable files listed, the run tracked."""
 
 from __future__ import annotations
 
+import csv
+
+import mlflow
 import pytest
 import torch
+from click.testing import CliRunner
+from PIL import Image
 
-from fgvc.errors import FgvcError
-from fgvc.models import create_model
-from fgvc.models.predict import BATCH_SIZE, Predictor, serving_device
-
-
-@pytest.fixture()
-def one_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+from fgvc.cli import main
+from fgvc.data.dataset import ShardDataset
+from fgvc.data.shards import read_label_map
 
 
-def test_auto_serves_on_the_gpu_when_one_is_visible(one_gpu, monkeypatch):
-    monkeypatch.delenv("FGVC_SERVE_DEVICE", raising=False)
-    assert serving_device() == torch.device("cuda", 0)
-    assert serving_device(None) == torch.device("cuda", 0)
-    monkeypatch.setenv("FGVC_SERVE_DEVICE", "cpu")
-    assert serving_device() == torch.device("cpu")
-    assert serving_device("cuda:0") == torch.device("cuda", 0)  # an explicit device wins over the variable
+@pytest.fixture(scope="module")
+def store(tiny_root, tmp_path_factory):
+    base = tmp_path_factory.mktemp("predict")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base}/mlflow.db")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        done = CliRunner().invoke(main, ["train", "--arch", "fn-small", "--epochs", "1", "--batch-size", "8",
+                                         "--num-workers", "0", "--data-root", str(tiny_root)])
+        assert done.exit_code == 0, done.output
+        yield base
 
 
-def test_auto_serves_on_the_cpu_without_a_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv("FGVC_SERVE_DEVICE", raising=False)
-    assert serving_device() == torch.device("cpu")
-    monkeypatch.setenv("FGVC_SERVE_DEVICE", "cuda")
-    with pytest.raises(FgvcError, match=r"^FGVC_SERVE_DEVICE: cuda requested but CUDA is not available"):
-        serving_device()
+def demo_photos(tiny_root, folder, names):
+    """Validation images of the tiny root saved as photo files of another size."""
+    ds = ShardDataset(tiny_root, "val")
+    images = ds.gather(torch.arange(len(names)))["images"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, name in zip(images, names):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).resize((48, 64)).save(folder / name)
 
 
-def test_the_predictor_defaults_to_auto_and_batches_without_changing_answers(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    torch.manual_seed(0)
-    model = create_model("fn-small", 3, pretrained=False, image_size=(32, 24))
-    predictor = Predictor(model, ["a", "b", "c"])
-    assert predictor.device == torch.device("cpu") and predictor.batch_size == BATCH_SIZE == 64
-    images = torch.randint(0, 256, (5, 40, 30, 3), dtype=torch.uint8).numpy()
-    whole = predictor.probabilities(images)
-    predictor.batch_size = 2
-    assert torch.allclose(predictor.probabilities(images), whole, atol=1e-6) and whole.device.type == "cpu"
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_predict_writes_one_row_per_photo_and_lists_the_unreadable(store, tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    monkeypatch.chdir(store)
+    photos = tmp_path / "photos"
+    demo_photos(tiny_root, photos / "runway", ["a.png", "b.jpg", "c.png"])
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out" / "predictions.csv"
+    done = CliRunner().invoke(main, ["predict", "--model", "models:/fgvc-fn-small@candidate", "--source", str(photos),
+                                     "--out", str(out), "--top-k", "2", "--batch-size", "2"])
+    assert done.exit_code == 0, done.output
+    assert "3 photo(s) predicted" in done.output and "1 unreadable" in done.output
+    rows = read_rows(out)
+    assert rows[0] == ["file", "designer", "probability", "top_designers", "top_probabilities", "error"]
+    names = set(read_label_map(tiny_root).values())
+    good = {r[0]: r for r in rows[1:] if not r[5]}
+    assert set(good) == {"runway/a.png", "runway/b.jpg", "runway/c.png"}
+    for row in good.values():
+        assert row[1] in names and 0 < float(row[2]) <= 1
+        assert row[3].split(";")[0] == row[1] and len(row[3].split(";")) == 2
+    bad = [r for r in rows[1:] if r[5]]
+    assert [r[0] for r in bad] == ["broken.jpg"] and "not a JPEG/PNG/WebP image" in bad[0][5]
+    run = mlflow.search_runs(experiment_names=["fgvc-predict"], output_format="list")[0]
+    assert run.data.tags["fgvc.task"] == "predict" and run.data.params["model_version"] == "1"
+    assert run.data.metrics["predict/images"] == 3 and run.data.metrics["predict/unreadable"] == 1
+    logged = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="predictions/predictions.csv",
+                                                 dst_path=str(tmp_path / "logged"))
+    assert read_rows(logged) == rows
+
+
+def test_kaggle_test_folder_gives_a_submission_keyed_by_id(store, tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    monkeypatch.chdir(store)
+    test = tmp_path / "test"
+    demo_photos(tiny_root, test, ["13455.png", "2.png", "400.png"])
+    (test / "sample.csv").write_text("Id,Category\n13455,x\n2,x\n400,x\n")
+    out = tmp_path / "submission.csv"
+    done = CliRunner().invoke(main, ["predict", "--model", "models:/fgvc-fn-small/1", "--source", str(test),
+                                     "--out", str(out), "--format", "kaggle"])
+    assert done.exit_code == 0, done.output
+    rows = read_rows(out)
+    assert rows[0] == ["Id", "Category"] and [r[0] for r in rows[1:]] == ["13455", "2", "400"]
+    assert {r[1] for r in rows[1:]} <= set(read_label_map(tiny_root).values())
+
+
+def test_an_unknown_source_is_one_line_and_no_run(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    done = CliRunner().invoke(main, ["predict", "--model", "models:/fgvc-fn-small@candidate",
+                                     "--source", str(tmp_path / "nowhere")])
+    assert done.exit_code == 1 and "source does not exist" in done.output

@@ -1,12 +1,21 @@
 """runway-synth: a deterministic synthetic runway dataset with a planted background shortcut.
 
 Each image is a model figure (head, garment, legs) on a venue backdrop. Each designer has a
-garment signature (palette, pattern, silhouette) and a home venue; with probability
-`bg_correlation` an image is shot at its designer's home venue, otherwise at a random venue.
-So the garment always carries the label, and the background carries it as strongly as
-`bg_correlation` says: the shortcut is planted and controllable. Ground-truth person masks
-(`masks`) and the venue index (`venues`) are stored in the shards, so the analyses can be
-validated against the truth.
+garment signature (palette, pattern, silhouette) and a home venue. Looks come in runway shows
+of `looks_per_show` looks: a show has one venue and one lighting (exposure, light phase,
+camera height) shared by all its looks, and one collection (the signature, varied per show by
+`collection_spread`: 0 keeps it exactly). A share `bg_correlation` of each designer's shows is
+held at its home venue, the others at venues drawn evenly from all venues (home included), so
+about bg_correlation + (1 - bg_correlation) / venues of the looks are at home: the background
+shortcut is planted and controllable.
+
+The splits are cut from one pool of looks: `split_by="show"` (the default) keeps every show
+whole in one split, `"random"` deals each designer's looks at random, so a validation look has
+show-mates in training (the leak a random split of real runway data has). The same config but
+`split_by` gives the same images, only split differently. Ground-truth person masks (`masks`),
+the venue index (`venues`) and the show index (`groups`, named in meta.json's
+`split.group_names`) are stored in the shards, so the analyses can be validated against the
+truth and the split checked.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ class DemoConfig:
     num_venues: int | None = None  # default: one home venue per designer
     shard_size: int = 500
     seed: int = 0
+    test_per_class: int = 0  # a held-out test split when > 0
+    looks_per_show: int = 8  # 1: every look is its own show
+    collection_spread: float = 0.0  # how far a show's collection departs from the signature, 0..1
+    split_by: str = "show"  # "show" (whole shows per split) or "random" (looks dealt at random)
 
     def __post_init__(self):
         if not 0.0 <= self.bg_correlation <= 1.0:
@@ -46,6 +59,21 @@ class DemoConfig:
             raise ValueError(f"num_designers must be at least 2, got {self.num_designers}")
         if self.height < 16 or self.width < 12:
             raise ValueError(f"image size {self.height}x{self.width} is too small (min 16x12)")
+        if self.looks_per_show < 1:
+            raise ValueError(f"looks_per_show must be at least 1, got {self.looks_per_show}")
+        if not 0.0 <= self.collection_spread <= 1.0:
+            raise ValueError(f"collection_spread must be in [0, 1], got {self.collection_spread}")
+        if self.split_by not in ("show", "random"):
+            raise ValueError(f"split_by must be show or random, got {self.split_by!r}")
+        if self.test_per_class < 0:
+            raise ValueError(f"test_per_class must be >= 0, got {self.test_per_class}")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "val", "test") if self.test_per_class else ("train", "val")
+
+    def per_class(self, split: str) -> int:
+        return {"train": self.train_per_class, "val": self.val_per_class, "test": self.test_per_class}[split]
 
     @property
     def venues(self) -> int:
@@ -270,48 +298,188 @@ def render_image(cfg: DemoConfig, designer: Designer, venue: Venue, g: torch.Gen
 RENDER_CHUNK = 256
 
 
-def _split_draws(cfg: DemoConfig, per_class: int, split_seed: int):
-    """A split's labels and venues, and the generator the shots then draw from (in this order:
-    every renderer of a split repeats it, so they all see the same shots)."""
-    g = torch.Generator().manual_seed(split_seed)
-    n = per_class * cfg.num_designers
-    labels = torch.arange(cfg.num_designers).repeat_interleave(per_class)
-    labels = labels[torch.randperm(n, generator=g)]
-    at_home = torch.rand(n, generator=g) < cfg.bg_correlation
-    elsewhere = torch.randint(0, cfg.venues, (n,), generator=g)
-    return g, labels, torch.where(at_home, labels % cfg.venues, elsewhere)
+@dataclass
+class Pool:
+    """Every look of a demo dataset, in render order (designer-major), and its shows.
+
+    Per look [N]: labels, shows (show index). Per show [S]: designer, venue, part (the split
+    the show belongs to under split_by="show"), light [S, 3] (exposure, horizon, light phase
+    in [0, 1)), primary/secondary [S, 3], pattern/silhouette [S] (the show's collection).
+    """
+
+    labels: torch.Tensor
+    shows: torch.Tensor
+    show_designer: torch.Tensor
+    show_venue: torch.Tensor
+    show_part: list[str]
+    light: torch.Tensor
+    primary: torch.Tensor
+    secondary: torch.Tensor
+    pattern: torch.Tensor
+    silhouette: torch.Tensor
 
 
-def _render_split(cfg: DemoConfig, per_class: int, split_seed: int, designers, venues):
-    g, labels, venue_ids = _split_draws(cfg, per_class, split_seed)
-    n = len(labels)
-    images = torch.empty(n, 3, cfg.height, cfg.width, dtype=torch.uint8)
-    masks = torch.empty(n, cfg.height, cfg.width, dtype=torch.uint8)
-    for start in range(0, n, RENDER_CHUNK):
-        part = slice(start, start + RENDER_CHUNK)
-        shots = _shots(cfg, designers, venues, labels[part], venue_ids[part], g)
-        images[part], masks[part] = render_shots(cfg, shots)
-    return images, labels, masks, venue_ids
+def _even_chunks(n: int, size: int) -> list[int]:
+    """n looks in ceil(n / size) shows of near-equal size."""
+    k = -(-n // size)
+    return [n // k + (1 if i < n % k else 0) for i in range(k)] if n else []
+
+
+def _shift_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
+    h, s_, v = colorsys.rgb_to_hsv(*rgb.tolist())
+    return _rgb(h + shift, s_, v)
+
+
+def demo_pool(cfg: DemoConfig, designers: list[Designer]) -> Pool:
+    """The shows and looks of `cfg` (see the module docstring); deterministic in cfg.seed."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
+    labels, shows, show_designer, show_venue, show_part = [], [], [], [], []
+    for d in range(cfg.num_designers):
+        first = len(show_designer)
+        for part in cfg.splits:
+            for size in _even_chunks(cfg.per_class(part), cfg.looks_per_show):
+                shows += [len(show_designer)] * size
+                labels += [d] * size
+                show_designer.append(d)
+                show_part.append(part)
+        count = len(show_designer) - first
+        # A share bg_correlation of the designer's shows at home; the rest at venues dealt evenly.
+        at_home = torch.zeros(count, dtype=torch.bool)
+        at_home[torch.randperm(count, generator=g)[:round(cfg.bg_correlation * count)]] = True
+        dealt = torch.cat([torch.randperm(cfg.venues, generator=g) for _ in range(-(-count // cfg.venues))])
+        show_venue += torch.where(at_home, d % cfg.venues, dealt[:count]).tolist()
+    n_shows = len(show_designer)
+    light = torch.rand(n_shows, 3, generator=g)
+    variation = torch.rand(n_shows, 5, generator=g)  # hue shift, pattern change, pattern, silhouette change, silhouette
+    spread = cfg.collection_spread
+    primary, secondary, pattern, silhouette = [], [], [], []
+    for k, d in enumerate(show_designer):
+        sig, u = designers[d], variation[k].tolist()
+        shift = spread * (u[0] - 0.5)
+        primary.append(_shift_hue(sig.primary, shift) if shift else sig.primary)
+        secondary.append(_shift_hue(sig.secondary, shift) if shift else sig.secondary)
+        pattern.append(int(u[2] * len(PATTERNS)) if u[1] < spread else PATTERNS.index(sig.pattern))
+        silhouette.append(int(u[4] * len(SILHOUETTES)) if u[3] < spread else SILHOUETTES.index(sig.silhouette))
+    return Pool(torch.tensor(labels, dtype=torch.long), torch.tensor(shows, dtype=torch.long),
+                torch.tensor(show_designer), torch.tensor(show_venue, dtype=torch.long), show_part, light,
+                torch.stack(primary), torch.stack(secondary), torch.tensor(pattern), torch.tensor(silhouette))
+
+
+def split_members(cfg: DemoConfig, pool: Pool) -> dict[str, torch.Tensor]:
+    """Look indices of each split, in shard order: whole shows (split_by="show") or each
+    designer's looks dealt at random (split_by="random"), with the same counts per designer."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 23)
+    part_of_look = [pool.show_part[s] for s in pool.shows.tolist()]
+    members: dict[str, list[int]] = {split: [] for split in cfg.splits}
+    for d in range(cfg.num_designers):
+        looks = (pool.labels == d).nonzero().flatten()
+        if cfg.split_by == "random":
+            looks = looks[torch.randperm(len(looks), generator=g)]
+            start = 0
+            for split in ("val", "test", "train"):
+                if split in members:
+                    members[split] += looks[start:start + cfg.per_class(split)].tolist()
+                    start += cfg.per_class(split)
+        else:
+            for i in looks.tolist():
+                members[part_of_look[i]].append(i)
+    return {split: torch.tensor(m, dtype=torch.long)[torch.randperm(len(m), generator=g)]
+            for split, m in members.items()}
+
+
+def _pool_shots(cfg: DemoConfig, pool: Pool, venues: list[Venue], periods: torch.Tensor, looks: slice,
+                g: torch.Generator) -> Shots:
+    """Shots of consecutive pool looks: the show fixes venue, lighting and collection; the
+    designer the pattern period (`periods` [num_designers])."""
+    show = pool.shows[looks]
+    v = [venues[i] for i in pool.show_venue[show].tolist()]
+    b = len(show)
+    jitter = torch.rand(b, JITTER_COLUMNS, generator=g)
+    jitter[:, [EXPOSURE, HORIZON, LIGHT_PHASE]] = pool.light[show]
+    return Shots(
+        primary=pool.primary[show], secondary=pool.secondary[show], pattern=pool.pattern[show],
+        silhouette=pool.silhouette[show], period=periods[pool.labels[looks]],
+        wall=torch.stack([x.wall for x in v]).reshape(b, 3),
+        floor=torch.stack([x.floor for x in v]).reshape(b, 3),
+        light_colour=torch.stack([x.light_colour for x in v]).reshape(b, 3),
+        horizon=torch.tensor([x.horizon for x in v], dtype=torch.float32),
+        lights=torch.tensor([x.lights for x in v], dtype=torch.long),
+        jitter=jitter,
+        noise=torch.randn(b, 3, cfg.height, cfg.width, generator=g),
+    )
+
+
+def render_pool(cfg: DemoConfig, backdrops: bool = False) -> dict[str, torch.Tensor]:
+    """Every look of the pool: images [N, 3, H, W], masks [N, H, W], labels, venues, groups
+    (show ids) [N], and with ``backdrops`` the same shots without the person."""
+    designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
+    pool = demo_pool(cfg, designers)
+    periods = torch.tensor([x.period for x in designers], dtype=torch.long)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + 29)
+    n = len(pool.labels)
+    out = {"images": torch.empty(n, 3, cfg.height, cfg.width, dtype=torch.uint8),
+           "masks": torch.empty(n, cfg.height, cfg.width, dtype=torch.uint8)}
+    if backdrops:
+        out["backdrops"] = torch.empty(n, 3, cfg.height, cfg.width, dtype=torch.uint8)
+    with intra_op_threads(1):  # many short ops on small tensors: a second thread only syncs
+        for start in range(0, n, RENDER_CHUNK):
+            part = slice(start, start + RENDER_CHUNK)
+            shots = _pool_shots(cfg, pool, venues, periods, part, g)
+            out["images"][part], out["masks"][part] = render_shots(cfg, shots)
+            if backdrops:
+                out["backdrops"][part] = render_backdrops(cfg, shots)
+    out.update(labels=pool.labels, venues=pool.show_venue[pool.shows], groups=pool.shows)
+    out["members"] = split_members(cfg, pool)
+    out["show_designer"] = pool.show_designer
+    return out
 
 
 def designer_names(n: int) -> list[str]:
     return [f"designer_{i:02d}" for i in range(n)]
 
 
+def show_names(show_designer: torch.Tensor) -> list[str]:
+    """`designer_03/show_02`: the show's designer and its number among that designer's shows."""
+    seen: dict[int, int] = {}
+    names = []
+    for d in show_designer.tolist():
+        names.append(f"designer_{d:02d}/show_{seen.get(d, 0):02d}")
+        seen[d] = seen.get(d, 0) + 1
+    return names
+
+
+def split_record(cfg: DemoConfig, rendered: dict) -> dict:
+    """What meta.json says about the demo's split (as an ingest's `split`)."""
+    from fgvc.data.splits import spanning
+
+    names = show_names(rendered["show_designer"])
+    members = rendered["members"]
+    of = {split: [names[s] for s in rendered["groups"][m].tolist()] for split, m in members.items()}
+    per_designer: dict[str, dict[str, int]] = {}
+    for split, keys in of.items():
+        for key in set(keys):
+            label = key.split("/", 1)[0]
+            per_designer.setdefault(label, {s: 0 for s in members})[split] += 1
+    return {"by": cfg.split_by, "looks_per_show": cfg.looks_per_show,
+            "groups": {split: len(set(keys)) for split, keys in of.items()},
+            "groups_per_designer": dict(sorted(per_designer.items())),
+            "groups_in_two_splits": len(spanning(of)), "group_names": names}
+
+
 def generate_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
     """Write a runway-synth dataset root; same config -> byte-identical shards. Returns meta."""
     root = Path(root)
-    designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
+    designers = designer_signatures(cfg)
+    rendered = render_pool(cfg)
     counts = {}
-    for split_index, (split, per_class) in enumerate((("train", cfg.train_per_class), ("val", cfg.val_per_class))):
-        with intra_op_threads(1):  # many short ops on small tensors: a second thread only syncs
-            images, labels, masks, venue_ids = _render_split(
-                cfg, per_class, cfg.seed * 1000 + split_index + 17, designers, venues)
-        for k, start in enumerate(range(0, len(labels), cfg.shard_size)):
-            sl = slice(start, start + cfg.shard_size)
-            shard = make_shard(images[sl], labels[sl], cfg.num_designers, masks=masks[sl], venues=venue_ids[sl])
+    for split, members in rendered["members"].items():
+        for k, start in enumerate(range(0, len(members), cfg.shard_size)):
+            idx = members[start:start + cfg.shard_size]
+            shard = make_shard(rendered["images"][idx], rendered["labels"][idx], cfg.num_designers,
+                               masks=rendered["masks"][idx], venues=rendered["venues"][idx],
+                               groups=rendered["groups"][idx])
             write_shard(root / split / shard_name(k), shard)
-        counts[split] = len(labels)
+        counts[split] = len(members)
     write_label_map(root, designer_names(cfg.num_designers))
     meta = {
         "source": "runway-synth",
@@ -320,6 +488,7 @@ def generate_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
         "num_classes": cfg.num_designers,
         "counts": counts,
         "designers": [{"pattern": d.pattern, "silhouette": d.silhouette} for d in designers],
+        "split": split_record(cfg, rendered),
     }
     write_json(root / "meta.json", meta)
     return meta
@@ -329,7 +498,6 @@ def generate_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
 
 # A figure centred this far right of the frame (in units of the centre jitter) draws no pixel.
 OFF_FRAME_CENTRE = 1e4
-DEMO_SPLITS = ("train", "val")
 
 
 def render_backdrops(cfg: DemoConfig, shots: Shots) -> torch.Tensor:
@@ -347,21 +515,9 @@ def render_backdrops(cfg: DemoConfig, shots: Shots) -> torch.Tensor:
 
 def render_split_with_backdrops(cfg: DemoConfig, split: str) -> dict[str, torch.Tensor]:
     """One split exactly as `generate_demo` writes it (`images`, `masks`, `labels`, `venues`,
-    in shard order) plus `backdrops`: the same shots rendered without the person."""
-    if split not in DEMO_SPLITS:
-        raise ConfigError(f"demo split must be one of {', '.join(DEMO_SPLITS)}, got {split!r}")
-    split_index = DEMO_SPLITS.index(split)
-    per_class = (cfg.train_per_class, cfg.val_per_class)[split_index]
-    designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
-    g, labels, venue_ids = _split_draws(cfg, per_class, cfg.seed * 1000 + split_index + 17)
-    n = len(labels)
-    parts: dict[str, list[torch.Tensor]] = {"images": [], "masks": [], "backdrops": []}
-    with intra_op_threads(1):  # many short ops on small tensors: a second thread only syncs
-        for start in range(0, n, RENDER_CHUNK):
-            part = slice(start, start + RENDER_CHUNK)
-            shots = _shots(cfg, designers, venues, labels[part], venue_ids[part], g)
-            image, mask = render_shots(cfg, shots)
-            parts["images"].append(image)
-            parts["masks"].append(mask)
-            parts["backdrops"].append(render_backdrops(cfg, shots))
-    return {**{k: torch.cat(v) for k, v in parts.items()}, "labels": labels, "venues": venue_ids}
+    `groups`, in shard order) plus `backdrops`: the same shots rendered without the person."""
+    if split not in cfg.splits:
+        raise ConfigError(f"demo split must be one of {', '.join(cfg.splits)}, got {split!r}")
+    rendered = render_pool(cfg, backdrops=True)
+    idx = rendered["members"][split]
+    return {k: rendered[k][idx] for k in ("images", "masks", "backdrops", "labels", "venues", "groups")}

@@ -23,12 +23,13 @@ warning with the count and names, and `skipped` / `skipped_count` in `meta.json`
 left with no readable image (or with no image files at all) is dropped from the label map with
 a warning and recorded under `dropped_classes`: every class of the root has data.
 
-The split is stratified and computed over the readable images of each designer:
-`round(n * val_fraction)` (halves round up) go to val, at least one stays in train when n >= 1
-and at least one goes to val when n >= 2 and val_fraction > 0. Which images go to val, and the
-order of images in the shards, come from a seeded hash of each file's path relative to the
-source: the same inputs and seed give byte-identical shards on any machine, and adding a file
-to a designer does not reshuffle the others.
+The split (fgvc.data.splits) is stratified per designer and computed over the readable images:
+`--split-by show` keeps each runway show (the season code at the start of iDesigner file names,
+or a CSV's `group` column) whole in one split, `random` shuffles images, `auto` (the default)
+picks `show` when most files carry a code. Each image's group id is stored in the shards
+(`groups`) and `meta.json` records the rule and the groups per split and per designer. Which
+images go where, and their order in the shards, come from a seeded hash of each file's path
+relative to the source: the same inputs and seed give byte-identical shards on any machine.
 
 Memory stays flat: decoded images are appended to an anonymous staging file inside `root`
 (deleted automatically), and each shard is assembled from it in its own buffer. Disk use peaks
@@ -37,7 +38,6 @@ at about twice the size of the written shards.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -61,6 +61,15 @@ from fgvc.data.shards import (
     write_shard,
 )
 from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
+from fgvc.data.splits import (  # noqa: F401  (seeded_rank, val_count: imported from here too)
+    DEFAULT_GROUP_PATTERN,
+    check_split_arguments,
+    make_split,
+    seeded_rank,
+    split_random,
+    summary,
+    val_count,
+)
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError
 
@@ -133,37 +142,13 @@ def load_image(path: str | Path, height: int, width: int, resize: str = "pad") -
 
 
 # ---------------------------------------------------------------------------------------------
-# The split
-
-
-def val_count(n: int, val_fraction: float) -> int:
-    """Images of one designer that go to val: round(n * val_fraction), halves up, keeping at
-    least one in train (n >= 1) and at least one in val (n >= 2, val_fraction > 0)."""
-    if n < 2 or val_fraction <= 0:
-        return 0
-    return min(n - 1, max(1, math.floor(n * val_fraction + 0.5)))
-
-
-def seeded_rank(seed: int, purpose: str, name: str) -> bytes:
-    """A pseudo-random sort key for one file, fixed by the seed and the file's name only."""
-    return hashlib.sha256(f"{seed}\0{purpose}\0{name}".encode()).digest()
+# The split (fgvc.data.splits: show-disjoint or random, stratified per designer)
 
 
 def split_stratified(images: list[SourceImage], val_fraction: float, seed: int
                      ) -> dict[str, list[int]]:
-    """Indices into `images` for train and val, each in a seeded shuffled order."""
-    by_label: dict[str, list[int]] = {}
-    for i, image in enumerate(images):
-        by_label.setdefault(image.label, []).append(i)
-    splits: dict[str, list[int]] = {"train": [], "val": []}
-    for label in sorted(by_label):
-        members = sorted(by_label[label], key=lambda i: seeded_rank(seed, "val", images[i].name))
-        k = val_count(len(members), val_fraction)
-        splits["val"] += members[:k]
-        splits["train"] += members[k:]
-    for split, members in splits.items():
-        members.sort(key=lambda i: seeded_rank(seed, f"order/{split}", images[i].name))
-    return splits
+    """Indices into `images` for train and val of a random split, each in a seeded order."""
+    return split_random([i.label for i in images], [i.name for i in images], val_fraction, seed).members
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,19 +230,20 @@ def decode_all(images: list[SourceImage], height: int, width: int, resize: str, 
             yield from zip((images[k] for k in part), pool.map(decode, part))
 
 
-def _write_shards(jobs: list[tuple[Path, list[int], list[int]]], staging: int, height: int, width: int,
-                  num_classes: int, workers: int) -> None:
-    """Assemble each shard from its staging rows and write it (job: path, rows, labels), several
-    shards at a time (reading rows and writing files release the GIL)."""
+def _write_shards(jobs: list[tuple[Path, list[int], list[int], list[int]]], staging: int, height: int,
+                  width: int, num_classes: int, workers: int) -> None:
+    """Assemble each shard from its staging rows and write it (job: path, rows, labels, group
+    ids), several shards at a time (reading rows and writing files release the GIL)."""
     row_bytes = 3 * height * width
 
     def write(job) -> None:
-        path, rows, labels = job
+        path, rows, labels, groups = job
         images = torch.empty(len(rows), 3, height, width, dtype=torch.uint8)  # [N, 3, H, W]
         for j, row in enumerate(rows):
             if os.preadv(staging, [images[j].numpy().reshape(-1)], row * row_bytes) != row_bytes:
                 raise OSError(f"{path.parent.parent}: staging file ended early (disk full?)")
-        write_shard(path, make_shard(images, torch.tensor(labels, dtype=torch.int64), num_classes),
+        write_shard(path, make_shard(images, torch.tensor(labels, dtype=torch.int64), num_classes,
+                                     groups=torch.tensor(groups, dtype=torch.int64)),
                     num_classes=num_classes)
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fgvc-shards") as pool:
@@ -266,11 +252,14 @@ def _write_shards(jobs: list[tuple[Path, list[int], list[int]]], staging: int, h
 
 def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 48,
            resize: str = "pad", val_fraction: float = 0.2, seed: int = 0, shard_size: int = 500,
-           progress: bool = True, workers: int | None = None) -> dict:
-    """Write a dataset root (train/val shards, index_to_label.json, meta.json) from an image
-    folder or a `path,label` CSV; returns the meta written. See the module docstring."""
+           progress: bool = True, workers: int | None = None, split_by: str = "auto",
+           group_pattern: str = DEFAULT_GROUP_PATTERN, test_fraction: float = 0.0) -> dict:
+    """Write a dataset root (train/val(/test) shards, index_to_label.json, meta.json) from an
+    image folder or a `path,label[,group]` CSV; returns the meta written. See the module
+    docstring and fgvc.data.splits for the split."""
     source, root = Path(source), Path(root)
     check_arguments(source, root, height, width, resize, val_fraction, shard_size)
+    check_split_arguments(split_by, group_pattern, val_fraction, test_fraction)
     listing = list_source(source)
     root.mkdir(parents=True, exist_ok=True)
     # meta.json is written last and marks a finished root; an interrupted re-ingest must not
@@ -311,18 +300,26 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
             raise ConfigError(f"{source}: no readable images ({len(skipped)} file(s) skipped)")
         index_of = {name: i for i, name in enumerate(kept)}
 
-        splits = split_stratified(readable, val_fraction, seed)
+        labels = [image.label for image in readable]
+        split = make_split(labels, [image.name for image in readable], split_by, val_fraction, seed,
+                           test_fraction, group_pattern, [image.group for image in readable])
+        group_names = sorted(set(split.group_of))
+        group_id = {g: k for k, g in enumerate(group_names)}
+        splits = split.members
+        if "test" not in splits:
+            _remove_stale_shards(root / "test", 0)
         counts, class_counts, jobs = {}, {}, []
-        for split, members in splits.items():
+        for split_name, members in splits.items():
             chunks = [members[start:start + shard_size] for start in range(0, len(members), shard_size)]
-            jobs += [(root / split / shard_name(k), [rows[i] for i in chunk],
-                      [index_of[readable[i].label] for i in chunk]) for k, chunk in enumerate(chunks)]
-            _remove_stale_shards(root / split, len(chunks))
-            counts[split] = len(members)
+            jobs += [(root / split_name / shard_name(k), [rows[i] for i in chunk],
+                      [index_of[readable[i].label] for i in chunk],
+                      [group_id[split.group_of[i]] for i in chunk]) for k, chunk in enumerate(chunks)]
+            _remove_stale_shards(root / split_name, len(chunks))
+            counts[split_name] = len(members)
             per_class = {name: 0 for name in kept}
             for i in members:
                 per_class[readable[i].label] += 1
-            class_counts[split] = per_class
+            class_counts[split_name] = per_class
         _write_shards(jobs, staging.fileno(), height, width, len(kept), workers)
 
     if counts["val"] == 0:
@@ -337,7 +334,9 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
         "resize": resize,
         "transparency": "composited on black",
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "seed": seed,
+        "split": {**summary(split, labels, group_pattern), "group_names": group_names},
         "shard_size": shard_size,
         "num_classes": len(kept),
         "counts": counts,
@@ -349,6 +348,8 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
         "ignored": listing.notes,
     }
     write_json(root / "meta.json", meta)
-    log.info("ingested %s into %s: %d classes, train %d, val %d, skipped %d",
-             source, root, len(kept), counts["train"], counts["val"], len(skipped))
+    log.info("ingested %s into %s: %d classes, %s, skipped %d", source, root, len(kept),
+             ", ".join(f"{s} {n}" for s, n in counts.items()), len(skipped))
+    log.info("split by %s: groups %s; %d file(s) carry a show code, %d do not (%s)", split.rule,
+             meta["split"]["groups"], split.coded, len(labels) - split.coded, meta["split"]["uncoded_rule"])
     return meta

@@ -87,3 +87,47 @@ def remove_written(root: str | Path) -> int:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     return removed
+
+
+def recorded_split(root: str | Path) -> dict:
+    """meta.json's `split` record, or that of the root a masked root was made from."""
+    meta = read_meta(root)
+    return meta.get("split") or (meta.get("source_meta") or {}).get("split") or {}
+
+
+def groups_by_split(root: str | Path) -> dict[str, list[str]]:
+    """The group (show) of every image per split, from the shards' `groups` ids and meta.json's
+    `split.group_names`. Refuses a root that records no groups (prepared before splits kept
+    groups, or written by a tool that drops them)."""
+    import torch
+
+    from fgvc.data.shards import load_shard, shards_of, splits_of
+
+    root = Path(root)
+    names = recorded_split(root).get("group_names")
+    if not names:
+        raise ShardError(f"{root}: meta.json records no groups (split.group_names); rebuild it with "
+                         f"`fgvc prepare` to check its split")
+    out: dict[str, list[str]] = {}
+    for split in splits_of(root):
+        ids: list[int] = []
+        for path in shards_of(root, split):
+            shard = load_shard(path)
+            if "groups" not in shard:
+                raise ShardError(f"{path}: records no 'groups' (the show of each image); rebuild the root "
+                                 f"with `fgvc prepare` to check its split")
+            ids += torch.as_tensor(shard["groups"]).tolist()
+        if ids and max(ids) >= len(names):
+            raise ShardError(f"{root / split}: group id {max(ids)} has no name in meta.json's split.group_names")
+        out[split] = [names[i] for i in ids]
+    return out
+
+
+def check_groups(root: str | Path) -> dict:
+    """Whether any group spans two splits: {"groups": {split: count}, "spanning": {group:
+    splits}, "by": the recorded rule}."""
+    from fgvc.data.splits import spanning
+
+    of = groups_by_split(root)
+    return {"by": recorded_split(root).get("by"),
+            "groups": {split: len(set(keys)) for split, keys in of.items()}, "spanning": spanning(of)}

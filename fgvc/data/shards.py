@@ -152,6 +152,8 @@ def validate_shard(shard: dict, path: str | Path, num_classes: int | None = None
 PER_IMAGE_KEYS = {
     "venues": ((torch.int64, torch.int32, torch.int16, torch.uint8), "an integer tensor [N] of venue ids >= 0"),
     "bg_removed": ((torch.bool, torch.uint8), "a bool tensor [N]"),
+    # the show (or other group) of each image: an index into meta.json's split.group_names
+    "groups": ((torch.int64, torch.int32), "an integer tensor [N] of group ids >= 0"),
 }
 
 
@@ -164,8 +166,8 @@ def _check_per_image(shard: dict, path: Path, n: int) -> None:
             found = (f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor)
                      else type(value).__name__)
             raise ShardError(f"{path}: '{key}' must be {rule} (N = {n}), found {found}")
-        if key == "venues" and n and int(value.min()) < 0:
-            raise ShardError(f"{path}: 'venues' must be {rule}, found a negative id {int(value.min())}")
+        if key in ("venues", "groups") and n and int(value.min()) < 0:
+            raise ShardError(f"{path}: '{key}' must be {rule}, found a negative id {int(value.min())}")
         if key == "bg_removed" and n and value.dtype == torch.uint8 and int(value.max()) > 1:
             raise ShardError(f"{path}: 'bg_removed' must be {rule}, found values above 1")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class SourceImage:
     path: Path  # where to read it
     name: str  # how it is reported and hashed: relative to the source, or as written in the CSV
     label: str  # designer name, exactly as given
+    group: str | None = None  # a CSV's `group` column (the show), when given
 
 
 @dataclass
@@ -33,8 +35,28 @@ class SourceListing:
     notes: dict  # what the listing ignored, for meta.json
 
 
+def visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def unwrap_single_folder(source: Path) -> Path:
+    """The iDesigner download unpacks as `designer_image_train_v2_cropped/
+    designer_image_train_v2_cropped/<designer>/*.png`: a folder holding one folder and no
+    files, whose own entries are folders, is followed one level down (and the log says so)."""
+    entries = visible(source)
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = visible(entries[0])
+        if inner and all(p.is_dir() for p in inner):
+            log.info("%s: holds a single folder %r and nothing else; reading the designer folders inside it",
+                     source, entries[0].name)
+            return entries[0]
+    return source
+
+
 def list_image_folder(source: Path) -> SourceListing:
-    """`<source>/<designer>/*.{png,jpg,jpeg,webp}`; hidden files and folders are ignored."""
+    """`<source>/<designer>/*.{png,jpg,jpeg,webp}`; hidden files and folders are ignored. A
+    source holding a single folder of designer folders is read one level down."""
+    given, source = source, unwrap_single_folder(source)
     folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = [p.name for p in source.iterdir() if p.is_file() and not p.name.startswith(".")]
     if not folders:
@@ -54,12 +76,14 @@ def list_image_folder(source: Path) -> SourceListing:
                 not_images += 1
     if not images:
         raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
-    notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images}
+    notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images,
+             "followed_single_folder": source.name if source != given else None}
     return SourceListing("image-folder", images, [f.name for f in folders], notes)
 
 
 def list_csv(source: Path) -> SourceListing:
-    """A CSV with columns `path,label` (others ignored). Rows naming the same file twice with the
+    """A CSV with columns `path,label` and optionally `group` (the show; others ignored). Rows
+    naming the same file twice with the
     same label count once; with different labels the CSV is refused."""
     with open(source, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -68,6 +92,7 @@ def list_csv(source: Path) -> SourceListing:
             raise ConfigError(
                 f"{source}: a CSV source needs the header 'path,label', found {reader.fieldnames}"
             )
+        group_column = columns.get("group")
         images: list[SourceImage] = []
         seen: dict[str, str] = {}
         duplicates = 0
@@ -87,7 +112,8 @@ def list_csv(source: Path) -> SourceListing:
                 duplicates += 1
                 continue
             seen[key] = label
-            images.append(SourceImage(path, written.strip(), label))
+            group = (row.get(group_column) or "").strip() or None if group_column else None
+            images.append(SourceImage(path, written.strip(), label, group))
     if not images:
         raise ConfigError(f"{source}: the CSV lists no images")
     if duplicates:
@@ -98,6 +124,10 @@ def list_csv(source: Path) -> SourceListing:
 
 def list_source(source: str | Path) -> SourceListing:
     source = Path(source)
+    if source.is_dir() and (source / KAGGLE_LIST).is_file():
+        raise ConfigError(f"{source}: an unlabelled test folder ({KAGGLE_LIST} lists its images by Id); a dataset "
+                          f"root needs labels. Predict it with "
+                          f"`fgvc predict --source {shlex.quote(str(source))} --format kaggle`")
     if source.is_dir():
         return list_image_folder(source)
     if source.is_file() and source.suffix.lower() == ".csv":
@@ -108,3 +138,62 @@ def list_source(source: str | Path) -> SourceListing:
         f"{source}: unknown source kind; expected an image folder <source>/<designer>/*.jpg "
         f"or a .csv file with the header 'path,label'"
     )
+
+
+# --- photos to predict (no labels) ------------------------------------------------------------
+
+KAGGLE_LIST = "sample.csv"
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: Path
+    key: str  # how the output names it: the Kaggle Id, the CSV's path, or the path under the folder
+
+
+def _photos_by_id(listing: Path) -> list[Photo]:
+    """A Kaggle-style list (`sample.csv`, column `Id`): images `<folder>/<Id>.<ext>`."""
+    with open(listing, newline="", encoding="utf-8-sig") as f:
+        ids = [row.get("Id") or row.get("id") for row in csv.DictReader(f)]
+    if not ids or any(i is None for i in ids):
+        raise ConfigError(f"{listing}: needs a column 'Id' naming the images (as Kaggle's sample.csv)")
+    folder = listing.parent
+    found = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    return [Photo(found.get(i.strip(), folder / f"{i.strip()}.png"), i.strip()) for i in ids]
+
+
+def list_photos(source: str | Path) -> list[Photo]:
+    """Photos to predict: a folder (every image under it, sorted; a folder with a Kaggle
+    `sample.csv` means the images it lists, keyed by `Id`), or a CSV with a `path` column
+    (relative to the CSV) or an `Id` column. A listed file that is missing is kept, so it is
+    reported as unreadable rather than dropped."""
+    source = Path(source)
+    if source.is_dir():
+        if (source / KAGGLE_LIST).is_file():
+            return _photos_by_id(source / KAGGLE_LIST)
+        source = unwrap_single_folder(source)
+        photos = [Photo(p, str(p.relative_to(source))) for p in sorted(source.rglob("*"))
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in
+                                                                      p.relative_to(source).parts)]
+        if not photos:
+            raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return photos
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            header = [h.strip().lower() for h in (csv.DictReader(f).fieldnames or [])]
+        if "path" not in header:
+            return _photos_by_id(source)
+        with open(source, newline="", encoding="utf-8-sig") as f:
+            rows = [{k.strip().lower(): v for k, v in row.items() if k} for row in csv.DictReader(f)]
+        photos = []
+        for row in rows:
+            written = (row.get("path") or "").strip()
+            if written:
+                path = Path(written)
+                photos.append(Photo(path if path.is_absolute() else source.parent / path, written))
+        if not photos:
+            raise ConfigError(f"{source}: the CSV lists no images")
+        return photos
+    if not source.exists():
+        raise ConfigError(f"{source}: source does not exist")
+    raise ConfigError(f"{source}: expected a folder of images or a .csv with a 'path' or 'Id' column")

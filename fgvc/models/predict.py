@@ -98,6 +98,170 @@ def as_image_list(images) -> list[torch.Tensor]:
     return out
 
 
+# --- what a caller may send: uint8 arrays, or JPEG/PNG bytes as base64 text ---------------------
+
+# Budgets, stated and configurable (environment, read at each call): an encoded image larger
+# than MAX_IMAGE_BYTES, or an image or a request with more pixels than MAX_PIXELS, is refused
+# before it is decoded. 40 megapixels covers any camera photo; Pillow's own bomb limit is 179 M.
+MAX_PIXELS_ENV, MAX_PIXELS = "FGVC_MAX_PIXELS", 40_000_000
+MAX_IMAGE_BYTES_ENV, MAX_IMAGE_BYTES = "FGVC_MAX_IMAGE_BYTES", 20_000_000
+IMAGE_COLUMNS = ("image", "images", "image_base64")
+
+
+class ImageInputError(FgvcError, ValueError):
+    """An input that is not an image the model can take (the message is one line)."""
+
+
+def _budget(env: str, default: int) -> int:
+    import os
+
+    text = os.environ.get(env, "").strip()
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise ImageInputError(f"{env}={text!r} is not an integer") from None
+
+
+def decode_base64_image(text, index: int = 0) -> np.ndarray:
+    """JPEG/PNG/WebP bytes, or their base64 text (`base64 -w0 photo.jpg`, a `data:` URL
+    too), -> uint8 [H, W, 3]; refused in one line when it is not base64, not an image, or
+    over the byte or pixel budget (checked from the header, before decoding)."""
+    import base64
+    import binascii
+
+    max_bytes = _budget(MAX_IMAGE_BYTES_ENV, MAX_IMAGE_BYTES)
+    if isinstance(text, (bytes, bytearray)) and not bytes(text[:4]).isascii():
+        return decode_image_bytes(bytes(text), f"image {index}")
+    text = text.decode("ascii", "replace") if isinstance(text, (bytes, bytearray)) else str(text)
+    text = text.strip()
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    if len(text) > max_bytes * 4 // 3 + 4:
+        raise ImageInputError(f"image {index}: {len(text)} base64 characters, over the budget of {max_bytes} "
+                              f"bytes ({MAX_IMAGE_BYTES_ENV})")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError(f"image {index}: not base64 text (send `base64 -w0 photo.jpg`)") from None
+    return decode_image_bytes(data, f"image {index}")
+
+
+def decode_image_bytes(data: bytes, what: str) -> np.ndarray:
+    """An encoded image (JPEG, PNG, WebP, ...) -> uint8 [H, W, 3], EXIF orientation applied,
+    transparency on black (as ingest does); refused in one line naming ``what`` when it is
+    over the byte or pixel budget (read from the header, before decoding) or not an image."""
+    import io
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from fgvc.data.ingest import to_rgb
+
+    max_bytes = _budget(MAX_IMAGE_BYTES_ENV, MAX_IMAGE_BYTES)
+    if len(data) > max_bytes:
+        raise ImageInputError(f"{what}: {len(data)} bytes, over the budget of {max_bytes} ({MAX_IMAGE_BYTES_ENV})")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            w, h = image.size
+            max_pixels = _budget(MAX_PIXELS_ENV, MAX_PIXELS)
+            if w * h > max_pixels:
+                raise ImageInputError(f"{what}: {w}x{h} pixels, over the budget of {max_pixels} ({MAX_PIXELS_ENV})")
+            image.load()
+            return np.asarray(to_rgb(ImageOps.exif_transpose(image))).copy()
+    except ImageInputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = "not a JPEG/PNG/WebP image" if isinstance(e, UnidentifiedImageError) else f"unreadable image ({e})"
+        raise ImageInputError(f"{what}: {reason}".splitlines()[0]) from None
+
+
+def _encoded_column(model_input):
+    """The base64 images of an input, when it carries them: a DataFrame or dict column named
+    image/images/image_base64 (or its only column), a list or array of strings or bytes."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        names = [c for c in model_input.columns if str(c).lower() in IMAGE_COLUMNS]
+        if names or len(model_input.columns) == 1:
+            return list(model_input[names[0] if names else model_input.columns[0]])
+        raise ImageInputError(f"a table input needs a column named {' or '.join(IMAGE_COLUMNS)} holding base64 "
+                              f"images; found {', '.join(map(str, model_input.columns))}")
+    if isinstance(model_input, dict):
+        names = [k for k in model_input if str(k).lower() in IMAGE_COLUMNS]
+        if not names:
+            raise ImageInputError(f"an input object needs a key {' or '.join(IMAGE_COLUMNS)}; found "
+                                  f"{', '.join(map(str, model_input))}")
+        column = model_input[names[0]]
+        return list(np.asarray(column, dtype=object).reshape(-1)) if not isinstance(column, list) else column
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "USO" and model_input.ndim <= 1:
+        return list(model_input.reshape(-1))
+    if isinstance(model_input, (list, tuple)) and model_input and all(isinstance(x, (str, bytes)) for x in model_input):
+        return list(model_input)
+    return None
+
+
+def check_pixels(array: np.ndarray, index: int) -> np.ndarray:
+    """A numeric image as uint8: integers in 0..255 only. Floats (even in [0, 1]), booleans and
+    out-of-range numbers are refused, never cast (a cast would silently change the picture)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        raise ImageInputError(f"image {index}: boolean pixels; send integers 0..255")
+    if array.dtype.kind == "f":
+        raise ImageInputError(f"image {index}: expected uint8 pixels (integers 0..255), found {array.dtype} "
+                              f"(floats are refused, not truncated)")
+    if array.dtype.kind in "iu":
+        if array.size and (int(array.min()) < 0 or int(array.max()) > 255):
+            raise ImageInputError(f"image {index}: pixel values must be 0..255, found {int(array.min())}.."
+                                  f"{int(array.max())}")
+        return array.astype(np.uint8)
+    raise ImageInputError(f"image {index}: expected uint8 pixels (0..255), found {array.dtype}")
+
+
+def images_from_input(model_input) -> list[np.ndarray]:
+    """What a caller sends (uint8 ``[N, H, W, 3]`` or a list of ``[H, W, 3]``; integer arrays
+    in 0..255; base64 JPEG/PNG strings in a column ``image``) -> uint8 ``[H, W, 3]`` arrays,
+    within the pixel budget. Every refusal is an ImageInputError with a one-line reason."""
+    encoded = _encoded_column(model_input)
+    if encoded is not None:
+        if not encoded:
+            raise ImageInputError("no images to predict")
+        images = [decode_base64_image(item, i) for i, item in enumerate(encoded)]
+    else:
+        if isinstance(model_input, np.ndarray) and model_input.ndim == 3:
+            model_input = model_input[None]
+        items = [model_input[i] for i in range(len(model_input))] if isinstance(model_input, np.ndarray) \
+            else list(model_input)
+        images = []
+        for i, item in enumerate(items):
+            array = np.asarray(item)
+            if array.dtype == object:
+                raise ImageInputError(f"image {i}: not an array of pixels (images of different sizes go as base64 "
+                                      f"strings or separate requests)")
+            if array.ndim != 3 or array.shape[-1] != 3:
+                raise ImageInputError(f"image {i}: expected uint8 [H, W, 3], found shape {list(array.shape)}")
+            images.append(check_pixels(array, i))
+    max_pixels = _budget(MAX_PIXELS_ENV, MAX_PIXELS)
+    total = sum(a.shape[0] * a.shape[1] for a in images)
+    if total > max_pixels:
+        raise ImageInputError(f"{len(images)} image(s) of {total} pixels in all, over the budget of {max_pixels} "
+                              f"({MAX_PIXELS_ENV}); send fewer or smaller images")
+    return images
+
+
+def check_top_k(value) -> int:
+    """`top_k` as a caller sends it: an integer >= 1 (a larger one than the class count
+    returns every class). Floats with a fraction, booleans and text are refused."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ImageInputError(f"top_k must be an integer >= 1, found {value!r}")
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ImageInputError(f"top_k must be an integer >= 1, found {value!r}")
+    return int(value)
+
+
 class Predictor:
     """``Predictor.from_checkpoint(path).predict(images, top_k=5)`` -> one record per image.
 
@@ -123,7 +287,7 @@ class Predictor:
     def preprocess(self, images) -> torch.Tensor:
         """Images as the model saw them in training: float ``[N, 3, H, W]`` in [0, 1]."""
         size = tuple(self.model.spec.image_size)
-        return torch.stack([fit_to(image, size, self.resize) for image in as_image_list(images)])
+        return torch.stack([fit_to(image, size, self.resize) for image in as_image_list(images_from_input(images))])
 
     def probabilities(self, images) -> torch.Tensor:
         batch = self.preprocess(images)

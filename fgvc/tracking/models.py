@@ -23,7 +23,6 @@ import torchvision
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 
 import fgvc
 from fgvc.models.predict import Predictor
@@ -37,7 +36,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 REGISTERED_DESCRIPTION = (
     "fgvc designer classifier. Each version is an MLflow model: `mlflow.pyfunc.load_model(uri).predict(images)` "
-    "takes uint8 images [N, H, W, 3] of any size and returns the designer, class index and top-k "
+    "takes uint8 images [N, H, W, 3] of any size (or JPEG/PNG as base64 strings in a column `image`) and returns the designer, class index and top-k "
     "probabilities per image. Aliases: `candidate` is the newest version, `champion` the best version "
     "of one dataset (moved by `fgvc promote`).")
 
@@ -57,9 +56,10 @@ def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow's notes on example formats, integer columns, type hints
         inferred = infer_signature(example, output, params={"top_k": 5})
-        # Any image size: the model fits images to its training size itself.
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                                   outputs=inferred.outputs, params=inferred.params)
+        # No input schema: MLflow would cast what it parses to it (a float pixel silently
+        # truncated to a black one); the model checks its input itself (uint8 arrays of any
+        # size, or base64 JPEG/PNG in a column `image`) and refuses anything else.
+        signature = ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
             code_paths=[str(Path(fgvc.__file__).parent)], signature=signature, input_example=example,

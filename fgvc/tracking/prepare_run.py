@@ -12,11 +12,12 @@ from fgvc.data.config import PrepareConfig
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import generate_demo
 from fgvc.data.ingest import check_arguments, ingest
-from fgvc.data.roots import remove_written, written_files
+from fgvc.data.roots import check_groups, remove_written, written_files
+from fgvc.data.splits import check_split_arguments
 from fgvc.data.shards import dataset_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
 from fgvc.tracking.markdown import code
-from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
+from fgvc.tracking.runs import DESCRIPTION, artifact_dir, log_dataset, log_params, set_tags, tracked_run
 
 log = logging.getLogger("fgvc")
 
@@ -36,6 +37,7 @@ def check(cfg: PrepareConfig) -> None:
             raise ConfigError(str(e)) from None
     else:
         check_arguments(Path(cfg.source), root, cfg.height, cfg.width, cfg.resize, cfg.val_fraction)
+        check_split_arguments(cfg.split_by, cfg.group_pattern, cfg.val_fraction, cfg.test_fraction)
     if (root / "meta.json").exists() and not cfg.overwrite:
         raise ConfigError(f"{root}: a dataset already exists here; pass --overwrite true to rebuild it "
                           f"(only the files prepare wrote are removed)")
@@ -51,7 +53,41 @@ def build_root(cfg: PrepareConfig, progress: bool = True) -> dict:
     if cfg.is_demo:
         return generate_demo(root, cfg.demo())
     return ingest(cfg.source, root, height=cfg.height, width=cfg.width, resize=cfg.resize,
-                  val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress)
+                  val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress, split_by=cfg.split_by,
+                  group_pattern=cfg.group_pattern, test_fraction=cfg.test_fraction)
+
+
+def describe_split(meta: dict) -> str:
+    """One sentence on the split for the run's description and the terminal."""
+    split = meta.get("split") or {}
+    if not split:
+        return ""
+    groups = ", ".join(f"{s} {n}" for s, n in split.get("groups", {}).items())
+    text = f"Split by {split.get('by')}: shows (groups) per split {groups}"
+    if "coded_files" in split:
+        text += (f"; {split['coded_files']} file(s) carry a show code, {split['uncoded_files']} do not "
+                 f"({split['uncoded_rule']})")
+    crossing = split.get("groups_in_two_splits", 0)
+    return text + (f"; {crossing} show(s) span two splits (a random split leaks shows)." if crossing
+                   else "; no show spans two splits.")
+
+
+def split_tags(meta: dict) -> dict:
+    split = meta.get("split") or {}
+    tags = {"fgvc.split_by": split.get("by"), "fgvc.groups_in_two_splits": split.get("groups_in_two_splits")}
+    tags.update({f"fgvc.groups.{s}": n for s, n in (split.get("groups") or {}).items()})
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def check_root(root: str) -> tuple[bool, str]:
+    """`prepare --check ROOT`: (no show spans two splits, one line saying so)."""
+    found = check_groups(root)
+    groups = ", ".join(f"{s} {n}" for s, n in found["groups"].items())
+    if not found["spanning"]:
+        return True, f"{root}: split by {found['by']}; no show spans two splits (shows per split: {groups})"
+    first = ", ".join(f"{g} ({'+'.join(s)})" for g, s in list(found["spanning"].items())[:3])
+    return False, (f"{root}: {len(found['spanning'])} show(s) span two splits, e.g. {first}; rebuild it with "
+                   f"`fgvc prepare --split-by show`")
 
 
 def save_sample_grid(root: Path, path: Path, per_class: int = 4, max_classes: int = 16) -> Path:
@@ -84,10 +120,14 @@ def run_prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         info = validate_root(cfg.root)
         digest = dataset_digest(cfg.root)
         log_params({**cfg.params(), "root_abs": str(Path(cfg.root).resolve()), "dataset_digest": digest,
-                    "num_classes": info.num_classes, "image_size": f"{info.image_size[0]}x{info.image_size[1]}"})
+                    "num_classes": info.num_classes, "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
+                    **({"split_by_effective": meta["split"]["by"]} if meta.get("split") else {})})
         for split, count in info.counts.items():
             mlflow.log_metric(f"data/{split}/images", count)
         mlflow.log_metric("data/skipped_files", meta.get("skipped_count", 0))
+        for split, count in ((meta.get("split") or {}).get("groups") or {}).items():
+            mlflow.log_metric(f"data/{split}/groups", count)
+        set_tags({**split_tags(meta), DESCRIPTION: f"Dataset root {code(cfg.root)}: {what}. {describe_split(meta)}"})
         names = info.label_names or {i: str(i) for i in range(info.num_classes)}
         counts = {split: {names[i]: n for i, n in enumerate(per_class)}
                   for split, per_class in info.class_counts.items()}

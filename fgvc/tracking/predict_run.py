@@ -1,0 +1,112 @@
+"""`predict`: a registered model's designers for any photos, written as a CSV and tracked.
+
+Every photo goes through the version's own preprocessing (fgvc.models.predict.Predictor:
+decoded like the served model, fitted to the training size with the training resize policy),
+in batches, with a progress bar on a terminal. A file that cannot be read is listed (in the
+log, in the CSV with its reason, in `unreadable.json`), never fatal. The run (`fgvc.task=predict`,
+experiment `fgvc-predict`) records the version, the source and the counts, with the CSV as
+its artifact.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+from tqdm.auto import tqdm
+
+from fgvc.data.config import PredictConfig
+from fgvc.data.sources import MAX_NAMES_IN_LOG, Photo, list_photos
+from fgvc.devices import cpu_count
+from fgvc.errors import ConfigError, FgvcError
+from fgvc.models.predict import Predictor, decode_image_bytes
+from fgvc.tracking.markdown import code
+from fgvc.tracking.registry import download_checkpoint, resolve_version
+from fgvc.tracking.runs import artifact_dir, log_params, tracked_run
+
+log = logging.getLogger("fgvc")
+
+EXPERIMENT = "fgvc-predict"
+EXPERIMENT_DESCRIPTION = "Predictions of registered versions for folders of photos (`fgvc predict`): one CSV per run."
+
+
+def read_photo(photo: Photo):
+    """uint8 [H, W, 3], or the one-line reason it cannot be read."""
+    try:
+        if not photo.path.is_file():
+            return "missing or not a regular file"
+        return decode_image_bytes(photo.path.read_bytes(), photo.key)
+    except FgvcError as e:
+        return str(e).split(": ", 1)[-1]
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+
+
+def predict_photos(predictor: Predictor, photos: list[Photo], top_k: int, batch_size: int,
+                   progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """(one record per readable photo, one {file, error} per unreadable one), in listing order."""
+    rows, unreadable = [], []
+    bar = tqdm(total=len(photos), desc="predict", unit="img", disable=None if progress else True)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, cpu_count())), thread_name_prefix="fgvc-decode") as pool:
+        for start in range(0, len(photos), batch_size):
+            batch = photos[start:start + batch_size]
+            decoded = list(pool.map(read_photo, batch))
+            good = [(p, a) for p, a in zip(batch, decoded) if not isinstance(a, str)]
+            unreadable += [{"file": p.key, "error": a} for p, a in zip(batch, decoded) if isinstance(a, str)]
+            if good:
+                for (photo, _), record in zip(good, predictor.predict([a for _, a in good], top_k=top_k)):
+                    rows.append({"file": photo.key, **record})
+            bar.update(len(batch))
+    bar.close()
+    return rows, unreadable
+
+
+def write_predictions(path: Path, rows: list[dict], unreadable: list[dict], fmt: str) -> None:
+    """csv: file, designer, probability, top_designers, top_probabilities (';'-joined), error;
+    kaggle: Id,Category, the readable photos only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if fmt == "kaggle":
+            writer.writerow(["Id", "Category"])
+            writer.writerows([row["file"], row["designer"]] for row in rows)
+            return
+        writer.writerow(["file", "designer", "probability", "top_designers", "top_probabilities", "error"])
+        for row in rows:
+            writer.writerow([row["file"], row["designer"], f"{row['probability']:.6f}", ";".join(row["top_designers"]),
+                             ";".join(f"{p:.6f}" for p in row["top_probabilities"]), ""])
+        writer.writerows([bad["file"], "", "", "", "", bad["error"]] for bad in unreadable)
+
+
+def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
+    """Predict every photo of `cfg.source` with `cfg.model`, write `cfg.out`, log the run."""
+    photos = list_photos(cfg.source)  # before a run exists: a refusal leaves no FAILED run behind
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {cfg.out}: is a folder; give a file name such as predictions.csv")
+    resolved = resolve_version(cfg.model)
+    with tracked_run(EXPERIMENT, f"predict-{resolved.name}-v{resolved.version}", task="predict",
+                     experiment_description=EXPERIMENT_DESCRIPTION,
+                     description=f"Predictions of {code(resolved.uri)} for {len(photos)} photo(s) of "
+                                 f"{code(cfg.source)}, written as {cfg.format} to {code(cfg.out)}.",
+                     tags={"fgvc.model_uri": resolved.uri, "fgvc.source_run_id": resolved.run_id}):
+        with artifact_dir() as tmp:
+            predictor = Predictor.from_checkpoint(download_checkpoint(resolved, tmp))
+        rows, unreadable = predict_photos(predictor, photos, cfg.top_k, cfg.batch_size, progress)
+        if unreadable:
+            names = ", ".join(f"{b['file']} ({b['error']})" for b in unreadable[:MAX_NAMES_IN_LOG])
+            more = f" ... and {len(unreadable) - MAX_NAMES_IN_LOG} more" if len(unreadable) > MAX_NAMES_IN_LOG else ""
+            log.warning("%d unreadable photo(s), listed in %s: %s%s", len(unreadable),
+                        cfg.out if cfg.format == "csv" else "the run's unreadable.json", names, more)
+        write_predictions(out, rows, unreadable, cfg.format)
+        log_params({**cfg.params(), "model_version": resolved.version, "registered_model": resolved.name,
+                    "source_abs": str(Path(cfg.source).resolve())})
+        mlflow.log_metrics({"predict/images": len(rows), "predict/unreadable": len(unreadable)})
+        mlflow.log_artifact(str(out), "predictions")
+        mlflow.log_dict(unreadable, "predictions/unreadable.json")
+        run_id = mlflow.active_run().info.run_id
+    return {"run_id": run_id, "rows": len(rows), "unreadable": unreadable, "out": str(out), "model": resolved.uri}
