@@ -1,0 +1,97 @@
+"""Faults a team meets: the tracking server gone, a full disk, a killed process, a hostile
+file, a denied permission. Each ends in one `Error:` line naming the thing, no traceback, and
+no run left RUNNING (or a stale one closed as KILLED with its reason)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from server_utils import MlflowServer
+
+TRAIN = ["--arch", "fn-small", "--batch-size", "8", "--num-workers", "0"]
+RUN_ID = re.compile(r"\b([0-9a-f]{32})\b")
+
+
+def fgvc(*argv: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fgvc.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
+
+
+def one_error(stderr: str) -> str:
+    """The single `Error:` line of a refused command (and no traceback)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def runs_of(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+# --- 1. the tracking server goes away and stays away ------------------------------------------
+
+def _first_epoch_logged(client: MlflowClient, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in runs_of(client, "fgvc-train"):
+            if client.get_metric_history(run.info.run_id, "val/acc"):
+                return run.info.run_id
+        time.sleep(0.2)
+    raise AssertionError("no epoch was logged")
+
+
+@pytest.mark.slow
+def test_server_gone_for_good_ends_training_within_the_stated_wait(tiny_root, tmp_path):
+    cache = tmp_path / "cache"
+    backend = f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}"
+    server = MlflowServer(tmp_path / "server", backend).start()
+    try:
+        env = {"MLFLOW_TRACKING_URI": server.uri, "FGVC_TRACKING_TIMEOUT_S": "5", "FGVC_CACHE_DIR": str(cache)}
+        proc = subprocess.Popen([sys.executable, "-m", "fgvc.cli", "train", *TRAIN, "--epochs", "20",
+                                 "--data-root", str(tiny_root)], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        run_id = _first_epoch_logged(MlflowClient(server.uri))
+        os.killpg(server.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        exit_s = time.monotonic() - killed
+    finally:
+        server.stop()
+    print(f"server killed after epoch 1; fgvc train exited {exit_s:.1f} s later (wait 5 s)")
+    assert proc.returncode == 1
+    line = one_error(err)
+    assert f"tracking server {server.uri} unreachable" in line
+    assert f"checkpoints are kept at {cache / 'checkpoints' / run_id}" in line and "--resume true" in line
+    assert (cache / "checkpoints" / run_id / "last.pt").is_file()
+    assert exit_s < 5 + 25, exit_s  # the wait, one request's own retries, writing the checkpoints
+
+    # The server comes back: the run is resumed from the kept checkpoint and finishes.
+    server = MlflowServer(tmp_path / "server", backend).start()
+    try:
+        began = time.monotonic()
+        done = fgvc("train", *TRAIN, "--epochs", "20", "--data-root", str(tiny_root), "--resume", "true",
+                    cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": server.uri})
+        print(f"resumed in {time.monotonic() - began:.1f} s")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"resuming run {run_id}" in done.stderr
+        client = MlflowClient(server.uri)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == list(range(1, 21))
+        assert not [r for r in runs_of(client, "fgvc-train") if r.info.status == "RUNNING"]
+    finally:
+        server.stop()
