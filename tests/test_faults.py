@@ -95,3 +95,69 @@ def test_server_gone_for_good_ends_training_within_the_stated_wait(tiny_root, tm
         assert not [r for r in runs_of(client, "fgvc-train") if r.info.status == "RUNNING"]
     finally:
         server.stop()
+
+
+# --- 2. a process killed during `register` -------------------------------------------------------
+
+def _original_checkpoint(path: Path, num_classes: int = 3, poison: bool = False) -> Path:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    state = model.state_dict()
+    if poison:
+        state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save({"model": state, "num_classes": num_classes}, path)
+    return path
+
+
+def _wait_for(condition, timeout: float = 120, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.slow
+def test_register_killed_is_closed_as_killed_when_run_again(tiny_root, mlflow_store, tmp_path):
+    checkpoint = _original_checkpoint(tmp_path / "best_resnet18.pt")
+    argv = [sys.executable, "-m", "fgvc.cli", "register", "--checkpoint", str(checkpoint), "--data-root",
+            str(tiny_root), "--batch-size", "12"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+
+    def pending_model():
+        with_models = [r for r in runs_of(client, "fgvc-train") if r.info.status == "RUNNING"]
+        for run in with_models:
+            models = client.search_logged_models([run.info.experiment_id],
+                                                 filter_string=f"source_run_id = '{run.info.run_id}'")
+            if any(m.status.name == "PENDING" for m in models):
+                return run.info.run_id
+        return None
+
+    try:
+        stale = _wait_for(pending_model, step=0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert client.get_run(stale).info.status == "RUNNING"
+
+    began = time.monotonic()
+    again = fgvc("register", *argv[4:], cwd=tmp_path)
+    print(f"rerun of register: {time.monotonic() - began:.1f} s")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Traceback" not in again.stderr
+    notes = [line for line in again.stderr.splitlines() if stale in line]
+    assert len(notes) == 1 and "closed it as KILLED" in notes[0] and f"process {proc.pid}" in notes[0]
+    run = client.get_run(stale)
+    assert run.info.status == "KILLED"
+    assert f"its process {proc.pid} on " in run.data.tags["fgvc.end_reason"]
+    assert "has exited" in run.data.tags["fgvc.end_reason"]
+    runs = runs_of(client, "fgvc-train")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    models = client.search_logged_models([runs[0].info.experiment_id])
+    assert models and not [m for m in models if m.status.name == "PENDING"]

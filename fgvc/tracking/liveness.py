@@ -34,12 +34,26 @@ _NOT_IDENTITY = {PROCESS, HEARTBEAT, "fgvc.git_commit", "mlflow.note.content", "
                  "fgvc.error"}
 
 
-def _start_ticks(pid: int) -> str:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state first); None without /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return "?"
+        return None
+
+
+def _start_ticks(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if fields and len(fields) > 19 else "?"
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (killed, not yet reaped by its parent)."""
+    fields = _stat(pid)
+    if fields is not None:
+        return fields[0] not in ("Z", "X")
+    return _signalable(pid)
 
 
 def this_process() -> str:
@@ -71,7 +85,7 @@ def why_stale(tags: dict[str, str]) -> str | None:
     beat = tags.get(HEARTBEAT, "")
     if host == socket.gethostname() and pid_text.isdigit():
         pid = int(pid_text)
-        if not os.path.exists(f"/proc/{pid}") and not _signalable(pid):
+        if not _alive(pid):
             return f"its process {pid} on {host} has exited (last heartbeat {beat or 'never'})"
         if start not in ("", "?") and _start_ticks(pid) not in (start, "?"):
             return f"its process {pid} on {host} has exited (the PID now belongs to another process)"
