@@ -161,3 +161,115 @@ def test_register_killed_is_closed_as_killed_when_run_again(tiny_root, mlflow_st
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
     models = client.search_logged_models([runs[0].info.experiment_id])
     assert models and not [m for m in models if m.status.name == "PENDING"]
+
+
+# --- 3. a full disk --------------------------------------------------------------------------------
+
+@pytest.fixture()
+def full_disk(tmp_path, monkeypatch):
+    """A 1 MB tmpfs (as root), else writes of checkpoints that fail with ENOSPC."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr("fgvc.training.checkpoint.torch.save", no_space)
+    try:
+        yield mount
+    finally:
+        if done.returncode == 0:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _train_in_process(tiny_root, *extra: str):
+    from click.testing import CliRunner
+
+    from fgvc.cli import main
+
+    return CliRunner().invoke(main, ["train", *TRAIN, "--epochs", "1", "--data-root", str(tiny_root),
+                                     "--registered-model", "false", *extra])
+
+
+@pytest.mark.slow
+def test_full_checkpoint_disk_is_one_line_naming_the_file(tiny_root, mlflow_store, full_disk, monkeypatch):
+    monkeypatch.setenv("FGVC_CACHE_DIR", str(full_disk))
+    done = _train_in_process(tiny_root)
+    assert done.exit_code == 1
+    line = one_error(done.output)
+    assert re.match(rf"Error: {re.escape(str(full_disk))}/checkpoints/[0-9a-f]{{32}}/(best|last)\.pt: cannot write "
+                    r"the checkpoint: no space left on device \(needs about [\d.]+ MB", line), line
+    assert "no earlier" in line and "free some space" in line
+    (run,) = runs_of(MlflowClient(), "fgvc-train")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["fgvc.error"] == line.removeprefix("Error: ")
+
+
+@pytest.mark.slow
+def test_full_artifact_store_is_one_line_and_keeps_the_checkpoints(tiny_root, mlflow_store, tmp_path, monkeypatch):
+    artifacts = tmp_path / "mlruns"
+    artifacts.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(artifacts)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs a small tmpfs (mount as root)")
+    try:
+        done = _train_in_process(tiny_root)
+    finally:
+        subprocess.run(["umount", "-l", str(artifacts)], capture_output=True)
+    assert done.exit_code == 1
+    line = one_error(done.output)
+    assert "cannot write the checkpoint artifact: no space left on device" in line, line
+    (run,) = runs_of(MlflowClient(), "fgvc-train")
+    kept = Path(os.environ["FGVC_CACHE_DIR"]) / "checkpoints" / run.info.run_id
+    assert f"the checkpoints are kept at {kept}" in line and (kept / "last.pt").is_file()
+    assert run.info.status == "FAILED" and run.data.tags["fgvc.error"] == line.removeprefix("Error: ")
+
+
+# --- 5. checkpoints: non-finite weights, zip bombs -------------------------------------------------
+
+def _cli(*argv: str):
+    from click.testing import CliRunner
+
+    from fgvc.cli import main
+
+    return CliRunner().invoke(main, list(argv))
+
+
+def test_register_refuses_nan_weights_before_a_run_exists(tiny_root, mlflow_store, tmp_path):
+    checkpoint = _original_checkpoint(tmp_path / "nan_resnet18.pt", poison=True)
+    done = _cli("register", "--checkpoint", str(checkpoint), "--data-root", str(tiny_root))
+    assert done.exit_code == 1
+    line = one_error(done.output)
+    assert line == (f"Error: {checkpoint}: refused: its weights are not finite (1 NaN/inf value in "
+                    f"layer1.0.conv1.weight); a model built from them predicts NaN")
+    assert runs_of(MlflowClient(), "fgvc-train") == []
+
+
+def test_analyze_and_the_predictor_refuse_nan_weights():
+    from fgvc.errors import FgvcError
+    from fgvc.models.factory import create_model
+    from fgvc.models.predict import model_from_checkpoint
+
+    model = create_model("fn-small", num_classes=3, pretrained=False)
+    state = model.state_dict()
+    name = [k for k, v in state.items() if v.is_floating_point()][-1]
+    state[name] = state[name].clone().fill_(float("inf"))
+    with pytest.raises(FgvcError, match=rf"^models:/x/1: refused: its weights are not finite \(\d+ NaN/inf "
+                                        rf"values? in {re.escape(name)}\)"):
+        model_from_checkpoint({"model": state, "spec": model.spec.to_dict()}, "models:/x/1")
+
+
+def test_a_checkpoint_that_inflates_beyond_its_size_is_refused_before_reading(tiny_root, tmp_path, monkeypatch):
+    import zipfile
+
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb/data.pkl", b"\0" * (80 << 20))  # 80 MB of zeros: ~80 KB compressed
+    monkeypatch.setattr("fgvc.safeload.torch.load", lambda *a, **k: pytest.fail("torch.load was reached"))
+    done = _cli("register", "--checkpoint", str(bomb), "--data-root", str(tiny_root))
+    assert done.exit_code == 1
+    line = one_error(done.output)
+    assert line.startswith(f"Error: {bomb}: refused to load: the checkpoint's records inflate to 80.0 MB from 0.1 MB "
+                           f"on disk"), line
+    assert "FGVC_MAX_INFLATE_BYTES=67108864" in line
