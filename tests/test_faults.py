@@ -273,3 +273,49 @@ def test_a_checkpoint_that_inflates_beyond_its_size_is_refused_before_reading(ti
     assert line.startswith(f"Error: {bomb}: refused to load: the checkpoint's records inflate to 80.0 MB from 0.1 MB "
                            f"on disk"), line
     assert "FGVC_MAX_INFLATE_BYTES=67108864" in line
+
+
+# --- 7. downloads capped ----------------------------------------------------------------------------
+
+@pytest.fixture()
+def loopback(tmp_path, monkeypatch):
+    from http_fixture import LoopbackServer
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for name in ("FGVC_OFFLINE", "HF_HUB_OFFLINE", "http_proxy", "HTTP_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = LoopbackServer(deadline_s=60)
+    yield server
+    server.close()
+
+
+def test_a_download_without_length_stops_at_the_stated_maximum(loopback, monkeypatch):
+    from fgvc.models.weights import WeightsCorrupt, fetch_url, torch_hub_path
+
+    monkeypatch.setenv("FGVC_MAX_DOWNLOAD_BYTES", str(3 << 20))
+    url = loopback.serve("/files/huge-0123456789.pth", b"\0" * (8 << 20), mode="no_length")
+    with pytest.raises(WeightsCorrupt, match=r"sent no length and passed FGVC_MAX_DOWNLOAD_BYTES=3145728 bytes; "
+                                             r"it was stopped there; nothing was kept"):
+        fetch_url(url, description="huge weights", progress=False)
+    folder = torch_hub_path(url).parent
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_a_download_announcing_more_than_the_maximum_is_refused_unread(loopback, monkeypatch):
+    from fgvc.models.weights import WeightsCorrupt, fetch_url
+
+    monkeypatch.setenv("FGVC_MAX_DOWNLOAD_BYTES", "1000")
+    url = loopback.serve("/files/big-0123456789.pth", b"\0" * 5000)
+    with pytest.raises(WeightsCorrupt, match="announces 5000 bytes, more than FGVC_MAX_DOWNLOAD_BYTES=1000"):
+        fetch_url(url, description="big weights", progress=False)
+
+
+def test_a_download_without_length_under_the_maximum_is_kept(loopback):
+    import hashlib
+
+    from fgvc.models.weights import fetch_url
+
+    data = b"weights" * 1000
+    url = loopback.serve(f"/files/small-{hashlib.sha256(data).hexdigest()[:8]}.pth", data, mode="no_length")
+    assert fetch_url(url, description="small weights", progress=False).read_bytes() == data
