@@ -319,3 +319,17 @@ def test_a_download_without_length_under_the_maximum_is_kept(loopback):
     data = b"weights" * 1000
     url = loopback.serve(f"/files/small-{hashlib.sha256(data).hexdigest()[:8]}.pth", data, mode="no_length")
     assert fetch_url(url, description="small weights", progress=False).read_bytes() == data
+
+
+# --- 8. refusal hints quote the user's values --------------------------------------------------------
+
+def test_a_suggested_command_quotes_the_users_value_for_a_shell(mlflow_store, tmp_path):
+    import shlex
+
+    root = str(tmp_path / "data $(touch pwned)")
+    done = _cli("train", "--data-root", root, *TRAIN)
+    assert done.exit_code == 1
+    line = one_error(done.output)
+    assert f"(run `fgvc prepare --root {shlex.quote(root)}` or" in line
+    assert shlex.split(line.split("`")[1]) == ["fgvc", "prepare", "--root", root]
+    assert not (tmp_path / "pwned").exists()

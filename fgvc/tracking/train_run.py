@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import platform
+import shlex
 import shutil
 import tempfile
 import time
@@ -381,7 +382,7 @@ def summary_markdown(name: str, session: Session, best: dict, version: str | Non
         lines += ["", "## Registry", "",
                   f"Registered as {code(uri)} (alias `candidate`). Load it with "
                   f"`mlflow.pyfunc.load_model({uri!r})`; analyse it with:", "",
-                  f"    fgvc analyze --model {uri} --method all",
+                  f"    fgvc analyze --model {shlex.quote(uri)} --method all",
                   f"    mlflow run . -e analyze --env-manager local -P model={uri}"]
     lines += ["", "Artifacts: `plots/` (loss, error, confusion matrix, per-class accuracy), `metrics.csv`, "
               "`checkpoints/best.pt` and `checkpoints/last.pt` (state_dict + model spec; last.pt also the "
