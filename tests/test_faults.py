@@ -333,3 +333,103 @@ def test_a_suggested_command_quotes_the_users_value_for_a_shell(mlflow_store, tm
     assert f"(run `fgvc prepare --root {shlex.quote(root)}` or" in line
     assert shlex.split(line.split("`")[1]) == ["fgvc", "prepare", "--root", root]
     assert not (tmp_path / "pwned").exists()
+
+
+# --- 4. hostile sources for `prepare` ----------------------------------------------------------------
+
+def _png(path: Path, size=(24, 32), colour=(200, 30, 30)) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def _ingest_within(source: Path, root: Path, timeout: float = 60) -> dict:
+    """ingest() in a daemon thread: a hang fails the test instead of blocking it."""
+    import threading
+
+    from fgvc.data.ingest import ingest
+
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["meta"] = ingest(source, root, height=32, width=24, progress=False, workers=1)
+        except BaseException as error:  # noqa: BLE001 (handed to the test)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"ingest of {source} hung"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["meta"]
+
+
+def test_folder_source_skips_what_is_not_a_regular_file_and_merges_unicode_twins(tmp_path, monkeypatch, caplog):
+    source, outside = tmp_path / "source", tmp_path / "elsewhere"
+    composed, decomposed = "Caf\u00e9", "Cafe\u0301"
+    for designer in (composed, decomposed, "Zara", "ZARA"):
+        for k in range(2):
+            _png(source / designer / f"look{k}.png", colour=(40 * k, 90, 200))
+    zara = source / "Zara"
+    os.mkfifo(zara / "pipe.png")
+    (zara / "zero.png").symlink_to("/dev/zero")
+    (zara / "loop.png").symlink_to(zara / "loop.png")
+    (zara / "outside.png").symlink_to(_png(outside / "secret.png"))
+    _png(zara / "giant.png", size=(200, 150))
+    monkeypatch.setenv("FGVC_MAX_IMAGE_PIXELS", "10000")
+    caplog.set_level("WARNING", logger="fgvc")
+
+    meta = _ingest_within(source, tmp_path / "root")
+    reasons = {s["path"]: s["error"] for s in meta["skipped"]}
+    assert reasons["Zara/pipe.png"] == "not a regular file: a FIFO (named pipe)"
+    assert reasons["Zara/zero.png"] == "not a regular file: a character device (through a link to /dev/zero)"
+    assert reasons["Zara/loop.png"] == "a symbolic link loop"
+    assert reasons["Zara/outside.png"] == f"a link out of the source (to {outside / 'secret.png'})"
+    assert reasons["Zara/giant.png"].startswith("ImageTooLarge: 200x150 = 30000 pixels, more than "
+                                                "FGVC_MAX_IMAGE_PIXELS=10000; not decoded")
+    assert len(reasons) == 5
+    labels = json_load(tmp_path / "root" / "index_to_label.json")
+    assert sorted(labels.values()) == sorted([composed, "ZARA", "Zara"])
+    assert meta["num_classes"] == 3 and meta["class_counts"]["train"][composed] + \
+        meta["class_counts"]["val"][composed] == 4
+    assert meta["ignored"]["merged_designer_names"] == {composed: sorted([composed, decomposed])}
+    text = caplog.text
+    assert f"merged into one class '{composed}'" in text
+    assert "'ZARA', 'Zara' differ only by case: kept as 2 classes" in text
+
+
+def json_load(path: Path):
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_csv_row_naming_a_fifo_or_a_device_does_not_hang_prepare(tmp_path, mlflow_store):
+    source = tmp_path / "source"
+    rows = ["path,label"]
+    for designer in ("Alaia", "Balmain"):
+        for k in range(3):
+            rows.append(f"{_png(source / designer / f'{k}.png', colour=(80 * k, 10, 90))},{designer}")
+    os.mkfifo(source / "pipe.png")
+    rows += [f"{source / 'pipe.png'},Alaia", "/dev/zero,Balmain"]
+    csv_file = source / "list.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+    meta = _ingest_within(csv_file, tmp_path / "root")
+    assert {s["path"]: s["error"] for s in meta["skipped"]} == {
+        str(source / "pipe.png"): "not a regular file: a FIFO (named pipe)",
+        "/dev/zero": "not a regular file: a character device"}
+    assert meta["counts"]["train"] + meta["counts"]["val"] == 6
+
+
+def test_the_default_pixel_budget_is_below_pillows():
+    from PIL import Image
+
+    from fgvc.data.source_checks import ImageTooLarge, check_pixels, max_image_pixels
+
+    assert max_image_pixels() < Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLarge, match="12000x12000 = 144000000 pixels"):
+        check_pixels((12000, 12000))  # a 1-bit PNG of this size is a few kB on disk, 1.7 GB as RGB
