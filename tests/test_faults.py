@@ -433,3 +433,85 @@ def test_the_default_pixel_budget_is_below_pillows():
     assert max_image_pixels() < Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageTooLarge, match="12000x12000 = 144000000 pixels"):
         check_pixels((12000, 12000))  # a 1-bit PNG of this size is a few kB on disk, 1.7 GB as RGB
+
+
+# --- 6. permissions on a basic-auth server ----------------------------------------------------------
+
+PASSWORDS = {"admin": "fgvc-admin-password", "alice": "alice-password-123", "reader": "reader-password-123"}
+
+
+@pytest.fixture(scope="module")
+def read_only_server(tmp_path_factory):
+    """`mlflow server --app-name basic-auth` on SQLite with docs/team.md's read-only setup:
+    default_permission READ; alice (a writer) holds EDIT grants on the training experiment and the
+    registered model; reader holds nothing beyond the default. One version of fgvc-fn-small exists."""
+    import importlib.util
+
+    if importlib.util.find_spec("flask_wtf") is None:
+        pytest.skip("basic-auth needs Flask-WTF: pip install 'mlflow[auth]'")
+    from mlflow.server import get_app_client
+
+    workdir = tmp_path_factory.mktemp("auth-server")
+    config = workdir / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\nadmin_username = admin\nauth_cache_ttl_seconds = 60\n"
+                      f"database_uri = sqlite:///{workdir / 'auth.db'}\n")
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"],
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "fgvc-test-csrf-key"}
+    with MlflowServer(workdir, f"sqlite:///{workdir / 'mlflow.db'}", app_name="basic-auth", env=env) as running:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS["admin"])
+            auth = get_app_client("basic-auth", tracking_uri=running.uri)
+            for user in ("alice", "reader"):
+                auth.create_user(user, PASSWORDS[user])
+            admin = MlflowClient(running.uri)
+            experiment_id = admin.create_experiment("fgvc-train")
+            admin.set_experiment_tag(experiment_id, "mlflow.note.content", "Training runs.")
+            run = admin.create_run(experiment_id)
+            admin.set_terminated(run.info.run_id)
+            admin.create_registered_model("fgvc-fn-small")
+            admin.create_model_version("fgvc-fn-small", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+            auth.grant_user_permission("alice", "experiment", experiment_id, "EDIT")
+            auth.grant_user_permission("alice", "registered_model", "fgvc-fn-small", "EDIT")
+        yield running
+
+
+def _as_user(monkeypatch, server, user: str) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS[user])
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(server.uri)
+    return MlflowClient(server.uri)
+
+
+@pytest.mark.slow
+def test_a_read_only_user_is_refused_training_in_one_line(read_only_server, tiny_root, monkeypatch):
+    client = _as_user(monkeypatch, read_only_server, "reader")
+    before = len(runs_of(client, "fgvc-train"))
+    done = _train_in_process(tiny_root)
+    assert done.exit_code == 1
+    line = one_error(done.output)
+    assert re.fullmatch(r"Error: permission denied: user reader may not call /api/2\.0/mlflow/runs/create on "
+                        rf"experiment fgvc-train at {read_only_server.uri}; ask an admin for EDIT on it "
+                        r"\(docs/team\.md, Permissions\)", line), line
+    assert len(runs_of(client, "fgvc-train")) == before  # no run was created, none is left RUNNING
+
+
+@pytest.mark.slow
+def test_a_read_only_user_is_refused_promote_in_one_line_and_a_granted_writer_is_not(read_only_server, monkeypatch):
+    client = _as_user(monkeypatch, read_only_server, "reader")
+    done = _cli("promote", "--name", "fgvc-fn-small", "--version", "1")
+    assert done.exit_code == 1
+    line = one_error(done.output)
+    assert re.fullmatch(r"Error: permission denied: user reader may not call "
+                        r"/api/2\.0/mlflow/registered-models/alias on registered model fgvc-fn-small at "
+                        rf"{read_only_server.uri}; .*", line), line
+    assert client.get_registered_model("fgvc-fn-small").aliases == {}
+
+    _as_user(monkeypatch, read_only_server, "alice")
+    done = _cli("promote", "--name", "fgvc-fn-small", "--version", "1")
+    assert done.exit_code == 0, done.output
+    assert client.get_registered_model("fgvc-fn-small").aliases == {"champion": "1"}
+    assert [r.info.status for r in runs_of(client, "fgvc-registry")] == ["FINISHED"]

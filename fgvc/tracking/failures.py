@@ -99,10 +99,16 @@ def denied_status(error: BaseException) -> int | None:
 
 @contextlib.contextmanager
 def acting_on(resource: str) -> Iterator[None]:
-    """Name the resource (an experiment, a registered model) a refusal would concern."""
+    """Name the resource (an experiment, a registered model) a refusal would concern: a
+    refusal or an unreachable server inside the block is raised as one line naming it."""
     _resource.append(resource)
     try:
         yield
+    except Exception as error:
+        one_line = translated(error)
+        if one_line is None or one_line is error:
+            raise
+        raise one_line from None
     finally:
         _resource.pop()
 
@@ -115,8 +121,8 @@ def permission_denied(error: BaseException, status: int) -> PermissionDenied:
     if status == 401:
         return PermissionDenied(f"tracking server {tracking_uri()} did not accept user {user} ({operation}): "
                                 f"check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
-    return PermissionDenied(f"permission denied: user {user} may not {operation}{resource} on {tracking_uri()}; "
-                            f"ask an admin for EDIT (or MANAGE) on it (docs/team.md, Permissions)")
+    return PermissionDenied(f"permission denied: user {user} may not call {operation}{resource} at {tracking_uri()}; "
+                            f"ask an admin for EDIT on it (docs/team.md, Permissions)")
 
 
 def unreachable(error: BaseException, waited_s: float | None = None, kept: str = "") -> TrackingUnreachable:
