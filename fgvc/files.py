@@ -35,8 +35,10 @@ def write_csv(path: str | Path, table: Mapping[str, Sequence] | Sequence[Mapping
     return path
 
 
-# errno values that mean "this folder cannot take the file" rather than a bug.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+# errno values that mean "this folder cannot take the file" rather than a bug; the first set only
+# ever comes from a write, the second also from a read (so it counts only where a write failed).
+_WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_WRITE_ERRNOS = _WRITE_ONLY_ERRNOS | {errno.EACCES, errno.EPERM, errno.EIO}
 # torch's zip writer reports a failed write as a RuntimeError ("[enforce fail at inline_container.cc:...]").
 _TORCH_WRITE = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
 
@@ -64,13 +66,14 @@ def free_bytes(path: str | Path) -> int | None:
 
 def write_failed(error: BaseException, path: str | Path | None = None, what: str = "file",
                  needed: int | None = None, kept: str = "") -> WriteFailed | None:
-    """The one-line :class:`WriteFailed` for an error raised while writing `path`, or None
-    when `error` is not a failed write (a bug keeps its traceback)."""
+    """The one-line :class:`WriteFailed` for an error raised while writing `path` (None: an
+    error from anywhere, judged by its errno alone), or None when `error` is not a failed write
+    (a bug keeps its traceback)."""
     if isinstance(error, WriteFailed):
         return error
     code = getattr(error, "errno", None) if isinstance(error, OSError) else None
     torch_write = isinstance(error, RuntimeError) and any(w in str(error) for w in _TORCH_WRITE)
-    if code not in _WRITE_ERRNOS and not torch_write:
+    if code not in (_WRITE_ERRNOS if path is not None else _WRITE_ONLY_ERRNOS) and not torch_write:
         return None
     path = path or getattr(error, "filename", None)
     free = free_bytes(path) if path else None

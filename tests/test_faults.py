@@ -97,6 +97,40 @@ def test_server_gone_for_good_ends_training_within_the_stated_wait(tiny_root, tm
         server.stop()
 
 
+def test_a_short_outage_is_waited_out_and_a_long_one_ends_in_one_line(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from fgvc.errors import TrackingUnreachable
+    from fgvc.tracking.failures import Patience
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # give_up_quickly changes them
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    refused = MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed with "
+                              "exception HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded "
+                              "(Caused by NewConnectionError('Connection refused'))")
+    answers = iter([refused, refused, "logged"])
+
+    def log_epoch():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    patience = Patience(kept="the checkpoints are kept at /cache/run", budget_s=5, pause_s=0.05)
+    assert patience.call("logging epoch 2", log_epoch) == "logged" and patience.down_since is None
+
+    def always_refused():
+        raise refused
+
+    began = time.monotonic()
+    patience = Patience(kept="the checkpoints are kept at /cache/run", budget_s=0.3, pause_s=0.05)
+    with pytest.raises(TrackingUnreachable, match=r"unreachable for 0 s \(HTTPConnectionPool.*; the checkpoints "
+                                                  r"are kept at /cache/run$"):
+        patience.call("logging epoch 3", always_refused)
+    assert time.monotonic() - began < 1 and patience.gave_up
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"  # what is left is tried once
+
+
 # --- 2. a process killed during `register` -------------------------------------------------------
 
 def _original_checkpoint(path: Path, num_classes: int = 3, poison: bool = False) -> Path:
@@ -515,3 +549,9 @@ def test_a_read_only_user_is_refused_promote_in_one_line_and_a_granted_writer_is
     assert done.exit_code == 0, done.output
     assert client.get_registered_model("fgvc-fn-small").aliases == {"champion": "1"}
     assert [r.info.status for r in runs_of(client, "fgvc-registry")] == ["FINISHED"]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    done = _cli("promote", "--name", "fgvc-fn-small", "--version", "1")
+    assert done.exit_code == 1
+    assert one_error(done.output).startswith(f"Error: tracking server {read_only_server.uri} did not accept user "
+                                             f"alice (")

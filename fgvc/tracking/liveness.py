@@ -140,7 +140,10 @@ def close_stale_runs(experiment_id: str, task: str, run_name: str, tags: dict, c
                                                                    f"started the same work")])
         finalise_pending_models(client, run.info.run_id, experiment_id)
         client.set_terminated(run.info.run_id, "KILLED")
-        log.warning("run %s (%s) was left RUNNING: %s; closed it as KILLED", run.info.run_id, run_name, reason)
+        resume = (f"; to continue it instead, run the same `fgvc train` with `--resume {run.info.run_id}`"
+                  if task == "train" else "")
+        log.warning("run %s (%s) was left RUNNING: %s; closed it as KILLED%s", run.info.run_id, run_name, reason,
+                    resume)
         closed.append(run.info.run_id)
     return closed
 
@@ -150,9 +153,9 @@ def heartbeat(run_id: str, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
     """Renew the run's heartbeat every `interval_s` while the block runs (failures ignored:
     an unreachable server is the training's business, not the heartbeat's)."""
     stop = threading.Event()
+    client = MlflowClient()  # the store of this run, whatever the thread sees later
 
     def beat() -> None:
-        client = MlflowClient()
         while not stop.wait(interval_s):
             with contextlib.suppress(Exception):
                 client.set_tag(run_id, HEARTBEAT, now_iso())
