@@ -61,7 +61,7 @@ def test_server_gone_for_good_ends_training_within_the_stated_wait(tiny_root, tm
     server = MlflowServer(tmp_path / "server", backend).start()
     try:
         env = {"MLFLOW_TRACKING_URI": server.uri, "FGVC_TRACKING_TIMEOUT_S": "5", "FGVC_CACHE_DIR": str(cache)}
-        proc = subprocess.Popen([sys.executable, "-m", "fgvc.cli", "train", *TRAIN, "--epochs", "20",
+        proc = subprocess.Popen([sys.executable, "-m", "fgvc.cli", "train", *TRAIN, "--epochs", "8",
                                  "--data-root", str(tiny_root)], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", **env})
@@ -84,14 +84,14 @@ def test_server_gone_for_good_ends_training_within_the_stated_wait(tiny_root, tm
     server = MlflowServer(tmp_path / "server", backend).start()
     try:
         began = time.monotonic()
-        done = fgvc("train", *TRAIN, "--epochs", "20", "--data-root", str(tiny_root), "--resume", "true",
+        done = fgvc("train", *TRAIN, "--epochs", "8", "--data-root", str(tiny_root), "--resume", "true",
                     cwd=tmp_path, env={**env, "MLFLOW_TRACKING_URI": server.uri})
         print(f"resumed in {time.monotonic() - began:.1f} s")
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"resuming run {run_id}" in done.stderr
         client = MlflowClient(server.uri)
         assert client.get_run(run_id).info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == list(range(1, 21))
+        assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == list(range(1, 9))
         assert not [r for r in runs_of(client, "fgvc-train") if r.info.status == "RUNNING"]
     finally:
         server.stop()
