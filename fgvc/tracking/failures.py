@@ -21,7 +21,9 @@ import re
 import time
 from typing import Callable, Iterator, TypeVar
 
+import mlflow
 import requests
+from mlflow.exceptions import MlflowException
 
 from fgvc.errors import FgvcError, PermissionDenied, TrackingUnreachable, first_line
 
@@ -67,8 +69,6 @@ def give_up_quickly() -> None:
 
 
 def tracking_uri() -> str:
-    import mlflow
-
     return mlflow.get_tracking_uri()
 
 
@@ -77,15 +77,11 @@ def is_unreachable(error: BaseException) -> bool:
         return True
     if isinstance(error, (requests.ConnectionError, requests.Timeout)):
         return True
-    from mlflow.exceptions import MlflowException
-
     return isinstance(error, MlflowException) and bool(_UNREACHABLE.search(str(error)))
 
 
 def denied_status(error: BaseException) -> int | None:
     """401 or 403 when the server refused the request, else None."""
-    from mlflow.exceptions import MlflowException
-
     if isinstance(error, requests.HTTPError) and error.response is not None:
         return error.response.status_code if error.response.status_code in (401, 403) else None
     if not isinstance(error, MlflowException):
