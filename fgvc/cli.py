@@ -59,10 +59,24 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except FgvcError as e:
-            if logging.getLogger().isEnabledFor(logging.DEBUG):
+        except Exception as error:
+            e = _one_line(error)
+            if e is None or logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise
             raise click.ClickException(str(e).splitlines()[0] if str(e).strip() else type(e).__name__) from e
+
+
+def _one_line(error: Exception) -> FgvcError | None:
+    """A user-fixable error, or what a refused or unreachable tracking server, or a failed
+    write, becomes (one line); None for a bug."""
+    if isinstance(error, FgvcError):
+        return error
+    if isinstance(error, click.ClickException):
+        return None
+    from fgvc.files import write_failed
+    from fgvc.tracking.failures import translated
+
+    return translated(error) or write_failed(error)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

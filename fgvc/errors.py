@@ -31,3 +31,18 @@ def first_line(error: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(error).__name__
+
+
+class TrackingUnreachable(FgvcError, ConnectionError):
+    """The tracking server did not answer within the stated wait; the message says what was
+    kept and how to resume."""
+
+
+class PermissionDenied(FgvcError, PermissionError):
+    """The tracking server refused an operation (HTTP 401/403); the message names the
+    operation, the resource and the user."""
+
+
+class WriteFailed(FgvcError, OSError):
+    """A file fgvc writes could not be written (a full disk, a read-only folder); the message
+    names the path, the space needed when known, and what was kept."""

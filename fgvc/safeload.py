@@ -4,13 +4,21 @@ Every `.pt` file (shards, checkpoints, weights) is a pickle; it is read with
 ``weights_only=True`` and, when torch's restricted unpickler refuses it, the file is
 reported in one line that names it and says it holds more than tensors. torch's own message
 runs to a dozen lines and ends by suggesting ``weights_only=False``: never shown.
+
+Before anything is read, the records' uncompressed sizes (the zip directory's
+``ZipInfo.file_size``) are checked: ``torch.save`` stores records uncompressed, so a file whose
+records inflate beyond its own size plus ``FGVC_MAX_INFLATE_BYTES`` (default 64 MB) is refused
+in one line; a 1 MB "checkpoint" can otherwise inflate to gigabytes. Weights that are NaN or
+infinite are refused by :func:`require_finite` wherever a model is built from a checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import zipfile
+from typing import Mapping
 from pathlib import Path
 
 import torch
@@ -40,7 +48,10 @@ def load_tensors(path: str | Path, what: str = "file", mmap: bool = False,
     be memory-mapped and is read whole.
     """
     path = Path(path)
-    if mmap and not zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        check_inflation(path, what, error)
+    if mmap and not is_zip:
         mmap = False
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -64,3 +75,46 @@ def _unsafe(error: type[FgvcError]) -> type[FgvcError]:
     if error is FgvcError:
         return UnsafeFileError
     return type(f"Unsafe{error.__name__}", (error, UnsafeFileError), {})
+
+
+INFLATE_ENV = "FGVC_MAX_INFLATE_BYTES"
+DEFAULT_INFLATE_BYTES = 64 << 20
+
+
+def inflate_budget() -> int:
+    text = os.environ.get(INFLATE_ENV, "")
+    try:
+        return int(float(text)) if text else DEFAULT_INFLATE_BYTES
+    except ValueError:
+        raise FgvcError(f"{INFLATE_ENV}={text!r} is not a number of bytes") from None
+
+
+def check_inflation(path: Path, what: str = "file", error: type[FgvcError] = FgvcError) -> None:
+    """Refuse a torch zip file whose records would inflate beyond its size plus the budget,
+    reading only the zip directory (nothing is decompressed)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch's reader reports what is wrong with it
+    on_disk = path.stat().st_size
+    budget = inflate_budget()
+    if inflated > on_disk + budget:
+        raise _unsafe(error)(f"{path}: refused to load: the {what}'s records inflate to {_mb(inflated)} from "
+                             f"{_mb(on_disk)} on disk (torch.save stores them uncompressed; allowed: its size + "
+                             f"{INFLATE_ENV}={budget}); it was not loaded")
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MB"
+
+
+def require_finite(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity (one line naming the first such tensor)."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in state_dict.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        name, count = bad[0]
+        more = f" and {len(bad) - 1} other tensor{'s' * (len(bad) > 2)}" if len(bad) > 1 else ""
+        raise FgvcError(f"{where}: refused: its weights are not finite ({count} NaN/inf value{'s' * (count > 1)} "
+                        f"in {name}{more}); a model built from them predicts NaN")

@@ -8,6 +8,7 @@ many requests (GET or HEAD) reached it. Modes imitate the ways a real download g
   truncated   the full Content-Length, half the body, then the connection closes
   stall       the request is read, then nothing is sent (a hung server)
   stall_body  headers and half the body, then nothing more
+  no_length   the file without a Content-Length, the end marked by closing the connection
 
 Stalled answers wait until the server closes. The server closes at fixture teardown, and closes
 itself after ``deadline_s`` whatever happens, so a hung test cannot keep it alive.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-MODES = ("normal", "wrong", "truncated", "stall", "stall_body")
+MODES = ("normal", "wrong", "truncated", "stall", "stall_body", "no_length")
 
 
 @dataclass
@@ -117,7 +118,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(route.status)
         for name, value in route.headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        if route.mode == "no_length":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not with_body:
             return
@@ -128,4 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
                 server.stopped.wait()
             self.close_connection = True
             return
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading (a size cap)
+            self.close_connection = True

@@ -3,6 +3,7 @@ person masks (from the shards, or from a masked root built from the same data)."
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def load_analysis_data(root: str | Path, split: str, num_images: int, seed: int,
         masked = ShardDataset(mask_root, split, count=num_images, seed=seed, num_classes=num_classes)
         if len(masked) != len(ds) or "masks" not in masked.keys:
             raise ShardError(f"{mask_root}/{split}: does not match {root}/{split} or has no 'masks' "
-                             f"(build it with `fgvc mask --src-root {root}`)")
+                             f"(build it with `fgvc mask --src-root {shlex.quote(str(root))}`)")
         other = masked.gather(torch.arange(len(masked)))
         if not torch.equal(other["labels"], items["labels"]):
             raise ShardError(f"{mask_root}/{split}: labels differ from {root}/{split}; "

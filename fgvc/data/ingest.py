@@ -60,6 +60,7 @@ from fgvc.data.shards import (
     write_label_map,
     write_shard,
 )
+from fgvc.data.source_checks import check_pixels, merge_designer_names, screen
 from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
 from fgvc.data.splits import (  # noqa: F401  (seeded_rank, val_count: imported from here too)
     DEFAULT_GROUP_PATTERN,
@@ -129,6 +130,7 @@ def fit_image(image: Image.Image, height: int, width: int, resize: str = "pad") 
 def load_image(path: str | Path, height: int, width: int, resize: str = "pad") -> torch.Tensor:
     """Decode one image file into uint8 [3, H, W]. Raises whatever Pillow raises on a bad file."""
     with Image.open(path) as image:
+        check_pixels(image.size)  # from the header: a giant is refused before decoding
         w, h = image.size
         # JPEG only: let the decoder downscale (1/2, 1/4, 1/8) while staying at least
         # REDUCING_GAP times above the target in either orientation (EXIF may swap the axes).
@@ -260,7 +262,8 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
     source, root = Path(source), Path(root)
     check_arguments(source, root, height, width, resize, val_fraction, shard_size)
     check_split_arguments(split_by, group_pattern, val_fraction, test_fraction)
-    listing = list_source(source)
+    listing, refused = screen(list_source(source), source)
+    listing = merge_designer_names(listing)
     root.mkdir(parents=True, exist_ok=True)
     # meta.json is written last and marks a finished root; an interrupted re-ingest must not
     # leave the previous one's in place.
@@ -283,6 +286,7 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
             rows.append(k)
         bar.close()
         _report_skipped(skipped)
+        skipped = refused + skipped  # not opened: not regular files (logged by screen)
 
         listed = {}
         for image in listing.images:

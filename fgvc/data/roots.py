@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def ensure_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> Path:
         if found is not None and found != wanted:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise ShardError(f"{root}: holds demo data generated with other settings ({', '.join(changed)}); "
-                             f"pass another data_root, or rebuild it with `fgvc prepare --root {root} "
+                             f"pass another data_root, or rebuild it with `fgvc prepare --root {shlex.quote(str(root))} "
                              f"--overwrite true`")
         return root
     log.info("generating the demo dataset in %s (first use)", root)
@@ -46,7 +47,7 @@ def resolve_root(data_root: str | Path) -> Path:
         return root
     if os.path.normpath(str(data_root)) == os.path.normpath(DEFAULT_DATA_ROOT):
         return ensure_demo(root)
-    raise MissingFileError(f"{root}: dataset root does not exist (run `fgvc prepare --root {root}` "
+    raise MissingFileError(f"{root}: dataset root does not exist (run `fgvc prepare --root {shlex.quote(str(root))}` "
                            f"or `fgvc mask` to create it)")
 
 

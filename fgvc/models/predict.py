@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fgvc.devices import resolve_device
 from fgvc.errors import FgvcError
 from fgvc.models.factory import FGVCNet, build_model
-from fgvc.safeload import load_tensors
+from fgvc.safeload import load_tensors, require_finite
 
 RESIZE_POLICIES = ("pad", "stretch", "center-crop")
 SERVE_DEVICE_ENV = "FGVC_SERVE_DEVICE"
@@ -48,6 +48,7 @@ def model_from_checkpoint(ckpt: dict, where: str) -> FGVCNet:
     if "spec" not in ckpt or "model" not in ckpt:
         raise FgvcError(f"{where}: not an fgvc checkpoint (it lacks the model spec or state_dict; keys: "
                         f"{', '.join(sorted(map(str, ckpt)))})")
+    require_finite(ckpt["model"], where)
     model = build_model(ckpt["spec"])
     model.load_state_dict(ckpt["model"])
     return model.eval()

@@ -23,6 +23,10 @@ Environment, read at each call:
 ``FGVC_DOWNLOAD_TIMEOUT=SECONDS`` or ``CONNECT,READ``
     Give up on a host that does not answer within CONNECT seconds (DNS lookup and TCP connect;
     default 5) and on a download that receives nothing for READ seconds (default 30).
+``FGVC_MAX_DOWNLOAD_BYTES=BYTES``
+    The most a download may write (default 2 GiB; the largest standard weights are a few hundred
+    MB). A response that announces more (``Content-Length``) is refused before its body is read;
+    one without a length is cut off, and removed, once it passes the maximum.
 ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_HOME``
     The Hub (or a mirror of it) and its cache folder, with huggingface_hub's meaning.
 """
@@ -73,6 +77,7 @@ DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 # timm's choice when a model's config names no Hub file: safetensors first, then the pickle.
 TIMM_HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 _CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_DOWNLOAD_BYTES = 2 << 30
 _TRUTHY = {"1", "true", "yes", "on"}
 # torch.hub's convention: "<name>-<sha256 prefix>.<ext>".
 _HASH_SUFFIX = re.compile(r"-([0-9a-f]{6,64})\.[^-]*$")
@@ -124,6 +129,23 @@ def download_timeouts() -> tuple[float, float]:
         raise ConfigError(f"FGVC_DOWNLOAD_TIMEOUT={text!r}: expected seconds > 0, one number for "
                           "both the connect and the read timeout or 'CONNECT,READ' (e.g. '5,30')")
     return values[0], values[-1]
+
+
+def max_download_bytes() -> int:
+    text = os.environ.get("FGVC_MAX_DOWNLOAD_BYTES", "").strip()
+    if not text:
+        return DEFAULT_MAX_DOWNLOAD_BYTES
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"FGVC_MAX_DOWNLOAD_BYTES={text!r}: expected a number of bytes > 0")
+    return value
+
+
+class _TooLarge(OSError):
+    """A download passed the most it may write."""
 
 
 def torch_hub_path(url: str) -> Path:
@@ -192,12 +214,17 @@ def _unreachable(url: str, timeout_s: float) -> str | None:
     return None if error is None else f"cannot connect to {host}:{port} ({_reason(error, timeout_s)})"
 
 
-def _copy_body(response, out, size: int | None, *, name: str, progress: bool) -> str:
-    """Stream a response body into ``out``; returns the sha256 hex digest of what was written."""
+def _copy_body(response, out, size: int | None, *, name: str, progress: bool, limit: int | None = None) -> str:
+    """Stream a response body into ``out``, at most ``limit`` bytes (else :class:`_TooLarge`);
+    returns the sha256 hex digest of what was written."""
     digest = hashlib.sha256()
+    written = 0
     with tqdm(total=size, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
               disable=None if progress else True) as bar:
         while chunk := response.read(_CHUNK_BYTES):
+            written += len(chunk)
+            if limit is not None and written > limit:
+                raise _TooLarge(f"passed {limit} bytes")
             out.write(chunk)
             digest.update(chunk)
             bar.update(len(chunk))
@@ -216,10 +243,18 @@ def _save_to_cache(response, target: Path, expected_sha: str | None, *, source: 
     partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:12]}.partial")
     length = response.headers.get("Content-Length")
     size = int(length) if length and length.isdigit() else None
+    limit = max_download_bytes()
+    if size is not None and size > limit:
+        response.close()
+        raise corrupt(f"announces {size} bytes, more than FGVC_MAX_DOWNLOAD_BYTES={limit}")
     try:
         with response, open(partial, "xb") as out:
             try:
-                digest = _copy_body(response, out, size, name=target.name, progress=progress)
+                digest = _copy_body(response, out, size, name=target.name, progress=progress,
+                                    limit=size if size is not None else limit)
+            except _TooLarge:
+                raise corrupt(f"sent no length and passed FGVC_MAX_DOWNLOAD_BYTES={limit} bytes; it was "
+                              f"stopped there") from None
             except (OSError, http.client.HTTPException) as error:
                 raise corrupt(f"was interrupted after {out.tell()} bytes "
                               f"({_reason(error, read_s)})") from error

@@ -11,6 +11,7 @@ as a new version of its registered model, tagged and described, and `candidate` 
 from __future__ import annotations
 
 import logging
+import shlex
 import warnings
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def version_description(name: str, version: str, run_name: str, regime: str, val
     return (f"{run_name}: regime {regime}, best validation accuracy {val_acc:.4f}.\n\n"
             f"Load: {code(f'mlflow.pyfunc.load_model({uri!r}).predict(images)')}\n\n"
             f"Serve: {code(f'mlflow models serve -m {uri} --env-manager local')}\n\n"
-            f"Analyse: {code(f'fgvc analyze --model {uri} --method all')}")
+            f"Analyse: {code(f'fgvc analyze --model {shlex.quote(uri)} --method all')}")
 
 
 def example_images(session, count: int = 2) -> np.ndarray:

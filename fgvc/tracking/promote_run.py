@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 
+from fgvc.tracking.failures import acting_on
 from fgvc.tracking.markdown import code
 from fgvc.tracking.registry import Promotion, PromoteConfig, promote
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
@@ -17,8 +18,9 @@ def run_promote(cfg: PromoteConfig) -> Promotion:
     configure_tracking()
     name = cfg.registered_model
     # The choice is made (and refused) before a run exists: a refusal leaves no FAILED run.
-    promotion = promote(name, metric=cfg.metric, dataset_digest=cfg.dataset_digest,
-                        version=None if cfg.version is None else str(cfg.version), alias=cfg.alias)
+    with acting_on(f"registered model {name}"):
+        promotion = promote(name, metric=cfg.metric, dataset_digest=cfg.dataset_digest,
+                            version=None if cfg.version is None else str(cfg.version), alias=cfg.alias)
     with tracked_run(EXPERIMENT, f"promote-{name}-{cfg.alias}", task="promote",
                      description=code(promotion.describe()), experiment_description=EXPERIMENT_DESCRIPTION):
         log_params({**cfg.params(), "registered_model": name, "version_effective": promotion.version,

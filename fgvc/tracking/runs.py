@@ -26,7 +26,9 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fgvc.errors import FgvcError
+from fgvc.errors import FgvcError, TrackingUnreachable, first_line
+from fgvc.files import write_failed
+from fgvc.tracking import failures, liveness
 
 log = logging.getLogger("fgvc")
 
@@ -67,6 +69,7 @@ def configure_tracking() -> str:
     run MLflow's schema migrations at the same time.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    failures.bound_request_retries()
     mlflow.set_tracking_uri(uri)
     database = sqlite_path(uri)
     if database is not None and uri not in _initialised:
@@ -100,29 +103,49 @@ def _end(run_id: str, status: str, fluent: bool) -> None:
         MlflowClient().set_terminated(run_id, status)
 
 
+def one_line(error: BaseException) -> BaseException:
+    """The one-line error a user can act on for `error` (a tracking server that refused or
+    did not answer, a full disk), or `error` itself."""
+    return failures.translated(error) or write_failed(error) or error
+
+
 @contextlib.contextmanager
 def ending(run_id: str, fluent: bool = True) -> Iterator[None]:
     """End `run_id` FINISHED on success, KILLED on Ctrl-C, FAILED on any other exception
-    (re-raised), recording why in `fgvc.end_reason` / `fgvc.error`. A run that finishes
-    after an earlier interruption loses the old reason."""
+    (re-raised, as one line when a user can act on it), recording why in `fgvc.end_reason` /
+    `fgvc.error` and finalising the run's PENDING MLflow models as FAILED. A run that
+    finishes after an earlier interruption loses the old reason."""
     client = MlflowClient()
     try:
         yield
     except KeyboardInterrupt:
         client.set_tag(run_id, "fgvc.end_reason", "interrupted (Ctrl-C)")
-        _end(run_id, "KILLED", fluent)
+        _end_failed(client, run_id, "KILLED", fluent)
         raise
     except BaseException as e:
+        error = one_line(e)
+        if isinstance(error, TrackingUnreachable):
+            failures.give_up_quickly()  # each call below is tried once
         with contextlib.suppress(Exception):
-            client.set_tag(run_id, "fgvc.error", f"{type(e).__name__}: {e}"[:5000])
-        _end(run_id, "FAILED", fluent)
-        raise
+            text = first_line(error) if isinstance(error, FgvcError) else f"{type(error).__name__}: {error}"
+            client.set_tag(run_id, "fgvc.error", text[:5000])
+        with contextlib.suppress(Exception):
+            _end_failed(client, run_id, "FAILED", fluent)
+        if error is e:
+            raise
+        raise error from None
     else:
         tags = client.get_run(run_id).data.tags
         for stale in ("fgvc.end_reason", "fgvc.error"):
             if stale in tags:
                 client.delete_tag(run_id, stale)
         _end(run_id, "FINISHED", fluent)
+
+
+def _end_failed(client: MlflowClient, run_id: str, status: str, fluent: bool) -> None:
+    with contextlib.suppress(Exception):
+        liveness.finalise_pending_models(client, run_id, client.get_run(run_id).info.experiment_id)
+    _end(run_id, status, fluent)
 
 
 def experiment_id(name: str) -> str:
@@ -155,8 +178,25 @@ def tracked_run(experiment: str, run_name: str, task: str, description: str = ""
     """Start (or continue: `run_id`, else `MLFLOW_RUN_ID` from `mlflow run`) the run to log
     into, named, tagged with the task and described; ended by :func:`ending`. A new run's
     experiment gets `experiment_description` when it has none yet."""
+    with failures.acting_on(f"experiment {experiment}"):
+        try:
+            with _tracked_run(experiment, run_name, task, description, tags, run_id, parent_run_id,
+                              experiment_description) as run:
+                yield run
+        except Exception as e:
+            error = one_line(e)
+            if error is e:
+                raise
+            raise error from None
+
+
+@contextlib.contextmanager
+def _tracked_run(experiment: str, run_name: str, task: str, description: str, tags: dict | None,
+                 run_id: str | None, parent_run_id: str | None, experiment_description: str
+                 ) -> Iterator[mlflow.ActiveRun]:
     configure_tracking()
-    tags = {TASK: task, "fgvc.git_commit": git_commit(), **(tags or {})}
+    identity = dict(tags or {})
+    tags = {TASK: task, "fgvc.git_commit": git_commit(), **identity, **liveness.liveness_tags()}
     if description:
         tags[DESCRIPTION] = description
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
@@ -171,7 +211,11 @@ def tracked_run(experiment: str, run_name: str, task: str, description: str = ""
             describe_experiment(experiment, experiment_description)
         run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags,
                                parent_run_id=parent_run_id, nested=parent_run_id is not None)
-    with ending(run.info.run_id, fluent=True):
+    try:
+        liveness.close_stale_runs(run.info.experiment_id, task, run_name, identity, run.info.run_id)
+    except Exception as e:  # closing others' leftovers never stops this run
+        log.debug("stale runs not checked: %s", first_line(e))
+    with ending(run.info.run_id, fluent=True), liveness.heartbeat(run.info.run_id):
         yield run
 
 

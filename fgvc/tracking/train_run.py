@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import platform
+import shlex
 import shutil
 import tempfile
 import time
@@ -42,7 +43,9 @@ from mlflow.tracking import MlflowClient
 from fgvc import distributed
 from fgvc.config import render_params
 from fgvc.devices import resolve_device
-from fgvc.errors import ConfigError
+from fgvc.errors import ConfigError, TrackingUnreachable, WriteFailed
+from fgvc.files import write_failed
+from fgvc.tracking.failures import Patience, is_unreachable, unreachable
 from fgvc.tracking.markdown import code, text
 from fgvc.tracking.models import log_and_register
 from fgvc.tracking.registry import registered_name
@@ -144,7 +147,11 @@ def _prepare(cfg: TrainConfig) -> Prepared:
 
 class Recorder:
     """Epoch callback recording into the run: metrics every epoch, checkpoint uploads on the
-    interval; `flush` uploads what is newer and writes the end-of-run files."""
+    interval; `flush` uploads what is newer and writes the end-of-run files.
+
+    Every call waits out a short outage of the tracking server (:class:`Patience`, up to
+    FGVC_TRACKING_TIMEOUT_S); after a longer one the checkpoints stay in the local cache and
+    the message says how to resume."""
 
     def __init__(self, run_id: str, writer: CheckpointWriter, interval_s: float = UPLOAD_INTERVAL_S):
         self.run_id, self.writer, self.interval_s = run_id, writer, interval_s
@@ -152,9 +159,12 @@ class Recorder:
         self.pending: set[str] = set()
         self.best_record: EpochRecord | None = None
         self.model_logged = False  # the MLflow model carries the best/... metrics then
+        self.kept = (f"the checkpoints are kept at {writer.directory}; once the server answers, run the same "
+                     f"`fgvc train` with `--resume true` (or `--resume {run_id}`)")
+        self.patience = Patience(kept=self.kept)
 
     def on_epoch_end(self, record: EpochRecord, session: Session) -> None:
-        mlflow.log_metrics(record.metrics(), step=record.epoch)
+        self.patience.call(f"logging epoch {record.epoch}", mlflow.log_metrics, record.metrics(), step=record.epoch)
         self.pending |= {LAST} | ({BEST} if record.is_best else set())
         if record.is_best:
             self.best_record = record
@@ -164,20 +174,32 @@ class Recorder:
     def upload(self) -> None:
         self.writer.flush()  # what goes up is the newest state, never an older file
         for which in sorted(self.pending):
-            if self.writer.path(which).is_file():
-                mlflow.log_artifact(str(self.writer.path(which)), "checkpoints")
+            path = self.writer.path(which)
+            if path.is_file():
+                try:
+                    self.patience.call(f"uploading {path.name}", mlflow.log_artifact, str(path), "checkpoints")
+                except OSError as error:  # a local artifact store that cannot take the file
+                    failed = write_failed(error, getattr(error, "filename", None) or mlflow.get_artifact_uri(),
+                                          "checkpoint artifact", path.stat().st_size, self.kept)
+                    if failed is None or isinstance(error, WriteFailed):
+                        raise
+                    raise failed from None
         self.pending.clear()
         self.last_upload = time.monotonic()
 
     def flush(self, session: Session) -> None:
         """Write and upload the newest checkpoints; write plots and metrics.csv (also after a
-        failure or Ctrl-C)."""
+        failure or Ctrl-C). After the server was given up on, only the local files are written."""
+        if self.patience.gave_up:
+            self.writer.flush()
+            return
         self.upload()
         if session.best and not self.model_logged:
-            mlflow.log_metrics(best_metrics(session.best), step=session.best["epoch"])
+            self.patience.call("logging the best epoch", mlflow.log_metrics, best_metrics(session.best),
+                               step=session.best["epoch"])
         if session.history:
-            _log_plots(session, self.best_record)
-            mlflow.log_text(metrics_csv(session.history), "metrics.csv")
+            self.patience.call("logging plots", _log_plots, session, self.best_record)
+            self.patience.call("logging metrics.csv", mlflow.log_text, metrics_csv(session.history), "metrics.csv")
 
 
 def _log_plots(session: Session, best: EpochRecord | None) -> None:
@@ -295,16 +317,21 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
             raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
         finally:
             recorder.flush(session)
-        best = session.best
-        version = None
-        if reg_name:
-            version = log_and_register(writer.path(BEST), reg_name, best_metrics(best), session, run_id)
-            mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
-        summary = summary_markdown(name, session, best, version, reg_name)
-        mlflow.log_text(summary, "run_summary.md")
-        mlflow.set_tag("mlflow.note.content", summary)
-        log.info("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
-                 f"; registered {reg_name} version {version} (alias candidate)" if version else "")
+        try:
+            best = session.best
+            version = None
+            if reg_name:
+                version = log_and_register(writer.path(BEST), reg_name, best_metrics(best), session, run_id)
+                mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
+            summary = summary_markdown(name, session, best, version, reg_name)
+            mlflow.log_text(summary, "run_summary.md")
+            mlflow.set_tag("mlflow.note.content", summary)
+            log.info("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
+                     f"; registered {reg_name} version {version} (alias candidate)" if version else "")
+        except Exception as e:
+            if is_unreachable(e) and not isinstance(e, TrackingUnreachable):
+                raise unreachable(e, kept=recorder.kept) from None
+            raise
     shutil.rmtree(writer.directory, ignore_errors=True)  # uploaded: the run's artifacts hold it now
     return TrainResult(run_id, best["epoch"], best["val/acc"], session.history, reg_name if version else None,
                        version)
@@ -353,7 +380,7 @@ def summary_markdown(name: str, session: Session, best: dict, version: str | Non
         lines += ["", "## Registry", "",
                   f"Registered as {code(uri)} (alias `candidate`). Load it with "
                   f"`mlflow.pyfunc.load_model({uri!r})`; analyse it with:", "",
-                  f"    fgvc analyze --model {uri} --method all",
+                  f"    fgvc analyze --model {shlex.quote(uri)} --method all",
                   f"    mlflow run . -e analyze --env-manager local -P model={uri}"]
     lines += ["", "Artifacts: `plots/` (loss, error, confusion matrix, per-class accuracy), `metrics.csv`, "
               "`checkpoints/best.pt` and `checkpoints/last.pt` (state_dict + model spec; last.pt also the "

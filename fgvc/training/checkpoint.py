@@ -21,6 +21,7 @@ import torch
 
 from fgvc.data.shards import atomic_write
 from fgvc.errors import ConfigError, FgvcError, MissingFileError
+from fgvc.files import writing
 from fgvc.safeload import load_tensors
 
 BEST, LAST = "best", "last"
@@ -69,13 +70,27 @@ def check_resumable(ckpt: dict, where: str, arch: str, num_classes: int, digest:
                           f"the kind of device it started on (--device), or start a new run")
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (about what torch.save writes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save(path: Path, content: dict) -> Path:
-    """Atomically: a crash mid-write never leaves a half checkpoint under the final name."""
+    """Atomically: a crash or a full disk mid-write never leaves a half checkpoint under the
+    final name (the earlier file stays); a failed write is one line naming the path."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(content, f)
 
-    atomic_write(path, write)
+    kept = f"the earlier {path.name} is kept unchanged" if path.is_file() else f"no earlier {path.name} exists"
+    with writing(path, "checkpoint", needed=tensor_bytes(content), kept=kept):
+        atomic_write(path, write)
     return path
 
 
@@ -94,7 +109,8 @@ class CheckpointWriter:
 
     def __init__(self, directory: str | Path, budget: float = 0.025):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with writing(self.directory, "checkpoint folder (FGVC_CACHE_DIR)"):
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.budget = budget
         self.started = time.monotonic()
         self.spent = 0.0  # seconds spent writing

@@ -22,8 +22,9 @@ from fgvc.data.dataset import BatchLoader, ShardDataset
 from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError
 from fgvc.models import FGVCNet
-from fgvc.regimes import regime_of
 from fgvc.models.original import ORIGINAL_ARCHS, ClassCountError, detect_arch, import_original, read_checkpoint
+from fgvc.regimes import regime_of
+from fgvc.safeload import require_finite
 from fgvc.training.checkpoint import save
 from fgvc.training.loop import EvalResult, evaluate
 from fgvc.training.session import TrainingData
@@ -58,6 +59,7 @@ class Imported:
 def import_checkpoint(cfg: RegisterConfig) -> Imported:
     """Load, check against the data root (class count, image size) and evaluate."""
     state = read_checkpoint(cfg.checkpoint)
+    require_finite(state, cfg.checkpoint)
     arch = cfg.arch or detect_arch(state)
     if arch is None:
         raise ConfigError(f"{cfg.checkpoint}: its tensors fit none of {', '.join(ORIGINAL_ARCHS)}; pass --arch")
