@@ -87,6 +87,8 @@ def screen(listing, source: Path):
     ``[{"path": name, "error": reason}]`` (meta.json's ``skipped`` format). In a folder tree
     the designer folders are looked through again: the listing drops a FIFO or a device
     without a word."""
+    if listing.kind == "image-folder":
+        source = listing.folder or source  # the designer folders' parent, after a nested download is unwrapped
     inside = source if listing.kind == "image-folder" else None
     refused, keep = [], []
     for image in listing.images:

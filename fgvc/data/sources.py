@@ -33,6 +33,7 @@ class SourceListing:
     images: list[SourceImage]
     designers: list[str]  # every designer named by the source, sorted
     notes: dict  # what the listing ignored, for meta.json
+    folder: Path | None = None  # an image folder's designer folders are in here (after unwrapping)
 
 
 def visible(folder: Path) -> list[Path]:
@@ -78,7 +79,7 @@ def list_image_folder(source: Path) -> SourceListing:
         raise ConfigError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in any designer folder")
     notes = {"files_outside_designer_folders": len(loose), "non_image_files": not_images,
              "followed_single_folder": source.name if source != given else None}
-    return SourceListing("image-folder", images, [f.name for f in folders], notes)
+    return SourceListing("image-folder", images, [f.name for f in folders], notes, source)
 
 
 def list_csv(source: Path) -> SourceListing:
