@@ -96,7 +96,8 @@ class StudyConfig(Config):
     device: str | None = option(Maybe(STR), None, "auto | cpu | cuda | cuda:N.", identity=False)
     num_workers: int | None = option(Maybe(INT), None, "Loader threads per training (auto: the fastest here).",
                                      identity=False)
-    registered_model: str | None = option(Maybe(STR), None, "Registry name for every cell (auto: fgvc-<arch>).",
+    registered_model: str | None = option(Maybe(STR), None, "Registry name for every cell (auto: fgvc-study-<arch>, "
+                                          "apart from your own trainings; cells move no alias).",
                                           identity=False)
 
     def plan(self, experiment: str = EXPERIMENT) -> "StudyPlan":

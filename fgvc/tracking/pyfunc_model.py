@@ -7,6 +7,7 @@ designer, its class index and probability, and the top-k designers with their pr
 (``params={"top_k": k}``, default 5).
 """
 
+import numpy as np
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
@@ -18,7 +19,7 @@ class DesignerClassifier(PythonModel):
 
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", 5))
         return pd.DataFrame(self.predictor.predict(model_input, top_k=top_k))
 
