@@ -11,12 +11,33 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import warnings
 
 import click
 
+from fgvc.analysis.config import AnalyzeConfig
 from fgvc.config import Kind, cli_name, options
+from fgvc.data.config import PrepareConfig
 from fgvc.errors import FgvcError
+from fgvc.masking.config import MaskConfig
+from fgvc.study.config import StudyConfig
+from fgvc.tracking.config import PromoteConfig
+from fgvc.training.config import RegisterConfig, TrainConfig
+
+# Nothing above imports torch or MLflow (tests/test_cli.py checks it): `--help`, a typo or a
+# refused option answer at once; each command imports what it runs inside its body.
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _warning_as_log_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one log line: its category and text, without source lines or the
+    terminal colour codes some libraries put in the text."""
+    text = " ".join(_ESCAPES.sub("", str(message)).split())
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -25,6 +46,8 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "git", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not verbose:
+        warnings.showwarning = _warning_as_log_line
 
 
 class KindType(click.ParamType):
@@ -83,14 +106,6 @@ def _relaunch_under_torchrun(cfg, processes: int, command: str, skip: str) -> No
     distributed.exec_torchrun(processes, argv)
 
 
-from fgvc.analysis.config import AnalyzeConfig  # noqa: E402  (after click: the options read them)
-from fgvc.data.config import PrepareConfig  # noqa: E402
-from fgvc.masking.config import MaskConfig  # noqa: E402
-from fgvc.study.config import StudyConfig  # noqa: E402
-from fgvc.tracking.registry import PromoteConfig  # noqa: E402
-from fgvc.training.config import TrainConfig  # noqa: E402
-from fgvc.training.imported import RegisterConfig  # noqa: E402
-
 CONFIGS = {"prepare": PrepareConfig, "mask": MaskConfig, "train": TrainConfig, "promote": PromoteConfig,
            "analyze": AnalyzeConfig, "register": RegisterConfig, "study": StudyConfig}
 
@@ -99,9 +114,10 @@ CONFIGS = {"prepare": PrepareConfig, "mask": MaskConfig, "train": TrainConfig, "
 @config_options(PrepareConfig)
 def prepare(**values):
     """Build a dataset root: the demo runway data or an ingest of real images."""
+    cfg = PrepareConfig(**values)  # refused options answer before the heavy imports
     from fgvc.tracking.prepare_run import run_prepare
 
-    meta = run_prepare(PrepareConfig(**values))
+    meta = run_prepare(cfg)
     click.echo(f"{values['root']}: {meta.get('counts')} (digest {meta['digest']})")
 
 
@@ -109,10 +125,10 @@ def prepare(**values):
 @config_options(MaskConfig)
 def mask(**values):
     """Remove backgrounds: write a person-masked copy of a dataset root (same shard format)."""
+    cfg = MaskConfig(**values)
     from fgvc import distributed
     from fgvc.tracking.mask_run import run_mask
 
-    cfg = MaskConfig(**values)
     if cfg.workers > 1 and not distributed.launched_by_torchrun():
         _relaunch_under_torchrun(cfg, cfg.workers, "mask", skip="workers")
     run_mask(cfg)
@@ -125,10 +141,10 @@ def train(**values):
 
     Data-parallel: `--nproc N`, or `torchrun --nproc-per-node N -m fgvc.cli train ...`.
     """
+    cfg = TrainConfig(**values)
     from fgvc import distributed
     from fgvc.tracking.train_run import run_train
 
-    cfg = TrainConfig(**values)
     if cfg.nproc > 1 and not distributed.launched_by_torchrun():
         _relaunch_under_torchrun(cfg, cfg.nproc, "train", skip="nproc")
     result = run_train(cfg)
@@ -142,9 +158,10 @@ def train(**values):
 @config_options(PromoteConfig)
 def promote(**values):
     """Move the `champion` alias to the best version of one dataset (or to an explicit one)."""
+    cfg = PromoteConfig(**values)
     from fgvc.tracking.promote_run import run_promote
 
-    click.echo(run_promote(PromoteConfig(**values)).describe())
+    click.echo(run_promote(cfg).describe())
 
 
 @main.command()
@@ -152,9 +169,10 @@ def promote(**values):
 def analyze(**values):
     """Grad-CAM, occlusion, neighbours, background swaps for a registered model: records keyed
     by their settings, shown on its training run."""
+    cfg = AnalyzeConfig(**values)
     from fgvc.tracking.analyze_run import run_analyze
 
-    outcome = run_analyze(AnalyzeConfig(**values))
+    outcome = run_analyze(cfg)
     click.echo(f"analysis record run {outcome.record_run_id}: " + ", ".join(
         f"{m} ({'shown on the training run' if outcome.shown.get(m) else 'record only'})" for m in outcome.metrics))
 
@@ -163,9 +181,10 @@ def analyze(**values):
 @config_options(RegisterConfig)
 def register(**values):
     """Register a checkpoint of the original scripts (ResNet-18/34/50, FashionNet-Small/Medium)."""
+    cfg = RegisterConfig(**values)
     from fgvc.tracking.register_run import run_register
 
-    run_id, name, version = run_register(RegisterConfig(**values))
+    run_id, name, version = run_register(cfg)
     click.echo(f"run {run_id}: registered models:/{name}/{version} (alias candidate)")
 
 
@@ -173,9 +192,10 @@ def register(**values):
 @config_options(StudyConfig)
 def study(**values):
     """The background-reliance study: every architecture x regime x seed trained, analysed, reported."""
+    cfg = StudyConfig(**values)
     from fgvc.tracking.study_run import run_study
 
-    result = run_study(StudyConfig(**values))
+    result = run_study(cfg)
     click.echo(f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s; "
                f"report at runs:/{result.run_id}/study/report.html")
 

@@ -5,10 +5,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fgvc.config import BOOL, FLOAT, INT, STR, Choice, Config, below_one, fraction, option, positive
-from fgvc.data.demo import DemoConfig
-from fgvc.data.ingest import RESIZE_POLICIES
 
 DEMO = "demo"
+SPLITS = ("train", "val", "test")
+RESIZE_POLICIES = ("pad", "stretch", "center-crop")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    num_designers: int = 10
+    train_per_class: int = 120
+    val_per_class: int = 40
+    height: int = 64  # tall, like the real person crops
+    width: int = 48
+    bg_correlation: float = 0.9
+    num_venues: int | None = None  # default: one home venue per designer
+    shard_size: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.bg_correlation <= 1.0:
+            raise ValueError(f"bg_correlation must be in [0, 1], got {self.bg_correlation}")
+        if self.num_designers < 2:
+            raise ValueError(f"num_designers must be at least 2, got {self.num_designers}")
+        if self.height < 16 or self.width < 12:
+            raise ValueError(f"image size {self.height}x{self.width} is too small (min 16x12)")
+
+    @property
+    def venues(self) -> int:
+        return self.num_venues or self.num_designers
+
+
 _DEMO = DemoConfig()
 
 

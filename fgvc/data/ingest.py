@@ -60,13 +60,13 @@ from fgvc.data.shards import (
     write_label_map,
     write_shard,
 )
+from fgvc.data.config import RESIZE_POLICIES
 from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RESIZE_POLICIES = ("pad", "stretch", "center-crop")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Downscale in steps first (JPEG DCT scaling, then box reduction) before the final LANCZOS pass,
 # as Pillow's thumbnail does; 3.0 is indistinguishable from a single full LANCZOS resize.

@@ -12,10 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from fgvc.config import FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, option, positive
-from fgvc.data.demo import DemoConfig
+from fgvc.catalog import SEGMENTERS, arch_problem
+from fgvc.data.config import DemoConfig
 from fgvc.errors import ConfigError
-from fgvc.masking.segmenters import SEGMENTERS
-from fgvc.models import arch_problem
 from fgvc.regimes import REGIMES, Regime
 
 EXPERIMENT = "fgvc-study"

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 from fgvc.config import (BOOL, FLOAT, INT, STR, Choice, Config, FlagOr, Kind, Maybe, below_one, config_id,
                          non_negative, option, positive)
+from fgvc.catalog import ORIGINAL_ARCHS, PRESETS, arch_problem
 from fgvc.errors import ConfigError
-from fgvc.models import arch_problem
-from fgvc.training.augment import PRESETS
 
 DEFAULT_DATA_ROOT = "data/demo"
 DEFAULT_RECIPE = "heavy"
@@ -112,3 +111,19 @@ class TrainConfig(Config):
         """Digest of the options that define the result: finds the run to resume and the
         finished cells a study can reuse (together with the dataset digest)."""
         return config_id(self)
+
+
+@dataclass(frozen=True)
+class RegisterConfig(Config):
+    checkpoint: str = option(STR, "best.pt", "Checkpoint written by the original scripts ({'model': state_dict} "
+                             "or a bare state_dict).")
+    arch: str | None = option(Maybe(Choice(ORIGINAL_ARCHS)), None, "Architecture of the checkpoint (auto: the one "
+                              "its tensors fit).")
+    data_root: str = option(STR, "data/demo", "Dataset root whose validation split evaluates the model.")
+    normalization: str | None = option(Maybe(Choice(("imagenet", "none"))), None,
+                                       "Input normalisation the model was trained with: auto (imagenet for "
+                                       "ResNets, as the original trained from ImageNet weights; none for "
+                                       "FashionNet), imagenet, or none (a ResNet trained --from_scratch).")
+    registered_model: str | None = option(Maybe(STR), None, "Registry name (auto: fgvc-<arch>).")
+    batch_size: int = option(INT, 64, "Validation batch size.", check=positive)
+    device: str | None = option(Maybe(STR), None, "auto | cpu | cuda | cuda:N.")
