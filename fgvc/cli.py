@@ -149,9 +149,12 @@ def train(**values):
         _relaunch_under_torchrun(cfg, cfg.nproc, "train", skip="nproc")
     result = run_train(cfg)
     if result is not None:
+        from fgvc.tracking.runs import run_link
+
+        link = run_link(result.run_id)
         click.echo(f"run {result.run_id}: best val acc {result.best_val_acc:.4f} at epoch {result.best_epoch}"
-                   + (f"; registered models:/{result.registered_model}/{result.model_version}"
-                      if result.model_version else ""))
+                   + (f"; registered models:/{result.registered_model}/{result.model_version} (alias candidate)"
+                      if result.model_version else "") + (f"; {link}" if link else ""))
 
 
 @main.command()

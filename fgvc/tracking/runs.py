@@ -171,6 +171,13 @@ def experiment_link(exp_id: str, run_id: str | None = None) -> str | None:
     return page + MODEL_TRAINING_VIEW
 
 
+def run_link(run_id: str) -> str | None:
+    """The run's UI page on an HTTP tracking server (Model training view), else None."""
+    if experiment_link("0") is None:
+        return None
+    return experiment_link(MlflowClient().get_run(run_id).info.experiment_id, run_id)
+
+
 def _check_mlflow_run_experiment(run_id: str, experiment: str, task: str, experiment_description: str) -> None:
     """Under `mlflow run` the run's experiment is the one `--experiment-name` chose: describe and
     mark it like fgvc's own, and say in one line how to leave MLflow's `Default`."""
