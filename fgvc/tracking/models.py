@@ -65,7 +65,7 @@ def background_removed(regime: str) -> bool:
 def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[str, float],
               regime: str | None = None):
     """Log the checkpoint as the active run's MLflow model; returns MLflow's ModelInfo."""
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, quiet=True)
     output = pd.DataFrame(predictor.predict(example, top_k=5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow's notes on example formats, integer columns, type hints
