@@ -10,6 +10,8 @@ declared names are exactly the registered ones).
 
 from __future__ import annotations
 
+import difflib
+
 from fgvc.registry import Registry
 
 TIMM_PREFIX = "timm:"
@@ -34,5 +36,7 @@ def arch_problem(arch: str) -> str | None:
         from fgvc.models.architectures import arch_problem as timm_problem
 
         return timm_problem(arch)
-    return (f"{ARCHS.unknown(arch)}; or any timm model as '{TIMM_PREFIX}<name>' "
-            f"(e.g. '{TIMM_PREFIX}convnext_atto')")
+    close = difflib.get_close_matches(arch, ARCHS.names(), n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return (f"Unknown arch {arch!r}{hint}. Valid names: {', '.join(sorted(ARCHS.names()))}; "
+            f"or any timm model as '{TIMM_PREFIX}<name>' (e.g. '{TIMM_PREFIX}convnext_atto').")
