@@ -331,7 +331,7 @@ def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match=r"FashionNet on raw \[0, 1\] pixels; use normalization='none'"):
         import_original(state, "fn-small", normalization="imagenet")
     with pytest.raises(ConfigError, match=r"arch 'resnet101': .* one of resnet18, resnet34, resnet50, "
-                                          r"fn-small, fn-medium \(or 'auto'"):
+                                          r"fn-small, fn-medium \(or None to detect it\)"):
         import_original(state, "resnet101", normalization="none")
 
 
