@@ -68,6 +68,18 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+def test_the_python_model_is_type_hinted_as_mlflow_accepts_so_it_warns_nothing():
+    import runpy
+    import warnings
+
+    from fgvc.tracking import pyfunc_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_path(pyfunc_model.__file__)  # what MLflow runs to load the model
+    assert not [str(w.message) for w in caught if "type hint" in str(w.message).lower()]
+
+
 def test_a_model_of_background_removed_images_warns_about_raw_photos_in_one_line(registered, tmp_path, caplog):
     import logging
 
