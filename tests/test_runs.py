@@ -28,7 +28,8 @@ def test_a_run_mlflow_run_put_in_default_says_how_to_put_it_where_it_belongs(mlf
     assert lines == ["this train run is in MLflow's Default experiment; add --experiment-name fgvc-train to "
                      "`mlflow run` to keep it with the other train runs"]
     default = client.get_experiment("0")
-    assert default.tags[EXPERIMENT_KIND] == MODEL_TRAINING and "--experiment-name" in default.tags["mlflow.note.content"]
+    assert default.tags[EXPERIMENT_KIND] == MODEL_TRAINING
+    assert "--experiment-name" in default.tags["mlflow.note.content"]
 
 
 def test_under_mlflow_run_the_chosen_experiment_is_described_too(mlflow_store, monkeypatch, caplog):

@@ -185,12 +185,19 @@ def promote(name: str, metric: str = "val_acc", dataset: str | None = None, regi
         chosen, data_text = list(versions), "any dataset (asked)"
     else:
         chosen = [v for v in versions if _matches_dataset(v, dataset)]
+        labels = sorted({dataset_label(v) for v in (chosen or versions)})
         if not chosen:
-            labels = sorted({dataset_label(v) for v in versions})
-            raise ConfigError(f"no version of {name!r} was trained on dataset {dataset}; datasets: {', '.join(labels)}")
+            raise ConfigError(f"no version of {name!r} was trained on dataset {dataset}; datasets: "
+                              f"{', '.join(labels)}")
+        if len(labels) > 1:
+            raise ConfigError(f"dataset {dataset} names {len(labels)} datasets of {name!r}: {', '.join(labels)}; "
+                              f"pass a digest")
         data_text = f"dataset {dataset_label(chosen[0])} (asked)"
-    if regime is None and holder is not None:
-        regime, regime_text = holder.tags.get("regime"), f"the {alias}'s regime {holder.tags.get('regime')}"
+    kept = holder.tags.get("regime") if holder is not None else None
+    if regime is None and kept is not None and any(v.tags.get("regime") == kept for v in chosen):
+        regime, regime_text = kept, f"the {alias}'s regime {kept}"
+    elif regime is None and kept is not None:  # another dataset was asked for, without the champion's regime
+        regime_text = f"any regime (none there is the {alias}'s {kept})"
     elif regime in (None, ANY):
         regime, regime_text = None, "any regime"
     else:
