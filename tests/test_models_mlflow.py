@@ -67,7 +67,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_the_python_model_is_type_hinted_as_mlflow_accepts_so_it_warns_nothing():
     import runpy
     import warnings
@@ -96,6 +95,7 @@ def test_a_model_of_background_removed_images_warns_about_raw_photos_in_one_line
         "fgvc.regime": "unmasked", "fgvc.background_removed": False}
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(registered):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{registered}/mlflow.db"}
