@@ -92,7 +92,9 @@ def register(model_uri: str, name: str, tags: dict, describe, alias: str | None 
     """A new version of `name` from a logged model (`models:/<model id>`), described by
     `describe(version)`; `alias` (default `candidate`; None: none) moves to it."""
     client = MlflowClient()
-    if not client.search_registered_models(f"name = '{name}'", max_results=1):
+    try:
+        client.get_registered_model(name)
+    except MlflowException:  # the first version of this name
         try:
             client.create_registered_model(name, description=STUDY_DESCRIPTION if name.startswith(STUDY_PREFIX)
                                            else REGISTERED_DESCRIPTION)
