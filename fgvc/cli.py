@@ -29,7 +29,6 @@ from fgvc.training.config import RegisterConfig, TrainConfig
 # Nothing above imports torch or MLflow (tests/test_cli.py checks it): `--help`, a typo or a
 # refused option answer at once; each command imports what it runs inside its body.
 
-
 _ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

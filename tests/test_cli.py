@@ -54,3 +54,18 @@ def test_a_registry_refuses_an_unknown_name_with_the_nearest_ones():
     with pytest.raises(ConfigError, match=r"unknown architecture 'resnet-18' \(did you mean resnet18"):
         ARCHS.get("resnet-18")
     assert importlib.import_module("fgvc.models").create_model  # the eager package still works
+
+
+def test_a_python_warning_is_one_log_line_without_colour_codes(monkeypatch, caplog):
+    import logging
+    import warnings
+
+    from fgvc import cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    cli._setup_logging(verbose=False)
+    assert warnings.showwarning is cli._warning_as_log_line
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("\x1b[33mAdd type hints\n  to predict\x1b[0m", UserWarning)
+    assert [r.getMessage() for r in caplog.records] == ["UserWarning: Add type hints to predict"]
