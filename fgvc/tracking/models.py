@@ -5,7 +5,8 @@ LoggedModel of the run, at the best epoch's step, with the best epoch's validati
 linked to it, a signature and an input example. The model's files are the checkpoint (state
 dict + spec) and fgvc's code; MLflow loads it by running fgvc/tracking/pyfunc_model.py
 (models-from-code), so loading never unpickles a model object. The model is then registered
-as a new version of its registered model, tagged and described, and `candidate` moves to it.
+as a new version of its registered model, tagged and described, and `candidate` moves to it (a
+study's cells register as `fgvc-study-<arch>` and move no alias).
 """
 
 from __future__ import annotations

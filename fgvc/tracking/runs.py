@@ -33,8 +33,8 @@ log = logging.getLogger("fgvc")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DESCRIPTION = "mlflow.note.content"
 TASK = "fgvc.task"
-# MLflow 3 opens an experiment in its GenAI view unless this tag says it holds model training;
-# links carry the matching view parameter.
+# MLflow 3's mark for an experiment of model training (not GenAI traces); its UI opens the Model
+# training view for links with MODEL_TRAINING_VIEW (a plain experiment link opens a GenAI overview).
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
@@ -148,7 +148,7 @@ def experiment_id(name: str) -> str:
 
 def describe_experiment(name: str, text: str) -> None:
     """Give an experiment its description once (the MLflow UI shows it on its page) and mark it
-    as holding model training, so the UI opens it in the Model training view."""
+    as an experiment of model training."""
     describe_experiment_id(experiment_id(name), text)
 
 
