@@ -11,12 +11,32 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import warnings
 
 import click
 
+from fgvc.analysis.config import AnalyzeConfig
 from fgvc.config import Kind, cli_name, options
+from fgvc.data.config import PredictConfig, PrepareConfig
 from fgvc.errors import FgvcError
+from fgvc.masking.config import MaskConfig
+from fgvc.study.config import StudyConfig
+from fgvc.tracking.config import PromoteConfig
+from fgvc.training.config import RegisterConfig, TrainConfig
+
+# Nothing above imports torch or MLflow (tests/test_cli.py checks it): `--help`, a typo or a
+# refused option answer at once; each command imports what it runs inside its body.
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _warning_as_log_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one log line: its category and text, without source lines or the
+    terminal colour codes some libraries put in the text."""
+    text = " ".join(_ESCAPES.sub("", str(message)).split())
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, text)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -25,6 +45,8 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "git", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not verbose:
+        warnings.showwarning = _warning_as_log_line
 
 
 class KindType(click.ParamType):
@@ -97,14 +119,6 @@ def _relaunch_under_torchrun(cfg, processes: int, command: str, skip: str) -> No
     distributed.exec_torchrun(processes, argv, getattr(cfg, "device", None))
 
 
-from fgvc.analysis.config import AnalyzeConfig  # noqa: E402  (after click: the options read them)
-from fgvc.data.config import PredictConfig, PrepareConfig  # noqa: E402
-from fgvc.masking.config import MaskConfig  # noqa: E402
-from fgvc.study.config import StudyConfig  # noqa: E402
-from fgvc.tracking.registry import PromoteConfig  # noqa: E402
-from fgvc.training.config import TrainConfig  # noqa: E402
-from fgvc.training.imported import RegisterConfig  # noqa: E402
-
 CONFIGS = {"prepare": PrepareConfig, "mask": MaskConfig, "train": TrainConfig, "promote": PromoteConfig,
            "analyze": AnalyzeConfig, "register": RegisterConfig, "study": StudyConfig,
            "predict": PredictConfig}
@@ -114,13 +128,14 @@ CONFIGS = {"prepare": PrepareConfig, "mask": MaskConfig, "train": TrainConfig, "
 @config_options(PrepareConfig)
 def prepare(**values):
     """Build a dataset root: the demo runway data or an ingest of real images."""
+    cfg = PrepareConfig(**values)  # refused options answer before the heavy imports
     from fgvc.tracking.prepare_run import check_root, describe_split, run_prepare
 
-    if values["check"] is not None:
-        clean, line = check_root(values["check"])
+    if cfg.check is not None:
+        clean, line = check_root(cfg.check)
         click.echo(line)
         sys.exit(0 if clean else 1)
-    meta = run_prepare(PrepareConfig(**values))
+    meta = run_prepare(cfg)
     click.echo(f"{values['root']}: {meta.get('counts')} (digest {meta['digest']}). {describe_split(meta)}")
 
 
@@ -128,10 +143,10 @@ def prepare(**values):
 @config_options(MaskConfig)
 def mask(**values):
     """Remove backgrounds: write a person-masked copy of a dataset root (same shard format)."""
+    cfg = MaskConfig(**values)
     from fgvc import distributed
     from fgvc.tracking.mask_run import run_mask
 
-    cfg = MaskConfig(**values)
     if cfg.workers > 1 and not distributed.launched_by_torchrun():
         _relaunch_under_torchrun(cfg, cfg.workers, "mask", skip="workers")
     run_mask(cfg)
@@ -144,26 +159,30 @@ def train(**values):
 
     Data-parallel: `--nproc N`, or `torchrun --nproc-per-node N -m fgvc.cli train ...`.
     """
+    cfg = TrainConfig(**values)
     from fgvc import distributed
     from fgvc.tracking.train_run import run_train
 
-    cfg = TrainConfig(**values)
     if cfg.nproc > 1 and not distributed.launched_by_torchrun():
         _relaunch_under_torchrun(cfg, cfg.nproc, "train", skip="nproc")
     result = run_train(cfg)
     if result is not None:
+        from fgvc.tracking.runs import run_link
+
+        link = run_link(result.run_id)
         click.echo(f"run {result.run_id}: best val acc {result.best_val_acc:.4f} at epoch {result.best_epoch}"
-                   + (f"; registered models:/{result.registered_model}/{result.model_version}"
-                      if result.model_version else ""))
+                   + (f"; registered models:/{result.registered_model}/{result.model_version} (alias candidate)"
+                      if result.model_version else "") + (f"; {link}" if link else ""))
 
 
 @main.command()
 @config_options(PromoteConfig)
 def promote(**values):
     """Move the `champion` alias to the best version of one dataset (or to an explicit one)."""
+    cfg = PromoteConfig(**values)
     from fgvc.tracking.promote_run import run_promote
 
-    click.echo(run_promote(PromoteConfig(**values)).describe())
+    click.echo(run_promote(cfg).describe())
 
 
 @main.command()
@@ -171,9 +190,10 @@ def promote(**values):
 def analyze(**values):
     """Grad-CAM, occlusion, neighbours, background swaps for a registered model: records keyed
     by their settings, shown on its training run."""
+    cfg = AnalyzeConfig(**values)
     from fgvc.tracking.analyze_run import run_analyze
 
-    outcome = run_analyze(AnalyzeConfig(**values))
+    outcome = run_analyze(cfg)
     click.echo(f"analysis record run {outcome.record_run_id}: " + ", ".join(
         f"{m} ({'shown on the training run' if outcome.shown.get(m) else 'record only'})" for m in outcome.metrics))
 
@@ -182,9 +202,10 @@ def analyze(**values):
 @config_options(RegisterConfig)
 def register(**values):
     """Register a checkpoint of the original scripts (ResNet-18/34/50, FashionNet-Small/Medium)."""
+    cfg = RegisterConfig(**values)
     from fgvc.tracking.register_run import run_register
 
-    run_id, name, version = run_register(RegisterConfig(**values))
+    run_id, name, version = run_register(cfg)
     click.echo(f"run {run_id}: registered models:/{name}/{version} (alias candidate)")
 
 
@@ -192,9 +213,10 @@ def register(**values):
 @config_options(StudyConfig)
 def study(**values):
     """The background-reliance study: every architecture x regime x seed trained, analysed, reported."""
+    cfg = StudyConfig(**values)
     from fgvc.tracking.study_run import run_study
 
-    result = run_study(StudyConfig(**values))
+    result = run_study(cfg)
     click.echo(f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s; "
                f"report at runs:/{result.run_id}/study/report.html")
 
@@ -203,9 +225,10 @@ def study(**values):
 @config_options(PredictConfig)
 def predict(**values):
     """Designers for any photos (a folder or a CSV) from a registered model: a CSV, tracked."""
+    cfg = PredictConfig(**values)
     from fgvc.tracking.predict_run import run_predict
 
-    done = run_predict(PredictConfig(**values))
+    done = run_predict(cfg)
     click.echo(f"run {done['run_id']}: {done['rows']} photo(s) predicted by {done['model']} -> {done['out']}"
                + (f"; {len(done['unreadable'])} unreadable (listed)" if done["unreadable"] else ""))
 

@@ -19,6 +19,7 @@ the option.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -111,7 +112,9 @@ class Choice(Kind):
     def parse(self, text):
         text = str(text).strip()
         if text not in self.values:
-            raise ValueError(f"{text!r} is not one of {', '.join(self.values)}")
+            close = difflib.get_close_matches(text, self.values, n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ValueError(f"{text!r} is not one of {', '.join(self.values)}{hint}")
         return text
 
 

@@ -21,6 +21,7 @@ SMOKE = [
     ("data_loading.py", ["--quick"], "target: our loader's RssAnon growth"),
     ("scale.py", ["--quick"], "target: ingest on 2 cores"),
     ("mask_throughput.py", ["--quick"], "target: masking pipeline / raw"),
+    ("cli_latency.py", ["--quick"], "target: fgvc train --arch nonsense seconds <= 1"),
 ]
 
 

@@ -113,6 +113,45 @@ def mlflow_run(entry: str, cwd: Path, **params) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def test_the_readme_main_command_lands_in_the_described_experiment_with_a_clean_log(tmp_path):
+    """The README's `mlflow run . -e train --env-manager local --experiment-name fgvc-train`,
+    output to a file as a batch job keeps it: the run is in fgvc-train, described and marked
+    for the Model training view; the log has no escape codes, no line twice, no Python warning."""
+    from fgvc.data.demo import DemoConfig, generate_demo
+
+    data = tmp_path / "demo"
+    generate_demo(data, DemoConfig(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24))
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+            "--experiment-name", "fgvc-train"]
+    for key, value in dict(arch="fn-small", data_root=data, epochs=2, batch_size=8, pretrained="false").items():
+        args += ["-P", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+                                                            "MLFLOW_EXPERIMENT_NAME")}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", OMP_NUM_THREADS="1")
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log_file:
+        done = subprocess.run(args, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=900)
+    log = log_path.read_text()
+    assert done.returncode == 0, log[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("fgvc-train")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.data.tags["fgvc.task"] for r in runs] == ["train"] and runs[0].info.status == "FINISHED"
+    assert not client.search_runs(["0"])  # nothing in Default
+    assert experiment.tags["mlflow.note.content"] and experiment.tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+
+    assert "\x1b" not in log and "\r" not in log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
+    assert not re.search(r"\.py:\d+: \w*Warning", log) and "warnings.warn" not in log
+    assert "Add type hints" not in log and "already exists" not in log
+    assert sum(line.startswith("epoch ") for line in lines) == 2  # a plain line per epoch instead of bars
+    assert sum(f"run {runs[0].info.run_id}: best val acc" in line for line in lines) == 1
+
+
+@pytest.mark.slow
 def test_mlflow_run_prepare_mask_train_promote_analyze(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # earlier tests may have set another

@@ -265,6 +265,16 @@ def test_timm_pretrained_true_without_cache_is_an_error():
         create_model("timm:resnet10t", num_classes=2, pretrained=True)
 
 
+def test_pretrained_takes_python_values_and_the_cli_words_mean_the_same():
+    for value, spelled in ((False, "false"), (False, "False"), (False, "no")):
+        model = create_model("fn-small", 3, pretrained=spelled)
+        assert model.spec.pretrained == "false" and model.spec.pretrained_effective == "none"
+        assert create_model("fn-small", 3, pretrained=value).spec.pretrained == "false"
+    assert create_model("fn-small", 3, pretrained="auto").spec.pretrained == "auto"
+    with pytest.raises(PretrainedWeightsError, match=r"Weights file not found: flase \(did you mean pretrained=None"):
+        create_model("fn-small", 3, pretrained="flase")
+
+
 def test_unknown_arch_lists_valid_names():
     with pytest.raises(ValueError) as error:
         create_model("resnet101", num_classes=2)

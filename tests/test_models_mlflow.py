@@ -113,6 +113,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_python_model_is_type_hinted_as_mlflow_accepts_so_it_warns_nothing():
+    import runpy
+    import warnings
+
+    from fgvc.tracking import pyfunc_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_path(pyfunc_model.__file__)  # what MLflow runs to load the model
+    assert not [str(w.message) for w in caught if "type hint" in str(w.message).lower()]
+
+
+def test_a_model_of_background_removed_images_warns_about_raw_photos_in_one_line(registered, tmp_path, caplog):
+    import logging
+
+    local = mlflow.artifacts.download_artifacts("models:/fgvc-fn-small/1")
+    ckpt = torch.load(os.path.join(local, "artifacts", "best.pt"), weights_only=True)
+    with caplog.at_level(logging.WARNING, logger="fgvc"):
+        Predictor.from_checkpoint(os.path.join(local, "artifacts", "best.pt"))  # unmasked: nothing to say
+        assert not caplog.records
+        torch.save({**ckpt, "regime": "masked+aug"}, tmp_path / "masked.pt")
+        Predictor.from_checkpoint(tmp_path / "masked.pt")
+    [record] = caplog.records
+    assert "trained on background-removed images" in record.getMessage() and "\n" not in record.getMessage()
+    assert mlflow.models.get_model_info("models:/fgvc-fn-small/1").metadata == {
+        "fgvc.regime": "unmasked", "fgvc.background_removed": False}
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(registered):
     port = free_port()

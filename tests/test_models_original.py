@@ -216,6 +216,17 @@ def test_auto_arch_imports_the_detected_architecture():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=1e-5)
 
 
+def test_arch_takes_none_for_detection_and_the_cli_word_auto_means_the_same(tmp_path):
+    ref = reference("fn-small")
+    save_original(tmp_path / "best.pt", ref, 5)
+    for arch in (None, "auto"):
+        model = load_original(tmp_path / "best.pt", arch, normalization="none")
+        assert model.spec.arch == "fn-small"
+    assert load_original(tmp_path / "best.pt", normalization="none").spec.arch == "fn-small"  # the default
+    with pytest.raises(ConfigError, match="arch 'fn_small': did you mean 'fn-small'"):
+        load_original(tmp_path / "best.pt", "fn_small", normalization="none")
+
+
 def test_detect_arch_is_none_for_a_foreign_state_dict():
     state = nn.Sequential(nn.Linear(3, 4)).state_dict()
     assert detect_arch(state) is None
@@ -320,7 +331,7 @@ def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match=r"FashionNet on raw \[0, 1\] pixels; use normalization='none'"):
         import_original(state, "fn-small", normalization="imagenet")
     with pytest.raises(ConfigError, match=r"arch 'resnet101': .* one of resnet18, resnet34, resnet50, "
-                                          r"fn-small, fn-medium \(or 'auto'"):
+                                          r"fn-small, fn-medium \(or None to detect it\)"):
         import_original(state, "resnet101", normalization="none")
 
 

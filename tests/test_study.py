@@ -252,7 +252,7 @@ def test_cells_are_child_runs_with_the_same_params_and_one_chart_line_each(study
         assert key in metrics, key
     masked = next(r for r in cells if r.data.params["regime"] == "masked")
     assert masked.data.params["data_root"].endswith("-masked")
-    assert masked.data.tags["fgvc.model_version"].startswith("fgvc-fn-small/")
+    assert masked.data.tags["fgvc.model_version"].startswith("fgvc-study-fn-small/")
 
 
 def test_the_table_the_ui_and_the_records_agree_and_reanalysis_leaves_them(study_store):
@@ -355,6 +355,28 @@ def test_interrupted_study_continues_where_it_stopped_under_mlflow_run(tiny_root
     assert "shortcut/acc_no_fg" in resumed.data.metrics
     assert {r.info.run_id for r in children(result.run_id)} == {c.run_id for c in result.cells}
     assert {r.info.experiment_id for r in children(result.run_id)} == {study_experiment}
+
+
+def test_a_study_leaves_the_users_candidate_where_their_training_put_it(tiny_root, mlflow_store):
+    from fgvc.tracking.train_run import run_train
+    from fgvc.training.config import TrainConfig
+
+    mine = run_train(TrainConfig(arch="fn-small", data_root=str(tiny_root), epochs=1, batch_size=8, num_workers=0),
+                     progress=False)
+    result = run_study(StudyConfig(data_root=str(tiny_root), regimes=("unmasked", "masked"), epochs=1, batch_size=8,
+                                   num_images=6), progress=False)
+    client = MlflowClient()
+    user = client.get_registered_model("fgvc-fn-small")
+    assert {a: str(v) for a, v in user.aliases.items()} == {"candidate": mine.model_version}
+    assert [str(v.version) for v in client.search_model_versions("name = 'fgvc-fn-small'")] == [mine.model_version]
+    cells = client.search_model_versions("name = 'fgvc-study-fn-small'")
+    assert len(cells) == 2 and not client.get_registered_model("fgvc-study-fn-small").aliases
+    assert {v.tags["fgvc.study"] for v in cells} == {result.run_id}
+    masked = next(v for v in cells if v.tags["regime"] == "masked")
+    assert "Background removed" in masked.description and "no alias points at it" in masked.description
+    assert masked.tags["background_removed"] == "true"
+    for cell in result.cells:
+        assert "(alias" not in client.get_run(cell.run_id).data.tags["mlflow.note.content"]
 
 
 def test_cell_training_config_is_what_train_would_build(tiny_root):

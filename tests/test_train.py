@@ -241,7 +241,10 @@ def test_bad_inputs_give_clear_errors(tiny_root, mlflow_store, tmp_path):
     assert mlflow.search_runs(search_all_experiments=True).empty  # refused before any run was made
 
 
-def test_promote_chooses_among_versions_of_one_dataset(tiny_root, mlflow_store, tmp_path):
+def test_promote_keeps_the_champions_dataset_and_says_what_it_skipped(tiny_root, mlflow_store, tmp_path):
+    from click.testing import CliRunner
+
+    from fgvc.cli import main
     from fgvc.data.demo import DemoConfig, generate_demo
 
     client = MlflowClient()
@@ -254,16 +257,30 @@ def test_promote_chooses_among_versions_of_one_dataset(tiny_root, mlflow_store, 
     assert promote("fgvc-fn-small", version="1").version == "1"
     assert str(client.get_model_version_by_alias("fgvc-fn-small", "candidate").version) == "2"
 
-    # a version trained on other data (4 designers): the default now picks among its dataset only
+    # a newer version trained on other data (4 designers, heavy augmentation): promote stays on the
+    # champion's dataset and regime
     other = tmp_path / "other"
     generate_demo(other, DemoConfig(num_designers=4, train_per_class=4, val_per_class=2, height=32, width=24))
-    run_train(tiny_cfg(other, epochs=1), progress=False)
-    chosen = promote("fgvc-fn-small")
-    assert chosen.version == "3" and set(chosen.other_digests.values()) == {2}
-    assert "not considered" in chosen.describe() and chosen.dataset_digest in chosen.describe()
-    assert promote("fgvc-fn-small", dataset_digest="any").dataset_digest is None
-    with pytest.raises(ConfigError, match="no version .* dataset 0000; datasets: "):
-        promote("fgvc-fn-small", dataset_digest="0000")
+    run_train(tiny_cfg(other, epochs=1, aug="heavy"), progress=False)
+    out = CliRunner().invoke(main, ["promote", "--name", "fgvc-fn-small"])
+    assert out.exit_code == 0, out.output
+    line = out.output.strip()
+    assert "\n" not in line and line.startswith(f"fgvc-fn-small@champion -> version {best} ")
+    digest = client.get_model_version("fgvc-fn-small", "3").tags["dataset_digest"]
+    assert f"on the champion's dataset tiny (" in line and "the champion's regime unmasked" in line
+    assert f"skipped 1 on other ({digest}) unmasked+aug" in line
+    assert str(client.get_model_version_by_alias("fgvc-fn-small", "champion").version) == best
+
+    # asked: --dataset by root name (or digest prefix) moves it
+    out = CliRunner().invoke(main, ["promote", "--name", "fgvc-fn-small", "--dataset", "other"])
+    assert out.exit_code == 0 and "-> version 3 " in out.output and "dataset other (" in out.output
+    assert "any regime (none there is the champion's unmasked)" in out.output
+    assert promote("fgvc-fn-small", dataset=digest[:8]).version == "3"
+    assert promote("fgvc-fn-small", dataset="any").dataset_digest is None
+    out = CliRunner().invoke(main, ["promote", "--name", "fgvc-fn-small", "--regime", "masked"])
+    assert out.exit_code == 1 and "has regime masked; regimes there: unmasked+aug" in out.output
+    with pytest.raises(ConfigError, match=r"no version .* dataset 0000; datasets: other \(.*tiny \("):
+        promote("fgvc-fn-small", dataset="0000")
     with pytest.raises(ConfigError, match="registered models: fgvc-fn-small"):
         promote("fgvc-nope")
 

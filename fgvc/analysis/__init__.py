@@ -3,27 +3,33 @@
 Every attribution method shares one calling shape,
 ``Method(model, ...).attribute(images [B, 3, H, W] in [0, 1], targets=None)``, returning an
 :class:`AttributionResult`. Nothing here logs anywhere; :mod:`fgvc.tracking` decides that.
-"""
 
-from fgvc.analysis.common import AttributionResult
-from fgvc.analysis.gradcam import GradCAM
-from fgvc.analysis.metrics import bg_energy_fraction, bg_preference, deletion_insertion_auc
-from fgvc.analysis.neighbors import cosine_topk, embed, map_at_r, retrieval_metrics
-from fgvc.analysis.occlusion import Occlusion
-from fgvc.analysis.shortcut import VARIANT_NAMES, evaluate_variants, make_variants
+The names below are imported on first use (PEP 562), so importing a light submodule
+(the config, read by the command line) does not import torch."""
 
-__all__ = [
-    "AttributionResult",
-    "GradCAM",
-    "Occlusion",
-    "VARIANT_NAMES",
-    "bg_energy_fraction",
-    "bg_preference",
-    "cosine_topk",
-    "deletion_insertion_auc",
-    "embed",
-    "evaluate_variants",
-    "make_variants",
-    "map_at_r",
-    "retrieval_metrics",
-]
+import importlib
+
+_EXPORTS = {
+    "AttributionResult": "fgvc.analysis.common",
+    "GradCAM": "fgvc.analysis.gradcam",
+    "bg_energy_fraction": "fgvc.analysis.metrics",
+    "bg_preference": "fgvc.analysis.metrics",
+    "deletion_insertion_auc": "fgvc.analysis.metrics",
+    "cosine_topk": "fgvc.analysis.neighbors",
+    "embed": "fgvc.analysis.neighbors",
+    "map_at_r": "fgvc.analysis.neighbors",
+    "retrieval_metrics": "fgvc.analysis.neighbors",
+    "Occlusion": "fgvc.analysis.occlusion",
+    "VARIANT_NAMES": "fgvc.analysis.shortcut",
+    "evaluate_variants": "fgvc.analysis.shortcut",
+    "make_variants": "fgvc.analysis.shortcut",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -28,56 +28,13 @@ from pathlib import Path
 
 import torch
 
+from fgvc.data.config import DemoConfig  # noqa: F401  (defined there, torch-free, for the CLI)
 from fgvc.data.shards import make_shard, shard_name, write_json, write_label_map, write_shard
 from fgvc.devices import intra_op_threads
 from fgvc.errors import ConfigError
 
 PATTERNS = ("solid", "hstripes", "vstripes", "checks", "dots", "diagonal")
 SILHOUETTES = ("straight", "a-line", "trousers")
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    num_designers: int = 10
-    train_per_class: int = 120
-    val_per_class: int = 40
-    height: int = 64  # tall, like the real person crops
-    width: int = 48
-    bg_correlation: float = 0.9
-    num_venues: int | None = None  # default: one home venue per designer
-    shard_size: int = 500
-    seed: int = 0
-    test_per_class: int = 0  # a held-out test split when > 0
-    looks_per_show: int = 8  # 1: every look is its own show
-    collection_spread: float = 0.0  # how far a show's collection departs from the signature, 0..1
-    split_by: str = "show"  # "show" (whole shows per split) or "random" (looks dealt at random)
-
-    def __post_init__(self):
-        if not 0.0 <= self.bg_correlation <= 1.0:
-            raise ValueError(f"bg_correlation must be in [0, 1], got {self.bg_correlation}")
-        if self.num_designers < 2:
-            raise ValueError(f"num_designers must be at least 2, got {self.num_designers}")
-        if self.height < 16 or self.width < 12:
-            raise ValueError(f"image size {self.height}x{self.width} is too small (min 16x12)")
-        if self.looks_per_show < 1:
-            raise ValueError(f"looks_per_show must be at least 1, got {self.looks_per_show}")
-        if not 0.0 <= self.collection_spread <= 1.0:
-            raise ValueError(f"collection_spread must be in [0, 1], got {self.collection_spread}")
-        if self.split_by not in ("show", "random"):
-            raise ValueError(f"split_by must be show or random, got {self.split_by!r}")
-        if self.test_per_class < 0:
-            raise ValueError(f"test_per_class must be >= 0, got {self.test_per_class}")
-
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return ("train", "val", "test") if self.test_per_class else ("train", "val")
-
-    def per_class(self, split: str) -> int:
-        return {"train": self.train_per_class, "val": self.val_per_class, "test": self.test_per_class}[split]
-
-    @property
-    def venues(self) -> int:
-        return self.num_venues or self.num_designers
 
 
 def _rgb(h: float, s: float, v: float) -> torch.Tensor:

@@ -51,6 +51,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from fgvc.data.config import RESIZE_POLICIES
 from fgvc.data.shards import (
     SHARD_PATTERN,
     ShardError,
@@ -76,7 +77,6 @@ from fgvc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RESIZE_POLICIES = ("pad", "stretch", "center-crop")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Downscale in steps first (JPEG DCT scaling, then box reduction) before the final LANCZOS pass,
 # as Pillow's thumbnail does; 3.0 is indistinguishable from a single full LANCZOS resize.

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
+from fgvc.data.config import SPLITS
 from fgvc.errors import FgvcError
 from fgvc.safeload import load_tensors
 
 log = logging.getLogger("fgvc")
 
-SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = ("images", "labels", "one_hot")
 SHARD_PATTERN = re.compile(r"^shard_(\d+)\.pt$")
 

@@ -1,29 +1,42 @@
 """Person segmentation and background removal: builds the masked dataset root.
 
 Core only: nothing here talks to MLflow (``fgvc.tracking.mask_run`` wraps it in a run).
-"""
 
-from fgvc.masking.background import DEFAULT_MIN_PERSON_RATIO, person_ratio, remove_background
-from fgvc.masking.config import MaskConfig
-from fgvc.masking.execute import MaskReport, execute, mask_dataset, mask_shard
-from fgvc.masking.plan import MaskError, MaskPlan, plan_masking
-from fgvc.masking.segmenters import (
-    DEFAULT_SEG_SIZE,
-    SEGMENTERS,
-    GroundTruthSegmenter,
-    Segmenter,
-    SegmenterWeightsError,
-    TorchvisionSegmenter,
-    build_segmenter,
-    cached_weights_path,
-    preprocess,
-    resolve_weights,
-)
-from fgvc.masking.sidecars import ShardStats
+The names below are imported on first use (PEP 562), so importing a light submodule
+(the config, read by the command line) does not import torch."""
 
-__all__ = [
-    "DEFAULT_MIN_PERSON_RATIO", "DEFAULT_SEG_SIZE", "person_ratio", "remove_background", "MaskConfig",
-    "MaskError", "MaskPlan", "MaskReport", "ShardStats", "execute", "mask_dataset", "mask_shard", "plan_masking",
-    "SEGMENTERS", "GroundTruthSegmenter", "Segmenter", "SegmenterWeightsError", "TorchvisionSegmenter",
-    "build_segmenter", "cached_weights_path", "preprocess", "resolve_weights",
-]
+import importlib
+
+_EXPORTS = {
+    "DEFAULT_MIN_PERSON_RATIO": "fgvc.masking.background",
+    "person_ratio": "fgvc.masking.background",
+    "remove_background": "fgvc.masking.background",
+    "MaskConfig": "fgvc.masking.config",
+    "MaskReport": "fgvc.masking.execute",
+    "execute": "fgvc.masking.execute",
+    "mask_dataset": "fgvc.masking.execute",
+    "mask_shard": "fgvc.masking.execute",
+    "MaskError": "fgvc.masking.plan",
+    "MaskPlan": "fgvc.masking.plan",
+    "plan_masking": "fgvc.masking.plan",
+    "DEFAULT_SEG_SIZE": "fgvc.masking.segmenters",
+    "SEGMENTERS": "fgvc.masking.segmenters",
+    "GroundTruthSegmenter": "fgvc.masking.segmenters",
+    "Segmenter": "fgvc.masking.segmenters",
+    "SegmenterWeightsError": "fgvc.masking.segmenters",
+    "TorchvisionSegmenter": "fgvc.masking.segmenters",
+    "build_segmenter": "fgvc.masking.segmenters",
+    "cached_weights_path": "fgvc.masking.segmenters",
+    "preprocess": "fgvc.masking.segmenters",
+    "resolve_weights": "fgvc.masking.segmenters",
+    "ShardStats": "fgvc.masking.sidecars",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

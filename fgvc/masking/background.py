@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEFAULT_MIN_PERSON_RATIO = 0.005
+from fgvc.masking.config import DEFAULT_MIN_PERSON_RATIO
 
 
 def person_ratio(person_mask: Tensor) -> Tensor:

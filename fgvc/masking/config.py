@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fgvc.config import BOOL, FLOAT, INT, STR, Choice, Config, ListOf, Maybe, fraction, option, positive
-from fgvc.data.shards import SPLITS
-from fgvc.masking.background import DEFAULT_MIN_PERSON_RATIO
-from fgvc.masking.segmenters import DEFAULT_SEG_SIZE, SEGMENTERS
+from fgvc.catalog import SEGMENTERS
+from fgvc.data.config import SPLITS
+
+DEFAULT_MIN_PERSON_RATIO = 0.005
+DEFAULT_SEG_SIZE = 520  # torchvision's DeepLabV3 evaluation size (shorter side)
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def execute(plan: MaskPlan, progress: bool = True,
     pending = [t for t in mine if t.key not in done]
     report = MaskReport(meta=None, skipped_shards=len(done))
     bar = tqdm(total=sum(t.count for t in mine), initial=sum(s.images for s in done.values()), unit="img",
-               desc=f"mask {plan.dst.name}", disable=not progress, dynamic_ncols=True)
+               desc=f"mask {plan.dst.name}", disable=None if progress else True, dynamic_ncols=True)
     lock = threading.Lock()
     finished_at: dict[str, float] = {}  # split -> when its last shard was written
     started = time.monotonic()

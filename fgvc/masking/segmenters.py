@@ -28,17 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fgvc.catalog import SEGMENTERS
 from fgvc.errors import MissingFileError
+from fgvc.masking.config import DEFAULT_SEG_SIZE
 from fgvc.models.factory import IMAGENET_MEAN, IMAGENET_STD
 from fgvc.models.weights import WeightsUnavailable, fetch_url, torch_hub_path
-from fgvc.registry import Registry
 from fgvc.safeload import load_tensors
 
 # VOC class index of "person" in the 21-class label set of the torchvision DeepLabV3 weights.
 VOC_PERSON = 15
 VOC_CLASSES = 21
 RANDOM_WEIGHTS = "random"
-DEFAULT_SEG_SIZE = 520  # torchvision's DeepLabV3 evaluation size (shorter side)
 RANDOM_SEED = 0
 
 
@@ -198,7 +198,6 @@ class SegmenterSpec:
         return self.url.rsplit("/", 1)[-1]
 
 
-SEGMENTERS: Registry[SegmenterSpec] = Registry("segmenter")
 for _spec in (SegmenterSpec("deeplabv3_resnet101", "deeplabv3_resnet101", "DeepLabV3_ResNet101_Weights"),
               SegmenterSpec("deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large",
                             "DeepLabV3_MobileNet_V3_Large_Weights"),

@@ -17,8 +17,8 @@ import timm
 import torchvision.models as tvm
 from torch import nn
 
+from fgvc.catalog import ARCHS
 from fgvc.errors import ConfigError
-from fgvc.registry import Registry
 
 from .fashionnet import FASHIONNET_CONFIGS, FashionNet
 from .net import IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, PretrainedWeightsError
@@ -209,7 +209,6 @@ class TimmArchitecture(Architecture):
                 f"Could not load timm weights for {self.model_name} from {weights_file}: {error}") from error
 
 
-ARCHS: Registry[Architecture] = Registry("architecture")
 
 
 def register_arch(name: str, architecture: Architecture) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from fgvc.config import FALSE_WORDS, TRUE_WORDS
 from fgvc.errors import ConfigError
 
 from .architectures import ARCHS, Architecture, available_archs, arch_problem, architecture_of, register_arch
@@ -51,6 +52,27 @@ def render_pretrained(pretrained: bool | None | os.PathLike | str) -> str:
     return os.fspath(pretrained)
 
 
+def pretrained_value(pretrained: bool | None | os.PathLike | str) -> bool | None | os.PathLike | str:
+    """The typed request: ``None`` (auto), ``True``, ``False`` or a path. A command-line spelling
+    passed from Python (``"auto"``, ``"true"``, ``"false"``, ``"yes"``, ...) that names no file
+    means what it means on the command line."""
+    if isinstance(pretrained, str) and not Path(pretrained).expanduser().exists():
+        word = pretrained.strip().lower()
+        if word == "auto":
+            return None
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+    return pretrained
+
+
+def _missing_weights(path: Path) -> str:
+    hint = ""
+    if len(path.parts) == 1 and not path.suffix:  # a bare word, not a path
+        hint = (" (did you mean pretrained=None (auto: standard weights when they can be had), "
+                "True (standard weights or stop) or False (random init)?)")
+    return f"Weights file not found: {path}{hint}"
+
+
 def image_size_of(image_size) -> tuple[int, int] | None:
     if image_size is None:
         return None
@@ -82,6 +104,7 @@ def create_model(arch: str, num_classes: int, pretrained: bool | None | os.PathL
       * ``True``: the standard weights, or :class:`PretrainedWeightsError` saying why not.
       * ``False``: random init.
       * a path: that state_dict (classifier tensors of another class count are re-initialised).
+      * the command line's words (``"auto"``, ``"true"``, ``"false"``) mean the same values.
 
     The input normalisation is the weights' own (ImageNet mean/std for torchvision ImageNet
     weights and for a weights file given to a ResNet; the model's pretrained config for timm) and
@@ -92,6 +115,7 @@ def create_model(arch: str, num_classes: int, pretrained: bool | None | os.PathL
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     architecture = architecture_of(arch)
     size = image_size_of(image_size)
+    pretrained = pretrained_value(pretrained)
     if pretrained is False:
         net, effective, mean, std = architecture.build(num_classes, size), "none", None, None
     elif pretrained is None or pretrained is True:
@@ -100,7 +124,7 @@ def create_model(arch: str, num_classes: int, pretrained: bool | None | os.PathL
     else:
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise PretrainedWeightsError(f"Weights file not found: {path}")
+            raise PretrainedWeightsError(_missing_weights(path))
         net = architecture.build_with_weights(num_classes, size, path)
         effective = f"file:{path.resolve()}"
         # A weights file for a pretrainable architecture is taken to share the standard weights'

@@ -27,6 +27,7 @@ the imported model keeps it in its buffers and, like every fgvc model, takes ``[
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Literal, Mapping
 
 import torch
 
+from ..catalog import ORIGINAL_ARCHS
 from ..errors import ConfigError, FgvcError, MissingFileError
 from ..safeload import load_tensors
 from .factory import IMAGENET_MEAN, IMAGENET_STD, FGVCNet, ModelSpec, build_model, image_size_of
@@ -53,7 +55,6 @@ __all__ = [
     "read_checkpoint",
 ]
 
-ORIGINAL_ARCHS = ("resnet18", "resnet34", "resnet50", "fn-small", "fn-medium")
 Normalization = Literal["imagenet", "none"]
 
 _FASHIONNET, _RESNET = "FashionNet", "ResNet"
@@ -256,13 +257,14 @@ def num_classes_of(state_dict: Mapping[str, torch.Tensor]) -> int:
 # Import.
 # --------------------------------------------------------------------------------------------
 
-def import_original(state_dict: Mapping[str, torch.Tensor], arch: str,
+def import_original(state_dict: Mapping[str, torch.Tensor], arch: str | None = None,
                     num_classes: int | None = None, *, normalization: Normalization,
                     image_size: int | tuple[int, int] | None = None,
                     source: str | os.PathLike | None = None) -> FGVCNet:
     """An :class:`FGVCNet` holding exactly the tensors of an original-project state_dict.
 
-    ``arch``: one of :data:`ORIGINAL_ARCHS`, or ``"auto"`` to use :func:`detect_arch`.
+    ``arch``: one of :data:`ORIGINAL_ARCHS`, or ``None`` to use :func:`detect_arch` (the command
+    line's ``"auto"`` means the same).
     ``num_classes``: the class count the model must have (the data root's); ``None`` takes the
     checkpoint's. ``normalization``: ``"imagenet"`` for a ResNet fine-tuned from ImageNet
     weights, ``"none"`` for raw pixels (``--from_scratch`` ResNets, every FashionNet).
@@ -310,19 +312,21 @@ def import_original(state_dict: Mapping[str, torch.Tensor], arch: str,
     return model
 
 
-def load_original(path: str | os.PathLike, arch: str = "auto", num_classes: int | None = None, *,
+def load_original(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None, *,
                   normalization: Normalization, image_size: int | tuple[int, int] | None = None) -> FGVCNet:
     """:func:`read_checkpoint` then :func:`import_original` with ``source=path``."""
     return import_original(read_checkpoint(path), arch, num_classes, normalization=normalization,
                            image_size=image_size, source=path)
 
 
-def _resolve_arch(state: Mapping[str, torch.Tensor], arch: str, where: str) -> str:
+def _resolve_arch(state: Mapping[str, torch.Tensor], arch: str | None, where: str) -> str:
     if arch in ORIGINAL_ARCHS:
         return arch
-    if arch != "auto":
-        raise ConfigError(f"arch {arch!r}: the original project's checkpoints are one of "
-                          f"{', '.join(ORIGINAL_ARCHS)} (or 'auto' to detect it)")
+    if arch is not None and str(arch).strip().lower() != "auto":
+        close = difflib.get_close_matches(str(arch), ORIGINAL_ARCHS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"arch {arch!r}: {hint}the original project's checkpoints are one of "
+                          f"{', '.join(ORIGINAL_ARCHS)} (or None to detect it)")
     detected = detect_arch(state)
     if detected is not None:
         return detected

@@ -10,6 +10,7 @@ own input normalisation.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +22,10 @@ import torch.nn.functional as F
 from fgvc.devices import resolve_device
 from fgvc.errors import FgvcError
 from fgvc.models.factory import FGVCNet, build_model
+from fgvc.regimes import REGIMES
 from fgvc.safeload import load_tensors, require_finite
+
+log = logging.getLogger("fgvc")
 
 RESIZE_POLICIES = ("pad", "stretch", "center-crop")
 SERVE_DEVICE_ENV = "FGVC_SERVE_DEVICE"
@@ -277,12 +281,20 @@ class Predictor:
         self.model, self.label_names, self.resize = model.to(self.device).eval(), list(label_names), resize
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = "auto") -> "Predictor":
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = "auto",
+                        quiet: bool = False) -> "Predictor":
+        """The checkpoint's model, ready to predict. A model trained on background-removed
+        images says once (unless ``quiet``) that raw photos are not what it knows."""
         ckpt = load_tensors(path, what="checkpoint")
         if not isinstance(ckpt, dict):
             raise FgvcError(f"{path}: a checkpoint must be a dict, found {type(ckpt).__name__}")
         model = model_from_checkpoint(ckpt, str(path))
         names = ckpt.get("label_names") or [str(i) for i in range(model.num_classes)]
+        regime = ckpt.get("regime")
+        if not quiet and regime in REGIMES and REGIMES.get(regime).masked:
+            log.warning("this model (regime %s) was trained on background-removed images: give it "
+                        "background-removed images (fgvc mask); raw photos get predictions it was not "
+                        "validated on", regime)
         return cls(model, names, ckpt.get("resize", "pad"), device)
 
     def preprocess(self, images) -> torch.Tensor:

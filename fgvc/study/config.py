@@ -12,10 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from fgvc.config import FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, option, positive
-from fgvc.data.demo import DemoConfig
+from fgvc.catalog import SEGMENTERS, arch_problem
+from fgvc.data.config import DemoConfig
 from fgvc.errors import ConfigError
-from fgvc.masking.segmenters import SEGMENTERS
-from fgvc.models import arch_problem
 from fgvc.regimes import REGIMES, Regime
 
 EXPERIMENT = "fgvc-study"
@@ -96,7 +95,8 @@ class StudyConfig(Config):
     device: str | None = option(Maybe(STR), None, "auto | cpu | cuda | cuda:N.", identity=False)
     num_workers: int | None = option(Maybe(INT), None, "Loader threads per training (auto: the fastest here).",
                                      identity=False)
-    registered_model: str | None = option(Maybe(STR), None, "Registry name for every cell (auto: fgvc-<arch>).",
+    registered_model: str | None = option(Maybe(STR), None, "Registry name for every cell (auto: fgvc-study-<arch>, "
+                                          "apart from your own trainings; cells move no alias).",
                                           identity=False)
 
     def plan(self, experiment: str = EXPERIMENT) -> "StudyPlan":

@@ -5,7 +5,8 @@ LoggedModel of the run, at the best epoch's step, with the best epoch's validati
 linked to it, a signature and an input example. The model's files are the checkpoint (state
 dict + spec) and fgvc's code; MLflow loads it by running fgvc/tracking/pyfunc_model.py
 (models-from-code), so loading never unpickles a model object. The model is then registered
-as a new version of its registered model, tagged and described, and `candidate` moves to it.
+as a new version of its registered model, tagged and described, and `candidate` moves to it (a
+study's cells register as `fgvc-study-<arch>` and move no alias).
 """
 
 from __future__ import annotations
@@ -27,19 +28,25 @@ from mlflow.tracking import MlflowClient
 
 import fgvc
 from fgvc.models.predict import Predictor
+from fgvc.tracking.config import CANDIDATE, CHAMPION  # noqa: F401  (CHAMPION re-exported)
 from fgvc.tracking.markdown import code
 
 log = logging.getLogger("fgvc")
 
-CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_NAME = "model"  # the LoggedModel's name within its run
 CHECKPOINT_ARTIFACT = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 REGISTERED_DESCRIPTION = (
     "fgvc designer classifier. Each version is an MLflow model: `mlflow.pyfunc.load_model(uri).predict(images)` "
     "takes uint8 images [N, H, W, 3] of any size (or JPEG/PNG as base64 strings in a column `image`) and returns the designer, class index and top-k "
-    "probabilities per image. Aliases: `candidate` is the newest version, `champion` the best version "
-    "of one dataset (moved by `fgvc promote`).")
+    "probabilities per image. Aliases: `candidate` is the newest version of a user's training, `champion` "
+    "the version `fgvc promote` chose (it keeps the champion's dataset and regime unless asked).")
+STUDY_DESCRIPTION = (
+    "Training cells of fgvc studies (tag `fgvc.study` = the study run). Kept apart from `fgvc-<arch>`, "
+    "and no alias is moved, so studies never change what `fgvc-<arch>@candidate` or `@champion` load.")
+STUDY_PREFIX = "fgvc-study-"
+RAW_PHOTO_WARNING = ("trained on background-removed images (person on black): give it background-removed "
+                     "images (`fgvc mask`); on raw photos its predictions are not what it was validated on")
 
 
 def requirements() -> list[str]:
@@ -50,9 +57,16 @@ def requirements() -> list[str]:
             f"pandas=={pd.__version__}"]
 
 
-def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[str, float]):
+def background_removed(regime: str) -> bool:
+    from fgvc.regimes import REGIMES
+
+    return regime in REGIMES and REGIMES.get(regime).masked
+
+
+def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[str, float],
+              regime: str | None = None):
     """Log the checkpoint as the active run's MLflow model; returns MLflow's ModelInfo."""
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, quiet=True)
     output = pd.DataFrame(predictor.predict(example, top_k=5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow's notes on example formats, integer columns, type hints
@@ -64,29 +78,52 @@ def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[st
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
             code_paths=[str(Path(fgvc.__file__).parent)], signature=signature, input_example=example,
-            pip_requirements=requirements(), step=step)
+            pip_requirements=requirements(), step=step,
+            metadata={"fgvc.regime": regime, "fgvc.background_removed": background_removed(regime)}
+            if regime else None)
     mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
     return info
 
 
-def register(model_uri: str, name: str, tags: dict, describe) -> str:
-    """A new version of `name` from a logged model, described by `describe(version)`;
-    `candidate` moves to it."""
+def study_registered_name(arch_name: str) -> str:
+    """The registered model of a study's cells: `fgvc-study-<arch>` beside the user's `fgvc-<arch>`."""
+    return STUDY_PREFIX + arch_name.removeprefix("fgvc-")
+
+
+def register(model_uri: str, name: str, tags: dict, describe, alias: str | None = CANDIDATE) -> str:
+    """A new version of `name` from a logged model (`models:/<model id>`), described by
+    `describe(version)`; `alias` (default `candidate`; None: none) moves to it."""
     client = MlflowClient()
     try:
-        client.create_registered_model(name, description=REGISTERED_DESCRIPTION)
-    except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
-            raise
-    version = str(mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()}).version)
+        client.get_registered_model(name)
+    except MlflowException:  # the first version of this name
+        try:
+            client.create_registered_model(name, description=STUDY_DESCRIPTION if name.startswith(STUDY_PREFIX)
+                                           else REGISTERED_DESCRIPTION)
+        except MlflowException as e:  # another process created it meanwhile
+            if "ALREADY_EXISTS" not in str(e.error_code):
+                raise
+    model_id = model_uri.removeprefix("models:/")
+    run_id = client.get_logged_model(model_id).source_run_id
+    # The client call, not mlflow.register_model: that one prints "already exists" / "Created version" lines.
+    version = str(client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id,
+                                              tags={k: str(v) for k, v in tags.items()}).version)
     client.update_model_version(name, version, description=describe(version))
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
     return version
 
 
-def version_description(name: str, version: str, run_name: str, regime: str, val_acc: float) -> str:
+def version_description(name: str, version: str, run_name: str, regime: str, val_acc: float,
+                        data_root: str = "", study: str = "") -> str:
     uri = f"models:/{name}/{version}"
-    return (f"{run_name}: regime {regime}, best validation accuracy {val_acc:.4f}.\n\n"
+    source = f" on `{data_root}`" if data_root else ""
+    notes = ""
+    if background_removed(regime):
+        notes += f"\n\n**Background removed**: {RAW_PHOTO_WARNING}."
+    if study:
+        notes += f"\n\nA cell of study run `{study}`; no alias points at it."
+    return (f"{run_name}: regime {regime}{source}, best validation accuracy {val_acc:.4f}.{notes}\n\n"
             f"Load: {code(f'mlflow.pyfunc.load_model({uri!r}).predict(images)')}\n\n"
             f"Serve: {code(f'mlflow models serve -m {uri} --env-manager local')}\n\n"
             f"Analyse: {code(f'fgvc analyze --model {shlex.quote(uri)} --method all')}")
@@ -98,15 +135,21 @@ def example_images(session, count: int = 2) -> np.ndarray:
     return items["images"].permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float], session, run_id: str) -> str:
+def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float], session, run_id: str,
+                     study: str | None = None) -> str:
     """Log the training's best checkpoint as its MLflow model, with `metrics` (the best epoch's
-    validation metrics) linked to it at the best epoch's step, and register it."""
+    validation metrics) linked to it at the best epoch's step, and register it: `candidate` moves
+    to it, except for a study's cell (`study`: the study run id), which moves no alias."""
     best = session.best
-    info = log_model(best_checkpoint, example_images(session), best["epoch"], metrics)
+    info = log_model(best_checkpoint, example_images(session), best["epoch"], metrics, session.regime)
     tags = {"regime": session.regime, "dataset_digest": session.data.digest, "val_acc": f"{best['val/acc']:.6f}",
             "val_balanced_acc": f"{best['val/balanced_acc']:.6f}", "arch": session.cfg.arch,
             "best_epoch": best["epoch"], "data_root": str(session.data.root), "run_id": run_id,
-            "image_size": f"{session.data.image_size[0]}x{session.data.image_size[1]}"}
+            "image_size": f"{session.data.image_size[0]}x{session.data.image_size[1]}",
+            "background_removed": str(background_removed(session.regime)).lower()}
+    if study:
+        tags["fgvc.study"] = study
     run_name = mlflow.get_run(run_id).info.run_name
     return register(info.model_uri, name, tags, lambda version: version_description(
-        name, version, run_name, session.regime, best["val/acc"]))
+        name, version, run_name, session.regime, best["val/acc"], Path(session.data.root).name, study or ""),
+        alias=None if study else CANDIDATE)

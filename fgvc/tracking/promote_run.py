@@ -6,11 +6,12 @@ import mlflow
 
 from fgvc.tracking.failures import acting_on
 from fgvc.tracking.markdown import code
-from fgvc.tracking.registry import Promotion, PromoteConfig, promote
+from fgvc.tracking.config import PromoteConfig
+from fgvc.tracking.registry import Promotion, promote
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 
 EXPERIMENT_DESCRIPTION = ("Registry moves by `promote`: which alias went to which version, chosen among "
-                          "versions of one dataset.")
+                          "versions of one dataset and regime (by default the champion's).")
 EXPERIMENT = "fgvc-registry"
 
 
@@ -19,7 +20,7 @@ def run_promote(cfg: PromoteConfig) -> Promotion:
     name = cfg.registered_model
     # The choice is made (and refused) before a run exists: a refusal leaves no FAILED run.
     with acting_on(f"registered model {name}"):
-        promotion = promote(name, metric=cfg.metric, dataset_digest=cfg.dataset_digest,
+        promotion = promote(name, metric=cfg.metric, dataset=cfg.dataset, regime=cfg.regime,
                             version=None if cfg.version is None else str(cfg.version), alias=cfg.alias)
     with tracked_run(EXPERIMENT, f"promote-{name}-{cfg.alias}", task="promote",
                      description=code(promotion.describe()), experiment_description=EXPERIMENT_DESCRIPTION):

@@ -12,6 +12,7 @@ error: `mlflow models serve` answers it with HTTP 400 and the reason, and keeps 
 pixel and byte budgets are fgvc.models.predict's (FGVC_MAX_PIXELS, FGVC_MAX_IMAGE_BYTES).
 """
 
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
@@ -24,7 +25,9 @@ class DesignerClassifier(PythonModel):
 
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
+    # The np.ndarray hint (MLflow's no-validation kind) keeps MLflow from converting or
+    # validating the input: images and base64 tables are checked by images_from_input.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         from fgvc.errors import FgvcError
         from fgvc.models.predict import check_top_k
 

@@ -66,5 +66,5 @@ def run_register(cfg: RegisterConfig) -> tuple[str, str, str]:
             version = register(info.model_uri, name, version_tags, lambda v: version_description(
                 name, v, run_name, regime, val.acc))
         mlflow.set_tag("fgvc.model_version", f"{name}/{version}")
-        log.info("registered %s version %s from %s (val acc %.4f)", name, version, cfg.checkpoint, val.acc)
+        log.debug("registered %s version %s from %s (val acc %.4f)", name, version, cfg.checkpoint, val.acc)
         return run.info.run_id, name, version

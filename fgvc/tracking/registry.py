@@ -19,21 +19,16 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fgvc.config import INT, STR, Choice, Config, Maybe, option
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.models.predict import model_from_checkpoint
-from fgvc.tracking.models import CANDIDATE, CHAMPION, CHECKPOINT_ARTIFACT
+from fgvc.tracking.config import ANY, CANDIDATE, CHAMPION, PromoteConfig, registered_name
+from fgvc.tracking.models import CHECKPOINT_ARTIFACT
 from fgvc.training.checkpoint import read_checkpoint
 
 log = logging.getLogger("fgvc")
 
 __all__ = ["CANDIDATE", "CHAMPION", "PromoteConfig", "ResolvedModel", "literal", "load_model", "promote",
            "registered_name", "resolve_version"]
-
-
-def registered_name(arch: str) -> str:
-    """`fgvc-<arch>` with characters the registry dislikes replaced (`timm:x` -> `fgvc-timm-x`)."""
-    return "fgvc-" + re.sub(r"[^A-Za-z0-9_.-]", "-", arch)
 
 
 def literal(value: str) -> str:
@@ -125,72 +120,111 @@ def load_model(uri: str, device: str | torch.device = "cpu"):
 
 @dataclass
 class Promotion:
+    """Where an alias moved, and the one-line account of what was considered and why."""
+
     name: str
     version: str
     alias: str
-    dataset_digest: str | None
-    other_digests: dict[str, int]  # digest -> versions not considered
+    dataset_digest: str | None  # None: datasets mixed on purpose, or an explicit version
+    other_digests: dict[str, int]  # digest -> versions of other datasets, not considered
+    reason: str = ""
 
     def describe(self) -> str:
-        text = f"{self.name}@{self.alias} -> version {self.version}"
-        if self.dataset_digest:
-            text += f" (best among versions trained on dataset {self.dataset_digest})"
-        if self.other_digests:
-            text += "; not considered: " + ", ".join(f"{d} ({n} version{'s' * (n > 1)})"
-                                                    for d, n in sorted(self.other_digests.items()))
-        return text
+        return f"{self.name}@{self.alias} -> version {self.version} ({self.reason})"
 
 
-def promote(name: str, metric: str = "val_acc", dataset_digest: str | None = None, version: str | None = None,
-            alias: str = CHAMPION) -> Promotion:
+def dataset_label(version) -> str:
+    """A version's dataset as a user knows it: the root's name and the digest."""
+    root = version.tags.get("data_root", "")
+    digest = version.tags.get("dataset_digest", "?")
+    return f"{Path(root).name} ({digest})" if root else digest
+
+
+def _matches_dataset(version, wanted: str) -> bool:
+    digest, root = version.tags.get("dataset_digest", ""), version.tags.get("data_root", "")
+    return (wanted == digest or (len(wanted) >= 4 and digest.startswith(wanted))
+            or (bool(root) and wanted in (root, Path(root).name)))
+
+
+def _count(versions) -> str:
+    return f"{len(versions)} version{'s' * (len(versions) != 1)}"
+
+
+def promote(name: str, metric: str = "val_acc", dataset: str | None = None, regime: str | None = None,
+            version: str | None = None, alias: str = CHAMPION, dataset_digest: str | None = None) -> Promotion:
     """Move `alias` to `version`, or to the version with the highest `metric` tag among the
-    versions of ONE dataset: `dataset_digest` given, or (None) the newest version's; "any"
-    mixes datasets on purpose."""
+    versions of ONE dataset and regime.
+
+    `dataset` (a root name, a digest or its first characters, or "any") and `regime` (a regime or
+    "any") choose them; left None, they stay those of the version `alias` points at now, so a
+    promotion never moves a champion to other data or another regime unasked. Without a current
+    holder: the newest version's dataset, any regime. `dataset_digest` is the older spelling of
+    `dataset`.
+    """
     client = MlflowClient()
+    dataset = dataset if dataset is not None else dataset_digest
     versions = versions_of(name)
     if not versions:
         raise ConfigError(f"registered model {name!r} has no versions (or does not exist); registered models: "
                           f"{_names()}")
+    by_number = {str(v.version): v for v in versions}
     if version is not None:
-        if str(version) not in {str(v.version) for v in versions}:
+        if str(version) not in by_number:
             raise ConfigError(f"registered model {name!r} has no version {version}; versions: "
-                              f"{sorted(int(v.version) for v in versions)}")
+                              f"{sorted(int(v) for v in by_number)}")
         client.set_registered_model_alias(name, alias, str(version))
-        return Promotion(name, str(version), alias, None, {})
-    if dataset_digest is None:
-        dataset_digest = max(versions, key=lambda v: int(v.version)).tags.get("dataset_digest")
-    chosen = versions if dataset_digest == "any" else [v for v in versions
-                                                       if v.tags.get("dataset_digest") == dataset_digest]
-    if not chosen:
-        digests = sorted({v.tags.get("dataset_digest", "?") for v in versions})
-        raise ConfigError(f"no version of {name!r} was trained on dataset {dataset_digest}; datasets: "
-                          f"{', '.join(digests)}")
+        return Promotion(name, str(version), alias, None, {}, f"asked for explicitly, on dataset "
+                         f"{dataset_label(by_number[str(version)])}")
+    holder = by_number.get(str(client.get_registered_model(name).aliases.get(alias, "")))
+    newest = max(versions, key=lambda v: int(v.version))
+    if dataset is None:
+        anchor, why_data = (holder, f"the {alias}'s") if holder else (newest, "the newest version's")
+        chosen = [v for v in versions if v.tags.get("dataset_digest") == anchor.tags.get("dataset_digest")]
+        data_text = f"{why_data} dataset {dataset_label(anchor)}"
+    elif dataset == ANY:
+        chosen, data_text = list(versions), "any dataset (asked)"
+    else:
+        chosen = [v for v in versions if _matches_dataset(v, dataset)]
+        labels = sorted({dataset_label(v) for v in (chosen or versions)})
+        if not chosen:
+            raise ConfigError(f"no version of {name!r} was trained on dataset {dataset}; datasets: "
+                              f"{', '.join(labels)}")
+        if len(labels) > 1:
+            raise ConfigError(f"dataset {dataset} names {len(labels)} datasets of {name!r}: {', '.join(labels)}; "
+                              f"pass a digest")
+        data_text = f"dataset {dataset_label(chosen[0])} (asked)"
+    kept = holder.tags.get("regime") if holder is not None else None
+    if regime is None and kept is not None and any(v.tags.get("regime") == kept for v in chosen):
+        regime, regime_text = kept, f"the {alias}'s regime {kept}"
+    elif regime is None and kept is not None:  # another dataset was asked for, without the champion's regime
+        regime_text = f"any regime (none there is the {alias}'s {kept})"
+    elif regime in (None, ANY):
+        regime, regime_text = None, "any regime"
+    else:
+        regime_text = f"regime {regime} (asked)"
+    if regime is not None:
+        if not any(v.tags.get("regime") == regime for v in chosen):
+            present = sorted({v.tags.get("regime", "?") for v in chosen})
+            raise ConfigError(f"no version of {name!r} on {data_text.removesuffix(' (asked)')} has regime {regime}; "
+                              f"regimes there: {', '.join(present)} (--regime any mixes them)")
+        chosen = [v for v in chosen if v.tags.get("regime") == regime]
     scored = [(float(v.tags[metric]), int(v.version)) for v in chosen if metric in v.tags]
     if not scored:
         raise ConfigError(f"no version of {name!r} carries the tag {metric!r}; tags present: "
                           f"{sorted({k for v in chosen for k in v.tags})}")
-    best = str(max(scored)[1])
+    value, best = max(scored)
+    skipped = [v for v in versions if v not in chosen]
     others: dict[str, int] = {}
-    if dataset_digest != "any":
-        for v in versions:
-            if v not in chosen:
-                digest = v.tags.get("dataset_digest", "?")
-                others[digest] = others.get(digest, 0) + 1
-    client.set_registered_model_alias(name, alias, best)
-    return Promotion(name, best, alias, None if dataset_digest == "any" else dataset_digest, others)
-
-
-@dataclass(frozen=True)
-class PromoteConfig(Config):
-    name: str = option(STR, "fgvc-resnet18", "Registered model (fgvc-<arch>).")
-    arch: str | None = option(Maybe(STR, "none"), None, "Shortcut for --name fgvc-<arch> (wins over --name).")
-    metric: str = option(Choice(("val_acc", "val_balanced_acc")), "val_acc", "Version tag to maximise.")
-    dataset_digest: str | None = option(
-        Maybe(STR, "newest"), None, "Choose among versions of one dataset: newest (the newest version's dataset), "
-        "any (mix datasets on purpose) or a digest.")
-    version: int | None = option(Maybe(INT, "best"), None, "An explicit version, or best (by --metric).")
-    alias: str = option(STR, CHAMPION, "The alias to move.")
-
-    @property
-    def registered_model(self) -> str:
-        return registered_name(self.arch) if self.arch else self.name
+    for v in skipped:
+        others[v.tags.get("dataset_digest", "?")] = others.get(v.tags.get("dataset_digest", "?"), 0) + 1
+    reason = f"{metric} {value:.4f}, best of {_count(chosen)} on {data_text}, {regime_text}"
+    if skipped:
+        groups: dict[str, int] = {}
+        for v in skipped:
+            key = f"{dataset_label(v)} {v.tags.get('regime', '?')}"
+            groups[key] = groups.get(key, 0) + 1
+        reason += "; skipped " + ", ".join(f"{n} on {k}" for k, n in sorted(groups.items()))
+        reason += " (--dataset, --regime choose them)"
+    client.set_registered_model_alias(name, alias, str(best))
+    digest = None if dataset == ANY else by_number[str(best)].tags.get("dataset_digest")
+    return Promotion(name, str(best), alias, digest, others, reason)

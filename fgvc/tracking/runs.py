@@ -35,6 +35,12 @@ log = logging.getLogger("fgvc")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DESCRIPTION = "mlflow.note.content"
 TASK = "fgvc.task"
+# MLflow 3's mark for an experiment of model training (not GenAI traces); its UI opens the Model
+# training view for links with MODEL_TRAINING_VIEW (a plain experiment link opens a GenAI overview).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+DEFAULT_EXPERIMENT_ID = "0"
 _initialised: set[str] = set()
 
 
@@ -164,11 +170,55 @@ def experiment_id(name: str) -> str:
 
 
 def describe_experiment(name: str, text: str) -> None:
-    """Give an experiment its description once (the MLflow UI shows it on its page)."""
+    """Give an experiment its description once (the MLflow UI shows it on its page) and mark it
+    as an experiment of model training."""
+    describe_experiment_id(experiment_id(name), text)
+
+
+def describe_experiment_id(exp_id: str, text: str) -> None:
     client = MlflowClient()
-    experiment = client.get_experiment(experiment_id(name))
-    if not experiment.tags.get(DESCRIPTION):
-        client.set_experiment_tag(experiment.experiment_id, DESCRIPTION, text)
+    experiment = client.get_experiment(exp_id)
+    if text and not experiment.tags.get(DESCRIPTION):
+        client.set_experiment_tag(exp_id, DESCRIPTION, text)
+    if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
+
+
+def experiment_link(exp_id: str, run_id: str | None = None) -> str | None:
+    """The UI page of an experiment (or of one of its runs) on an HTTP tracking server, opened
+    in the Model training view; None for a local store (its UI has no fixed address)."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    page = f"{uri.rstrip('/')}/#/experiments/{exp_id}" + (f"/runs/{run_id}" if run_id else "")
+    return page + MODEL_TRAINING_VIEW
+
+
+def run_link(run_id: str) -> str | None:
+    """The run's UI page on an HTTP tracking server (Model training view), else None."""
+    if experiment_link("0") is None:
+        return None
+    return experiment_link(MlflowClient().get_run(run_id).info.experiment_id, run_id)
+
+
+def _check_mlflow_run_experiment(run_id: str, experiment: str, task: str, experiment_description: str) -> None:
+    """Under `mlflow run` the run's experiment is the one `--experiment-name` chose: describe and
+    mark it like fgvc's own, and say in one line how to leave MLflow's `Default`."""
+    exp_id = MlflowClient().get_run(run_id).info.experiment_id
+    if exp_id == DEFAULT_EXPERIMENT_ID:
+        describe_experiment_id(exp_id, "Runs started by `mlflow run` without `--experiment-name`; fgvc's "
+                                       "tasks have their own experiments (fgvc-train, fgvc-mask, ...).")
+        log.warning("this %s run is in MLflow's Default experiment; add --experiment-name %s to `mlflow run` "
+                    "to keep it with the other %s runs", task, experiment, task)
+    else:
+        describe_experiment_id(exp_id, experiment_description)
+
+
+def _fallback_description(task: str, tags: dict) -> str:
+    if "fgvc.study" in tags:
+        return ("fgvc background-reliance study: one study run (tables, verdicts, report) and one training "
+                "run per cell, tagged `fgvc.study`.")
+    return f"fgvc {task} runs."
 
 
 @contextlib.contextmanager
@@ -200,15 +250,16 @@ def _tracked_run(experiment: str, run_name: str, task: str, description: str, ta
     if description:
         tags[DESCRIPTION] = description
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    experiment_description = experiment_description or _fallback_description(task, tags)
     if run_id:
+        _check_mlflow_run_experiment(run_id, experiment, task, experiment_description)
         run = mlflow.start_run(run_id=run_id, tags=tags)
         if run_name:
             mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its runs at random
     else:
         # By id: when two processes create the experiment at once, set_experiment hands the
         # loser the experiment without making it active, and its run would land in "Default".
-        if experiment_description:
-            describe_experiment(experiment, experiment_description)
+        describe_experiment(experiment, experiment_description)
         run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name, tags=tags,
                                parent_run_id=parent_run_id, nested=parent_run_id is not None)
     try:

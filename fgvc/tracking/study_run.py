@@ -47,9 +47,11 @@ from fgvc.study.tables import (RUNWAY, cell_values, summarize, verdict,
                                verdict_reason)
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.mask_run import run_mask
-from fgvc.tracking.study_report import write_outputs
+from fgvc.tracking.models import study_registered_name
+from fgvc.tracking.registry import registered_name
 from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
                                 git_commit, log_params)
+from fgvc.tracking.study_report import write_outputs
 from fgvc.tracking.train_run import checkpoint_cache, run_train
 from fgvc.training.config import TrainConfig
 
@@ -141,7 +143,8 @@ def train_config(plan: StudyPlan, cell: Cell, roots: Roots, resume: bool | str =
     return TrainConfig(arch=cell.arch, pretrained=plan.pretrained, data_root=str(roots.root(cell)),
                        aug=cell.spec.augment, epochs=plan.epochs, batch_size=plan.batch_size, lr_head=plan.lr_head,
                        seed=cell.seed, num_workers=plan.num_workers, device=plan.device,
-                       registered_model=plan.registered_model, resume=resume)
+                       registered_model=plan.registered_model or study_registered_name(registered_name(cell.arch)),
+                       resume=resume)
 
 
 def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,

@@ -321,13 +321,15 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
             best = session.best
             version = None
             if reg_name:
-                version = log_and_register(writer.path(BEST), reg_name, best_metrics(best), session, run_id)
+                version = log_and_register(writer.path(BEST), reg_name, best_metrics(best), session, run_id,
+                                           study=tags.get("fgvc.study"))
                 mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
-            summary = summary_markdown(name, session, best, version, reg_name)
+            summary = summary_markdown(name, session, best, version, reg_name,
+                                       alias=None if "fgvc.study" in tags else "candidate")
             mlflow.log_text(summary, "run_summary.md")
             mlflow.set_tag("mlflow.note.content", summary)
-            log.info("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
-                     f"; registered {reg_name} version {version} (alias candidate)" if version else "")
+            log.debug("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
+                      f"; registered {reg_name} version {version}" if version else "")
         except Exception as e:
             if is_unreachable(e) and not isinstance(e, TrackingUnreachable):
                 raise unreachable(e, kept=recorder.kept) from None
@@ -355,7 +357,8 @@ def _relog_missing_epochs(run_id: str, history: list[dict]) -> None:
             mlflow.log_metrics({k: v for k, v in h.items() if k != "epoch"}, step=h["epoch"])
 
 
-def summary_markdown(name: str, session: Session, best: dict, version: str | None, reg_name: str | None) -> str:
+def summary_markdown(name: str, session: Session, best: dict, version: str | None, reg_name: str | None,
+                     alias: str | None = "candidate") -> str:
     """run_summary.md, also the run's description: what the original readme.txt said, and more."""
     cfg, data = session.cfg, session.data
     params = render_params(cfg)
@@ -378,7 +381,7 @@ def summary_markdown(name: str, session: Session, best: dict, version: str | Non
     if version:
         uri = f"models:/{reg_name}/{version}"
         lines += ["", "## Registry", "",
-                  f"Registered as {code(uri)} (alias `candidate`). Load it with "
+                  f"Registered as {code(uri)}{f' (alias `{alias}`)' if alias else ''}. Load it with "
                   f"`mlflow.pyfunc.load_model({uri!r})`; analyse it with:", "",
                   f"    fgvc analyze --model {shlex.quote(uri)} --method all",
                   f"    mlflow run . -e analyze --env-manager local -P model={uri}"]

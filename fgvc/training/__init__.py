@@ -1,7 +1,25 @@
 """Training: the typed config, the loop, the augmentation recipes, checkpoints, and a
-`train()` that runs without any tracking store (fgvc.tracking records it when asked)."""
+`train()` that runs without any tracking store (fgvc.tracking records it when asked).
 
-from fgvc.training.config import TrainConfig
-from fgvc.training.session import Session, TrainingData, TrainOutcome, build_session, train
+The names below are imported on first use (PEP 562), so importing a light submodule
+(the config, read by the command line) does not import torch."""
 
-__all__ = ["Session", "TrainConfig", "TrainOutcome", "TrainingData", "build_session", "train"]
+import importlib
+
+_EXPORTS = {
+    "TrainConfig": "fgvc.training.config",
+    "Session": "fgvc.training.session",
+    "TrainingData": "fgvc.training.session",
+    "TrainOutcome": "fgvc.training.session",
+    "build_session": "fgvc.training.session",
+    "train": "fgvc.training.session",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

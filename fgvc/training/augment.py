@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 
-from fgvc.registry import Registry
+from fgvc.catalog import PRESETS
 from fgvc.training.augment_batch import DEVICE_JITTERS, LUMA, batch_boxes
 
 
@@ -374,7 +374,6 @@ class HeavyAugment:
         return x.clamp_(0, 1)
 
 
-PRESETS: Registry = Registry("augmentation recipe")
 PRESETS.register("heavy", HeavyAugment())
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from fgvc.catalog import ORIGINAL_ARCHS, PRESETS, arch_problem
 from fgvc.config import (BOOL, FLOAT, INT, STR, Choice, Config, FlagOr, Kind, Maybe, below_one, config_id,
                          non_negative, option, positive)
-from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError
-from fgvc.models import arch_problem
-from fgvc.training.augment import PRESETS
-from fgvc.training.loop import Precision
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DATA_ROOT = "data/demo"
 DEFAULT_RECIPE = "heavy"
@@ -116,6 +115,8 @@ class TrainConfig(Config):
         """What the device changes about the result, rendered concretely: the autocast dtype,
         the memory layout, where the augmentation runs (a GPU runs it batched, with other
         random draws than the CPU's per-image path) and cuDNN's autotuned kernels."""
+        from fgvc.training.loop import Precision
+
         precision = Precision.for_device(device, self.amp, self.channels_last)
         return {"amp_effective": precision.amp_name,
                 "channels_last_effective": "true" if precision.channels_last else "false",
@@ -128,6 +129,10 @@ class TrainConfig(Config):
         recipe on `device` (default: this config's device) is part of it where it differs
         from the CPU's: CPU runs keep the ids they always had, and a GPU run never continues
         or stands in for a CPU run, or the other way round."""
+        import torch
+
+        from fgvc.devices import resolve_device
+
         device = resolve_device(self.device) if device is None else device
         cpu = self.device_recipe(torch.device("cpu"))
         differs = {k: v for k, v in self.device_recipe(device).items() if v != cpu[k]}
@@ -145,3 +150,19 @@ def cudnn_benchmark(device: torch.device) -> bool:
     """Autotuned cuDNN kernels on CUDA: a root's images share one size, so the tuning of the
     first batches holds for the rest (the last, smaller batch tunes once more)."""
     return device.type == "cuda"
+
+
+@dataclass(frozen=True)
+class RegisterConfig(Config):
+    checkpoint: str = option(STR, "best.pt", "Checkpoint written by the original scripts ({'model': state_dict} "
+                             "or a bare state_dict).")
+    arch: str | None = option(Maybe(Choice(ORIGINAL_ARCHS)), None, "Architecture of the checkpoint (auto: the one "
+                              "its tensors fit).")
+    data_root: str = option(STR, "data/demo", "Dataset root whose validation split evaluates the model.")
+    normalization: str | None = option(Maybe(Choice(("imagenet", "none"))), None,
+                                       "Input normalisation the model was trained with: auto (imagenet for "
+                                       "ResNets, as the original trained from ImageNet weights; none for "
+                                       "FashionNet), imagenet, or none (a ResNet trained --from_scratch).")
+    registered_model: str | None = option(Maybe(STR), None, "Registry name (auto: fgvc-<arch>).")
+    batch_size: int = option(INT, 64, "Validation batch size.", check=positive)
+    device: str | None = option(Maybe(STR), None, "auto | cpu | cuda | cuda:N.")

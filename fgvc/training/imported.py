@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from fgvc.config import INT, STR, Choice, Config, Maybe, option, positive
 from fgvc.data.dataset import BatchLoader, ShardDataset
 from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError
@@ -26,24 +25,9 @@ from fgvc.models.original import ORIGINAL_ARCHS, ClassCountError, detect_arch, i
 from fgvc.regimes import regime_of
 from fgvc.safeload import require_finite
 from fgvc.training.checkpoint import save
+from fgvc.training.config import RegisterConfig  # noqa: F401  (defined there, torch-free)
 from fgvc.training.loop import EvalResult, evaluate
 from fgvc.training.session import TrainingData
-
-
-@dataclass(frozen=True)
-class RegisterConfig(Config):
-    checkpoint: str = option(STR, "best.pt", "Checkpoint written by the original scripts ({'model': state_dict} "
-                             "or a bare state_dict).")
-    arch: str | None = option(Maybe(Choice(ORIGINAL_ARCHS)), None, "Architecture of the checkpoint (auto: the one "
-                              "its tensors fit).")
-    data_root: str = option(STR, "data/demo", "Dataset root whose validation split evaluates the model.")
-    normalization: str | None = option(Maybe(Choice(("imagenet", "none"))), None,
-                                       "Input normalisation the model was trained with: auto (imagenet for "
-                                       "ResNets, as the original trained from ImageNet weights; none for "
-                                       "FashionNet), imagenet, or none (a ResNet trained --from_scratch).")
-    registered_model: str | None = option(Maybe(STR), None, "Registry name (auto: fgvc-<arch>).")
-    batch_size: int = option(INT, 64, "Validation batch size.", check=positive)
-    device: str | None = option(Maybe(STR), None, "auto | cpu | cuda | cuda:N.")
 
 
 @dataclass

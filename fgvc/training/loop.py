@@ -129,7 +129,7 @@ def _evaluation_sums(model: nn.Module, loader: BatchLoader, num_classes: int, de
     k = min(5, num_classes)
     try:
         with torch.inference_mode():
-            for batch in tqdm(loader, desc="val", leave=False, disable=not progress):
+            for batch in tqdm(loader, desc="val", leave=False, disable=bars_off(progress)):
                 with precision.autocast(device):
                     logits = model(batch.images)
                 logits = logits.float()
@@ -179,7 +179,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
     last_step = len(loader) - 1
     n = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+    bar = tqdm(loader, desc=desc, leave=False, disable=bars_off(progress))
     for step, batch in enumerate(bar):
         with precision.autocast(device):
             logits = model(batch.images)
@@ -206,7 +206,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
         loss_sum += loss.detach() * b
         correct += (logits.detach().argmax(1) == batch.labels).sum()
         n += b
-        if progress and step % max(10, every) == 0:  # reading the sums waits for the device
+        if not bar.disable and step % max(10, every) == 0:  # reading the sums waits for the device
             bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", acc=f"{correct.item() / n:.3f}")
     seconds = time.perf_counter() - start
     if distributed.is_initialized():
@@ -260,6 +260,12 @@ class EpochRecord:
         }
 
 
+def bars_off(progress: bool) -> bool | None:
+    """tqdm's `disable`: off when not asked for, and (None) off when stderr is not a terminal,
+    where a bar leaves escape residue in a log; the per-epoch line is printed either way."""
+    return True if not progress else None
+
+
 def fit(model: nn.Module, train_loader: BatchLoader, val_loader: BatchLoader,
         optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module, epochs: int,
         num_classes: int, device: torch.device, precision: Precision = Precision(),
@@ -273,7 +279,7 @@ def fit(model: nn.Module, train_loader: BatchLoader, val_loader: BatchLoader,
     history = list(history or [])
     best_acc = max((h["val/acc"] for h in history), default=-1.0)
     scaler = torch.amp.GradScaler("cuda") if precision.amp_dtype == torch.float16 else None
-    epoch_bar = tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress,
+    epoch_bar = tqdm(range(start_epoch, epochs), desc="epochs", disable=bars_off(progress),
                      initial=start_epoch, total=epochs)
     for epoch in epoch_bar:
         start = time.perf_counter()

@@ -18,7 +18,7 @@ from torch import nn
 
 from fgvc.analysis.config import AnalyzeConfig
 from fgvc.analysis.data import AnalysisData
-from fgvc.registry import Registry
+from fgvc.catalog import METHODS
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,6 @@ class AnalysisMethod:
         raise NotImplementedError
 
 
-METHODS: Registry[AnalysisMethod] = Registry("analysis method")
 
 
 def register(cls: type[AnalysisMethod]) -> type[AnalysisMethod]:
