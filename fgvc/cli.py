@@ -93,8 +93,10 @@ def _one_line(error: Exception) -> FgvcError | None:
     write, becomes (one line); None for a bug."""
     if isinstance(error, FgvcError):
         return error
-    if isinstance(error, click.ClickException):
-        return None
+    if isinstance(error, (click.ClickException, click.exceptions.Exit, click.Abort)):
+        return None  # click's own: usage errors, --help, Ctrl-C
+    if "mlflow" not in sys.modules and not isinstance(error, OSError):
+        return None  # nothing tracked yet, nothing written: a bug
     from fgvc.files import write_failed
     from fgvc.tracking.failures import translated
 

@@ -1,6 +1,6 @@
 """The package's layers, one direction only (docs/architecture.md):
 
-    cli -> tracking -> (training, masking, analysis, study) -> (models, data, viz) -> base
+    cli -> tracking -> (training, masking, analysis, study) -> (catalog, models, data, viz) -> base
 
 Only fgvc/tracking (and the CLI) import mlflow; no module imports from a layer above its own.
 Checked on the source (every `import` statement, also inside functions), not on a run.
@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fgvc"
 
 # Base modules every layer may use; then the layers, bottom to top.
 BASE = {"errors", "config", "registry", "devices", "distributed", "regimes", "safeload", "files"}
-LAYERS = [BASE, {"models", "data", "viz"}, {"training", "masking", "analysis", "study"}, {"tracking"},
+LAYERS = [BASE, {"catalog", "models", "data", "viz"}, {"training", "masking", "analysis", "study"}, {"tracking"},
           {"cli", "mlproject", "__main__"}]
 
 

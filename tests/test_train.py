@@ -97,7 +97,9 @@ def test_run_logs_params_metrics_artifacts_and_a_registered_mlflow_model(tiny_ro
     assert "<" not in version.description  # no placeholder the Markdown renderer would swallow
 
     pyfunc = mlflow.pyfunc.load_model("models:/fgvc-fn-small@candidate")
-    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1, 3)
+    # no input schema (MLflow would cast floats to uint8); the model checks its input itself
+    assert pyfunc.metadata.get_input_schema() is None
+    assert "designer" in pyfunc.metadata.get_output_schema().input_names()
     predictions = pyfunc.predict(np.zeros((2, 50, 40, 3), dtype=np.uint8), params={"top_k": 2})
     assert list(predictions["designer"]) == [predictions["top_designers"][0][0]] * 2
     assert all(len(p) == 2 and abs(sum(p) - 1) < 1 for p in predictions["top_probabilities"])
