@@ -24,12 +24,19 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from click.testing import CliRunner
+
+from fgvc.cli import main
+from fgvc.errors import ConfigError
 from fgvc.study.config import StudyConfig
 from fgvc.tracking import claims
 from fgvc.tracking.claims import Holder, claimed, holder_alive, ledger_run
+from fgvc.tracking.study_run import run_study
 
 GRID = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32", "--width", "24",
         "--epochs", "1", "--batch-size", "8", "--num-images", "6", "--regimes", "unmasked,masked", "--seeds", "0,1"]
+CONFIG = dict(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24, epochs=1, batch_size=8,
+              num_images=6, regimes=("unmasked", "masked"), seeds=(0, 1))
 SAME = ["arch", "regime", "seed", "bg_correlation", "run_name", "chance", "verdict"]  # and every measured column
 
 
@@ -112,3 +119,139 @@ def test_a_holder_elsewhere_is_alive_while_its_heartbeat_is_fresh(monkeypatch):
     assert holder_alive(elsewhere, "running 1030.0", now=1100.0) == \
         (False, "process 123 on another-host sent no heartbeat for 70 s")
     assert holder_alive(elsewhere, "done 1099.0", now=1100.0) == (False, "done")
+
+
+# --- the study on several processes ------------------------------------------------------------
+
+def cli(args: list[str], cwd: Path, uri: str, **env: str) -> subprocess.Popen:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri, "FGVC_CLAIM_POLL_S": "0.2", **env}
+    full_env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.Popen([sys.executable, "-m", "fgvc.cli", *args], cwd=cwd, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(*procs: subprocess.Popen, timeout: float = 600) -> list[str]:
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, out[-4000:]
+        outputs.append(out)
+    return outputs
+
+
+def store(tmp_path_factory, name: str) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp(name)
+    return folder, f"sqlite:///{folder}/mlflow.db"
+
+
+def study_runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name("fgvc-study").experiment_id],
+                              "tags.`fgvc.task` = 'study'")
+
+
+def table(uri: str, study_run_id: str) -> dict[str, dict]:
+    """The study's results.csv by cell, each row with its training run's config id."""
+    client = MlflowClient(uri)
+    with mlflow.utils.file_utils.TempDir() as tmp:  # noqa: SIM117
+        path = client.download_artifacts(study_run_id, "study/results.csv", tmp.path())
+        rows = list(csv.DictReader(io.StringIO(Path(path).read_text())))
+    for row in rows:
+        row["config_id"] = client.get_run(row["run_id"]).data.tags["fgvc.config_id"]
+    return {f"{r['arch']}/{r['regime']}/{r['seed']}/{r['bg_correlation']}": r for r in rows}
+
+
+def assert_same_table(found: dict[str, dict], reference: dict[str, dict]) -> None:
+    assert sorted(found) == sorted(reference)
+    measured = [k for k in next(iter(reference.values())) if k not in SAME + ["run_id", "status", "model"]]
+    assert "val_acc" in measured and "config_id" in measured
+    for key, row in reference.items():
+        for column in SAME + measured:
+            a, b = found[key][column], row[column]
+            try:
+                assert math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9) or (a == b), (key, column, a, b)
+            except ValueError:
+                assert a == b, (key, column, a, b)
+
+
+def assert_nothing_running(uri: str) -> None:
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING'")
+    assert not running, [(r.info.run_name, r.data.tags.get("fgvc.task")) for r in running]
+
+
+def trainings(uri: str, status: str = "FINISHED") -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name("fgvc-study").experiment_id],
+                              f"tags.`fgvc.task` = 'train' and attributes.status = '{status}'")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, dict]:
+    """The 4-cell grid with the local executor: the table every other way must reproduce."""
+    folder, uri = store(tmp_path_factory, "local")
+    finish(cli(["study", *GRID], folder, uri))
+    [study] = study_runs(uri)
+    assert study.info.status == "FINISHED" and study.data.metrics["study/cells_trained"] == 4
+    return table(uri, study.info.run_id)
+
+
+@pytest.mark.slow
+def test_two_identical_studies_train_each_cell_once_and_identical_pixels_once(tmp_path_factory):
+    """Two dose-response studies started together; the masked roots at both strengths are the
+    same pixels: one training in all, each analysis record computed once, nothing RUNNING."""
+    folder, uri = store(tmp_path_factory, "twice")
+    args = ["study", *GRID[:-4], "--regimes", "masked", "--seeds", "0", "--bg-correlations", "0,1"]
+    finish(cli(args, folder, uri), cli(args, folder, uri))
+    studies = study_runs(uri)
+    assert [s.info.status for s in studies] == ["FINISHED", "FINISHED"]
+    assert sum(s.data.metrics["study/cells_trained"] for s in studies) == 1
+    assert sum(s.data.metrics["study/cells_reused"] for s in studies) == 3
+    assert len(trainings(uri)) == 1 and not trainings(uri, "KILLED") and not trainings(uri, "FAILED")
+    client = MlflowClient(uri)
+    records = client.search_runs([client.get_experiment_by_name("fgvc-analysis").experiment_id])
+    assert len(records) == 4 and {r.info.status for r in records} == {"FINISHED"}  # 2 strengths x 2 analyses
+    first, second = (table(uri, s.info.run_id) for s in studies)
+    assert_same_table(first, second)
+    assert_nothing_running(uri)
+
+
+@pytest.mark.slow
+def test_an_array_of_single_cells_then_collect_gives_the_local_table(tmp_path_factory, reference):
+    """What `docs/team.md`'s Slurm array does: `--list-cells` counts the tasks, every task runs
+    `fgvc study ... --cell $SLURM_ARRAY_TASK_ID` (all at once), then `--collect` builds the study."""
+    folder, uri = store(tmp_path_factory, "array")
+    [listing] = finish(cli(["study", *GRID, "--list-cells"], folder, uri))
+    keys = listing.split()
+    assert len(keys) == 4 and keys[0] == "fn-small/unmasked/seed0"
+    outputs = finish(*[cli(["study", *GRID, "--cell", str(index)], folder, uri,
+                           SLURM_ARRAY_TASK_ID=str(index)) for index in range(len(keys))])
+    assert all(f"cell {key}: trained run" in out for key, out in zip(keys, outputs))
+    assert not study_runs(uri)
+    finish(cli(["study", *GRID, "--collect"], folder, uri))
+    [study] = study_runs(uri)
+    assert study.info.status == "FINISHED" and study.data.metrics["study/cells_reused"] == 4
+    assert_same_table(table(uri, study.info.run_id), reference)
+    assert len(trainings(uri)) == 4
+    assert_nothing_running(uri)
+
+
+def test_collect_refuses_a_cell_nobody_trained_and_fails_the_study_run(claims_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = StudyConfig(**CONFIG)
+    with pytest.raises(ConfigError, match=r"^study cell fn-small/unmasked/seed0 has no finished training run yet; "
+                                          r"run `fgvc study --cell fn-small/unmasked/seed0` \(with the same options\) "
+                                          r"first$"):
+        run_study(cfg, progress=False, collect=True)
+    [study] = study_runs(claims_store)
+    assert study.info.status == "FAILED" and not trainings(claims_store, "RUNNING")
+
+
+def test_a_cell_that_is_not_in_the_study_is_refused_in_one_line():
+    out = CliRunner().invoke(main, ["study", *GRID, "--cell", "4"]).output
+    assert out == "Error: --cell 4: the study has 4 cells (0 to 3)\n"
+    out = CliRunner().invoke(main, ["study", *GRID, "--cell", "resnet18/masked/seed0"]).output
+    assert out.startswith("Error: --cell 'resnet18/masked/seed0' is not a cell of this study")
+    assert CliRunner().invoke(main, ["study", *GRID, "--list-cells"]).output.split() == \
+        [c.key for c in StudyConfig(**CONFIG).plan().cells()]
