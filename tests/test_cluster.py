@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,13 +21,17 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from click.testing import CliRunner
+from server_utils import MlflowServer, PostgresCluster, Unavailable
 
 from fgvc.cli import main
 from fgvc.errors import ConfigError
@@ -266,6 +271,114 @@ def test_a_cell_that_is_not_in_the_study_is_refused_in_one_line():
     assert out.startswith("Error: --cell 'resnet18/masked/seed0' is not a cell of this study")
     assert CliRunner().invoke(main, ["study", *GRID, "--list-cells"]).output.split() == \
         [c.key for c in StudyConfig(**CONFIG).plan().cells()]
+
+
+# --- a tracking server on PostgreSQL with its artifacts in an S3 object store ---------------------
+
+BUCKET = "fgvc-artifacts"
+S3_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                "MLFLOW_S3_ENDPOINT_URL")
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("FGVC_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"FGVC_REQUIRE_POSTGRES=1 but {reason}")
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def moto_s3(workdir: Path):
+    """moto's standalone S3 server on loopback, with one bucket; stopped at the end."""
+    pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(workdir / "moto.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert proc.poll() is None and time.monotonic() < deadline, (workdir / "moto.log").read_text()
+                time.sleep(0.3)
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
+        yield url, s3
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """The team setup of docs/team.md on loopback: `mlflow server` on PostgreSQL with
+    `--artifacts-destination s3://...` on moto. The S3 endpoint and credentials are the
+    server's environment only: clients hold none. Yields (server, s3 client)."""
+    workdir = tmp_path_factory.mktemp("object-store")
+    try:
+        postgres = PostgresCluster()
+    except Unavailable as e:
+        unavailable(str(e))
+    try:
+        postgres.start()
+        with moto_s3(workdir) as (url, s3):
+            server = MlflowServer(workdir, postgres.create_database("mlflow"),
+                                  env={"MLFLOW_S3_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test",
+                                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"})
+            server.artifacts = f"s3://{BUCKET}/mlflow"
+            with server:
+                yield server, s3
+    except Unavailable as e:
+        unavailable(str(e))
+    finally:
+        postgres.stop()
+
+
+def bucket_keys(s3) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@pytest.mark.slow
+def test_a_client_without_s3_credentials_trains_registers_loads_and_analyses_through_the_object_store(
+        tracking_server, tiny_root, tmp_path, monkeypatch):
+    server, s3 = tracking_server
+    for name in S3_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    env = {**cli_env(server.uri)}
+    assert not set(S3_VARIABLES) & set(env)
+    [out] = finish(subprocess.Popen([sys.executable, "-m", "fgvc.cli", "train", "--arch", "fn-small", "--epochs", "1",
+                                     "--batch-size", "8", "--num-workers", "0", "--data-root", str(tiny_root)],
+                                    cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT))
+    run_id = re.search(r"run ([0-9a-f]{32}): best val acc", out).group(1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(server.uri)
+    client = MlflowClient(server.uri)
+    [version] = client.search_model_versions(f"run_id = '{run_id}'")
+    client.set_registered_model_alias(version.name, "champion", version.version)
+    model = mlflow.pyfunc.load_model(f"models:/{version.name}@champion")
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 24, 3), dtype=np.uint8)  # NHWC uint8
+    assert len(model.predict(images)["designer"]) == 2
+    from fgvc.analysis.config import AnalyzeConfig
+    from fgvc.tracking.analyze_run import run_analyze
+
+    outcome = run_analyze(AnalyzeConfig(model=f"models:/{version.name}@champion", method=("occlusion",),
+                                        num_images=4, window=8, stride=8))
+    keys = bucket_keys(s3)
+    assert any(k.endswith(f"{run_id}/artifacts/checkpoints/best.pt") for k in keys), keys[:20]
+    assert any(k.endswith("/MLmodel") for k in keys)
+    assert any(f"{outcome.record_run_id}/artifacts/analysis/occlusion/" in k for k in keys)
+    assert not list(Path(server.workdir).glob("artifacts/**/best.pt"))  # nothing on the server's disk
 
 
 # --- the Ray executor --------------------------------------------------------------------------
