@@ -423,8 +423,12 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-def test_the_ray_executor_on_a_head_and_a_worker_gives_the_local_table(tmp_path_factory, reference, ray_cluster):
-    folder, uri = store(tmp_path_factory, "ray")
+def test_the_ray_executor_on_a_head_and_a_worker_gives_the_local_table(tmp_path_factory, reference, ray_cluster,
+                                                                       tracking_server):
+    """Through the team's server (PostgreSQL, artifacts on S3): the cells' runs, models and
+    records land there, and the table equals the local executor's."""
+    server, s3 = tracking_server
+    folder, uri = tmp_path_factory.mktemp("ray"), server.uri
     [out] = finish(cli(["study", *GRID, "--executor", "ray", "--ray-address", ray_cluster, "--cpus-per-cell", "1"],
                        folder, uri))
     assert out.count("study: cell ") >= 4 and "cells: 100%" in out
@@ -432,7 +436,43 @@ def test_the_ray_executor_on_a_head_and_a_worker_gives_the_local_table(tmp_path_
     assert study.info.status == "FINISHED" and study.data.metrics["study/cells_trained"] == 4
     assert study.data.params["executor"] == "ray"
     assert_same_table(table(uri, study.info.run_id), reference)
+    assert any(k.endswith(f"{study.info.run_id}/artifacts/study/report.html") for k in bucket_keys(s3))
     finished = trainings(uri)
     assert sorted(r.data.tags["fgvc.study_cell"] for r in finished) == sorted(
         c.key for c in StudyConfig(**CONFIG).plan().cells())  # each cell FINISHED exactly once
     assert_nothing_running(uri)
+
+
+# --- one training across nodes -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_torchrun_agents_give_one_run_with_the_metrics_of_one_process(tiny_root, mlflow_store, tmp_path):
+    """Two nodes' worth of torchrun agents on loopback (c10d rendezvous, one gloo process each):
+    exactly one run, logged by global rank 0, with the numbers of one process (which
+    tests/test_ddp.py shows `--nproc 2` on one node gives too)."""
+    from test_ddp import METRICS, OPTIONS, cli_args, history
+
+    from fgvc.tracking.train_run import run_train
+    from fgvc.training.config import TrainConfig
+
+    single = run_train(TrainConfig(data_root=str(tiny_root), registered_model=False, **OPTIONS), progress=False)
+    port = free_port()
+    env = {**cli_env(mlflow_store), "CUDA_VISIBLE_DEVICES": ""}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+                                "fgvc-test", "--node-rank", str(node), "-m", "fgvc.cli", "train",
+                                *cli_args(tiny_root)], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+              for node in (0, 1)]
+    finish(*agents, timeout=300)
+    runs = mlflow.search_runs(experiment_names=["fgvc-train"], order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2  # the one-process reference and ONE run for both nodes
+    run = MlflowClient().get_run(runs.run_id.tolist()[1])
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    for key in METRICS:
+        assert [step for step, _ in history(run.info.run_id, key)] == [1, 2], key
+    for key in ("val/loss", "val/acc", "val/top5", "train/loss", "train/acc"):
+        assert [v for _, v in history(run.info.run_id, key)] == pytest.approx(
+            [v for _, v in history(single.run_id, key)], rel=1e-4, abs=1e-6), key
