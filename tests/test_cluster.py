@@ -420,6 +420,10 @@ def ray_cluster():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+        current = Path("/tmp/ray/ray_current_cluster")  # where `ray.init("auto")` would look for this cluster
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{port}"):
+                current.unlink()
 
 
 @pytest.mark.slow
@@ -476,3 +480,37 @@ def test_two_torchrun_agents_give_one_run_with_the_metrics_of_one_process(tiny_r
     for key in ("val/loss", "val/acc", "val/top5", "train/loss", "train/acc"):
         assert [v for _, v in history(run.info.run_id, key)] == pytest.approx(
             [v for _, v in history(single.run_id, key)], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_cell_whose_ray_worker_is_killed_runs_again_and_nothing_is_left_running(tmp_path_factory, ray_cluster):
+    """SIGKILL the process training a cell (found through its claim): Ray retries the task, the
+    retry takes the claim over, and the dead attempt's run is closed saying why (or resumed)."""
+    folder, uri = store(tmp_path_factory, "killed")
+    study = cli(["study", *GRID[:-4], "--regimes", "unmasked", "--seeds", "0", "--epochs", "3", "--executor", "ray",
+                 "--ray-address", ray_cluster], folder, uri)
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 300
+    victim = None
+    while victim is None and study.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with contextlib.suppress(Exception):
+            experiment = client.get_experiment_by_name("fgvc-study").experiment_id
+            if client.search_runs([experiment], "tags.`fgvc.task` = 'train' and attributes.status = 'RUNNING'"):
+                ledger = client.get_run(ledger_run(client)).data.params
+                victim = next(Holder.parse(v) for k, v in ledger.items() if k.startswith("cell."))
+    assert victim is not None, study.communicate()[0][-3000:]
+    os.kill(victim.pid, signal.SIGKILL)
+    finish(study)
+    [parent] = study_runs(uri)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["study/cells"] == 1
+    [finished] = trainings(uri)
+    killed = trainings(uri, "KILLED")
+    if killed:  # retrained: the dead attempt's run says why it ended
+        assert len(killed) == 1 and parent.data.metrics["study/cells_trained"] == 1
+        assert f"process {victim.pid} on {socket.gethostname()} died; study cell attempt 2 took over" == \
+            killed[0].data.tags["fgvc.end_reason"]
+    else:  # resumed from its checkpoint
+        assert parent.data.metrics["study/cells_resumed"] == 1
+        assert finished.data.tags["fgvc.resumed_after"].startswith(f"process {victim.pid} on")
+    assert_nothing_running(uri)

@@ -47,7 +47,7 @@ class RayExecutor:
         except ImportError:
             raise ConfigError("--executor ray needs Ray: pip install 'fgvc[ray]' (or pip install 'ray[default]')") \
                 from None
-        ray.init(address=self.address, runtime_env={"env_vars": self.env}, include_dashboard=False,
+        ray.init(address=self.address or "local", runtime_env={"env_vars": self.env}, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
         try:
             task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=RAY_TASK_RETRIES)(fn)

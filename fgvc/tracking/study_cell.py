@@ -132,7 +132,8 @@ def _train(client: MlflowClient, job: CellJob, experiment: str, tags: dict, clai
         mlflow.set_experiment(experiment_id=experiment)  # resuming continues a run of this experiment
     run_id = run_train(cfg, progress=job.progress, experiment=job.experiment, tags=tags).run_id
     if interrupted is not None:
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {
+            **tags, "fgvc.resumed_after": f"{why}; study cell attempt {claim.attempt} resumed it"}.items()])
     return run_id, "resumed" if interrupted else "trained"
 
 
