@@ -407,8 +407,9 @@ def ray_cluster():
     import tempfile
 
     port = free_port()
-    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    # A home of its own: a ~/.ray/auth_token left by another Ray makes the head demand it.
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0", "RAY_USAGE_STATS_ENABLED": "0", "HOME": temp}
     nodes = []
     try:
         nodes.append(ray_start(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", temp],
