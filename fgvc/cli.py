@@ -192,6 +192,10 @@ def study(list_cells: bool, cell: str | None, collect: bool, **values):
                f"report at runs:/{result.run_id}/study/report.html")
 
 
+# What to do rather than how: these modes are not MLproject parameters (`mlflow run` makes a run of its own).
+study.command_line_only = ("list_cells", "cell", "collect")
+
+
 def run(command: str, argv: list[str] | None = None) -> None:
     """Entry-point scripts: `fgvc <command> <argv>`."""
     main.main(args=[command, *(sys.argv[1:] if argv is None else argv)], prog_name="fgvc", standalone_mode=True)

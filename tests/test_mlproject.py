@@ -46,7 +46,8 @@ def test_every_entry_point_is_declared_with_a_thin_script():
 def test_parameters_and_cli_options_match_in_both_directions(name):
     entry = project()["entry_points"][name]
     command = main.commands[name]
-    cli = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    cli = {p.name: p for p in command.params if isinstance(p, click.Option)
+           and p.name not in getattr(command, "command_line_only", ())}
     # MLproject -> command line: every parameter reaches the command under its option name
     substituted = dict(re.findall(r"(--[a-z0-9-]+) \{(\w+)\}", " ".join(entry["command"].split())))
     assert set(substituted.values()) == set(entry["parameters"])
