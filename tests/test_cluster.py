@@ -63,7 +63,7 @@ def claims_store(tmp_path_factory):
 
 # --- claims ----------------------------------------------------------------------------------
 
-def test_the_ledger_is_named_once_when_several_processes_need_it_together(claims_store):
+def test_the_ledger_is_named_once_when_several_callers_need_it_together(claims_store):
     assert MlflowClient().get_experiment_by_name(claims.POINTER) is None  # the first case on this store
     found = []
     threads = [threading.Thread(target=lambda: found.append(ledger_run(MlflowClient()))) for _ in range(4)]
