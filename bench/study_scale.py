@@ -70,7 +70,8 @@ def executors(args, scratch: Path) -> None:
                            Contender("ray (2 workers, 1 thread each)", lambda: run_study(ray, scratch), cells,
                                      "cell")], rounds=args.rounds, warmup=0)
         timings.print()
-        print(f"  ray / local (cells per second): {timings.ratio('ray (2 workers, 1 thread each)', 'local (1 process, 1 thread)').text()}")
+        ratio = timings.ratio("ray (2 workers, 1 thread each)", "local (1 process, 1 thread)")
+        print(f"  ray / local (cells per second): {ratio.text()}")
 
 
 def seconds_per_image(arch: str, batch: int, batches: int, size: tuple[int, int]) -> float:

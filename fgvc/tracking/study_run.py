@@ -10,10 +10,12 @@ are analysis records (fgvc.tracking.analyze_run, experiment fgvc-analysis: they 
 slot in the study's chart view) and the study shows them on each cell's run. The table is
 built from the records, so the study's numbers are the ones on the cells' pages.
 
-Re-running a study reuses finished cells (training-config digest ``fgvc.config_id`` and
-dataset digest ``fgvc.dataset_digest``) and analysis records with the same settings id; a
-cell whose training was interrupted resumes from its last checkpoint. So an interrupted study
-continues where it stopped.
+Re-running a study reuses finished cells (training-config digest ``fgvc.config_id`` and the
+digest of the pixels they train on) and analysis records with the same settings id; a cell
+whose training was interrupted resumes from its last checkpoint. So an interrupted study
+continues where it stopped. A cell is one call of `fgvc.tracking.study_cell.run_cell`, mapped
+over the cells by an executor (this process, or Ray tasks: fgvc.study.executors); cells and
+records are claimed in the tracking store, so concurrent attempts do each once.
 
 The parent is driven through the client: the cells' own runs use the fluent API and must not
 find the parent active.
@@ -29,12 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from fgvc.analysis.config import AnalyzeConfig
-from fgvc.analysis.methods import METHODS
 from fgvc.config import digest
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import DemoConfig
