@@ -213,14 +213,29 @@ def register(**values):
 
 @main.command()
 @config_options(StudyConfig)
-def study(**values):
+@click.option("--list-cells", is_flag=True, help="Print the study's cell keys, one a line, and exit.")
+@click.option("--cell", "cell", default=None, metavar="KEY|INDEX",
+              help="Run one cell (a key, or its 0-based index in --list-cells: a scheduler's array index).")
+@click.option("--collect", is_flag=True, help="Train nothing: the table, figures and report from finished cells.")
+def study(list_cells: bool, cell: str | None, collect: bool, **values):
     """The background-reliance study: every architecture x regime x seed trained, analysed, reported."""
     cfg = StudyConfig(**values)
-    from fgvc.tracking.study_run import run_study
+    if list_cells:
+        click.echo("\n".join(c.key for c in cfg.plan().cells()))
+        return
+    from fgvc.tracking.study_run import run_study, run_study_cell
 
-    result = run_study(cfg)
+    if cell is not None:
+        done = run_study_cell(cfg, cell)
+        click.echo(f"cell {done.cell.key}: {done.status} run {done.run_id} ({done.model_uri})")
+        return
+    result = run_study(cfg, collect=collect)
     click.echo(f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s; "
                f"report at runs:/{result.run_id}/study/report.html")
+
+
+# What to do rather than how: these modes are not MLproject parameters (`mlflow run` makes a run of its own).
+study.command_line_only = ("list_cells", "cell", "collect")
 
 
 @main.command()

@@ -321,16 +321,16 @@ class InterruptSeed1AfterEpoch1:
 def test_interrupted_study_continues_where_it_stopped_under_mlflow_run(tiny_root, mlflow_store, monkeypatch):
     """Ctrl-C in the second cell's second epoch; the rerun (as `mlflow run` would start it)
     reuses the first cell and resumes the second from its checkpoint, in the same run."""
-    from fgvc.tracking import study_run
+    from fgvc.tracking import study_cell
 
     cfg = StudyConfig(data_root=str(tiny_root), regimes=("unmasked",), seeds=(0, 1), epochs=2, batch_size=8,
                       num_images=6)
-    real_run_train = study_run.run_train
-    monkeypatch.setattr(study_run, "run_train", lambda c, **kw: real_run_train(
+    real_run_train = study_cell.run_train
+    monkeypatch.setattr(study_cell, "run_train", lambda c, **kw: real_run_train(
         c, callbacks=[InterruptSeed1AfterEpoch1()], **kw))
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg, progress=False)
-    monkeypatch.setattr(study_run, "run_train", real_run_train)
+    monkeypatch.setattr(study_cell, "run_train", real_run_train)
     first = mlflow.search_runs(experiment_names=["fgvc-study"], filter_string="tags.`fgvc.task` = 'study'")
     assert first.status.tolist() == ["KILLED"]
     killed = mlflow.search_runs(experiment_names=["fgvc-study"], filter_string="tags.`fgvc.study_cell` LIKE '%seed1'")

@@ -368,3 +368,23 @@ def dataset_digest(root: str | Path) -> str:
     if labels.exists():
         h.update(labels.read_bytes())
     return h.hexdigest()[:16]
+
+
+def pixels_digest(root: str | Path) -> str:
+    """A digest of what a training sees: each split's images and labels, and the label map;
+    not the other keys or the metadata. Two roots with the same pixels (the masked roots of a
+    dose-response study, whose backdrops differ only where the mask removed them) share it."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for split in splits_of(root):
+        h.update(split.encode())
+        for path in shards_of(root, split):
+            shard = load_shard(path)
+            for key in ("images", "labels"):
+                tensor = shard[key].contiguous()
+                h.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                h.update(tensor.numpy().tobytes())
+    labels = root / "index_to_label.json"
+    if labels.exists():
+        h.update(labels.read_bytes())
+    return h.hexdigest()[:16]

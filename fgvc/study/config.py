@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fgvc.config import FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, option, positive
 from fgvc.catalog import SEGMENTERS, arch_problem
+from fgvc.config import (FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, non_negative, option,
+                         positive)
 from fgvc.data.config import DemoConfig
 from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES, Regime
 
 EXPERIMENT = "fgvc-study"
+EXECUTORS = ("local", "ray")
 
 PRESETS: dict[str, dict] = {
     # A few minutes on a 2-core CPU: one small network, every regime, one seed, a small demo.
@@ -98,6 +100,16 @@ class StudyConfig(Config):
     registered_model: str | None = option(Maybe(STR), None, "Registry name for every cell (auto: fgvc-study-<arch>, "
                                           "apart from your own trainings; cells move no alias).",
                                           identity=False)
+    executor: str = option(Choice(EXECUTORS), "local", "Where cells run: local (in this process, one after "
+                           "another) or ray (one Ray task per cell, on a Ray cluster or on this machine).",
+                           identity=False)
+    ray_address: str | None = option(Maybe(STR, "none"), None, "--executor ray: the cluster to use (auto: the one "
+                                     "this machine belongs to; HOST:PORT; none: start Ray on this machine).",
+                                     identity=False)
+    gpus_per_cell: float = option(FLOAT, 0.0, "--executor ray: GPUs each cell reserves (fractions share a GPU).",
+                                  check=non_negative, identity=False)
+    cpus_per_cell: float = option(FLOAT, 1.0, "--executor ray: CPUs each cell reserves (its torch threads).",
+                                  check=positive, identity=False)
 
     def plan(self, experiment: str = EXPERIMENT) -> "StudyPlan":
         preset = PRESETS[self.preset]

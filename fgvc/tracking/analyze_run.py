@@ -36,9 +36,11 @@ from fgvc.analysis.config import AnalyzeConfig, settings_id, settings_of
 from fgvc.analysis.data import check_fits_model, load_analysis_data
 from fgvc.analysis.methods import METHODS
 from fgvc.analysis.suite import check_inputs, run_methods
+from fgvc.config import digest
 from fgvc.devices import resolve_device
 from fgvc.errors import FgvcError
 from fgvc.tracking.markdown import code
+from fgvc.tracking.claims import claimed
 from fgvc.tracking.registry import load_model
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 
@@ -123,6 +125,13 @@ def run_analyze(cfg: AnalyzeConfig, reuse: bool = False) -> AnalysisOutcome:
     settings = {m: {**settings_of(cfg, METHODS.get(m).settings), **METHODS.get(m).fixed_settings}
                 for m in cfg.method}
     ids = {m: settings_id(settings[m], context) for m in cfg.method}
+    # Two analyses with these settings started together: one computes, the other waits and reuses.
+    with claimed(f"analysis.{digest(ids)}", f"{'+'.join(cfg.method)} of {resolved.uri}", client) as claim:
+        return _record(cfg, client, resolved, model, data, root, settings, ids, reuse or claim.waited)
+
+
+def _record(cfg: AnalyzeConfig, client: MlflowClient, resolved, model, data, root, settings: dict, ids: dict,
+            reuse: bool) -> AnalysisOutcome:
     reused = {m: r for m in cfg.method if reuse and (r := find_record(m, ids[m])) is not None}
     todo = tuple(m for m in cfg.method if m not in reused)
     outcome = AnalysisOutcome("", {}, ids)

@@ -11,7 +11,6 @@ its artifact.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

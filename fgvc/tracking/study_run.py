@@ -10,10 +10,12 @@ are analysis records (fgvc.tracking.analyze_run, experiment fgvc-analysis: they 
 slot in the study's chart view) and the study shows them on each cell's run. The table is
 built from the records, so the study's numbers are the ones on the cells' pages.
 
-Re-running a study reuses finished cells (training-config digest ``fgvc.config_id`` and
-dataset digest ``fgvc.dataset_digest``) and analysis records with the same settings id; a
-cell whose training was interrupted resumes from its last checkpoint. So an interrupted study
-continues where it stopped.
+Re-running a study reuses finished cells (training-config digest ``fgvc.config_id`` and the
+digest of the pixels they train on) and analysis records with the same settings id; a cell
+whose training was interrupted resumes from its last checkpoint. So an interrupted study
+continues where it stopped. A cell is one call of `fgvc.tracking.study_cell.run_cell`, mapped
+over the cells by an executor (this process, or Ray tasks: fgvc.study.executors); cells and
+records are claimed in the tracking store, so concurrent attempts do each once.
 
 The parent is driven through the client: the cells' own runs use the fluent API and must not
 find the parent active.
@@ -29,31 +31,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from fgvc.analysis.config import AnalyzeConfig
-from fgvc.analysis.methods import METHODS
 from fgvc.config import digest
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import DemoConfig
 from fgvc.data.roots import DEFAULT_DATA_ROOT, ensure_demo, resolve_root
-from fgvc.data.shards import dataset_digest, read_meta, validate_root
+from fgvc.data.shards import dataset_digest, pixels_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
 from fgvc.masking import MaskConfig
 from fgvc.study.config import PRESETS, Cell, StudyConfig, StudyPlan
+from fgvc.study.executors import RayExecutor, run_local
 from fgvc.study.tables import (RUNWAY, cell_values, summarize, verdict,
                                verdict_reason)
-from fgvc.tracking.analyze_run import run_analyze
+from fgvc.tracking.claims import claimed
 from fgvc.tracking.mask_run import run_mask
-from fgvc.tracking.models import study_registered_name
-from fgvc.tracking.registry import registered_name
 from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
                                 git_commit, log_params)
+from fgvc.tracking.study_cell import CellJob, CellResult, run_cell, train_config  # noqa: F401 (train_config)
 from fgvc.tracking.study_report import write_outputs
-from fgvc.tracking.train_run import checkpoint_cache, run_train
-from fgvc.training.config import TrainConfig
 
 log = logging.getLogger("fgvc")
 
@@ -61,7 +58,6 @@ EXPERIMENT_DESCRIPTION = ("Background-reliance studies: a study run per study (t
                           "verdicts in its description) and a training run per cell, tagged fgvc.study with its "
                           "study run; open 'Model training' and use Chart or Compare to see the cells side by side.")
 DEFAULT_SEGMENTER = "deeplabv3_resnet101"
-ATTRIBUTION_AND_RETRIEVAL = tuple(METHODS.where(lambda m: m.in_all))
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,7 +77,8 @@ def demo_root_for(demo: DemoConfig) -> Path:
 
 @dataclass
 class Roots:
-    """Where one shortcut strength's regimes get their images, and the roots' digests."""
+    """Where one shortcut strength's regimes get their images, and the roots' digests (of the
+    files, and of the pixels a training sees)."""
 
     source: Path
     source_digest: str
@@ -90,12 +87,17 @@ class Roots:
     masked_digest: str | None
     segmenter: str | None
     demo: DemoConfig | None
+    source_pixels: str = ""
+    masked_pixels: str | None = None
 
     def root(self, cell: Cell) -> Path:
         return self.masked if cell.spec.masked else self.source
 
     def digest(self, cell: Cell) -> str:
         return self.masked_digest if cell.spec.masked else self.source_digest
+
+    def pixels(self, cell: Cell) -> str:
+        return self.masked_pixels if cell.spec.masked else self.source_pixels
 
     def mask_root_for(self, root: Path) -> str | None:
         """A root with person masks for `root`'s images, when its own shards have none."""
@@ -106,7 +108,14 @@ class Roots:
 
 def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool) -> Roots:
     """Resolve (and if needed generate) the source root; build the masked root when a masked
-    regime needs it, or when the source has no person masks for the shortcut test."""
+    regime needs it, or when the source has no person masks for the shortcut test. Claimed by
+    the source's path: studies (or array tasks) started together build each root once."""
+    where = Path(plan.data_root) if plan.data_root is not None else demo_root_for(plan.demo_for(bg_correlation))
+    with claimed(f"roots.{digest({'path': str(where.resolve())})}", f"study data {where}"):
+        return _prepare_roots(plan, bg_correlation, progress)
+
+
+def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool) -> Roots:
     demo = None
     if plan.data_root is None:
         demo = plan.demo_for(bg_correlation)
@@ -131,92 +140,13 @@ def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool)
                               f"{source} ({source_digest}); pass --masked-root <a new folder>")
         segmenter = (meta.get("masking") or {}).get("segmenter") or segmenter
         masked_digest = dataset_digest(masked)
-    return Roots(source, source_digest, has_masks, masked, masked_digest, segmenter, demo)
+    return Roots(source.resolve(), source_digest, has_masks, masked.resolve() if masked else None, masked_digest,
+                 segmenter, demo, pixels_digest(source), pixels_digest(masked) if masked else None)
 
 
 # --------------------------------------------------------------------------------------------
 # Cells
 # --------------------------------------------------------------------------------------------
-
-def train_config(plan: StudyPlan, cell: Cell, roots: Roots, resume: bool | str = False) -> TrainConfig:
-    """The cell's training: the same TrainConfig a single `fgvc train` with these options builds."""
-    return TrainConfig(arch=cell.arch, pretrained=plan.pretrained, data_root=str(roots.root(cell)),
-                       aug=cell.spec.augment, epochs=plan.epochs, batch_size=plan.batch_size, lr_head=plan.lr_head,
-                       seed=cell.seed, num_workers=plan.num_workers, device=plan.device,
-                       registered_model=plan.registered_model or study_registered_name(registered_name(cell.arch)),
-                       resume=resume)
-
-
-def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
-                     image_size: tuple[int, int]) -> list[AnalyzeConfig]:
-    """The cell's analyses: attribution and neighbours on its own regime's images, the
-    background swaps on the source images. The occlusion window defaults to a third of the
-    shorter image side, the stride to half the window."""
-    window = plan.occlusion_window or max(4, round(min(image_size) / 3))
-    stride = min(plan.occlusion_stride or max(1, window // 2), window)
-    common = dict(model=model_uri, num_images=plan.num_images, seed=0, window=window, stride=stride,
-                  show_on_training_run=True, device=plan.device)
-    own = roots.root(cell)
-    return [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
-                          **common),
-            AnalyzeConfig(method=("shortcut",), data_root=str(roots.source),
-                          mask_root=roots.mask_root_for(roots.source), **common)]
-
-
-@dataclass
-class CellResult:
-    cell: Cell
-    run_id: str
-    status: str  # trained | resumed | reused
-    model_uri: str
-    analyses: dict[str, dict[str, float]]  # method -> metrics of its record
-    records: dict[str, str]  # method -> record run id
-
-
-def _cell_runs(client: MlflowClient, experiment: str, config_id: str, digest: str) -> list:
-    return client.search_runs([experiment], f"tags.`fgvc.config_id` = '{config_id}' and "
-                                            f"tags.`fgvc.dataset_digest` = '{digest}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
-
-
-def _resumable(client: MlflowClient, run_id: str) -> bool:
-    uploaded = any(a.path == "checkpoints/last.pt" for a in client.list_artifacts(run_id, "checkpoints"))
-    return uploaded or (checkpoint_cache(run_id) / "last.pt").is_file()
-
-
-def _run_cell(client: MlflowClient, plan: StudyPlan, cell: Cell, roots: Roots, parent_id: str,
-              experiment_name: str, experiment: str, image_size: tuple[int, int], progress: bool) -> CellResult:
-    tags = {"fgvc.study": parent_id, "fgvc.study_cell": cell.key}
-    if cell.bg_correlation is not None:
-        tags["fgvc.bg_correlation"] = f"{cell.bg_correlation:g}"
-    cfg = train_config(plan, cell, roots)
-    runs = _cell_runs(client, experiment, cfg.identity(), roots.digest(cell))
-    finished = next((r for r in runs if r.info.status == "FINISHED" and "fgvc.model_version" in r.data.tags), None)
-    interrupted = None if finished else next(
-        (r for r in runs if r.info.status in ("RUNNING", "KILLED", "FAILED") and _resumable(client, r.info.run_id)),
-        None)
-    if finished is not None:
-        run_id, status = finished.info.run_id, "reused"
-        log.info("study: %s reuses run %s", cell.key, run_id)
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    else:
-        status = "resumed" if interrupted else "trained"
-        log.info("study: %s %s", cell.key, f"resumes run {interrupted.info.run_id}" if interrupted else "trains")
-        if interrupted is not None:
-            cfg = cfg.replace(resume=interrupted.info.run_id)
-            mlflow.set_experiment(experiment_id=experiment)  # resuming continues a run of this experiment
-        run_id = run_train(cfg, progress=progress, experiment=experiment_name, tags=tags).run_id
-        if interrupted is not None:
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.set_tag(run_id, "mlflow.runName", cell.run_name)
-    model_uri = f"models:/{client.get_run(run_id).data.tags['fgvc.model_version']}"
-    analyses, records = {}, {}
-    for analysis in analysis_configs(plan, cell, roots, model_uri, image_size):
-        outcome = run_analyze(analysis, reuse=True)
-        analyses.update(outcome.metrics)
-        records.update({m: outcome.reused.get(m, outcome.record_run_id) for m in outcome.metrics})
-    return CellResult(cell, run_id, status, model_uri, analyses, records)
-
 
 def cell_row(client: MlflowClient, result: CellResult, chance: float) -> dict:
     """The study-table row of a finished cell: best-epoch metrics from its training run, every
@@ -268,14 +198,62 @@ class StudyResult:
     seconds: float
 
 
-def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
+def tracking_uri() -> str:
+    """The tracking URI as another process (a Ray worker, elsewhere) must see it: a local
+    SQLite path made absolute."""
+    uri = configure_tracking()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def executor_of(cfg: StudyConfig, progress: bool):
+    """The map that runs the cells: in this process, or one Ray task per cell."""
+    if cfg.executor == "local":
+        return run_local
+    env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "FGVC_")) and k != "MLFLOW_RUN_ID"}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri()
+    return RayExecutor(cfg.ray_address, cfg.gpus_per_cell, cfg.cpus_per_cell, env, progress)
+
+
+def select_cell(plan: StudyPlan, which: str) -> Cell:
+    """A cell by its key, or by its index in `--list-cells` (a scheduler's array index)."""
+    cells = plan.cells()
+    if which.isdigit():
+        if int(which) >= len(cells):
+            raise ConfigError(f"--cell {which}: the study has {len(cells)} cells (0 to {len(cells) - 1})")
+        return cells[int(which)]
+    found = next((c for c in cells if c.key == which), None)
+    if found is None:
+        raise ConfigError(f"--cell {which!r} is not a cell of this study; `fgvc study --list-cells` (with the same "
+                          f"options) lists them")
+    return found
+
+
+def run_study_cell(cfg: StudyConfig, which: str, progress: bool = True) -> CellResult:
+    """One cell on its own (`fgvc study --cell KEY`): a scheduler's array task. The study run
+    and its table come later from `--collect`."""
+    plan = cfg.plan()
+    cell = select_cell(plan, which)
+    with _without_env_run():
+        uri = tracking_uri()
+        roots = prepare_roots(plan, cell.bg_correlation, progress)
+        info = validate_root(roots.source)
+        describe_experiment(plan.experiment, EXPERIMENT_DESCRIPTION)
+        return run_cell(CellJob(plan, cell, roots, None, plan.experiment, info.image_size, uri, progress=progress))
+
+
+def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) -> StudyResult:
     """Mask (once per source), train and analyse every cell, and write the table, figures and
-    report to the study run; FINISHED on success, KILLED on Ctrl-C, FAILED on an error."""
+    report to the study run; FINISHED on success, KILLED on Ctrl-C, FAILED on an error.
+    `collect`: train nothing; build the study from cells that finished elsewhere."""
     configure_tracking()
     client = MlflowClient()
     plan = cfg.plan()
     start = time.perf_counter()
+    executor = run_local if collect else executor_of(cfg, progress)
     with _without_env_run() as env_run_id:
+        uri = tracking_uri()
         run_id, experiment_name = _start_parent(client, plan, env_run_id)
         experiment = client.get_run(run_id).info.experiment_id
         with ending(run_id, fluent=False):
@@ -294,12 +272,15 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
                         "segmenter_effective": first.segmenter or "none", "num_classes": info.num_classes,
                         "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
                         **({f"demo.{k}": v for k, v in asdict(first.demo).items()} if first.demo else {})}, run_id)
-            results = []
             cells = plan.cells()
-            for index, cell in enumerate(cells, start=1):
-                log.info("study: cell %d/%d %s", index, len(cells), cell.key)
-                results.append(_run_cell(client, plan, cell, roots[cell.bg_correlation], run_id, experiment_name,
-                                         experiment, info.image_size, progress))
+            jobs = [CellJob(plan, cell, roots[cell.bg_correlation], run_id, experiment_name, info.image_size, uri,
+                            collect=collect, progress=progress and executor is run_local) for cell in cells]
+
+            def on_done(index: int, result: CellResult) -> None:
+                log.info("study: cell %d/%d %s: %s (run %s)", index + 1, len(cells), result.cell.key, result.status,
+                         result.run_id)
+
+            results = executor(run_cell, jobs, on_done)
             chance = 1.0 / info.num_classes
             rows = [cell_row(client, r, chance) for r in results]
             summary = summarize(rows)

@@ -1,0 +1,181 @@
+"""One study cell (train + its analyses) as a plain function of one job: the same runner serves
+every executor (this process, `fgvc study --cell`, a Ray task), and nothing in it knows which.
+
+A cell is found again by its training config (`fgvc.config_id`) and the pixels it trains on
+(`fgvc.pixels_digest`; also `fgvc.dataset_digest` for runs logged before that tag existed), so
+two cells whose training images are identical (the masked roots of a dose-response study)
+share one training. Training is claimed (fgvc.tracking.claims) under that identity, so of any
+number of attempts (retries, two identical studies, a Slurm array run twice) one trains while
+the others wait and reuse its run; an attempt that died leaves a run that the next attempt
+resumes from its checkpoint or closes as KILLED, saying why in `fgvc.end_reason`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import mlflow
+from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
+
+from fgvc.analysis.config import AnalyzeConfig
+from fgvc.analysis.methods import METHODS
+from fgvc.config import digest
+from fgvc.errors import ConfigError
+from fgvc.study.config import Cell, StudyPlan
+from fgvc.tracking.analyze_run import run_analyze
+from fgvc.tracking.claims import Claim, claimed
+from fgvc.tracking.models import study_registered_name
+from fgvc.tracking.registry import registered_name
+from fgvc.tracking.runs import configure_tracking, experiment_id
+from fgvc.tracking.train_run import checkpoint_cache, run_train
+from fgvc.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from fgvc.tracking.study_run import Roots
+
+log = logging.getLogger("fgvc")
+
+ATTRIBUTION_AND_RETRIEVAL = tuple(METHODS.where(lambda m: m.in_all))
+PIXELS = "fgvc.pixels_digest"
+
+
+def train_config(plan: StudyPlan, cell: Cell, roots: Roots, resume: bool | str = False) -> TrainConfig:
+    """The cell's training: the same TrainConfig a single `fgvc train` with these options builds."""
+    return TrainConfig(arch=cell.arch, pretrained=plan.pretrained, data_root=str(roots.root(cell)),
+                       aug=cell.spec.augment, epochs=plan.epochs, batch_size=plan.batch_size, lr_head=plan.lr_head,
+                       seed=cell.seed, num_workers=plan.num_workers, device=plan.device,
+                       registered_model=plan.registered_model or study_registered_name(registered_name(cell.arch)),
+                       resume=resume)
+
+
+def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
+                     image_size: tuple[int, int]) -> list[AnalyzeConfig]:
+    """The cell's analyses: attribution and neighbours on its own regime's images, the
+    background swaps on the source images. The occlusion window defaults to a third of the
+    shorter image side, the stride to half the window."""
+    window = plan.occlusion_window or max(4, round(min(image_size) / 3))
+    stride = min(plan.occlusion_stride or max(1, window // 2), window)
+    common = dict(model=model_uri, num_images=plan.num_images, seed=0, window=window, stride=stride,
+                  show_on_training_run=True, device=plan.device)
+    own = roots.root(cell)
+    return [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
+                          **common),
+            AnalyzeConfig(method=("shortcut",), data_root=str(roots.source),
+                          mask_root=roots.mask_root_for(roots.source), **common)]
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    run_id: str
+    status: str  # trained | resumed | reused
+    model_uri: str
+    analyses: dict[str, dict[str, float]]  # method -> metrics of its record
+    records: dict[str, str]  # method -> record run id
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """What a cell needs, picklable (a Ray task receives it): paths are absolute, the tracking
+    URI explicit. `study_run_id` None: a cell run on its own (`fgvc study --cell`); `collect`:
+    only find the finished training, never train."""
+
+    plan: StudyPlan
+    cell: Cell
+    roots: Roots
+    study_run_id: str | None
+    experiment: str
+    image_size: tuple[int, int]
+    tracking_uri: str
+    collect: bool = False
+    progress: bool = False
+
+
+def cell_runs(client: MlflowClient, experiment: str, config_id: str, roots: Roots, cell: Cell) -> list:
+    """The cell's training runs, newest first: by the pixels they trained on, or by the root's
+    digest (runs logged before pixel digests were tagged)."""
+    runs = {}
+    for tag, value in ((PIXELS, roots.pixels(cell)), ("fgvc.dataset_digest", roots.digest(cell))):
+        for run in client.search_runs([experiment], f"tags.`fgvc.config_id` = '{config_id}' and "
+                                                    f"tags.`{tag}` = '{value}'", max_results=50):
+            runs[run.info.run_id] = run
+    return sorted(runs.values(), key=lambda r: r.info.start_time, reverse=True)
+
+
+def finished_run(runs: list):
+    return next((r for r in runs if r.info.status == "FINISHED" and "fgvc.model_version" in r.data.tags), None)
+
+
+def _resumable(client: MlflowClient, run) -> bool:
+    uploaded = any(a.path == "checkpoints/last.pt" for a in client.list_artifacts(run.info.run_id, "checkpoints"))
+    return uploaded or (checkpoint_cache(run.info.run_id) / "last.pt").is_file()
+
+
+def _train(client: MlflowClient, job: CellJob, experiment: str, tags: dict, claim: Claim) -> tuple[str, str]:
+    """Train the cell (this process holds its claim): resume the newest attempt that left a
+    checkpoint of this root, close every other attempt still marked RUNNING (its process died:
+    no live process holds the claim)."""
+    cell, roots = job.cell, job.roots
+    cfg = train_config(job.plan, cell, roots)
+    runs = [r for r in cell_runs(client, experiment, cfg.identity(), roots, cell) if r.info.status != "FINISHED"]
+    interrupted = next((r for r in runs if r.data.tags.get("fgvc.dataset_digest") == roots.digest(cell)
+                        and _resumable(client, r)), None)
+    why = claim.replaced or "its process ended without closing it"
+    for run in runs:
+        if run.info.status == "RUNNING" and run is not interrupted:
+            client.set_tag(run.info.run_id, "fgvc.end_reason", f"{why}; study cell attempt {claim.attempt} took over")
+            client.set_terminated(run.info.run_id, "KILLED")
+    log.info("study: %s %s", cell.key, f"resumes run {interrupted.info.run_id} ({why})" if interrupted else "trains")
+    if interrupted is not None:
+        cfg = cfg.replace(resume=interrupted.info.run_id)
+        mlflow.set_experiment(experiment_id=experiment)  # resuming continues a run of this experiment
+    run_id = run_train(cfg, progress=job.progress, experiment=job.experiment, tags=tags).run_id
+    if interrupted is not None:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {
+            **tags, "fgvc.resumed_after": f"{why}; study cell attempt {claim.attempt} resumed it"}.items()])
+    return run_id, "resumed" if interrupted else "trained"
+
+
+def run_cell(job: CellJob) -> CellResult:
+    """Train (or find, or resume) one cell and run its analyses (or reuse their records)."""
+    os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
+    os.environ.pop("MLFLOW_RUN_ID", None)  # a cell's runs are its own, never the study run
+    configure_tracking()
+    client = MlflowClient()
+    cell, roots = job.cell, job.roots
+    experiment = experiment_id(job.experiment)
+    tags = {"fgvc.study_cell": cell.key, PIXELS: roots.pixels(cell),
+            **({"fgvc.study": job.study_run_id} if job.study_run_id else {})}
+    if cell.bg_correlation is not None:
+        tags["fgvc.bg_correlation"] = f"{cell.bg_correlation:g}"
+    config_id = train_config(job.plan, cell, roots).identity()
+    finished = finished_run(cell_runs(client, experiment, config_id, roots, cell))
+    if finished is None and job.collect:
+        raise ConfigError(f"study cell {cell.key} has no finished training run yet; run `fgvc study --cell "
+                          f"{cell.key}` (with the same options) first")
+    if finished is None:
+        with claimed(f"cell.{digest({'config_id': config_id, 'pixels': roots.pixels(cell)})}",
+                     f"study cell {cell.key}", client) as claim:
+            finished = finished_run(cell_runs(client, experiment, config_id, roots, cell))  # done while we waited?
+            if finished is None:
+                run_id, status = _train(client, job, experiment, tags, claim)
+    if finished is not None:
+        run_id, status = finished.info.run_id, "reused"
+        log.info("study: %s reuses run %s", cell.key, run_id)
+        own = finished.data.tags.get("fgvc.dataset_digest") == roots.digest(cell)
+        # A training shared with a cell of identical pixels keeps its name and study tags.
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if own or k == PIXELS])
+    if status != "reused" or finished.data.tags.get("fgvc.dataset_digest") == roots.digest(cell):
+        client.set_tag(run_id, "mlflow.runName", cell.run_name)
+    model_uri = f"models:/{client.get_run(run_id).data.tags['fgvc.model_version']}"
+    analyses, records = {}, {}
+    for analysis in analysis_configs(job.plan, cell, roots, model_uri, job.image_size):
+        outcome = run_analyze(analysis, reuse=True)
+        analyses.update(outcome.metrics)
+        records.update({m: outcome.reused.get(m, outcome.record_run_id) for m in outcome.metrics})
+    log.info("study: %s done (%s, run %s)", cell.key, status, run_id)
+    return CellResult(cell, run_id, status, model_uri, analyses, records)
