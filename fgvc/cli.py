@@ -152,11 +152,10 @@ def promote(**values):
 def analyze(**values):
     """Grad-CAM, occlusion, neighbours, background swaps for a registered model: records keyed
     by their settings, shown on its training run."""
-    from fgvc.tracking.analyze_run import run_analyze
+    from fgvc.tracking.analyze_run import describe_outcome, run_analyze
 
     outcome = run_analyze(AnalyzeConfig(**values))
-    click.echo(f"analysis record run {outcome.record_run_id}: " + ", ".join(
-        f"{m} ({'shown on the training run' if outcome.shown.get(m) else 'record only'})" for m in outcome.metrics))
+    click.echo(describe_outcome(outcome))
 
 
 @main.command()
@@ -173,11 +172,11 @@ def register(**values):
 @config_options(StudyConfig)
 def study(**values):
     """The background-reliance study: every architecture x regime x seed trained, analysed, reported."""
+    from fgvc.tracking.study_report import terminal_summary
     from fgvc.tracking.study_run import run_study
 
     result = run_study(StudyConfig(**values))
-    click.echo(f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s; "
-               f"report at runs:/{result.run_id}/study/report.html")
+    click.echo(terminal_summary(result))
 
 
 def run(command: str, argv: list[str] | None = None) -> None:

@@ -43,11 +43,11 @@ from fgvc.data.shards import dataset_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
 from fgvc.masking import MaskConfig
 from fgvc.study.config import PRESETS, Cell, StudyConfig, StudyPlan
-from fgvc.study.tables import (RUNWAY, cell_values, summarize, verdict,
+from fgvc.study.tables import (DID_NOT_LEARN, RUNWAY, cell_values, report_split, runs_sanity, summarize, verdict,
                                verdict_reason)
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.mask_run import run_mask
-from fgvc.tracking.study_report import write_outputs
+from fgvc.tracking.study_report import complete_rows, write_outputs
 from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
                                 git_commit, log_params)
 from fgvc.tracking.train_run import checkpoint_cache, run_train
@@ -154,10 +154,13 @@ def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
     common = dict(model=model_uri, num_images=plan.num_images, seed=0, window=window, stride=stride,
                   show_on_training_run=True, device=plan.device)
     own = roots.root(cell)
-    return [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
-                          **common),
-            AnalyzeConfig(method=("shortcut",), data_root=str(roots.source),
-                          mask_root=roots.mask_root_for(roots.source), **common)]
+    configs = [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
+                             split=report_split(own), **common),
+               AnalyzeConfig(method=("shortcut",), data_root=str(roots.source),
+                             mask_root=roots.mask_root_for(roots.source), split=report_split(roots.source), **common)]
+    if runs_sanity(plan.cells(), cell):  # the maps' sanity check, once per architecture
+        configs.append(configs[0].replace(method=("sanity",), show_on_training_run=False))
+    return configs
 
 
 @dataclass
@@ -299,14 +302,16 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
                                          experiment, info.image_size, progress))
             chance = 1.0 / info.num_classes
             rows = [cell_row(client, r, chance) for r in results]
+            differences = complete_rows(client, results, rows, roots, chance)
             summary = summarize(rows)
             description = write_outputs(client, run_id, plan, roots, info.image_size, info.num_classes, results,
-                                        rows, summary)
+                                        rows, summary, differences)
             seconds = time.perf_counter() - start
             counts = {s: sum(r.status == s for r in results) for s in ("trained", "resumed", "reused")}
             now = int(time.time() * 1000)
             totals = {"study/cells": len(results), **{f"study/cells_{k}": v for k, v in counts.items()},
                       "study/cells_reading_the_runway": sum(r["verdict"] == RUNWAY for r in rows),
+                      "study/cells_did_not_learn": sum(r.get("quality") == DID_NOT_LEARN for r in rows),
                       "time/study_s": seconds}
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()],
                              tags=[RunTag(DESCRIPTION, description)])
