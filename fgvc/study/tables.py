@@ -50,6 +50,11 @@ LEARNED, DID_NOT_LEARN = "learned", "did not learn"
 # study's 20-64 images (half-width 0.1-0.2), so no drop could be told from noise.
 QUALITY_FACTOR = 1.5
 ATTRIBUTION = ("gradcam", "occlusion")  # methods whose maps have a background preference
+# A masked cell's attribution on the source images (key suffix): the reference its unmasked twin
+# is compared with on the same inputs. On its own masked images an occlusion window over the
+# black background changes nothing, which would lower the twin's background share by
+# construction rather than by what the network uses.
+ON_SOURCE = "@source"
 
 
 def report_split(root) -> str:
@@ -209,7 +214,8 @@ def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, se
     Per row: ``acc`` (own-regime accuracy on the analysed images, bootstrap interval),
     ``quality`` and the verdict again (the gate needs ``acc``); per unmasked row with a masked
     twin in the grid: ``<method>_excess``, the mean per-image difference of background
-    preference from the twin's on the same images, with a paired bootstrap interval, and
+    preference from the twin's on the same (source) images, ``(twin run id, <method>@source)``
+    in ``per_image``, with a paired bootstrap interval, and
     ``twin`` (the twin's run name, or why there is none); the sanity columns shared by every
     cell of the architecture (:func:`share_sanity`)."""
     for row in rows:
@@ -224,8 +230,8 @@ def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, se
         other = cells.get((_cell_key(row), twin)) if twin else None
         row["twin"] = other["run_name"] if other else ("none in the grid" if twin else "")
         for method in ATTRIBUTION:
-            x, y = paired(per_image.get((row["run_id"], method)), per_image.get((other["run_id"], method)),
-                          "bg_preference") if other else paired(None, None, "")
+            reference = per_image.get((other["run_id"], method + ON_SOURCE)) if other else None
+            x, y = paired(per_image.get((row["run_id"], method)), reference, "bg_preference")
             _put(row, f"{method}_excess", bootstrap_mean(x - y, seed=seed) if len(x) else None)
     share_sanity(rows)
     return regime_differences(rows, per_image, seed=seed)
