@@ -21,7 +21,7 @@ from fgvc.data.demo import DemoConfig
 from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES
 from fgvc.study.config import PRESETS, Cell, StudyConfig
-from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_VERDICT, ON_SOURCE, QUALITY_FACTOR, RUNWAY,
+from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_VERDICT, QUALITY_FACTOR, RUNWAY,
                                UNDECIDED, add_comparisons, attribution_vs_swap, columns, markdown_tables,
                                regime_pairs, report_split, report_tables, summarize, verdict)
 from fgvc.tracking.analyze_run import run_analyze
@@ -239,12 +239,8 @@ def twin_rows(strength_excess: float) -> tuple[list[dict], dict]:
                      "no_fg_acc_low": 0.1, "bg_gap_low": -0.1, "only_fg_acc_low": 0.1})
         noise = 0.05 * torch.randn(20, generator=g)
         for method in ("gradcam", "occlusion"):
-            # a masked cell is explained on its own images and, as the twin's reference, on the source images
-            for key in ((method, method + ON_SOURCE) if regime == "masked" else (method,)):
-                per_image[(run, key)] = per_image_table({"correct": [1.0] * 20,
-                                                         "bg_preference": (base + shift + noise).tolist()})
-        if regime == "masked":
-            per_image[(run, "gradcam")]["bg_preference"] = [0.0] * 20  # not the reference: other images
+            per_image[(run, method)] = per_image_table({"correct": [1.0] * 20,
+                                                        "bg_preference": (base + shift + noise).tolist()})
         per_image[(run, "shortcut")] = per_image_table({
             "correct_original": [1.0] * 20, "correct_no_fg": (torch.rand(20, generator=g) < no_fg).float().tolist(),
             "correct_mixed_same": [1.0] * 20, "correct_mixed_rand": [0.0 if regime == "unmasked" else 1.0] * 20})

@@ -20,7 +20,7 @@ from fgvc.analysis.methods import METHODS
 from fgvc.analysis.methods.attribution import AttributionMethod
 from fgvc.files import write_csv
 from fgvc.study.config import StudyPlan
-from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, ON_SOURCE, QUALITY_FACTOR, add_comparisons, attribution_vs_swap,
+from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, QUALITY_FACTOR, add_comparisons, attribution_vs_swap,
                                columns, interval_statement, markdown_tables, report_split, report_tables,
                                terminal_table)
 from fgvc.tracking.markdown import code
@@ -78,11 +78,11 @@ def _per_image(results: list[CellResult], tmp: Path) -> dict[tuple[str, str], di
     """(cell run id, method) -> the columns of the method's per_image.csv in its record."""
     out = {}
     for result in results:
-        for key, record in result.records.items():
-            method = key.removesuffix(ON_SOURCE)
-            if method not in PER_IMAGE_METHODS:
+        for method in PER_IMAGE_METHODS:
+            if method not in result.records:
                 continue
-            path = _download(record, f"analysis/{method}/per_image.csv", tmp / result.run_id / key)
+            path = _download(result.records[method], f"analysis/{method}/per_image.csv",
+                             tmp / result.run_id / method)
             if path is None:
                 continue
             with open(path, newline="", encoding="utf-8") as f:
@@ -91,7 +91,7 @@ def _per_image(results: list[CellResult], tmp: Path) -> dict[tuple[str, str], di
                 for line in reader:
                     for k, v in line.items():
                         table[k].append(_number(v))
-            out[(result.run_id, key)] = table
+            out[(result.run_id, method)] = table
     return out
 
 
@@ -207,9 +207,9 @@ NOTES = (
     "holds. A cell whose accuracy's interval does not clear "
     f"{QUALITY_FACTOR:g} x chance did not learn: it gets no verdict and its numbers are greyed.",
     "Attribution is read against the masked twin: the same architecture, seed and shortcut strength trained on "
-    "background-removed images, explained on the same (source) images as the unmasked cell; on its own masked "
-    "images an occlusion window over the black background would change nothing and lower the twin's score by "
-    "construction. The headline is the excess background preference, "
+    "background-removed images, explained on the same images (background-removed, as it was trained). The "
+    "occlusion fill is the image's mean colour: a black fill would change nothing on the twin's black "
+    "background and give it no background attribution by construction. The headline is the excess background preference, "
     "the unmasked cell's minus its twin's, with a paired bootstrap interval; above 0 means more attribution on the "
     "backdrop than a network that cannot use it. Background preference alone (share of attribution on the "
     "background over the background's share of the image, beside it as raw) has no fixed no-reliance value: a "
@@ -219,8 +219,7 @@ NOTES = (
     "input's resolution. Each architecture's maps are sanity-checked by randomising the network (Adebayo et al., "
     "NeurIPS 2018): a method whose maps survive full randomisation is flagged.",
     "Grad-CAM, occlusion and retrieval run on the test images (val when a root has no test split) of the cell's "
-    "own regime (masked cells on masked images, and on the source images as the twin reference); the "
-    "background-swap test runs on the source images for every "
+    "own regime (masked cells on masked images); the background-swap test runs on the source images for every "
     "cell. No-FG removes the person "
     "and fills its whole bounding region from the backdrop around it, so no silhouette is left to read; "
     "Mixed-Same / Mixed-Rand paste the person on the No-FG backdrop of another image of the same / a different "

@@ -43,8 +43,8 @@ from fgvc.data.shards import dataset_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
 from fgvc.masking import MaskConfig
 from fgvc.study.config import PRESETS, Cell, StudyConfig, StudyPlan
-from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, ON_SOURCE, RUNWAY, cell_values, report_split,
-                               runs_sanity, summarize, verdict, verdict_reason)
+from fgvc.study.tables import (DID_NOT_LEARN, RUNWAY, STUDY_OCCLUSION_FILL, cell_values, report_split, runs_sanity,
+                               summarize, verdict, verdict_reason)
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.mask_run import run_mask
 from fgvc.tracking.study_report import complete_rows, write_outputs
@@ -147,12 +147,13 @@ def train_config(plan: StudyPlan, cell: Cell, roots: Roots, resume: bool | str =
 def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
                      image_size: tuple[int, int]) -> list[AnalyzeConfig]:
     """The cell's analyses: attribution and neighbours on its own regime's images, the
-    background swaps on the source images. The occlusion window defaults to a third of the
-    shorter image side, the stride to half the window."""
+    background swaps on the source images, on the test split when the root has one. The
+    occlusion window defaults to a third of the shorter image side, the stride to half the
+    window; the fill is the image's mean colour (see fgvc.study.tables.STUDY_OCCLUSION_FILL)."""
     window = plan.occlusion_window or max(4, round(min(image_size) / 3))
     stride = min(plan.occlusion_stride or max(1, window // 2), window)
     common = dict(model=model_uri, num_images=plan.num_images, seed=0, window=window, stride=stride,
-                  show_on_training_run=True, device=plan.device)
+                  fill=STUDY_OCCLUSION_FILL, show_on_training_run=True, device=plan.device)
     own = roots.root(cell)
     configs = [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
                              split=report_split(own), **common),
@@ -161,18 +162,6 @@ def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
     if runs_sanity(plan.cells(), cell):  # the maps' sanity check, once per architecture
         configs.append(configs[0].replace(method=("sanity",), show_on_training_run=False))
     return configs
-
-
-def twin_reference_config(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
-                          image_size: tuple[int, int]) -> AnalyzeConfig | None:
-    """A masked cell's attribution on the source images as well: the reference its unmasked
-    twin is compared with on the same inputs (a record only; the cell's page keeps its own)."""
-    if not cell.spec.masked:
-        return None
-    own = analysis_configs(plan, cell, roots, model_uri, image_size)[0]
-    return own.replace(method=tuple(m for m in own.method if m in ATTRIBUTION), data_root=str(roots.source),
-                       mask_root=roots.mask_root_for(roots.source), split=report_split(roots.source),
-                       show_on_training_run=False)
 
 
 @dataclass
@@ -227,10 +216,6 @@ def _run_cell(client: MlflowClient, plan: StudyPlan, cell: Cell, roots: Roots, p
         outcome = run_analyze(analysis, reuse=True)
         analyses.update(outcome.metrics)
         records.update({m: outcome.reused.get(m, outcome.record_run_id) for m in outcome.metrics})
-    reference = twin_reference_config(plan, cell, roots, model_uri, image_size)
-    if reference is not None:
-        outcome = run_analyze(reference, reuse=True)
-        records.update({m + ON_SOURCE: outcome.reused.get(m, outcome.record_run_id) for m in outcome.metrics})
     return CellResult(cell, run_id, status, model_uri, analyses, records)
 
 
