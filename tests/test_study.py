@@ -296,6 +296,21 @@ def test_intervals_say_what_they_cover():
     assert "do not cover training randomness" in table.note or "does not cover training randomness" in table.note
 
 
+def test_analyze_prints_each_methods_headline_numbers_with_intervals():
+    from fgvc.tracking.analyze_run import AnalysisOutcome, describe_outcome
+
+    outcome = AnalysisOutcome("rec1", {"gradcam": {"num_images": 24.0, "bg_preference_mean": 0.818,
+                                                   "bg_preference_mean_low": 0.756, "bg_preference_mean_high": 0.882},
+                                       "shortcut": {"num_images": 24.0, "bg_gap": 0.25, "bg_gap_low": 0.1,
+                                                    "bg_gap_high": 0.4, "chance": 0.2}},
+                              {"gradcam": "a", "shortcut": "b"}, shown={"gradcam": True}, reused={"shortcut": "rec0"})
+    text = describe_outcome(outcome)
+    assert "analysis record run rec1" in text and "gradcam (shown on the training run; 24 images)" in text
+    assert "bg_preference_mean" in text and "0.818 [0.756, 0.882]" in text
+    assert "shortcut (record only, reused record rec0; 24 images)" in text and "0.250 [0.100, 0.400]" in text
+    assert "chance" not in text  # a number without an interval is not a headline
+
+
 # --- the study end to end ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
