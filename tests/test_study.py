@@ -282,7 +282,7 @@ def test_regime_pairs_and_the_reported_split(tiny_root, tmp_path):
     shutil.copytree(tiny_root, root)
     shutil.copytree(root / "val", root / "test")  # a test split written with the shard writer's files
     assert report_split(root) == "test"
-    assert columns("test")[2].header == "test acc"
+    assert columns("test")[2].header == "test acc, own images"
 
 
 def test_intervals_say_what_they_cover():

@@ -81,7 +81,7 @@ def columns(split: str = "val") -> list[TableColumn]:
                        "train:best/val_acc"),
            TableColumn("val_balanced_acc", "val bal. acc", "mean per-designer validation accuracy at the best epoch "
                        "(best/val_balanced_acc)", False, "train:best/val_balanced_acc"),
-           TableColumn("acc", f"{split} acc", f"accuracy on the analysed {split} images of the regime's own data "
+           TableColumn("acc", f"{split} acc, own images", f"accuracy on the analysed {split} images of the regime's own data "
                        f"(masked cells on masked images); the quality gate reads it", True, "computed"),
            TableColumn("acc_source", f"{split} acc, source images", f"accuracy on the same source {split} images "
                        f"for every cell (shortcut/acc_original): comparable across regimes", True,
@@ -92,7 +92,12 @@ def columns(split: str = "val") -> list[TableColumn]:
                                    f"{method}: background preference minus its masked twin's on the same images "
                                    f"(paired; > 0 = more on the background than a network that cannot use it)",
                                    True, "computed"))
-        out.append(TableColumn(name, column.header, column.what, column.interval, f"{method}:{column.metric}"))
+        header, what = column.header, column.what
+        if method in ATTRIBUTION and name == f"{method}_bg_preference":  # raw: its reference is the twin, not 1
+            header, what = f"{method} bg pref. (raw)", (
+                f"{method}: share of attribution on the background / the background's share of the image, mean "
+                f"over images; raw: read it against the masked twin's (the excess), not against 1")
+        out.append(TableColumn(name, header, what, column.interval, f"{method}:{column.metric}"))
     return out
 
 

@@ -105,9 +105,9 @@ def save_reliance_scatter(path: PathLike, rows: Sequence[Mapping], chance: float
         ax.grid(alpha=0.3)
     split = next((r.get("split") for r in rows if r.get("split")), "val")
     axes[0].set_ylabel(f"{split} accuracy" if accuracy == "acc" else "validation accuracy (best epoch)", fontsize=8)
-    _fit(axes[0], [_value(r, k) for r in rows for k in (accuracy, f"{accuracy}_low", f"{accuracy}_high")], "y",
-         [chance] if chance is not None else [])
-    if chance is not None:
+    _fit(axes[0], [_value(r, k) for r in rows for k in (accuracy, f"{accuracy}_low", f"{accuracy}_high")], "y")
+    low, high = axes[0].get_ylim()
+    if chance is not None and low <= chance <= high:  # chance is drawn when the data reach down to it
         for ax in axes:
             ax.axhline(chance, color="grey", linestyle=":", linewidth=1)
     handles = [axes[0].scatter([], [], color=_colour(g, regimes), marker="o", edgecolors="black", linewidths=0.5,
