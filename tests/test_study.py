@@ -401,7 +401,8 @@ def test_cells_are_child_runs_with_the_same_params_and_one_chart_line_each(study
         assert key in metrics, key
     for cell in cells:  # the UI can filter and group by outcome; comparisons chart as bars (one step, 0)
         assert cell.data.tags["fgvc.verdict"] in (RUNWAY, GARMENT, UNDECIDED, NO_VERDICT)
-        assert cell.data.tags["fgvc.quality"] in (LEARNED, DID_NOT_LEARN) and cell.data.tags["fgvc.report_split"] == "val"
+        assert cell.data.tags["fgvc.quality"] in (LEARNED, DID_NOT_LEARN)
+        assert cell.data.tags["fgvc.report_split"] == "val"
         for key in ("compare/val_acc", "compare/gradcam_excess_vs_masked_twin", "compare/bg_gap"):
             assert [m.step for m in client.get_metric_history(cell.info.run_id, key)] == [0], key
     masked = next(r for r in cells if r.data.params["regime"] == "masked")

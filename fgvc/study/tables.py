@@ -81,8 +81,8 @@ def columns(split: str = "val") -> list[TableColumn]:
                        "train:best/val_acc"),
            TableColumn("val_balanced_acc", "val bal. acc", "mean per-designer validation accuracy at the best epoch "
                        "(best/val_balanced_acc)", False, "train:best/val_balanced_acc"),
-           TableColumn("acc", f"{split} acc, own images", f"accuracy on the analysed {split} images of the regime's own data "
-                       f"(masked cells on masked images); the quality gate reads it", True, "computed"),
+           TableColumn("acc", f"{split} acc, own images", f"accuracy on the analysed {split} images of the regime's "
+                       f"own data (masked cells on masked images); the quality gate reads it", True, "computed"),
            TableColumn("acc_source", f"{split} acc, source images", f"accuracy on the same source {split} images "
                        f"for every cell (shortcut/acc_original): comparable across regimes", True,
                        "shortcut:acc_original")]

@@ -261,8 +261,9 @@ def _table(table: Table) -> str:
                                         for i, h in enumerate(table.header)) + "</tr>"]
     muted = list(table.muted or [False] * len(table.body))
     for row, grey in zip(table.body, muted):
-        out.append(("<tr class=\"muted\">" if grey else "<tr>") + "".join(f"<td{_cell_class(str(v), i < table.key_columns)}>{html.escape(str(v))}</td>"
-                                    for i, v in enumerate(row)) + "</tr>")
+        out.append(('<tr class="muted">' if grey else "<tr>") + "".join(
+            f"<td{_cell_class(str(v), i < table.key_columns)}>{html.escape(str(v))}</td>"
+            for i, v in enumerate(row)) + "</tr>")
     out.append("</table>")
     if table.legend:
         out.append("<dl>" + "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(w)}</dd>"
