@@ -193,11 +193,9 @@ def analyze(**values):
     """Grad-CAM, occlusion, neighbours, background swaps for a registered model: records keyed
     by their settings, shown on its training run."""
     cfg = AnalyzeConfig(**values)
-    from fgvc.tracking.analyze_run import run_analyze
+    from fgvc.tracking.analyze_run import describe_outcome, run_analyze
 
-    outcome = run_analyze(cfg)
-    click.echo(f"analysis record run {outcome.record_run_id}: " + ", ".join(
-        f"{m} ({'shown on the training run' if outcome.shown.get(m) else 'record only'})" for m in outcome.metrics))
+    click.echo(describe_outcome(run_analyze(cfg)))
 
 
 @main.command()
@@ -223,15 +221,14 @@ def study(list_cells: bool, cell: str | None, collect: bool, **values):
     if list_cells:
         click.echo("\n".join(c.key for c in cfg.plan().cells()))
         return
+    from fgvc.tracking.study_report import terminal_summary
     from fgvc.tracking.study_run import run_study, run_study_cell
 
     if cell is not None:
         done = run_study_cell(cfg, cell)
         click.echo(f"cell {done.cell.key}: {done.status} run {done.run_id} ({done.model_uri})")
         return
-    result = run_study(cfg, collect=collect)
-    click.echo(f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s; "
-               f"report at runs:/{result.run_id}/study/report.html")
+    click.echo(terminal_summary(run_study(cfg, collect=collect)))
 
 
 # What to do rather than how: these modes are not MLproject parameters (`mlflow run` makes a run of its own).

@@ -13,6 +13,8 @@ from fgvc.analysis.stats import (
     bootstrap_mean,
     bootstrap_paired_difference,
     bootstrap_ratio,
+    hierarchical_bootstrap,
+    seed_interval,
 )
 from fgvc.errors import FgvcError
 
@@ -97,3 +99,27 @@ def test_a_single_seed_shows_no_spread():
     assert across_seeds([0.5, 0.5]).std == 0.0
     with pytest.raises(FgvcError, match="at least one value"):
         across_seeds([])
+
+
+def test_a_hierarchical_interval_covers_the_spread_between_seeds():
+    g = torch.Generator().manual_seed(5)
+    # three seeds that agree within themselves but differ from each other by 0.2
+    seeds = [(torch.rand(60, generator=g) < p).float() for p in (0.4, 0.6, 0.8)]
+    pooled = bootstrap_mean(torch.cat(seeds), seed=0)
+    nested = hierarchical_bootstrap(seeds, seed=0)
+    assert nested.n == 3 and nested.estimate == pytest.approx(float(torch.stack([s.mean() for s in seeds]).mean()))
+    assert nested.low < nested.estimate < nested.high
+    assert nested.high - nested.low > 1.5 * (pooled.high - pooled.low)  # images alone understate it
+    identical = [torch.full((10,), 0.3)] * 4
+    flat = hierarchical_bootstrap(identical, seed=0)
+    assert (flat.low, flat.high) == pytest.approx((0.3, 0.3))
+    one = hierarchical_bootstrap(seeds[:1], seed=3)
+    assert (one.low, one.high) == (bootstrap_mean(seeds[0], seed=3).low, bootstrap_mean(seeds[0], seed=3).high)
+
+
+def test_a_seed_level_interval_is_the_t_interval_of_the_seed_values():
+    assert seed_interval([0.8]) is None  # one seed: nothing about training randomness
+    interval = seed_interval([0.7, 0.8, 0.9])
+    assert interval.estimate == pytest.approx(0.8) and interval.n == 3
+    assert (interval.low, interval.high) == pytest.approx((0.8 - 4.303 * 0.1 / math.sqrt(3),
+                                                           0.8 + 4.303 * 0.1 / math.sqrt(3)))

@@ -22,7 +22,8 @@ import torch
 
 from fgvc.data.demo import DemoConfig
 from fgvc.study.config import StudyConfig
-from fgvc.study.tables import GARMENT, RUNWAY
+from fgvc.analysis.sanity import FLAG_THRESHOLD
+from fgvc.study.tables import GARMENT, LEARNED, RUNWAY
 from fgvc.tracking.study_run import run_study
 
 pytestmark = pytest.mark.slow
@@ -65,6 +66,7 @@ def cells(dose) -> dict[str, dict]:
 def test_both_models_learn_the_task(cells):
     for regime, row in cells.items():
         assert row["val_acc"] >= 0.8, (regime, row["val_acc"])
+        assert row["quality"] == LEARNED and row["split"] == "val", row  # the demo root here has no test split
 
 
 def test_unmasked_model_reads_the_venue(cells):
@@ -99,3 +101,23 @@ def test_dose_response_background_measures_follow_the_planted_shortcut(dose):
         masked = dose[("masked", strength)]
         assert masked["no_fg_vs_chance"] <= 1.5, masked
         assert masked["bg_gap_low"] <= 0.05, masked
+
+
+def test_attribution_excess_over_the_masked_twin_follows_the_planted_shortcut(dose):
+    """The headline of the attribution columns: background preference minus the masked twin's
+    (same architecture, seed, strength and images), paired bootstrap 95% interval."""
+    for method in ("gradcam", "occlusion"):
+        low, high = dose[("unmasked", 0.0)], dose[("unmasked", 1.0)]
+        assert high["twin"] == "fn-small-masked-s0-bg1" and low["twin"] == "fn-small-masked-s0-bg0"
+        assert high[f"{method}_excess_low"] > 0, (method, high[f"{method}_excess"], high[f"{method}_excess_low"])
+        assert low[f"{method}_excess_low"] <= 0, (method, low[f"{method}_excess"], low[f"{method}_excess_low"])
+
+
+def test_gradcam_maps_pass_the_sanity_check_on_the_trained_network(dose):
+    """Once per architecture (its first unmasked cell): Grad-CAM's maps after randomising the
+    whole network keep a mean rank correlation below FLAG_THRESHOLD with the trained ones."""
+    rows = list(dose.values())
+    assert {row["sanity_cell"] for row in rows} == {"fn-small-unmasked-s0-bg0"}
+    gradcam = rows[0]["gradcam_sanity"]
+    assert gradcam < FLAG_THRESHOLD, gradcam
+    assert all(row["gradcam_sanity"] == gradcam for row in rows)

@@ -21,7 +21,9 @@ from fgvc.data.demo import DemoConfig
 from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES
 from fgvc.study.config import PRESETS, Cell, StudyConfig
-from fgvc.study.tables import GARMENT, RUNWAY, UNDECIDED, columns, report_tables, summarize, verdict
+from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_VERDICT, QUALITY_FACTOR, RUNWAY,
+                               UNDECIDED, add_comparisons, attribution_vs_swap, columns, markdown_tables,
+                               regime_pairs, report_split, report_tables, summarize, verdict)
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.study_run import demo_root_for, run_study, train_config
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
@@ -123,7 +125,7 @@ def fake_rows() -> list[dict]:
                    "run_id": f"run-{regime}-{seed}", "status": "trained", "val_acc": acc + delta,
                    "val_balanced_acc": acc, "verdict": RUNWAY if regime == "unmasked" else GARMENT}
             for c in columns()[2:]:
-                row[c.name] = no_fg if c.name == "no_fg_acc" else 0.5
+                row[c.name] = no_fg if c.name == "no_fg_acc" else acc if c.name == "acc" else 0.5
                 if c.interval:
                     row[f"{c.name}_low"], row[f"{c.name}_high"] = row[c.name] - 0.1, row[c.name] + 0.1
             row["precision_at_1"] = float("nan") if seed else 0.7
@@ -168,11 +170,145 @@ def test_report_is_self_contained_and_lists_every_cell(tmp_path):
     page = build_report("Study <x>", {"data": "demo & more"}, report_tables(rows, summary, 0.25), figures,
                         {"unmasked": [Example("gradcam <0>", figures[0].path)]}, notes=["a note"])
     assert assert_self_contained(page) == 4
+    assert (tmp_path / "a.svg").read_text().lstrip().startswith(("<?xml", "<svg"))  # figures also as SVG
     for row in rows:
         assert row["run_id"] in page
     assert "0.900 ± 0.071" in page  # mean ± spread of val acc, unmasked
     assert "Study &lt;x&gt;" in page and "demo &amp; more" in page and "gradcam &lt;0&gt;" in page
     assert 'runway"' in page and 'garment"' in page  # verdict cells are coloured
+
+
+# --- the quality gate, the masked twin, paired regime differences ---------------------------
+
+def per_image_table(values: dict, indices=range(20)) -> dict:
+    return {"dataset_index": list(indices), **{k: list(v) for k, v in values.items()}}
+
+
+def test_a_cell_trained_to_chance_level_did_not_learn(tiny_root):
+    """fn-small fitted to shuffled labels (it can only memorise noise) is at chance on val:
+    no verdict, greyed, counted; a cell that learned keeps its verdict."""
+    from fgvc.analysis.data import load_analysis_data
+    from fgvc.data.dataset import ShardDataset
+    from fgvc.models.factory import create_model
+
+    torch.manual_seed(0)
+    train = ShardDataset(tiny_root, "train")
+    items = train.gather(torch.arange(len(train)))
+    images, shuffled = items["images"].float() / 255, items["labels"][torch.randperm(len(train))]
+    model = create_model("fn-small", train.num_classes, pretrained=False)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(20):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), shuffled).backward()
+        optimiser.step()
+    val = load_analysis_data(tiny_root, "val", 12, 0)
+    with torch.no_grad():
+        correct = (model.eval()(val.images.float() / 255).argmax(1) == val.labels).float().tolist()
+    chance = 1 / 3
+    rows = [dict(fake_rows()[0], run_id="noise", run_name="noise", regime="masked"),
+            dict(fake_rows()[0], run_id="good", run_name="good", regime="masked", seed=1)]
+    per_image = {("noise", "gradcam"): per_image_table({"correct": correct}, val.indices.tolist()),
+                 ("good", "gradcam"): per_image_table({"correct": [1.0] * 12}, val.indices.tolist())}
+    add_comparisons(rows, per_image, chance)
+    noise, good = rows
+    assert noise["acc_low"] <= QUALITY_FACTOR * chance, noise["acc"]
+    assert noise["quality"] == DID_NOT_LEARN and noise["verdict"] == NO_VERDICT
+    assert "does not clear 1.5 x chance" in noise["verdict_reason"]
+    assert good["quality"] == LEARNED and good["verdict"] == RUNWAY
+    summary = summarize(rows)
+    assert summary[0]["did_not_learn"] == 1 and f"{NO_VERDICT} (1/2)" in summary[0]["verdict"]
+    tables = report_tables(rows, summary, chance)
+    cells = tables[-1]
+    assert list(cells.muted) == [True, False]
+    page = build_report("s", {}, tables, [], {})
+    assert page.count('<tr class="muted">') == 1 and "did not learn" in page
+    markdown = markdown_tables(rows, summary, chance)
+    assert f"| {DID_NOT_LEARN} | {NO_VERDICT} |" in markdown and "| _0.500 [0.400, 0.600]_ |" in markdown
+
+
+def twin_rows(strength_excess: float) -> tuple[list[dict], dict]:
+    """An unmasked cell whose background preference exceeds its masked twin's by
+    ``strength_excess`` on every image (plus noise), and the swap-test correctness."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(20, generator=g) + 0.5
+    rows, per_image = [], {}
+    for regime, shift, no_fg in (("unmasked", strength_excess, 0.9), ("masked", 0.0, 0.2)):
+        run = f"run-{regime}"
+        rows.append({"arch": "fn-small", "regime": regime, "bg_correlation": 1.0, "seed": 0, "run_id": run,
+                     "run_name": f"fn-small-{regime}", "status": "trained", "verdict": UNDECIDED, "split": "test",
+                     "no_fg_acc_low": 0.1, "bg_gap_low": -0.1, "only_fg_acc_low": 0.1})
+        noise = 0.05 * torch.randn(20, generator=g)
+        for method in ("gradcam", "occlusion"):
+            per_image[(run, method)] = per_image_table({"correct": [1.0] * 20,
+                                                        "bg_preference": (base + shift + noise).tolist()})
+        per_image[(run, "shortcut")] = per_image_table({
+            "correct_original": [1.0] * 20, "correct_no_fg": (torch.rand(20, generator=g) < no_fg).float().tolist(),
+            "correct_mixed_same": [1.0] * 20, "correct_mixed_rand": [0.0 if regime == "unmasked" else 1.0] * 20})
+    return rows, per_image
+
+
+def test_attribution_is_referred_to_the_masked_twin_with_a_paired_interval():
+    rows, per_image = twin_rows(0.3)
+    differences = add_comparisons(rows, per_image, chance=0.2)
+    unmasked, masked = rows
+    assert unmasked["twin"] == "fn-small-masked" and masked["twin"] == ""
+    for method in ("gradcam", "occlusion"):
+        assert unmasked[f"{method}_excess"] == pytest.approx(0.3, abs=0.05)
+        assert 0 < unmasked[f"{method}_excess_low"] < unmasked[f"{method}_excess_high"]
+        assert math.isnan(masked[f"{method}_excess"])
+    [difference] = differences
+    assert difference["comparison"] == "unmasked − masked" and difference["seeds"] == 1
+    assert difference["bg_gap"] == pytest.approx(1.0) and difference["acc_source"] == 0.0
+    assert difference["no_fg_acc_low"] > 0
+    none, _ = twin_rows(0.0)
+    add_comparisons(none, twin_rows(0.0)[1], chance=0.2)
+    assert none[0]["gradcam_excess_low"] < 0 < none[0]["gradcam_excess_high"]
+    text = attribution_vs_swap(rows)
+    assert "of 1 unmasked cells with a masked twin" in text and "gradcam's excess" in text
+    titles = [t.title for t in report_tables(rows, summarize(rows), 0.2, differences)]
+    assert titles == ["Summary (one seed)", "Paired regime differences (same source images)", "Cells (2)"]
+    alone = [r for r in twin_rows(0.3)[0] if r["regime"] == "unmasked"]
+    add_comparisons(alone, per_image, chance=0.2)
+    assert alone[0]["twin"] == "none in the grid" and "no masked twin" in attribution_vs_swap(alone)
+
+
+def test_regime_pairs_and_the_reported_split(tiny_root, tmp_path):
+    assert regime_pairs(list(REGIMES.names())) == [("unmasked", "masked"), ("unmasked+aug", "unmasked"),
+                                                   ("unmasked+aug", "masked+aug"), ("masked+aug", "masked")]
+    assert report_split(tiny_root) == "val"
+    import shutil
+
+    root = tmp_path / "with-test"
+    shutil.copytree(tiny_root, root)
+    shutil.copytree(root / "val", root / "test")  # a test split written with the shard writer's files
+    assert report_split(root) == "test"
+    assert columns("test")[2].header == "test acc, own images"
+
+
+def test_intervals_say_what_they_cover():
+    rows = fake_rows()
+    summary = summarize(rows)
+    [table, _] = report_tables(rows, summary, chance=0.25)
+    assert table.title == "Summary across 2 seeds" and "seed-level 95% t-interval" in table.note
+    one = fake_rows()[:1]
+    [table, _] = report_tables(one, summarize(one), chance=0.25)
+    assert table.title == "Summary (one seed)" and "images only" in table.note
+    assert "do not cover training randomness" in table.note or "does not cover training randomness" in table.note
+
+
+def test_analyze_prints_each_methods_headline_numbers_with_intervals():
+    from fgvc.tracking.analyze_run import AnalysisOutcome, describe_outcome
+
+    outcome = AnalysisOutcome("rec1", {"gradcam": {"num_images": 24.0, "bg_preference_mean": 0.818,
+                                                   "bg_preference_mean_low": 0.756, "bg_preference_mean_high": 0.882},
+                                       "shortcut": {"num_images": 24.0, "bg_gap": 0.25, "bg_gap_low": 0.1,
+                                                    "bg_gap_high": 0.4, "chance": 0.2}},
+                              {"gradcam": "a", "shortcut": "b"}, shown={"gradcam": True}, reused={"shortcut": "rec0"})
+    text = describe_outcome(outcome)
+    assert "analysis record run rec1" in text and "gradcam (shown on the training run; 24 images)" in text
+    assert "bg_preference_mean" in text and "0.818 [0.756, 0.882]" in text
+    assert "shortcut (record only, reused record rec0; 24 images)" in text and "0.250 [0.100, 0.400]" in text
+    assert "chance" not in text  # a number without an interval is not a headline
 
 
 # --- the study end to end ------------------------------------------------------------------
@@ -189,6 +325,10 @@ def study_store(tmp_path_factory):
 
     result = CliRunner().invoke(main, ["study", *TINY_ARGS], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    # the terminal says what was found: the verdict table and the report's local path
+    assert "verdict" in result.output and "fn-small-masked-s0" in result.output and "runs:/" not in result.output
+    report = next(line for line in result.output.splitlines() if line.startswith("report: "))[len("report: "):]
+    assert report.endswith("study/report.html") and os.path.isfile(report), result.output
     parent = mlflow.search_runs(experiment_names=["fgvc-study"], filter_string="tags.`fgvc.task` = 'study'")
     yield parent.run_id[0]
     mp.undo()
@@ -205,17 +345,23 @@ def test_study_run_holds_the_tables_figures_report_and_verdicts(study_store):
     assert p["data_root_effective"].endswith("data/" + demo_root_for(DemoConfig(**TINY_DEMO)).name)
     assert parent.data.metrics["study/cells_trained"] == 4 and parent.data.metrics["study/cells_reused"] == 0
     description = parent.data.tags["mlflow.note.content"]
-    assert description.count("fn-small-") == 4 and ("reads the" in description or "undecided" in description)
+    assert description.count("fn-small-") == 4
+    assert any(v in description for v in ("reads the", "undecided", "no verdict (did not learn)"))
+    assert "Attribution and the swap tests" in description
     files = {a.path for a in client.list_artifacts(study_store, "study")}
     assert files == {f"study/{f}" for f in ("results.csv", "results.md", "summary.csv", "report.html",
-                                            "accuracy_vs_background_reliance.png", "regime_bars.png")}
+                                            "regime_differences.csv", "accuracy_vs_background_reliance.png",
+                                            "accuracy_vs_background_reliance.svg", "regime_bars.png",
+                                            "regime_bars.svg")}
 
     rows = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/results.csv"))))
     assert list(rows[0])[:len(KEY_COLUMNS)] == KEY_COLUMNS
     assert {"verdict", "no_fg_acc_low", "no_fg_acc_high", "bg_gap_low", "gradcam_bg_preference"} <= set(rows[0])
     assert [(r["arch"], r["regime"], r["seed"]) for r in rows] == [("fn-small", r, "0") for r in REGIMES.names()]
     for row in rows:
-        assert row["verdict"] in (RUNWAY, GARMENT, UNDECIDED)
+        assert row["verdict"] in (RUNWAY, GARMENT, UNDECIDED, NO_VERDICT)
+        assert row["split"] == "val" and row["quality"] in (LEARNED, DID_NOT_LEARN)
+        assert (row["verdict"] == NO_VERDICT) == (row["quality"] == DID_NOT_LEARN)
         assert float(row["no_fg_acc_low"]) <= float(row["no_fg_acc"]) <= float(row["no_fg_acc_high"])
         assert float(row["chance"]) == pytest.approx(1 / 3) and -1 <= float(row["bg_gap"]) <= 1
     summary = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/summary.csv"))))
@@ -224,8 +370,11 @@ def test_study_run_holds_the_tables_figures_report_and_verdicts(study_store):
     assert "| fn-small | masked+aug |" in markdown and "No-FG acc" in markdown and "best/val_acc" in markdown
 
     page = artifact_text(study_store, "study/report.html")
-    # 2 figures, 2 Grad-CAM + 2 occlusion examples per regime, the swap variants
-    assert assert_self_contained(page) == 2 + 4 * len(REGIMES) + 1
+    # 2 figures and the sanity curve, 2 Grad-CAM + 2 occlusion examples per regime, the swap variants
+    assert assert_self_contained(page) == 3 + 4 * len(REGIMES) + 1
+    assert "Sanity check (fn-small" in page and "excess vs masked twin" in page
+    assert "32×24 (height × width)" in page and "planted shortcut strength" in page and "torch " in page
+    assert "one seed" in page.lower() and "images only" in page
     for row in rows:
         assert row["run_id"] in page
     assert "No-FG" in page and "bounding" in page and "verdict" in page and "Grad-CAM and occlusion can disagree" in page
@@ -250,6 +399,12 @@ def test_cells_are_child_runs_with_the_same_params_and_one_chart_line_each(study
     for key in ("val/acc", "best/val_acc", "best/val_balanced_acc", "gradcam/bg_preference_mean",
                 "occlusion/bg_preference_mean", "neighbors/precision_at_1", "shortcut/acc_no_fg", "shortcut/bg_gap"):
         assert key in metrics, key
+    for cell in cells:  # the UI can filter and group by outcome; comparisons chart as bars (one step, 0)
+        assert cell.data.tags["fgvc.verdict"] in (RUNWAY, GARMENT, UNDECIDED, NO_VERDICT)
+        assert cell.data.tags["fgvc.quality"] in (LEARNED, DID_NOT_LEARN)
+        assert cell.data.tags["fgvc.report_split"] == "val"
+        for key in ("compare/val_acc", "compare/gradcam_excess_vs_masked_twin", "compare/bg_gap"):
+            assert [m.step for m in client.get_metric_history(cell.info.run_id, key)] == [0], key
     masked = next(r for r in cells if r.data.params["regime"] == "masked")
     assert masked.data.params["data_root"].endswith("-masked")
     assert masked.data.tags["fgvc.model_version"].startswith("fgvc-study-fn-small/")

@@ -81,6 +81,33 @@ def bootstrap_ratio(values, constant: float, *, seed: int, resamples: int = 2000
     return Interval(mean.estimate / constant, mean.low / constant, mean.high / constant, mean.n)
 
 
+def hierarchical_bootstrap(groups: Sequence, *, seed: int, resamples: int = 2000, level: float = 0.95) -> Interval:
+    """Mean over training seeds of each seed's mean over images, with a two-level percentile
+    bootstrap interval (Davison & Hinkley, "Bootstrap Methods and their Application", 1997,
+    sec. 3.8): each resample draws the seeds with replacement, then, within each drawn seed,
+    its images with replacement. ``groups`` holds one ``[N_s]`` vector per seed (e.g. per-image
+    paired differences of one seed's two cells). The interval covers training randomness and
+    the choice of images; with one seed it is :func:`bootstrap_mean`'s. ``n`` = seeds."""
+    vectors = [_vector(g) for g in groups]
+    if not vectors:
+        raise ConfigError("bootstrap: needs at least one seed")
+    if len(vectors) == 1:
+        one = bootstrap_mean(vectors[0], seed=seed, resamples=resamples, level=level)
+        return Interval(one.estimate, one.low, one.high, 1)
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"bootstrap: level must lie strictly between 0 and 1, got {level}")
+    generator = torch.Generator().manual_seed(seed)
+    # [resamples, seeds]: the mean of each seed's images resampled, per bootstrap draw
+    seed_means = torch.stack([v[torch.randint(v.numel(), (resamples, v.numel()), generator=generator)].mean(1)
+                              for v in vectors], dim=1)
+    chosen = torch.randint(len(vectors), (resamples, len(vectors)), generator=generator)
+    means = seed_means.gather(1, chosen).mean(1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    estimate = float(torch.stack([v.mean() for v in vectors]).mean())
+    return Interval(estimate=estimate, low=low, high=high, n=len(vectors))
+
+
 def across_seeds(values: Sequence[float]) -> SeedSpread:
     """Mean and sample standard deviation (``n - 1`` in the denominator) of one measure
     over training seeds; ``std`` is ``None`` for a single seed."""
@@ -92,6 +119,22 @@ def across_seeds(values: Sequence[float]) -> SeedSpread:
         return SeedSpread(mean, None, 1)
     variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return SeedSpread(mean, math.sqrt(variance), len(values))
+
+
+# Student's t 0.975 quantile for 1..10 degrees of freedom; beyond, 1.96 + 2.4 / df (within 0.02).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def seed_interval(values: Sequence[float]) -> Interval | None:
+    """A seed-level 95% interval of the mean of one measure over training seeds: the
+    t-interval ``mean ± t(0.975, n-1) * std / sqrt(n)``; it covers training randomness (each
+    seed's value already averages its images). ``None`` for a single seed."""
+    spread = across_seeds(values)
+    if spread.std is None:
+        return None
+    t = _T975[spread.n - 2] if spread.n - 2 < len(_T975) else 1.96 + 2.4 / (spread.n - 1)
+    half = t * spread.std / math.sqrt(spread.n)
+    return Interval(spread.mean, spread.mean - half, spread.mean + half, spread.n)
 
 
 def _vector(values) -> Tensor:

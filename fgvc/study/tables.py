@@ -13,7 +13,14 @@ measures use rather than attention):
   helps a pasted person);
 - **reads the garment**: the Only-FG accuracy's interval lies above chance (the person alone
   suffices), and neither No-FG's interval lies above chance nor BG-gap's above 0;
-- **undecided**: anything else (e.g. intervals too wide for the number of images).
+- **undecided**: anything else (e.g. intervals too wide for the number of images);
+- **no verdict (did not learn)**: the quality gate (:func:`quality`) failed: a model that is
+  not clearly better than chance has no reliance to measure.
+
+Reported numbers come from the root's ``test`` split when it has one (the best epoch is chosen
+on ``val``), else from ``val``, and every row says which (``split``). Attribution is read
+against the masked twin (:func:`add_comparisons`): the same architecture, seed and strength
+trained on background-removed images, on the same images, with a paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -24,10 +31,37 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+import torch
+
 from fgvc.analysis.methods import study_columns
+from fgvc.analysis.sanity import FLAG_THRESHOLD
+from fgvc.analysis.stats import Interval, bootstrap_mean, hierarchical_bootstrap, seed_interval
+from fgvc.data.shards import splits_of
+from fgvc.regimes import REGIMES
 from fgvc.viz.report import Table
 
 RUNWAY, GARMENT, UNDECIDED = "reads the runway", "reads the garment", "undecided"
+NO_VERDICT = "no verdict (did not learn)"
+LEARNED, DID_NOT_LEARN = "learned", "did not learn"
+# The quality gate: a cell learned when the lower end of its accuracy's 95% interval exceeds
+# QUALITY_FACTOR x chance. Why 1.5: the swap tests read drops from the model's accuracy down
+# towards chance; below 1.5 x chance the whole room for such a drop is under half of chance
+# (e.g. under 0.1 with 5 designers), narrower than the 95% interval of an accuracy over the
+# study's 20-64 images (half-width 0.1-0.2), so no drop could be told from noise.
+QUALITY_FACTOR = 1.5
+ATTRIBUTION = ("gradcam", "occlusion")  # methods whose maps have a background preference
+# Occlusion fill in a study: the image's mean colour. The excess over the masked twin compares
+# a network on its images with its twin on the twin's (background-removed) images; with a zero
+# (black) fill, a window over the twin's black background changes nothing, so the twin scores no
+# background attribution by construction and the excess is inflated even with no shortcut (on
+# the science test's demo at planted strength 0: +0.25 [0.19, 0.30] with zero fill, +0.07
+# [-0.02, 0.17] with the mean fill; at strength 1: +0.40 and +0.33, both intervals above 0).
+STUDY_OCCLUSION_FILL = "mean"
+
+
+def report_split(root) -> str:
+    """The split whose images give the reported numbers: ``test`` when the root has one."""
+    return "test" if "test" in splits_of(root) else "val"
 
 
 @dataclass(frozen=True)
@@ -39,13 +73,31 @@ class TableColumn:
     source: str  # "train:<metric>" or "<method>:<metric>"
 
 
-def columns() -> list[TableColumn]:
-    out = [TableColumn("val_acc", "val acc", "validation accuracy at the best epoch (metric best/val_acc) on the "
-                       "regime's own images", False, "train:best/val_acc"),
+def columns(split: str = "val") -> list[TableColumn]:
+    """The table's measured columns; ``split`` (test or val) labels the reported numbers.
+    ``computed`` columns come from :func:`add_comparisons`, not from a run's metrics."""
+    out = [TableColumn("val_acc", "val acc (best epoch)", "validation accuracy at the best epoch (metric "
+                       "best/val_acc) on the regime's own images: the selection criterion, optimistic", False,
+                       "train:best/val_acc"),
            TableColumn("val_balanced_acc", "val bal. acc", "mean per-designer validation accuracy at the best epoch "
-                       "(best/val_balanced_acc)", False, "train:best/val_balanced_acc")]
+                       "(best/val_balanced_acc)", False, "train:best/val_balanced_acc"),
+           TableColumn("acc", f"{split} acc, own images", f"accuracy on the analysed {split} images of the regime's "
+                       f"own data (masked cells on masked images); the quality gate reads it", True, "computed"),
+           TableColumn("acc_source", f"{split} acc, source images", f"accuracy on the same source {split} images "
+                       f"for every cell (shortcut/acc_original): comparable across regimes", True,
+                       "shortcut:acc_original")]
     for name, (method, column) in study_columns().items():
-        out.append(TableColumn(name, column.header, column.what, column.interval, f"{method}:{column.metric}"))
+        if method in ATTRIBUTION and name == f"{method}_bg_preference":
+            out.append(TableColumn(f"{method}_excess", f"{method} excess vs masked twin",
+                                   f"{method}: background preference minus its masked twin's on the same images "
+                                   f"(paired; > 0 = more on the background than a network that cannot use it)",
+                                   True, "computed"))
+        header, what = column.header, column.what
+        if method in ATTRIBUTION and name == f"{method}_bg_preference":  # raw: its reference is the twin, not 1
+            header, what = f"{method} bg pref. (raw)", (
+                f"{method}: share of attribution on the background / the background's share of the image, mean "
+                f"over images; raw: read it against the masked twin's (the excess), not against 1")
+        out.append(TableColumn(name, header, what, column.interval, f"{method}:{column.metric}"))
     return out
 
 
@@ -54,6 +106,9 @@ def cell_values(train_metrics: Mapping[str, float], analyses: Mapping[str, Mappi
     metrics and the analysis records' metrics; NaN where a method did not run."""
     row = {}
     for column in columns():
+        if column.source == "computed":
+            row.update({column.name: math.nan, f"{column.name}_low": math.nan, f"{column.name}_high": math.nan})
+            continue
         where, metric = column.source.split(":", 1)
         source = train_metrics if where == "train" else analyses.get(where, {})
         row[column.name] = float(source.get(metric, math.nan))
@@ -63,8 +118,18 @@ def cell_values(train_metrics: Mapping[str, float], analyses: Mapping[str, Mappi
     return row
 
 
+def quality(row: Mapping[str, float], chance: float) -> str:
+    """``learned`` when the accuracy's interval (``acc_low``, the reported split) lies above
+    QUALITY_FACTOR x chance, else ``did not learn``; NaN (no accuracy) counts as learned, so
+    the gate never hides numbers it cannot judge."""
+    low = float(row.get("acc_low", math.nan))
+    return DID_NOT_LEARN if math.isfinite(low) and low <= QUALITY_FACTOR * chance else LEARNED
+
+
 def verdict(row: Mapping[str, float], chance: float) -> str:
     """The rules in this module's docstring; NaN anywhere needed -> undecided."""
+    if row.get("quality") == DID_NOT_LEARN:
+        return NO_VERDICT
     get = lambda key: float(row.get(key, math.nan))  # noqa: E731
     no_fg_low, gap_low, only_fg_low = get("no_fg_acc_low"), get("bg_gap_low"), get("only_fg_acc_low")
     if any(math.isnan(v) for v in (no_fg_low, gap_low, only_fg_low)):
@@ -78,7 +143,184 @@ def verdict(row: Mapping[str, float], chance: float) -> str:
 
 def verdict_reason(row: Mapping[str, float], chance: float) -> str:
     f = lambda key: _interval(row, key)  # noqa: E731
+    if row.get("quality") == DID_NOT_LEARN:
+        return (f"{row.get('split', 'val')} accuracy {f('acc')} does not clear {QUALITY_FACTOR:g} x chance "
+                f"({QUALITY_FACTOR * chance:.3f})")
     return (f"No-FG {f('no_fg_acc')} vs chance {chance:.3f}; BG-gap {f('bg_gap')}; Only-FG {f('only_fg_acc')}")
+
+
+# --------------------------------------------------------------------------------------------
+# Comparisons: the quality gate, the masked twin, paired regime differences, the sanity check
+# --------------------------------------------------------------------------------------------
+
+PerImage = Mapping[tuple, Mapping[str, Sequence[float]]]  # (run id, method) -> per-image columns
+# Paired regime differences on the common source images, from the background-swap records:
+# (row key, header, per-image column; bg_gap = Mixed-Same minus Mixed-Rand correctness).
+DIFFERENCE_MEASURES = (("acc_source", "acc, source images", "correct_original"),
+                       ("no_fg_acc", "No-FG acc", "correct_no_fg"),
+                       ("bg_gap", "BG-gap", "bg_gap"))
+
+
+def twin_regime(regime: str) -> str | None:
+    """The masked twin of an unmasked regime: masked, with the same augmentation."""
+    if regime not in REGIMES.names() or REGIMES.get(regime).masked:
+        return None
+    augment = REGIMES.get(regime).augment
+    return next((name for name, r in REGIMES.items() if r.masked and r.augment == augment), None)
+
+
+def regime_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
+    """``(first, second)`` pairs compared as ``first - second``: unmasked - masked (same
+    augmentation) and +aug - plain (same masking), among ``regimes``."""
+    known = [r for r in regimes if r in REGIMES.names()]
+    pairs = []
+    for a in known:
+        for b in known:
+            ra, rb = REGIMES.get(a), REGIMES.get(b)
+            if (ra.augment == rb.augment and not ra.masked and rb.masked) or \
+                    (ra.masked == rb.masked and ra.augment is not None and rb.augment is None):
+                pairs.append((a, b))
+    return pairs
+
+
+def _column(table: Mapping[str, Sequence], name: str) -> list[float]:
+    if name == "bg_gap":
+        return [float(a) - float(b) for a, b in zip(table["correct_mixed_same"], table["correct_mixed_rand"])]
+    return [float(v) for v in table[name]]
+
+
+def paired(first: Mapping | None, second: Mapping | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image values of ``name`` in two tables, aligned by ``dataset_index``; only images
+    in both with finite values on both sides ([] when a table or the column is missing)."""
+    empty = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    if not first or not second or not all(name in t or name == "bg_gap" and "correct_mixed_same" in t
+                                          for t in (first, second)):
+        return empty
+    b = dict(zip((int(float(i)) for i in second["dataset_index"]), _column(second, name)))
+    pairs = [(x, b[int(float(i))]) for i, x in zip(first["dataset_index"], _column(first, name))
+             if int(float(i)) in b and math.isfinite(x) and math.isfinite(b[int(float(i))])]
+    if not pairs:
+        return empty
+    x, y = torch.tensor(pairs, dtype=torch.float64).T
+    return x, y
+
+
+def _put(row: dict, name: str, interval: Interval | None) -> None:
+    nan = math.nan
+    row[name], row[f"{name}_low"], row[f"{name}_high"] = \
+        (interval.estimate, interval.low, interval.high) if interval else (nan, nan, nan)
+
+
+def _cell_key(row: Mapping) -> tuple:
+    return row["arch"], row["seed"], row.get("bg_correlation")
+
+
+def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, seed: int = 0) -> list[dict]:
+    """Complete the rows in place and return the paired regime differences.
+
+    Per row: ``acc`` (own-regime accuracy on the analysed images, bootstrap interval),
+    ``quality`` and the verdict again (the gate needs ``acc``); per unmasked row with a masked
+    twin in the grid: ``<method>_excess``, the mean per-image difference of background
+    preference from the twin's on the same images (the twin sees them background-removed,
+    as it was trained), with a paired bootstrap interval, and
+    ``twin`` (the twin's run name, or why there is none); the sanity columns shared by every
+    cell of the architecture (:func:`share_sanity`)."""
+    for row in rows:
+        own = next((per_image[(row["run_id"], m)] for m in ATTRIBUTION if (row["run_id"], m) in per_image), None)
+        correct = [float(v) for v in own["correct"]] if own and own.get("correct") else []
+        _put(row, "acc", bootstrap_mean(correct, seed=seed) if correct else None)
+        row["quality"] = quality(row, chance)
+        row["verdict"], row["verdict_reason"] = verdict(row, chance), verdict_reason(row, chance)
+    cells = {(_cell_key(r), r["regime"]): r for r in rows}
+    for row in rows:
+        twin = twin_regime(row["regime"])
+        other = cells.get((_cell_key(row), twin)) if twin else None
+        row["twin"] = other["run_name"] if other else ("none in the grid" if twin else "")
+        for method in ATTRIBUTION:
+            reference = per_image.get((other["run_id"], method)) if other else None
+            x, y = paired(per_image.get((row["run_id"], method)), reference, "bg_preference")
+            _put(row, f"{method}_excess", bootstrap_mean(x - y, seed=seed) if len(x) else None)
+    share_sanity(rows)
+    return regime_differences(rows, per_image, seed=seed)
+
+
+def share_sanity(rows: Sequence[dict]) -> None:
+    """The sanity check runs once per architecture: copy its columns to every row of that
+    architecture (``sanity_cell`` = the cell it ran on)."""
+    names = [c.name for c in columns() if c.name.endswith("_sanity")]
+    for row in rows:
+        source = next((r for r in rows if r["arch"] == row["arch"] and
+                       any(math.isfinite(float(r.get(n, math.nan))) for n in names)), None)
+        if source is None:
+            continue
+        row["sanity_cell"] = source["run_name"]
+        for name in names:
+            for suffix in ("", "_low", "_high"):
+                row[f"{name}{suffix}"] = source.get(f"{name}{suffix}", math.nan)
+
+
+def regime_differences(rows: Sequence[Mapping], per_image: PerImage, seed: int = 0) -> list[dict]:
+    """Per architecture and strength, per regime pair (:func:`regime_pairs`): the paired
+    difference ``first - second`` of each DIFFERENCE_MEASURE on the same source images, per
+    seed; across seeds a hierarchical bootstrap (seeds, then images), with one seed a
+    bootstrap over images."""
+    out = []
+    groups: dict[tuple, list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault((row["arch"], row.get("bg_correlation")), []).append(row)
+    for (arch, strength), members in groups.items():
+        by_regime_seed = {(r["regime"], r["seed"]): r for r in members}
+        for first, second in regime_pairs(list(dict.fromkeys(r["regime"] for r in members))):
+            seeds = [s for (g, s) in by_regime_seed if g == first and (second, s) in by_regime_seed]
+            pairs = [(by_regime_seed[(first, s)], by_regime_seed[(second, s)]) for s in seeds]
+            entry = {"arch": arch, "bg_correlation": strength, "comparison": f"{first} − {second}",
+                     "seeds": len(seeds), "did_not_learn": sum(r.get("quality") == DID_NOT_LEARN
+                                                               for pair in pairs for r in pair)}
+            for name, _, column in DIFFERENCE_MEASURES:
+                diffs = []
+                for a, b in pairs:
+                    x, y = paired(per_image.get((a["run_id"], "shortcut")), per_image.get((b["run_id"], "shortcut")),
+                                  column)
+                    if len(x):
+                        diffs.append(x - y)
+                _put(entry, name, hierarchical_bootstrap(diffs, seed=seed) if diffs else None)
+            out.append(entry)
+    return out
+
+
+def runs_sanity(cells: Sequence, cell) -> bool:
+    """Whether ``cell`` is the one cell of its architecture that gets the sanity check: its
+    first unmasked cell in grid order (the first cell when it has none)."""
+    same = [c for c in cells if c.arch == cell.arch]
+    chosen = next((c for c in same if not c.spec.masked), same[0] if same else None)
+    return chosen == cell
+
+
+def attribution_vs_swap(rows: Sequence[Mapping]) -> str:
+    """The paragraph that says how the attribution excess and the swap-test verdict relate
+    (or that the grid has no masked twin to refer attribution to)."""
+    unmasked = [r for r in rows if twin_regime(r["regime"]) is not None]
+    with_twin = [r for r in unmasked if r.get("twin") not in (None, "", "none in the grid")
+                 and r.get("quality") != DID_NOT_LEARN]
+    if unmasked and not any(r.get("twin") not in (None, "", "none in the grid") for r in unmasked):
+        return ("Attribution and the swap tests: the grid has no masked twin for its unmasked cells, so background "
+                "preference has no reference and is shown raw only; it is not evidence of reliance. Add the masked "
+                "regime to refer it to a network that cannot use the background.")
+    if not with_twin:
+        return "Attribution and the swap tests: no unmasked cell that learned has a masked twin to compare with."
+    runway = [r for r in with_twin if r["verdict"] == RUNWAY]
+    other = [r for r in with_twin if r["verdict"] != RUNWAY]
+    parts = []
+    for method in ATTRIBUTION:
+        above = lambda group: sum(float(r.get(f"{method}_excess_low", math.nan)) > 0 for r in group)  # noqa: E731
+        parts.append(f"{method}'s excess over the masked twin lies above 0 in {above(runway)} of the {len(runway)} "
+                     f"cells that read the runway and in {above(other)} of the {len(other)} others")
+    return (f"Attribution and the swap tests: of {len(with_twin)} unmasked cells with a masked twin, the swap test "
+            f"says '{RUNWAY}' for {len(runway)}. " + "; ".join(parts) + ". The verdict rests on the swap test, "
+            "which changes the input and watches the prediction; attribution says where the network looks, and its "
+            "excess over the twin agrees with the swap test where both point the same way. Raw background "
+            "preference below 1 does not mean 'on the person': the twin, which cannot use the background, is the "
+            "reference.")
 
 
 GROUP_KEYS = ("arch", "regime", "bg_correlation")
@@ -87,7 +329,9 @@ GROUP_KEYS = ("arch", "regime", "bg_correlation")
 def summarize(rows: Sequence[Mapping]) -> list[dict]:
     """One row per (arch, regime, shortcut strength), first-seen order: ``<column>_mean``,
     ``<column>_std`` (sample standard deviation across seeds; None for a single seed),
-    ``seeds`` and the verdict counts. NaN values are left out of a column's mean."""
+    ``seeds``, with several seeds ``<column>_low`` / ``_high`` (seed-level 95% t-interval,
+    :func:`fgvc.analysis.stats.seed_interval`), and the verdict counts (cells that did not
+    learn count as "no verdict"). NaN values are left out of a column's mean."""
     groups: dict[tuple, list[Mapping]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in GROUP_KEYS), []).append(row)
@@ -102,8 +346,12 @@ def summarize(rows: Sequence[Mapping]) -> list[dict]:
             if column.interval and len(members) == 1:  # one seed: the spread is the bootstrap interval
                 summary[f"{column.name}_low"] = members[0].get(f"{column.name}_low", math.nan)
                 summary[f"{column.name}_high"] = members[0].get(f"{column.name}_high", math.nan)
+            elif values.size > 1:  # several seeds: the seed-level t-interval (covers training randomness)
+                interval = seed_interval(values.tolist())
+                summary[f"{column.name}_low"], summary[f"{column.name}_high"] = interval.low, interval.high
         verdicts = [r.get("verdict", UNDECIDED) for r in members]
         summary["verdict"] = "; ".join(f"{v} ({verdicts.count(v)}/{len(verdicts)})" for v in dict.fromkeys(verdicts))
+        summary["did_not_learn"] = sum(r.get("quality") == DID_NOT_LEARN for r in members)
         out.append(summary)
     return out
 
@@ -125,54 +373,113 @@ def _interval(row: Mapping, name: str) -> str:
 
 
 def cell_text(row: Mapping, column: TableColumn) -> str:
-    """A cell of the per-cell table: the value, with its 95% interval when it has one."""
-    return _interval(row, column.name) if column.interval else fmt(row.get(column.name))
+    """A cell of the per-cell table: the value, with its 95% interval when it has one; a
+    sanity column that reaches the flag threshold says so."""
+    text = _interval(row, column.name) if column.interval else fmt(row.get(column.name))
+    if column.name.endswith("_sanity") and float(row.get(column.name, math.nan)) >= FLAG_THRESHOLD:
+        text = f"FLAGGED {text}"
+    return text
 
 
 def summary_text(summary: Mapping, column: TableColumn) -> str:
-    """A cell of the summary table: mean ± sample std across seeds; with one seed, the
-    value and its bootstrap interval (no spread is shown for one seed)."""
+    """A cell of the summary table: with several seeds, mean ± sample std [seed-level 95%
+    t-interval]; with one seed, the value [bootstrap interval over images]."""
     mean, std = summary.get(f"{column.name}_mean"), summary.get(f"{column.name}_std")
+    spread = _interval({column.name: mean, f"{column.name}_low": summary.get(f"{column.name}_low"),
+                        f"{column.name}_high": summary.get(f"{column.name}_high")}, column.name)
     if std is not None and math.isfinite(float(std)):
-        return f"{fmt(mean)} ± {fmt(std)}"
-    if column.interval:
-        return _interval({column.name: mean, f"{column.name}_low": summary.get(f"{column.name}_low"),
-                          f"{column.name}_high": summary.get(f"{column.name}_high")}, column.name)
-    return fmt(mean)
+        return f"{fmt(mean)} ± {fmt(std)}" + (spread[len(fmt(mean)):] if column.interval else "")
+    return spread if column.interval else fmt(mean)
 
 
 def _keys(row: Mapping, dose: bool) -> list[str]:
     return [row["arch"], row["regime"], *([fmt(row["bg_correlation"], 2)] if dose else [])]
 
 
-def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float) -> list[Table]:
-    """The summary across seeds and the per-cell table, formatted."""
-    cols = columns()
+def interval_statement(rows: Sequence[Mapping]) -> str:
+    """What the intervals cover, said once for the report."""
+    seeds = len({r.get("seed") for r in rows})
+    if seeds <= 1:
+        return ("One seed: every interval is a bootstrap 95% interval over the analysed images only; it does not "
+                "cover training randomness (another seed can move a value by more than its interval).")
+    return (f"{seeds} seeds: per cell, bootstrap 95% intervals over images; in the summary, mean ± sample standard "
+            f"deviation across seeds [seed-level 95% t-interval, which covers training randomness]; regime "
+            f"differences: hierarchical bootstrap, seeds then images.")
+
+
+def _split(rows: Sequence[Mapping]) -> str:
+    splits = list(dict.fromkeys(r.get("split", "val") for r in rows))
+    return "/".join(splits) or "val"
+
+
+def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float,
+                  differences: Sequence[Mapping] = ()) -> list[Table]:
+    """The summary, the paired regime differences (when the grid has pairs) and the per-cell
+    table, formatted. Rows of cells that did not learn are marked ``muted`` (shown greyed)."""
+    split = _split(rows)
+    cols = columns(split)
     dose = any(r.get("bg_correlation") is not None for r in rows)
     keys = ["arch", "regime", *(["bg corr."] if dose else [])]
     legend = {c.header: c.what for c in cols}
     legend["verdict"] = ("reads the runway: No-FG above chance and BG-gap above 0 (95% intervals); reads the "
-                         "garment: Only-FG above chance, neither of the first two; else undecided")
-    note = (f"Chance level {chance:.3f}. With several seeds: mean ± sample standard deviation across seeds; with one "
-            f"seed: the value [bootstrap 95% interval over images]. Validation accuracy is the best-epoch value "
-            f"(best/val_acc).")
-    summary_table = Table("Summary across seeds", [*keys, "seeds", "verdict", *(c.header for c in cols)],
-                          [[*_keys(s, dose), str(s["seeds"]), s["verdict"], *(summary_text(s, c) for c in cols)]
-                           for s in summary], key_columns=len(keys) + 2, note=note, legend=legend)
-    cells_table = Table(f"Cells ({len(rows)})", [*keys, "seed", "run", "status", "verdict", *(c.header for c in cols)],
-                        [[*_keys(r, dose), str(r["seed"]), r["run_id"], r.get("status", ""), r["verdict"],
-                          *(cell_text(r, c) for c in cols)] for r in rows], key_columns=len(keys) + 4)
-    return [summary_table, cells_table]
+                         "garment: Only-FG above chance, neither of the first two; else undecided; no verdict when "
+                         f"the cell did not learn ({split} accuracy's interval not above {QUALITY_FACTOR:g} x chance)")
+    seeds = len({r.get("seed") for r in rows})
+    note = (f"Chance level {chance:.3f}; reported numbers on the {split} split (the best epoch is chosen on val). "
+            f"{interval_statement(rows)}")
+    title = "Summary (one seed)" if seeds <= 1 else f"Summary across {seeds} seeds"
+    summary_table = Table(title, [*keys, "seeds", "verdict", "did not learn", *(c.header for c in cols)],
+                          [[*_keys(s, dose), str(s["seeds"]), s["verdict"], str(s.get("did_not_learn", 0)),
+                            *(summary_text(s, c) for c in cols)] for s in summary],
+                          key_columns=len(keys) + 3, note=note, legend=legend,
+                          muted=[s.get("did_not_learn", 0) == s["seeds"] for s in summary])
+    tables = [summary_table]
+    if differences:
+        headers = [f"Δ {header}" for _, header, _ in DIFFERENCE_MEASURES]
+        tables.append(Table(
+            "Paired regime differences (same source images)",
+            ["arch", *(["bg corr."] if dose else []), "comparison", "seeds", *headers],
+            [[d["arch"], *([fmt(d["bg_correlation"], 2)] if dose else []), d["comparison"], str(d["seeds"]),
+              *(_interval(d, name) for name, _, _ in DIFFERENCE_MEASURES)] for d in differences],
+            key_columns=3 + dose,
+            note=(f"first regime minus second, per image on the same source {split} images of each seed, then "
+                  f"{'a hierarchical bootstrap (seeds, then images)' if seeds > 1 else 'a bootstrap over images'}: "
+                  f"an interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
+                  f"minus Mixed-Rand correctness."),
+            muted=[d.get("did_not_learn", 0) > 0 for d in differences]))
+    tables.append(Table(f"Cells ({len(rows)})", [*keys, "seed", "run", "status", "quality", "verdict",
+                                                 "masked twin", *(c.header for c in cols)],
+                        [[*_keys(r, dose), str(r["seed"]), r["run_id"], r.get("status", ""),
+                          r.get("quality", LEARNED), r["verdict"], r.get("twin", ""),
+                          *(cell_text(r, c) for c in cols)] for r in rows], key_columns=len(keys) + 6,
+                        muted=[r.get("quality") == DID_NOT_LEARN for r in rows],
+                        note="Greyed rows did not learn: their reliance numbers are shown but carry no verdict."))
+    return tables
 
 
-def markdown_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float) -> str:
-    """The report's tables in Markdown (study/results.md)."""
+def markdown_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float,
+                    differences: Sequence[Mapping] = ()) -> str:
+    """The report's tables in Markdown (study/results.md); the values of muted rows in italics."""
     lines = []
-    for table in report_tables(rows, summary, chance):
+    for table in report_tables(rows, summary, chance, differences):
         lines += [f"## {table.title}", ""] + ([table.note, ""] if table.note else [])
         lines += ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
-        lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in table.body]
+        muted = list(table.muted or [False] * len(table.body))
+        for row, grey in zip(table.body, muted):
+            cells = [str(v).replace("|", "\\|") for v in row]
+            lines.append("| " + " | ".join(f"_{c}_" if grey and i >= table.key_columns and c not in ("", "–") else c
+                                           for i, c in enumerate(cells)) + " |")
         if table.legend:
             lines += ["", "Columns:", ""] + [f"- **{h}**: {w}" for h, w in table.legend.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def terminal_table(rows: Sequence[Mapping]) -> str:
+    """The verdicts as plain text for the terminal: one line per cell."""
+    split = _split(rows)
+    head = ("cell", f"{split} acc", "quality", "verdict", "gradcam excess", "occlusion excess")
+    body = [(r.get("run_name", r.get("run_id", "")), _interval(r, "acc"), r.get("quality", LEARNED), r["verdict"],
+             _interval(r, "gradcam_excess"), _interval(r, "occlusion_excess")) for r in rows]
+    widths = [max(len(str(x)) for x in column) for column in zip(head, *body)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body))

@@ -64,6 +64,28 @@ class AnalysisOutcome:
     reused: dict[str, str] = field(default_factory=dict)  # method -> record run it came from
 
 
+def _headline(metrics: dict[str, float]) -> list[tuple[str, float, float | None, float | None]]:
+    """A method's headline numbers: every metric with an interval (``<m>_low``/``<m>_high``),
+    else its means; (name, value, low, high)."""
+    out = [(k, v, metrics[f"{k}_low"], metrics[f"{k}_high"]) for k, v in metrics.items()
+           if f"{k}_low" in metrics and f"{k}_high" in metrics]
+    return out or [(k, v, None, None) for k, v in metrics.items() if k.endswith(("_mean", "precision_at_1"))]
+
+
+def describe_outcome(outcome: AnalysisOutcome) -> str:
+    """What `analyze` prints: the record, and each method's headline numbers with their 95%
+    intervals (bootstrap over the analysed images)."""
+    lines = [f"analysis record run {outcome.record_run_id}:"]
+    for method, metrics in outcome.metrics.items():
+        where = "shown on the training run" if outcome.shown.get(method) else "record only"
+        reused = f", reused record {outcome.reused[method]}" if method in outcome.reused else ""
+        lines.append(f"  {method} ({where}{reused}; {int(metrics.get('num_images', 0))} images):")
+        for name, value, low, high in _headline(metrics):
+            interval = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
+            lines.append(f"    {name:<36} {value:.3f}{interval}")
+    return "\n".join(lines)
+
+
 def find_record(method: str, key: str) -> mlflow.entities.Run | None:
     """A finished analysis record of `method` with settings id `key`, in any experiment."""
     runs = MlflowClient().search_runs(

@@ -26,6 +26,7 @@ from fgvc.analysis.methods import METHODS
 from fgvc.config import digest
 from fgvc.errors import ConfigError
 from fgvc.study.config import Cell, StudyPlan
+from fgvc.study.tables import STUDY_OCCLUSION_FILL, report_split, runs_sanity
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.claims import Claim, claimed
 from fgvc.tracking.models import study_registered_name
@@ -55,17 +56,21 @@ def train_config(plan: StudyPlan, cell: Cell, roots: Roots, resume: bool | str =
 def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
                      image_size: tuple[int, int]) -> list[AnalyzeConfig]:
     """The cell's analyses: attribution and neighbours on its own regime's images, the
-    background swaps on the source images. The occlusion window defaults to a third of the
-    shorter image side, the stride to half the window."""
+    background swaps on the source images, on the test split when the root has one. The
+    occlusion window defaults to a third of the shorter image side, the stride to half the
+    window; the fill is the image's mean colour (see fgvc.study.tables.STUDY_OCCLUSION_FILL)."""
     window = plan.occlusion_window or max(4, round(min(image_size) / 3))
     stride = min(plan.occlusion_stride or max(1, window // 2), window)
     common = dict(model=model_uri, num_images=plan.num_images, seed=0, window=window, stride=stride,
-                  show_on_training_run=True, device=plan.device)
+                  fill=STUDY_OCCLUSION_FILL, show_on_training_run=True, device=plan.device)
     own = roots.root(cell)
-    return [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
-                          **common),
-            AnalyzeConfig(method=("shortcut",), data_root=str(roots.source),
-                          mask_root=roots.mask_root_for(roots.source), **common)]
+    configs = [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
+                             split=report_split(own), **common),
+               AnalyzeConfig(method=("shortcut",), data_root=str(roots.source),
+                             mask_root=roots.mask_root_for(roots.source), split=report_split(roots.source), **common)]
+    if runs_sanity(plan.cells(), cell):  # the maps' sanity check, once per architecture
+        configs.append(configs[0].replace(method=("sanity",), show_on_training_run=False))
+    return configs
 
 
 @dataclass

@@ -3,23 +3,32 @@ verdict summary that becomes the study run's description."""
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
 import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import mlflow
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from fgvc.analysis.methods import METHODS
 from fgvc.analysis.methods.attribution import AttributionMethod
 from fgvc.files import write_csv
 from fgvc.study.config import StudyPlan
-from fgvc.study.tables import columns, markdown_tables, report_tables
+from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, QUALITY_FACTOR, add_comparisons, attribution_vs_swap,
+                               columns, interval_statement, markdown_tables, report_split, report_tables,
+                               terminal_table)
 from fgvc.tracking.markdown import code
+from fgvc.tracking.runs import git_commit
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
 
 if TYPE_CHECKING:
-    from fgvc.tracking.study_run import CellResult
+    from fgvc.tracking.study_run import CellResult, StudyResult
 
 log = logging.getLogger("fgvc")
 
@@ -61,21 +70,158 @@ def _examples(results: list[CellResult], regimes: tuple[str, ...], tmp: Path) ->
     return out
 
 
+PER_IMAGE_METHODS = (*ATTRIBUTION, "shortcut")
+LIBRARIES = ("torch", "torchvision", "timm", "mlflow", "numpy")
+
+
+def _per_image(results: list[CellResult], tmp: Path) -> dict[tuple[str, str], dict[str, list]]:
+    """(cell run id, method) -> the columns of the method's per_image.csv in its record."""
+    out = {}
+    for result in results:
+        for method in PER_IMAGE_METHODS:
+            if method not in result.records:
+                continue
+            path = _download(result.records[method], f"analysis/{method}/per_image.csv",
+                             tmp / result.run_id / method)
+            if path is None:
+                continue
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                table: dict[str, list] = {k: [] for k in reader.fieldnames or ()}
+                for line in reader:
+                    for k, v in line.items():
+                        table[k].append(_number(v))
+            out[(result.run_id, method)] = table
+    return out
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def complete_rows(client: MlflowClient, results: list[CellResult], rows: list[dict], roots: dict,
+                  chance: float) -> list[dict]:
+    """Finish the rows (split, accuracy, quality gate, excess over the masked twin, sanity
+    columns) from the records' per-image files, tag and chart the cells, and return the
+    paired regime differences."""
+    for row, result in zip(rows, results):
+        row["split"] = report_split(roots[result.cell.bg_correlation].root(result.cell))
+    with tempfile.TemporaryDirectory(prefix="fgvc-per-image-") as tmp:
+        per_image = _per_image(results, Path(tmp))
+    differences = add_comparisons(rows, per_image, chance)
+    tag_cells(client, rows)
+    return differences
+
+
+def cell_tags(row: dict) -> dict[str, str]:
+    """The tags a cell run carries so the UI can filter and group by outcome."""
+    return {"fgvc.verdict": row["verdict"], "fgvc.quality": row.get("quality", ""),
+            "fgvc.report_split": row.get("split", "val")}
+
+
+def chart_metrics(row: dict) -> dict[str, float]:
+    """The cell's comparison numbers, logged once at step 0 so the chart view draws them as
+    bars across cells (a metric with one step per run is a bar chart there); NaN where a cell
+    has no such number, so every cell has the same metric names."""
+    split = row.get("split", "val")
+    values = {"compare/best_val_acc": row.get("val_acc"), f"compare/{split}_acc": row.get("acc"),
+              f"compare/{split}_acc_source_images": row.get("acc_source"),
+              "compare/no_fg_vs_chance": row.get("no_fg_vs_chance"), "compare/bg_gap": row.get("bg_gap")}
+    for method in ATTRIBUTION:
+        values[f"compare/{method}_excess_vs_masked_twin"] = row.get(f"{method}_excess")
+        values[f"compare/{method}_bg_preference"] = row.get(f"{method}_bg_preference")
+    out = {}
+    for k, v in values.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            out[k] = math.nan
+    return out
+
+
+def tag_cells(client: MlflowClient, rows: list[dict]) -> None:
+    now = int(time.time() * 1000)
+    for row in rows:
+        client.log_batch(row["run_id"], metrics=[Metric(k, v, now, 0) for k, v in chart_metrics(row).items()],
+                         tags=[RunTag(k, v) for k, v in cell_tags(row).items()])
+
+
+def _versions() -> str:
+    found = []
+    for name in LIBRARIES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def _sanity_figures(results: list[CellResult], tmp: Path) -> list[Example]:
+    out = []
+    for result in results:
+        if "sanity" in result.records:
+            path = _download(result.records["sanity"], "analysis/sanity/sanity_curve.png", tmp / "sanity" /
+                             result.run_id)
+            if path is not None:
+                out.append(Example(f"Sanity check ({result.cell.arch}, cell {result.cell.key}): rank correlation of "
+                                   f"each method's maps with the trained network's, as blocks are randomised from "
+                                   f"the head down; a method above the dashed line after full randomisation is "
+                                   f"flagged", path))
+    return out
+
+
+def report_location(client: MlflowClient, run_id: str) -> str:
+    """Where to open the report: a local path when the artifacts are on this machine, else a
+    link to the run's artifact page in the MLflow UI."""
+    uri = client.get_run(run_id).info.artifact_uri
+    if uri.startswith("file://") or "://" not in uri:
+        return str(Path(uri.removeprefix("file://")) / "study" / "report.html")
+    tracking = mlflow.get_tracking_uri()
+    if tracking.startswith("http"):
+        experiment = client.get_run(run_id).info.experiment_id
+        return (f"{tracking.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}/artifacts/study/report.html"
+                f"?workflowType=machine_learning")
+    return f"{uri}/study/report.html"
+
+
+def terminal_summary(result: StudyResult) -> str:
+    """What `study` prints: the verdict table and where the report is."""
+    lines = [f"study run {result.run_id}: {len(result.cells)} cells in {result.seconds:.0f} s",
+             terminal_table(result.rows)]
+    did_not_learn = sum(r.get("quality") == DID_NOT_LEARN for r in result.rows)
+    if did_not_learn:
+        lines.append(f"{did_not_learn} cell(s) did not learn (no verdict)")
+    lines.append(f"report: {report_location(MlflowClient(), result.run_id)}")
+    return "\n".join(lines)
+
+
 NOTES = (
     "Does a classifier recognise the garment, or the runway? Each cell trains one architecture on one data regime "
     "with one seed; every trained model is then probed. The verdict comes from the background-swap test, which "
     "changes the input and watches the prediction: a model reads the runway when the backdrop alone (No-FG) "
     "predicts the designer above chance and a backdrop of the right designer helps a pasted person (BG-gap > 0), "
     "both with their 95% intervals; it reads the garment when the person alone (Only-FG) suffices and neither "
-    "holds. Intervals are bootstrap 95% intervals over the analysed images.",
-    "Background preference (the headline of the attribution methods) is the share of attribution on the "
-    "background divided by the background's share of the image: 1 means no preference, above 1 attention on the "
-    "backdrop. The raw share beside it has no baseline (a uniform map already scores about the background's area "
-    "share). Grad-CAM and occlusion can disagree: Grad-CAM reads gradients at one layer (a coarse map whose cells "
-    "each cover figure and backdrop), occlusion measures the logit drop when a window is blanked out, i.e. use at "
-    "the input's resolution; where they differ, occlusion and the swap test are the closer measures of use.",
-    "Grad-CAM, occlusion and retrieval run on the validation images of the cell's own regime (masked cells on "
-    "masked images); the background-swap test runs on the source images for every cell. No-FG removes the person "
+    "holds. A cell whose accuracy's interval does not clear "
+    f"{QUALITY_FACTOR:g} x chance did not learn: it gets no verdict and its numbers are greyed.",
+    "Attribution is read against the masked twin: the same architecture, seed and shortcut strength trained on "
+    "background-removed images, explained on the same images (background-removed, as it was trained). The "
+    "occlusion fill is the image's mean colour: a black fill would change nothing on the twin's black "
+    "background and give it no background attribution by construction. The headline is the excess background "
+    "preference, "
+    "the unmasked cell's minus its twin's, with a paired bootstrap interval; above 0 means more attribution on the "
+    "backdrop than a network that cannot use it. Background preference alone (share of attribution on the "
+    "background over the background's share of the image, beside it as raw) has no fixed no-reliance value: a "
+    "network that ignores the background does not score 1, its masked twin's score is the reference. Grad-CAM "
+    "and occlusion can disagree: Grad-CAM reads gradients at one layer (a coarse map whose cells each cover "
+    "figure and backdrop), occlusion measures the logit drop when a window is blanked out, i.e. use at the "
+    "input's resolution. Each architecture's maps are sanity-checked by randomising the network (Adebayo et al., "
+    "NeurIPS 2018): a method whose maps survive full randomisation is flagged.",
+    "Grad-CAM, occlusion and retrieval run on the test images (val when a root has no test split) of the cell's "
+    "own regime (masked cells on masked images); the background-swap test runs on the source images for every "
+    "cell. No-FG removes the person "
     "and fills its whole bounding region from the backdrop around it, so no silhouette is left to read; "
     "Mixed-Same / Mixed-Rand paste the person on the No-FG backdrop of another image of the same / a different "
     "designer.",
@@ -83,22 +229,29 @@ NOTES = (
 
 
 def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dict, image_size, num_classes: int,
-                  results: list[CellResult], rows: list[dict], summary: list[dict]) -> str:
+                  results: list[CellResult], rows: list[dict], summary: list[dict],
+                  differences: list[dict] = ()) -> str:
     """The study run's files; returns the Markdown verdict summary (the run's description)."""
     chance = 1.0 / num_classes
-    cols = columns()
+    split = rows[0].get("split", "val") if rows else "val"
+    cols = columns(split)
+    relation = attribution_vs_swap(rows)
     with tempfile.TemporaryDirectory(prefix="fgvc-study-") as tmp:
         tmp = Path(tmp)
         out = tmp / "study"
         out.mkdir()
         write_csv(out / "results.csv", rows)
         write_csv(out / "summary.csv", summary)
-        tables = markdown_tables(rows, summary, chance)
-        (out / "results.md").write_text(f"# Background-reliance study `{run_id}`\n\n{tables}", encoding="utf-8")
-        figures = [Example("Validation accuracy against background reliance, one point per cell",
+        if differences:
+            write_csv(out / "regime_differences.csv", differences)
+        tables = markdown_tables(rows, summary, chance, differences)
+        (out / "results.md").write_text(f"# Background-reliance study `{run_id}`\n\n{relation}\n\n{tables}",
+                                        encoding="utf-8")
+        figures = [Example(f"{split.capitalize()} accuracy against background reliance, one point per cell",
                            save_reliance_scatter(out / "accuracy_vs_background_reliance.png", rows, chance)),
                    Example("Per-regime values (error bars: spread across seeds, or the 95% interval for one seed)",
-                           save_regime_bars(out / "regime_bars.png", summary, cols, chance=chance))]
+                           save_regime_bars(out / "regime_bars.png", summary, cols, chance=chance)),
+                   *_sanity_figures(results, tmp / "downloads")]
         if len(plan.bg_correlations) > 1:
             figures.insert(0, Example("Dose-response: each measure against the planted shortcut strength",
                                       save_dose_response(out / "dose_response.png", summary, chance)))
@@ -110,15 +263,28 @@ def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dic
                          f"{', '.join(map(str, plan.seeds))}" + (
                              f" × shortcut strengths {', '.join(f'{b:g}' for b in plan.bg_correlations)}"
                              if len(plan.bg_correlations) > 1 else ""),
-                 "training": f"{plan.epochs} epochs, batch {plan.batch_size}, lr_head {plan.lr_head}; validation "
-                             f"accuracy = best epoch (best/val_acc)",
-                 "analysis": f"{plan.num_images} validation images per cell (seed 0); bootstrap 95% intervals",
-                 "classes": f"{num_classes} (chance {chance:.3f})", "image size": f"{image_size[0]}x{image_size[1]}"}
-        page = build_report(f"Background-reliance study ({plan.preset})", setup, report_tables(rows, summary, chance),
-                            figures, _examples(results, plan.regimes, tmp / "downloads"), notes=NOTES)
+                 "planted shortcut strength": ", ".join(
+                     f"{r.demo.bg_correlation:g}" for r in roots.values() if r.demo is not None) or
+                     "none planted (not demo data)",
+                 "training": f"{plan.epochs} epochs, batch {plan.batch_size}, lr_head {plan.lr_head}; best epoch "
+                             f"chosen on val (best/val_acc)",
+                 "reported split": f"{split}" + ("" if split == "test" else " (the roots have no test split: "
+                                                 "numbers come from the split that chose the epoch, optimistic)"),
+                 "analysis": f"{plan.num_images} {split} images per cell (seed 0); {interval_statement(rows)}",
+                 "quality gate": f"accuracy's 95% interval above {QUALITY_FACTOR:g} x chance "
+                                 f"({QUALITY_FACTOR * chance:.3f})",
+                 "classes": f"{num_classes} (chance {chance:.3f})",
+                 "image size": f"{image_size[0]}×{image_size[1]} (height × width)",
+                 "commit": git_commit(), "libraries": _versions()}
+        page = build_report(f"Background-reliance study ({plan.preset})", setup,
+                            report_tables(rows, summary, chance, differences), figures,
+                            _examples(results, plan.regimes, tmp / "downloads"), notes=(*NOTES, relation))
         (out / "report.html").write_text(page, encoding="utf-8")
         client.log_artifacts(run_id, str(out), "study")
-    lines = [f"Background-reliance study ({plan.preset}): {len(rows)} cells.", ""]
+    did_not_learn = sum(r.get("quality") == DID_NOT_LEARN for r in rows)
+    lines = [f"Background-reliance study ({plan.preset}): {len(rows)} cells"
+             + (f", {did_not_learn} did not learn (no verdict)." if did_not_learn else "."), ""]
     lines += [f"- {code(r['run_name'])}: **{r['verdict']}** ({r['verdict_reason']})" for r in rows]
+    lines += ["", relation]
     lines += ["", "Tables: `study/results.md`, `study/results.csv`; report: `study/report.html`."]
     return "\n".join(lines)

@@ -43,14 +43,13 @@ from fgvc.errors import ConfigError
 from fgvc.masking import MaskConfig
 from fgvc.study.config import PRESETS, Cell, StudyConfig, StudyPlan
 from fgvc.study.executors import RayExecutor, run_local
-from fgvc.study.tables import (RUNWAY, cell_values, summarize, verdict,
-                               verdict_reason)
+from fgvc.study.tables import DID_NOT_LEARN, RUNWAY, cell_values, summarize, verdict, verdict_reason
 from fgvc.tracking.claims import claimed
 from fgvc.tracking.mask_run import run_mask
 from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
                                 git_commit, log_params)
 from fgvc.tracking.study_cell import CellJob, CellResult, run_cell, train_config  # noqa: F401 (train_config)
-from fgvc.tracking.study_report import write_outputs
+from fgvc.tracking.study_report import complete_rows, write_outputs
 
 log = logging.getLogger("fgvc")
 
@@ -283,14 +282,16 @@ def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) ->
             results = executor(run_cell, jobs, on_done)
             chance = 1.0 / info.num_classes
             rows = [cell_row(client, r, chance) for r in results]
+            differences = complete_rows(client, results, rows, roots, chance)
             summary = summarize(rows)
             description = write_outputs(client, run_id, plan, roots, info.image_size, info.num_classes, results,
-                                        rows, summary)
+                                        rows, summary, differences)
             seconds = time.perf_counter() - start
             counts = {s: sum(r.status == s for r in results) for s in ("trained", "resumed", "reused")}
             now = int(time.time() * 1000)
             totals = {"study/cells": len(results), **{f"study/cells_{k}": v for k, v in counts.items()},
                       "study/cells_reading_the_runway": sum(r["verdict"] == RUNWAY for r in rows),
+                      "study/cells_did_not_learn": sum(r.get("quality") == DID_NOT_LEARN for r in rows),
                       "time/study_s": seconds}
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()],
                              tags=[RunTag(DESCRIPTION, description)])

@@ -81,3 +81,40 @@ def save_bar_chart(
     ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
     fig.subplots_adjust(left=0.14, right=0.97, top=0.88, bottom=0.28)
     return save(fig, path)
+
+
+def save_sanity_curve(path: PathLike, steps: dict[str, Sequence[str]],
+                      curves: dict[str, Sequence[tuple[float, float, float]]], threshold: float) -> Path:
+    """The randomisation test's classic curve: x = blocks randomised from the head down
+    (``steps[method]``, step 0 = none), y = mean rank correlation with the trained network's
+    maps, a band for the 95% interval per method and a dashed line at the flag ``threshold``.
+    Written as PNG and, beside it, SVG. Size: 500 x 350 px."""
+    fig = new_figure((5.0, 3.5))
+    ax = fig.add_subplot()
+    colours = ("#d73027", "#4575b4", "#1a9850", "#984ea3", "#a65628")
+    labels: Sequence[str] = ()
+    for i, (method, points) in enumerate(curves.items()):
+        x = np.arange(len(points))
+        estimate, low, high = (np.array([p[k] for p in points], dtype=float) for k in range(3))
+        ax.plot(x, estimate, marker="o", color=colours[i % len(colours)], label=method, linewidth=1.4)
+        ax.fill_between(x, low, high, color=colours[i % len(colours)], alpha=0.15, linewidth=0)
+        labels = steps[method]
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"flag threshold {threshold:g}")
+    ax.axhline(0.0, color="grey", linewidth=0.6)
+    ax.set_xticks(np.arange(len(labels)), list(labels), rotation=25, ha="right", fontsize=7)
+    ax.set_xlabel("blocks randomised (cumulative, head first)", fontsize=8)
+    ax.set_ylabel("Spearman correlation with trained maps", fontsize=8)
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.05)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.13, right=0.97, top=0.95, bottom=0.32)
+    return save_with_svg(fig, path)
+
+
+def save_with_svg(fig, path: PathLike) -> Path:
+    """Write ``fig`` as SVG (vector, for print) beside the PNG that :func:`save` writes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path.with_suffix(".svg"), format="svg")
+    return save(fig, path)

@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fgvc.viz._figure import PathLike, new_figure, save
+from fgvc.viz._figure import PathLike, new_figure
+from fgvc.viz.plots import save_with_svg
 
 REGIME_COLOURS = {"unmasked": "#d73027", "unmasked+aug": "#fc8d59", "masked": "#4575b4", "masked+aug": "#91bfdb"}
 ARCH_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -28,10 +29,11 @@ FALLBACK_COLOURS = ("#1a9850", "#984ea3", "#a65628", "#999999")
 # (column, axis label) of the reliance measures drawn against accuracy / shortcut strength.
 RELIANCE_MEASURES = (("no_fg_vs_chance", "No-FG accuracy / chance (backdrop alone)"),
                      ("bg_gap", "BG-gap (Mixed-Same - Mixed-Rand)"),
-                     ("gradcam_bg_preference", "Grad-CAM background preference (1 = none)"),
-                     ("occlusion_bg_preference", "occlusion background preference (1 = none)"))
-REFERENCE_LINES = {"no_fg_vs_chance": 1.0, "bg_gap": 0.0, "gradcam_bg_preference": 1.0,
-                   "occlusion_bg_preference": 1.0}
+                     ("gradcam_excess", "Grad-CAM bg preference - masked twin's"),
+                     ("occlusion_excess", "occlusion bg preference - masked twin's"))
+DOSE_MEASURES = RELIANCE_MEASURES + (("gradcam_bg_preference", "Grad-CAM background preference (raw)"),
+                                     ("occlusion_bg_preference", "occlusion background preference (raw)"))
+REFERENCE_LINES = {"no_fg_vs_chance": 1.0, "bg_gap": 0.0, "gradcam_excess": 0.0, "occlusion_excess": 0.0}
 
 
 def _colour(regime: str, order: Sequence[str]) -> str:
@@ -51,6 +53,17 @@ def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
+def _fit(ax, values: Sequence[float], axis: str, include: Sequence[float] = ()) -> None:
+    """Fit an axis to the finite ``values`` (and the reference values in ``include``) with a
+    5% margin, instead of a fixed 0-1 range that squeezes every point into a corner."""
+    finite = [float(v) for v in (*values, *include) if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    margin = 0.05 * (high - low) if high > low else 0.05 * max(abs(high), 1.0)
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(low - margin, high + margin)
+
+
 def _rgb(hex_colour: str) -> tuple[float, float, float]:
     hex_colour = hex_colour.lstrip("#")
     return tuple(int(hex_colour[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
@@ -62,36 +75,48 @@ def _rgb(hex_colour: str) -> tuple[float, float, float]:
 
 def save_reliance_scatter(path: PathLike, rows: Sequence[Mapping], chance: float | None = None,
                           measures=RELIANCE_MEASURES) -> Path:
-    """Validation accuracy (y) against each measure of background reliance (x), one point per
-    cell (colour = regime, marker = architecture), with the 95% interval as a horizontal bar
-    and the no-reliance value as a dashed line. Size: 300 px per panel x 400 px."""
+    """Accuracy (y: ``acc``, the reported split, else best-epoch ``val_acc``) against each
+    measure of background reliance (x), one point per cell (colour = regime, marker =
+    architecture), the 95% intervals as bars, the no-reliance value as a dashed line; axes
+    fitted to the data. Size: 300 px per panel x 400 px; PNG and SVG."""
+    accuracy = "acc" if any(math.isfinite(_value(r, "acc")) for r in rows) else "val_acc"
     regimes = _ordered(r["regime"] for r in rows)
     archs = _ordered(r["arch"] for r in rows)
     fig = new_figure((3.0 * len(measures), 4.0))
     axes = np.atleast_1d(fig.subplots(1, len(measures), sharey=True))
     for ax, (key, label) in zip(axes, measures):
         for row in rows:
-            x, y = _value(row, key), _value(row, "val_acc")
+            x, y = _value(row, key), _value(row, accuracy)
             low, high = _value(row, f"{key}_low"), _value(row, f"{key}_high")
+            y_low, y_high = _value(row, f"{accuracy}_low"), _value(row, f"{accuracy}_high")
             colour = _colour(row["regime"], regimes)
             if math.isfinite(low) and math.isfinite(high):
                 ax.errorbar(x, y, xerr=[[max(x - low, 0)], [max(high - x, 0)]], color=colour, lw=0.8, capsize=2)
+            if math.isfinite(y_low) and math.isfinite(y_high):
+                ax.errorbar(x, y, yerr=[[max(y - y_low, 0)], [max(y_high - y, 0)]], color=colour, lw=0.8, capsize=2)
             ax.scatter(x, y, s=36, color=colour, marker=ARCH_MARKERS[archs.index(row["arch"]) % len(ARCH_MARKERS)],
                        edgecolors="black", linewidths=0.5, zorder=3)
         if key in REFERENCE_LINES:
             ax.axvline(REFERENCE_LINES[key], color="black", linestyle="--", linewidth=1)
+        _fit(ax, [_value(r, k) for r in rows for k in (key, f"{key}_low", f"{key}_high")], "x",
+             [REFERENCE_LINES[key]] if key in REFERENCE_LINES else [])
         ax.set_xlabel(label, fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy (best epoch)", fontsize=8)
-    axes[0].set_ylim(-0.02, 1.02)
+    split = next((r.get("split") for r in rows if r.get("split")), "val")
+    axes[0].set_ylabel(f"{split} accuracy" if accuracy == "acc" else "validation accuracy (best epoch)", fontsize=8)
+    _fit(axes[0], [_value(r, k) for r in rows for k in (accuracy, f"{accuracy}_low", f"{accuracy}_high")], "y")
+    low, high = axes[0].get_ylim()
+    if chance is not None and low <= chance <= high:  # chance is drawn when the data reach down to it
+        for ax in axes:
+            ax.axhline(chance, color="grey", linestyle=":", linewidth=1)
     handles = [axes[0].scatter([], [], color=_colour(g, regimes), marker="o", edgecolors="black", linewidths=0.5,
                                label=g) for g in regimes]
     handles += [axes[0].scatter([], [], color="white", marker=ARCH_MARKERS[i % len(ARCH_MARKERS)], edgecolors="black",
                                 linewidths=0.8, label=a) for i, a in enumerate(archs)]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=7, frameon=False)
     fig.subplots_adjust(left=0.06, right=0.99, top=0.86, bottom=0.14, wspace=0.08)
-    return save(fig, path)
+    return save_with_svg(fig, path)
 
 
 def _spread(summary: Mapping, key: str) -> tuple[float, float]:
@@ -106,8 +131,8 @@ def _spread(summary: Mapping, key: str) -> tuple[float, float]:
 
 
 def save_regime_bars(path: PathLike, summary: Sequence[Mapping], columns: Sequence, chance: float | None = None,
-                     keys: Sequence[str] = ("val_acc", "no_fg_vs_chance", "bg_gap", "gradcam_bg_preference",
-                                            "occlusion_bg_preference")) -> Path:
+                     keys: Sequence[str] = ("acc", "acc_source", "no_fg_vs_chance", "bg_gap", "gradcam_excess",
+                                            "occlusion_excess")) -> Path:
     """One panel per measure: a group of bars per regime, one bar per architecture, error bars
     = spread across seeds (or, for one seed, the 95% interval). Size: 300 px per panel x 350."""
     headers = {c.name: c.header for c in columns}
@@ -130,6 +155,8 @@ def save_regime_bars(path: PathLike, summary: Sequence[Mapping], columns: Sequen
                    edgecolor="black", linewidth=0.4, capsize=2, label=arch)
         if key in REFERENCE_LINES:
             ax.axhline(REFERENCE_LINES[key], color="black", linestyle="--", linewidth=1)
+        if key.startswith("acc") and chance is not None:
+            ax.axhline(chance, color="grey", linestyle=":", linewidth=1)
         ax.set_title(headers[key], fontsize=9)
         ax.set_xticks(positions, regimes, rotation=30, ha="right", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
@@ -137,11 +164,11 @@ def save_regime_bars(path: PathLike, summary: Sequence[Mapping], columns: Sequen
     if len(archs) > 1:
         axes[0].legend(fontsize=6, title="arch (darker = later)", title_fontsize=6)
     fig.subplots_adjust(left=0.05, right=0.99, top=0.9, bottom=0.25, wspace=0.3)
-    return save(fig, path)
+    return save_with_svg(fig, path)
 
 
 def save_dose_response(path: PathLike, summary: Sequence[Mapping], chance: float | None = None,
-                       measures=RELIANCE_MEASURES) -> Path:
+                       measures=DOSE_MEASURES) -> Path:
     """Each measure (y) against the planted shortcut strength `bg_correlation` (x), one line
     per (architecture, regime), error bars as in :func:`save_regime_bars`. A measure that
     tracks the planted strength for unmasked models and stays flat for masked ones is
@@ -167,7 +194,7 @@ def save_dose_response(path: PathLike, summary: Sequence[Mapping], chance: float
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     fig.subplots_adjust(left=0.05, right=0.99, top=0.88, bottom=0.16, wspace=0.3)
-    return save(fig, path)
+    return save_with_svg(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +224,7 @@ class Table:
     key_columns: int = 2
     note: str = ""
     legend: Mapping[str, str] | None = None  # header -> what it measures
+    muted: Sequence[bool] | None = None  # per body row: shown greyed (e.g. a cell that did not learn)
 
 
 STYLE = """
@@ -207,6 +235,7 @@ table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f2f2f2; } td.key, th.key { text-align: left; }
 td.runway { background: #fde0dc; } td.garment { background: #e0ecf8; }
+tr.muted td { color: #999; background: #f7f7f7; font-style: italic; }
 code { font-size: 11px; } figure { display: inline-block; margin: 4px 10px 10px 0; vertical-align: top; }
 figcaption { font-size: 11px; color: #555; max-width: 420px; }
 img { max-width: 100%; } .note { color: #555; font-size: 13px; max-width: 1100px; }
@@ -230,9 +259,11 @@ def _table(table: Table) -> str:
         out.append(f'<p class="note">{html.escape(table.note)}</p>')
     out += ["<table>", "<tr>" + "".join(f"<th{_cell_class('', i < table.key_columns)}>{html.escape(str(h))}</th>"
                                         for i, h in enumerate(table.header)) + "</tr>"]
-    for row in table.body:
-        out.append("<tr>" + "".join(f"<td{_cell_class(str(v), i < table.key_columns)}>{html.escape(str(v))}</td>"
-                                    for i, v in enumerate(row)) + "</tr>")
+    muted = list(table.muted or [False] * len(table.body))
+    for row, grey in zip(table.body, muted):
+        out.append(('<tr class="muted">' if grey else "<tr>") + "".join(
+            f"<td{_cell_class(str(v), i < table.key_columns)}>{html.escape(str(v))}</td>"
+            for i, v in enumerate(row)) + "</tr>")
     out.append("</table>")
     if table.legend:
         out.append("<dl>" + "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(w)}</dd>"
