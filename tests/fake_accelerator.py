@@ -27,6 +27,19 @@ class OnAccelerator(torch.Tensor):
         with FakeAccelerator():  # outside the mode too, ops keep the device rules
             return func(*args, **(kwargs or {}))
 
+    def __deepcopy__(self, memo):
+        """A copy stays on the accelerator (as `copy.deepcopy` of a CUDA model does), a
+        parameter stays a parameter."""
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch._C.DisableTorchFunctionSubclass():
+            data = self.detach().clone()
+        copied = data.as_subclass(OnAccelerator)
+        if isinstance(self, nn.Parameter):
+            copied = nn.Parameter(copied, self.requires_grad)
+        memo[id(self)] = copied
+        return copied
+
 
 def _to_cpu(t):
     return t.as_subclass(torch.Tensor) if isinstance(t, OnAccelerator) else t

@@ -64,7 +64,8 @@ def randomise_(modules: list[nn.Module], seed: int) -> None:
     """Re-initialise, in place, every submodule of ``modules`` that knows how
     (``reset_parameters``: PyTorch's default initialisation; BatchNorm also forgets its running
     statistics), from the torch generator seeded with ``seed``."""
-    with torch.random.fork_rng(devices=[]):
+    cuda = sorted({p.device.index or 0 for top in modules for p in top.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # the caller's random state is left as it was
         torch.manual_seed(seed)
         for top in modules:
             for module in top.modules():

@@ -55,7 +55,7 @@ class SanityMethod(AnalysisMethod):
         else:
             device = next(model.parameters()).device
             with eval_mode(model), torch.no_grad():
-                targets = torch.cat([model(images[i:i + cfg.batch_size].to(device)).argmax(1).cpu()
+                targets = torch.cat([model(images[i:i + cfg.batch_size].to(device)).argmax(1)
                                      for i in range(0, len(images), cfg.batch_size)])
         methods = attribution_methods()
         curves = cascading_randomisation(model, images, targets,
