@@ -104,10 +104,10 @@ def train_concurrently(root: Path, cwd: Path, envs: list[dict], *extra: str) -> 
              for seed, env in enumerate(envs)]
     run_ids = []
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         assert "database is locked" not in err
-        run_ids.append(RUN_DONE.search(err).group(1))
+        run_ids.append(RUN_DONE.search(out).group(1))  # the command's last line, on stdout
     return run_ids
 
 
