@@ -13,8 +13,11 @@ os.environ.setdefault("FGVC_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
-
-
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the machine's cores: one thread each (and in the processes they
+    # start), so they do not slow each other down by oversubscription.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 def pytest_configure(config):
     """Pin the suite to the CPU, this process and every subprocess it starts, so it passes
@@ -55,8 +58,11 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     import mlflow
+    from mlflow.tracking import fluent
 
     mlflow.set_tracking_uri(uri)
+    # The experiment an earlier test set in this process belongs to its store, not this one.
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
     yield uri
     while mlflow.active_run() is not None:
         mlflow.end_run()
