@@ -140,6 +140,15 @@ def test_a_model_of_background_removed_images_warns_about_raw_photos_in_one_line
     assert mlflow.models.get_model_info("models:/fgvc-fn-small/1").metadata == {
         "fgvc.regime": "unmasked", "fgvc.background_removed": False}
 
+    # logging it as an MLflow model (MLflow loads it to check the input example) says nothing
+    from fgvc.tracking.models import log_model
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fgvc"), mlflow.start_run():
+        info = log_model(tmp_path / "masked.pt", np.zeros((1, 40, 30, 3), dtype=np.uint8), 1, {}, "masked+aug")
+    assert not [r.getMessage() for r in caplog.records if "background-removed" in r.getMessage()]
+    assert info.metadata["fgvc.background_removed"] is True
+
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(registered):

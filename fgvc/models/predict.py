@@ -10,6 +10,7 @@ own input normalisation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -280,6 +281,19 @@ class Predictor:
         self.device, self.batch_size = serving_device(device), batch_size
         self.model, self.label_names, self.resize = model.to(self.device).eval(), list(label_names), resize
 
+    _loading_quietly = 0  # > 0 inside loading_quietly()
+
+    @classmethod
+    @contextlib.contextmanager
+    def loading_quietly(cls):
+        """Loads inside say nothing about raw photos: MLflow loading a model it is logging (to
+        check its input example) is not somebody about to send photos."""
+        cls._loading_quietly += 1
+        try:
+            yield
+        finally:
+            cls._loading_quietly -= 1
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = "auto",
                         quiet: bool = False) -> "Predictor":
@@ -291,7 +305,7 @@ class Predictor:
         model = model_from_checkpoint(ckpt, str(path))
         names = ckpt.get("label_names") or [str(i) for i in range(model.num_classes)]
         regime = ckpt.get("regime")
-        if not quiet and regime in REGIMES and REGIMES.get(regime).masked:
+        if not (quiet or cls._loading_quietly) and regime in REGIMES and REGIMES.get(regime).masked:
             log.warning("this model (regime %s) was trained on background-removed images: give it "
                         "background-removed images (fgvc mask); raw photos get predictions it was not "
                         "validated on", regime)

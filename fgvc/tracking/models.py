@@ -75,12 +75,13 @@ def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[st
         # truncated to a black one); the model checks its input itself (uint8 arrays of any
         # size, or base64 JPEG/PNG in a column `image`) and refuses anything else.
         signature = ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
-            code_paths=[str(Path(fgvc.__file__).parent)], signature=signature, input_example=example,
-            pip_requirements=requirements(), step=step,
-            metadata={"fgvc.regime": regime, "fgvc.background_removed": background_removed(regime)}
-            if regime else None)
+        with Predictor.loading_quietly():
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+                code_paths=[str(Path(fgvc.__file__).parent)], signature=signature, input_example=example,
+                pip_requirements=requirements(), step=step,
+                metadata={"fgvc.regime": regime, "fgvc.background_removed": background_removed(regime)}
+                if regime else None)
     mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
     return info
 
