@@ -91,3 +91,17 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+def lazy_exports(package: str, exports: dict[str, str], namespace: dict):
+    """A package's ``__getattr__`` (PEP 562) that imports ``exports[name]`` (a module path) on
+    first use of ``name`` and keeps the value in ``namespace`` (the package's globals), so
+    importing a light submodule of the package (a config the command line reads) does not
+    import the heavy ones."""
+    def __getattr__(name: str):
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(exports[name]), name)
+        namespace[name] = value
+        return value
+    return __getattr__

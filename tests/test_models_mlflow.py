@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from stores import store_with_a_trained_model
 from fgvc.cli import main
 from fgvc.data.shards import read_label_map
 from fgvc.models.predict import Predictor
@@ -29,13 +30,7 @@ from test_models_original import reference, save_original
 def registered(tiny_root, tmp_path_factory):
     """A store with an fn-small trained by fgvc and a ResNet-18 checkpoint of the original scripts."""
     base = tmp_path_factory.mktemp("models")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base}/mlflow.db")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        done = CliRunner().invoke(main, ["train", "--arch", "fn-small", "--epochs", "1", "--batch-size", "8",
-                                         "--num-workers", "0", "--data-root", str(tiny_root)])
-        assert done.exit_code == 0, done.output
+    with store_with_a_trained_model(tiny_root, base):
         yield base
 
 

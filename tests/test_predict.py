@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from stores import store_with_a_trained_model
 from fgvc.cli import main
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.shards import read_label_map
@@ -19,13 +20,7 @@ from fgvc.data.shards import read_label_map
 @pytest.fixture(scope="module")
 def store(tiny_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("predict")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(base)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base}/mlflow.db")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        done = CliRunner().invoke(main, ["train", "--arch", "fn-small", "--epochs", "1", "--batch-size", "8",
-                                         "--num-workers", "0", "--data-root", str(tiny_root)])
-        assert done.exit_code == 0, done.output
+    with store_with_a_trained_model(tiny_root, base):
         yield base
 
 

@@ -20,7 +20,6 @@ truth and the split checked.
 
 from __future__ import annotations
 
-import colorsys
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
@@ -29,16 +28,12 @@ from pathlib import Path
 import torch
 
 from fgvc.data.config import DemoConfig  # noqa: F401  (defined there, torch-free, for the CLI)
+from fgvc.data.paint import PATTERNS, garment_pattern, hsv, shift_hue  # noqa: F401 (PATTERNS)
 from fgvc.data.shards import make_shard, shard_name, write_json, write_label_map, write_shard
 from fgvc.devices import intra_op_threads
 from fgvc.errors import ConfigError
 
-PATTERNS = ("solid", "hstripes", "vstripes", "checks", "dots", "diagonal")
 SILHOUETTES = ("straight", "a-line", "trousers")
-
-
-def _rgb(h: float, s: float, v: float) -> torch.Tensor:
-    return torch.tensor(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=torch.float32)
 
 
 @dataclass
@@ -66,8 +61,8 @@ def designer_signatures(cfg: DemoConfig) -> list[Designer]:
         hue = d / cfg.num_designers
         offset = 0.25 + 0.5 * float(torch.rand(1, generator=g))
         out.append(Designer(
-            primary=_rgb(hue, 0.75, 0.85),
-            secondary=_rgb(hue + offset, 0.5, 0.35 + 0.5 * float(torch.rand(1, generator=g))),
+            primary=hsv(hue, 0.75, 0.85),
+            secondary=hsv(hue + offset, 0.5, 0.35 + 0.5 * float(torch.rand(1, generator=g))),
             pattern=PATTERNS[d % len(PATTERNS)],
             silhouette=SILHOUETTES[(d // len(PATTERNS) + d) % len(SILHOUETTES)],
             period=3 + int(torch.randint(0, 4, (1,), generator=g)),
@@ -82,11 +77,11 @@ def venue_backdrops(cfg: DemoConfig) -> list[Venue]:
         # Hues interleaved against the designers' so a venue is not a garment colour cue.
         hue = (v + 0.5) / cfg.venues + 0.37
         out.append(Venue(
-            wall=_rgb(hue, 0.35 + 0.4 * float(torch.rand(1, generator=g)), 0.25 + 0.6 * float(torch.rand(1, generator=g))),
-            floor=_rgb(hue + 0.5, 0.3, 0.2 + 0.5 * float(torch.rand(1, generator=g))),
+            wall=hsv(hue, 0.35 + 0.4 * float(torch.rand(1, generator=g)), 0.25 + 0.6 * float(torch.rand(1, generator=g))),
+            floor=hsv(hue + 0.5, 0.3, 0.2 + 0.5 * float(torch.rand(1, generator=g))),
             horizon=0.62 + 0.2 * float(torch.rand(1, generator=g)),
             lights=int(torch.randint(0, 5, (1,), generator=g)),
-            light_colour=_rgb(hue + 0.1, 0.15, 1.0),
+            light_colour=hsv(hue + 0.1, 0.15, 1.0),
         ))
     return out
 
@@ -119,7 +114,7 @@ EXPOSURE, HORIZON, LIGHT_PHASE, SCALE, CENTRE, TOP, SKIN, TINT = range(8)
 JITTER_COLUMNS = 9  # one spare column keeps the draw layout stable if a cue is added
 
 # hsv_to_rgb is linear in v, so a skin tone of value v is v times this colour.
-SKIN_AT_FULL_VALUE = _rgb(0.07, 0.45, 1.0)
+SKIN_AT_FULL_VALUE = hsv(0.07, 0.45, 1.0)
 
 
 def _shots(cfg: DemoConfig, designers: list[Designer], venues: list[Venue], labels: torch.Tensor,
@@ -141,26 +136,6 @@ def _shots(cfg: DemoConfig, designers: list[Designer], venues: list[Venue], labe
         jitter=torch.rand(b, JITTER_COLUMNS, generator=g),
         noise=torch.randn(b, 3, cfg.height, cfg.width, generator=g),
     )
-
-
-def _stripes(coord: torch.Tensor, period: torch.Tensor) -> torch.Tensor:
-    return (coord.div(period, rounding_mode="floor") % 2) == 0
-
-
-def _pattern(kind: str, ys: torch.Tensor, xs: torch.Tensor, period: torch.Tensor) -> torch.Tensor:
-    """Boolean, broadcast of ys [B, H, 1] and xs [B, 1, W] (integer pixel coordinates relative
-    to the garment): where the secondary colour shows."""
-    if kind == "solid":
-        return torch.zeros(torch.broadcast_shapes(ys.shape, xs.shape), dtype=torch.bool)
-    if kind == "hstripes":
-        return _stripes(ys, period).expand(-1, -1, xs.shape[2])
-    if kind == "vstripes":
-        return _stripes(xs, period).expand(-1, ys.shape[1], -1)
-    if kind == "checks":
-        return _stripes(ys, period) == _stripes(xs, period)
-    if kind == "dots":
-        return ((ys % (2 * period)) < period / 1.5) & ((xs % (2 * period)) < period / 1.5)
-    return _stripes(ys + xs, period)  # diagonal
 
 
 # Colour layers of a photo; each pixel shows one, then exposure, shading and noise apply.
@@ -221,7 +196,7 @@ def render_shots(cfg: DemoConfig, shots: Shots) -> tuple[torch.Tensor, torch.Ten
     for k, kind in enumerate(PATTERNS):
         chosen = (shots.pattern == k).nonzero().flatten()
         if len(chosen) and kind != "solid":
-            secondary.index_copy_(0, chosen, _pattern(kind, pattern_y[chosen], pattern_x[chosen],
+            secondary.index_copy_(0, chosen, garment_pattern(kind, pattern_y[chosen], pattern_x[chosen],
                                                       period[chosen]))
 
     layer.masked_fill_(head, HEAD).masked_fill_(legs & ~trousers, LEGS)
@@ -282,11 +257,6 @@ def _even_chunks(n: int, size: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)] if n else []
 
 
-def _shift_hue(rgb: torch.Tensor, shift: float) -> torch.Tensor:
-    h, s_, v = colorsys.rgb_to_hsv(*rgb.tolist())
-    return _rgb(h + shift, s_, v)
-
-
 def demo_pool(cfg: DemoConfig, designers: list[Designer]) -> Pool:
     """The shows and looks of `cfg` (see the module docstring); deterministic in cfg.seed."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
@@ -313,8 +283,8 @@ def demo_pool(cfg: DemoConfig, designers: list[Designer]) -> Pool:
     for k, d in enumerate(show_designer):
         sig, u = designers[d], variation[k].tolist()
         shift = spread * (u[0] - 0.5)
-        primary.append(_shift_hue(sig.primary, shift) if shift else sig.primary)
-        secondary.append(_shift_hue(sig.secondary, shift) if shift else sig.secondary)
+        primary.append(shift_hue(sig.primary, shift) if shift else sig.primary)
+        secondary.append(shift_hue(sig.secondary, shift) if shift else sig.secondary)
         pattern.append(int(u[2] * len(PATTERNS)) if u[1] < spread else PATTERNS.index(sig.pattern))
         silhouette.append(int(u[4] * len(SILHOUETTES)) if u[3] < spread else SILHOUETTES.index(sig.silhouette))
     return Pool(torch.tensor(labels, dtype=torch.long), torch.tensor(shows, dtype=torch.long),

@@ -5,7 +5,7 @@ Core only: nothing here talks to MLflow (``fgvc.tracking.mask_run`` wraps it in 
 The names below are imported on first use (PEP 562), so importing a light submodule
 (the config, read by the command line) does not import torch."""
 
-import importlib
+from fgvc.registry import lazy_exports
 
 _EXPORTS = {
     "DEFAULT_MIN_PERSON_RATIO": "fgvc.masking.background",
@@ -33,10 +33,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -31,13 +31,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-import torch
-
 from fgvc.analysis.methods import study_columns
 from fgvc.analysis.sanity import FLAG_THRESHOLD
-from fgvc.analysis.stats import Interval, bootstrap_mean, hierarchical_bootstrap, seed_interval
+from fgvc.analysis.stats import bootstrap_mean, hierarchical_bootstrap, seed_interval
 from fgvc.data.shards import splits_of
-from fgvc.regimes import REGIMES
+from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, cell_key, paired, put_interval,
+                                regime_pairs, twin_regime)
 from fgvc.viz.report import Table
 
 RUNWAY, GARMENT, UNDECIDED = "reads the runway", "reads the garment", "undecided"
@@ -153,68 +152,6 @@ def verdict_reason(row: Mapping[str, float], chance: float) -> str:
 # Comparisons: the quality gate, the masked twin, paired regime differences, the sanity check
 # --------------------------------------------------------------------------------------------
 
-PerImage = Mapping[tuple, Mapping[str, Sequence[float]]]  # (run id, method) -> per-image columns
-# Paired regime differences on the common source images, from the background-swap records:
-# (row key, header, per-image column; bg_gap = Mixed-Same minus Mixed-Rand correctness).
-DIFFERENCE_MEASURES = (("acc_source", "acc, source images", "correct_original"),
-                       ("no_fg_acc", "No-FG acc", "correct_no_fg"),
-                       ("bg_gap", "BG-gap", "bg_gap"))
-
-
-def twin_regime(regime: str) -> str | None:
-    """The masked twin of an unmasked regime: masked, with the same augmentation."""
-    if regime not in REGIMES.names() or REGIMES.get(regime).masked:
-        return None
-    augment = REGIMES.get(regime).augment
-    return next((name for name, r in REGIMES.items() if r.masked and r.augment == augment), None)
-
-
-def regime_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
-    """``(first, second)`` pairs compared as ``first - second``: unmasked - masked (same
-    augmentation) and +aug - plain (same masking), among ``regimes``."""
-    known = [r for r in regimes if r in REGIMES.names()]
-    pairs = []
-    for a in known:
-        for b in known:
-            ra, rb = REGIMES.get(a), REGIMES.get(b)
-            if (ra.augment == rb.augment and not ra.masked and rb.masked) or \
-                    (ra.masked == rb.masked and ra.augment is not None and rb.augment is None):
-                pairs.append((a, b))
-    return pairs
-
-
-def _column(table: Mapping[str, Sequence], name: str) -> list[float]:
-    if name == "bg_gap":
-        return [float(a) - float(b) for a, b in zip(table["correct_mixed_same"], table["correct_mixed_rand"])]
-    return [float(v) for v in table[name]]
-
-
-def paired(first: Mapping | None, second: Mapping | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image values of ``name`` in two tables, aligned by ``dataset_index``; only images
-    in both with finite values on both sides ([] when a table or the column is missing)."""
-    empty = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    if not first or not second or not all(name in t or name == "bg_gap" and "correct_mixed_same" in t
-                                          for t in (first, second)):
-        return empty
-    b = dict(zip((int(float(i)) for i in second["dataset_index"]), _column(second, name)))
-    pairs = [(x, b[int(float(i))]) for i, x in zip(first["dataset_index"], _column(first, name))
-             if int(float(i)) in b and math.isfinite(x) and math.isfinite(b[int(float(i))])]
-    if not pairs:
-        return empty
-    x, y = torch.tensor(pairs, dtype=torch.float64).T
-    return x, y
-
-
-def _put(row: dict, name: str, interval: Interval | None) -> None:
-    nan = math.nan
-    row[name], row[f"{name}_low"], row[f"{name}_high"] = \
-        (interval.estimate, interval.low, interval.high) if interval else (nan, nan, nan)
-
-
-def _cell_key(row: Mapping) -> tuple:
-    return row["arch"], row["seed"], row.get("bg_correlation")
-
-
 def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, seed: int = 0) -> list[dict]:
     """Complete the rows in place and return the paired regime differences.
 
@@ -228,18 +165,18 @@ def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, se
     for row in rows:
         own = next((per_image[(row["run_id"], m)] for m in ATTRIBUTION if (row["run_id"], m) in per_image), None)
         correct = [float(v) for v in own["correct"]] if own and own.get("correct") else []
-        _put(row, "acc", bootstrap_mean(correct, seed=seed) if correct else None)
+        put_interval(row, "acc", bootstrap_mean(correct, seed=seed) if correct else None)
         row["quality"] = quality(row, chance)
         row["verdict"], row["verdict_reason"] = verdict(row, chance), verdict_reason(row, chance)
-    cells = {(_cell_key(r), r["regime"]): r for r in rows}
+    cells = {(cell_key(r), r["regime"]): r for r in rows}
     for row in rows:
         twin = twin_regime(row["regime"])
-        other = cells.get((_cell_key(row), twin)) if twin else None
+        other = cells.get((cell_key(row), twin)) if twin else None
         row["twin"] = other["run_name"] if other else ("none in the grid" if twin else "")
         for method in ATTRIBUTION:
             reference = per_image.get((other["run_id"], method)) if other else None
             x, y = paired(per_image.get((row["run_id"], method)), reference, "bg_preference")
-            _put(row, f"{method}_excess", bootstrap_mean(x - y, seed=seed) if len(x) else None)
+            put_interval(row, f"{method}_excess", bootstrap_mean(x - y, seed=seed) if len(x) else None)
     share_sanity(rows)
     return regime_differences(rows, per_image, seed=seed)
 
@@ -283,7 +220,7 @@ def regime_differences(rows: Sequence[Mapping], per_image: PerImage, seed: int =
                                   column)
                     if len(x):
                         diffs.append(x - y)
-                _put(entry, name, hierarchical_bootstrap(diffs, seed=seed) if diffs else None)
+                put_interval(entry, name, hierarchical_bootstrap(diffs, seed=seed) if diffs else None)
             out.append(entry)
     return out
 

@@ -40,6 +40,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fgvc.tracking.liveness import process_alive
 from fgvc.tracking.runs import DESCRIPTION, TASK, describe_experiment, experiment_id
 
 log = logging.getLogger("fgvc")
@@ -98,20 +99,6 @@ class Holder:
         return f"process {self.pid} on {self.host}"
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def holder_alive(holder: Holder, state: str | None, now: float | None = None) -> tuple[bool, str]:
     """(alive, why not): a holder is alive while its state is `running` and, on this host, its
     process exists; on another host, while its heartbeat is fresh."""
@@ -119,7 +106,7 @@ def holder_alive(holder: Holder, state: str | None, now: float | None = None) ->
     if word != "running":
         return False, word
     if holder.host == socket.gethostname():
-        return (True, "") if _process_exists(holder.pid) else (False, f"{holder} died")
+        return (True, "") if process_alive(holder.pid) else (False, f"{holder} died")
     age = (now or time.time()) - float(beat or holder.since)
     stale = _seconds("FGVC_CLAIM_STALE_S", 60.0)
     return (True, "") if age < stale else (False, f"{holder} sent no heartbeat for {age:.0f} s")

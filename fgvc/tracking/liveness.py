@@ -48,7 +48,7 @@ def _start_ticks(pid: int) -> str:
     return fields[19] if fields and len(fields) > 19 else "?"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """A process that exists and is not a zombie (killed, not yet reaped by its parent)."""
     fields = _stat(pid)
     if fields is not None:
@@ -85,7 +85,7 @@ def why_stale(tags: dict[str, str]) -> str | None:
     beat = tags.get(HEARTBEAT, "")
     if host == socket.gethostname() and pid_text.isdigit():
         pid = int(pid_text)
-        if not _alive(pid):
+        if not process_alive(pid):
             return f"its process {pid} on {host} has exited (last heartbeat {beat or 'never'})"
         if start not in ("", "?") and _start_ticks(pid) not in (start, "?"):
             return f"its process {pid} on {host} has exited (the PID now belongs to another process)"
@@ -104,8 +104,8 @@ def _signalable(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # exists, owned by another user
+        pass
     return True
 
 

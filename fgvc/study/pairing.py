@@ -1,0 +1,74 @@
+"""Pairing of study cells and their per-image numbers: a cell's masked twin, the regime pairs
+compared, per-image values of two cells aligned on the same images (fgvc.study.tables builds
+the comparisons from these)."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from fgvc.analysis.stats import Interval
+from fgvc.regimes import REGIMES
+
+PerImage = Mapping[tuple, Mapping[str, Sequence[float]]]  # (run id, method) -> per-image columns
+# Paired regime differences on the common source images, from the background-swap records:
+# (row key, header, per-image column; bg_gap = Mixed-Same minus Mixed-Rand correctness).
+DIFFERENCE_MEASURES = (("acc_source", "acc, source images", "correct_original"),
+                       ("no_fg_acc", "No-FG acc", "correct_no_fg"),
+                       ("bg_gap", "BG-gap", "bg_gap"))
+
+
+def twin_regime(regime: str) -> str | None:
+    """The masked twin of an unmasked regime: masked, with the same augmentation."""
+    if regime not in REGIMES.names() or REGIMES.get(regime).masked:
+        return None
+    augment = REGIMES.get(regime).augment
+    return next((name for name, r in REGIMES.items() if r.masked and r.augment == augment), None)
+
+
+def regime_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
+    """``(first, second)`` pairs compared as ``first - second``: unmasked - masked (same
+    augmentation) and +aug - plain (same masking), among ``regimes``."""
+    known = [r for r in regimes if r in REGIMES.names()]
+    pairs = []
+    for a in known:
+        for b in known:
+            ra, rb = REGIMES.get(a), REGIMES.get(b)
+            if (ra.augment == rb.augment and not ra.masked and rb.masked) or \
+                    (ra.masked == rb.masked and ra.augment is not None and rb.augment is None):
+                pairs.append((a, b))
+    return pairs
+
+
+def _column(table: Mapping[str, Sequence], name: str) -> list[float]:
+    if name == "bg_gap":
+        return [float(a) - float(b) for a, b in zip(table["correct_mixed_same"], table["correct_mixed_rand"])]
+    return [float(v) for v in table[name]]
+
+
+def paired(first: Mapping | None, second: Mapping | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image values of ``name`` in two tables, aligned by ``dataset_index``; only images
+    in both with finite values on both sides ([] when a table or the column is missing)."""
+    empty = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    if not first or not second or not all(name in t or name == "bg_gap" and "correct_mixed_same" in t
+                                          for t in (first, second)):
+        return empty
+    b = dict(zip((int(float(i)) for i in second["dataset_index"]), _column(second, name)))
+    pairs = [(x, b[int(float(i))]) for i, x in zip(first["dataset_index"], _column(first, name))
+             if int(float(i)) in b and math.isfinite(x) and math.isfinite(b[int(float(i))])]
+    if not pairs:
+        return empty
+    x, y = torch.tensor(pairs, dtype=torch.float64).T
+    return x, y
+
+
+def put_interval(row: dict, name: str, interval: Interval | None) -> None:
+    nan = math.nan
+    row[name], row[f"{name}_low"], row[f"{name}_high"] = \
+        (interval.estimate, interval.low, interval.high) if interval else (nan, nan, nan)
+
+
+def cell_key(row: Mapping) -> tuple:
+    return row["arch"], row["seed"], row.get("bg_correlation")
