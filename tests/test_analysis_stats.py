@@ -11,6 +11,7 @@ from fgvc.analysis.stats import (
     Interval,
     across_seeds,
     bootstrap_mean,
+    bootstrap_difference,
     bootstrap_paired_difference,
     bootstrap_ratio,
     hierarchical_bootstrap,
@@ -123,3 +124,26 @@ def test_a_seed_level_interval_is_the_t_interval_of_the_seed_values():
     assert interval.estimate == pytest.approx(0.8) and interval.n == 3
     assert (interval.low, interval.high) == pytest.approx((0.8 - 4.303 * 0.1 / math.sqrt(3),
                                                            0.8 + 4.303 * 0.1 / math.sqrt(3)))
+
+
+def test_a_difference_of_different_images_resamples_each_side_on_its_own():
+    # Two independent samples of 400 images, p = 0.7 and p = 0.4: the two-sample standard
+    # error of the difference is sqrt(.7*.3/400 + .4*.6/400) = 0.0335, so the 95% interval is
+    # about 0.3 +- 0.066; a paired bootstrap of the same numbers would be narrower.
+    g = torch.Generator().manual_seed(7)
+    first, second = (torch.rand(400, generator=g) < 0.7).float(), (torch.rand(300, generator=g) < 0.4).float()
+    one = bootstrap_difference([(first, second)], seed=0)
+    assert one.estimate == pytest.approx(float(first.mean() - second.mean()))
+    assert one.n == 1 and one.low < one.estimate < one.high
+    assert one.high - one.low == pytest.approx(2 * 1.96 * math.sqrt(.7 * .3 / 400 + .4 * .6 / 300), rel=0.15)
+    # identical sides of different sizes: the interval straddles 0
+    assert bootstrap_difference([(first, first[:200])], seed=0).low < 0 < \
+        bootstrap_difference([(first, first[:200])], seed=0).high
+    # several seeds: the seeds' spread widens it; the estimate is the mean of the seeds' differences
+    shifted = [(first, second), ((torch.rand(400, generator=g) < 0.95).float(), second)]
+    many = bootstrap_difference(shifted, seed=0)
+    assert many.n == 2
+    assert many.estimate == pytest.approx(sum(float(a.mean() - b.mean()) for a, b in shifted) / 2)
+    assert many.high - many.low > one.high - one.low
+    with pytest.raises(FgvcError, match="at least one seed"):
+        bootstrap_difference([], seed=0)

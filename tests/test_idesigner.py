@@ -187,3 +187,29 @@ def test_the_kaggle_test_folder_is_sent_to_predict_not_ingested(tmp_path):
     with pytest.raises(ConfigError, match="unlabelled test folder.*`fgvc predict --source "):
         ingest(tmp_path, tmp_path.parent / "root-of-test", height=16, width=12, progress=False)
     assert [(p.key, p.path.name) for p in list_photos(tmp_path)] == [("13455", "13455.png"), ("7", "7.png")]
+
+
+def test_an_ingested_root_is_dealt_again_from_its_source(tmp_path):
+    """`study --splits random,show` on a root prepared by show: the same files ingested again at
+    random into a sibling root; a source that is gone is named in one line."""
+    from fgvc.data.resplit import resplit_root
+    from fgvc.errors import FgvcError
+
+    outer = idesigner_tree(tmp_path)
+    ingest(outer, tmp_path / "root", height=16, width=12, val_fraction=0.25, progress=False)
+    assert resplit_root(tmp_path / "root", "show") == tmp_path / "root"
+    other = resplit_root(tmp_path / "root", "random", progress=False)
+    assert other == tmp_path / "root-random-split"
+    mine, theirs = read_meta(tmp_path / "root"), read_meta(other)
+    assert theirs["split"]["by"] == "random" and theirs["split"]["groups_in_two_splits"] > 0
+    assert theirs["split"]["group_names"] == mine["split"]["group_names"]
+    for split in ("train", "val"):  # the same share per designer, other files
+        assert theirs["class_counts"][split] == mine["class_counts"][split]
+    assert resplit_root(tmp_path / "root", "random") == other  # built once
+    import shutil
+
+    shutil.rmtree(outer)
+    shutil.rmtree(other)
+    with pytest.raises(FgvcError, match="was prepared from .*designer_image_train_v2_cropped, which is not there "
+                                        "any more: splitting the same images by random deals them again from there"):
+        resplit_root(tmp_path / "root", "random")

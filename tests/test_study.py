@@ -21,9 +21,10 @@ from fgvc.data.demo import DemoConfig
 from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES
 from fgvc.study.config import PRESETS, Cell, StudyConfig
+from fgvc.study.render import markdown_tables, report_tables
 from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_VERDICT, QUALITY_FACTOR, RUNWAY,
-                               UNDECIDED, add_comparisons, attribution_vs_swap, columns, markdown_tables,
-                               regime_pairs, report_split, report_tables, summarize, verdict)
+                               UNDECIDED, add_comparisons, attribution_vs_swap, columns, regime_pairs, report_split,
+                               summarize, verdict)
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.study_run import demo_root_for, run_study, train_config
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
@@ -33,7 +34,7 @@ torch.set_num_threads(1)
 TINY_DEMO = dict(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24)
 TINY_ARGS = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32",
              "--width", "24", "--epochs", "1", "--batch-size", "8", "--num-images", "6"]
-KEY_COLUMNS = ["arch", "regime", "bg_correlation", "seed", "run_name", "run_id", "status", "model", "chance"]
+KEY_COLUMNS = ["arch", "regime", "bg_correlation", "split_by", "seed", "run_name", "run_id", "status", "model", "chance"]
 
 
 def tiny_study(**overrides) -> StudyConfig:

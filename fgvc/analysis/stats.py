@@ -71,6 +71,32 @@ def bootstrap_paired_difference(first, second, *, seed: int, resamples: int = 20
     return bootstrap_mean(first - second, seed=seed, resamples=resamples, level=level)
 
 
+def bootstrap_difference(pairs: Sequence, *, seed: int, resamples: int = 2000, level: float = 0.95) -> Interval:
+    """``mean(first) - mean(second)`` for two measures of different images (e.g. the same
+    cell's accuracy on two different validation splits), averaged over training seeds:
+    ``pairs`` holds one ``(first [N_s], second [M_s])`` per seed. Each resample draws each
+    side's images with replacement independently (an unpaired two-sample bootstrap), and with
+    several seeds then draws the seeds with replacement (as :func:`hierarchical_bootstrap`).
+    ``n`` = seeds."""
+    vectors = [(_vector(a), _vector(b)) for a, b in pairs]
+    if not vectors:
+        raise ConfigError("bootstrap: needs at least one seed")
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"bootstrap: level must lie strictly between 0 and 1, got {level}")
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda v: v[torch.randint(v.numel(), (resamples, v.numel()), generator=generator)].mean(1)  # noqa: E731
+    # [resamples, seeds]: per bootstrap draw, each seed's difference of resampled means
+    seed_differences = torch.stack([draw(a) - draw(b) for a, b in vectors], dim=1)
+    if len(vectors) > 1:
+        chosen = torch.randint(len(vectors), (resamples, len(vectors)), generator=generator)
+        seed_differences = seed_differences.gather(1, chosen)
+    means = seed_differences.mean(1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    estimate = float(torch.stack([a.mean() - b.mean() for a, b in vectors]).mean())
+    return Interval(estimate=estimate, low=low, high=high, n=len(vectors))
+
+
 def bootstrap_ratio(values, constant: float, *, seed: int, resamples: int = 2000,
                     level: float = 0.95) -> Interval:
     """``mean(values) / constant`` (e.g. No-FG accuracy in multiples of chance); dividing by

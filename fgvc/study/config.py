@@ -20,6 +20,7 @@ from fgvc.regimes import REGIMES, Regime
 
 EXPERIMENT = "fgvc-study"
 EXECUTORS = ("local", "ray")
+SPLIT_AXIS = ("random", "show")  # the leaky split first: the show leak is random minus show
 
 PRESETS: dict[str, dict] = {
     # A few minutes on a 2-core CPU: one small network, every regime, one seed, a small demo.
@@ -52,6 +53,13 @@ def _regimes(values) -> str | None:
     unknown = [v for v in values or () if v not in REGIMES]
     if unknown:
         return f"unknown regime(s) {', '.join(map(repr, unknown))}; choose from {', '.join(REGIMES.names())}"
+    return _distinct(values)
+
+
+def _splits(values) -> str | None:
+    unknown = [v for v in values or () if v not in SPLIT_AXIS]
+    if unknown:
+        return f"unknown split rule(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SPLIT_AXIS)}"
     return _distinct(values)
 
 
@@ -89,6 +97,10 @@ class StudyConfig(Config):
     bg_correlations: tuple[float, ...] | None = option(
         Maybe(ListOf(FLOAT), "none"), None, "Demo data: a grid axis of shortcut strengths (e.g. 0,0.5,0.9,1.0), one "
         "demo root per value: the dose-response curve.", check=each(fraction))
+    splits: tuple[str, ...] | None = option(
+        Maybe(ListOf(Choice(SPLIT_AXIS)), "none"), None, "A grid axis of splits of the same images: random,show trains "
+        "every cell on both (the root dealt again by show and at random) and reports the show leak, random minus "
+        "show, with intervals (none: the root as it is split).", check=_splits)
     num_images: int | None = option(Maybe(INT), None, "Validation images per analysis (the same for every cell).",
                                     check=positive)
     occlusion_window: int | None = option(Maybe(INT), None, "auto: a third of the shorter image side.",
@@ -128,6 +140,7 @@ class StudyConfig(Config):
         return StudyPlan(self.preset, tuple(pick("archs")), tuple(pick("regimes")), tuple(pick("seeds")),
                          pick("epochs"), pick("batch_size"), self.lr_head, self.pretrained, self.data_root,
                          self.masked_root, self.segmenter, demo, self.bg_correlations or (None,),
+                         self.splits or (None,),
                          pick("num_images"), pick("occlusion_window"), pick("occlusion_stride"), self.device,
                          self.num_workers, self.registered_model, experiment)
 
@@ -138,20 +151,28 @@ class Cell:
     regime: str
     seed: int
     bg_correlation: float | None = None  # the dose-response axis (demo data), None: not varied
+    split: str | None = None  # the split axis (random | show), None: the root as it is split
 
     @property
     def spec(self) -> Regime:
         return REGIMES.get(self.regime)
 
     @property
+    def data(self) -> tuple[float | None, str | None]:
+        """Which roots the cell trains on: its shortcut strength and split."""
+        return self.bg_correlation, self.split
+
+    @property
     def key(self) -> str:
         dose = f"/bg{self.bg_correlation:g}" if self.bg_correlation is not None else ""
-        return f"{self.arch}/{self.regime}/seed{self.seed}{dose}"
+        split = f"/{self.split}-split" if self.split is not None else ""
+        return f"{self.arch}/{self.regime}/seed{self.seed}{dose}{split}"
 
     @property
     def run_name(self) -> str:
         dose = f"-bg{self.bg_correlation:g}" if self.bg_correlation is not None else ""
-        return f"{self.arch.replace('timm:', '')}-{self.regime}-s{self.seed}{dose}"
+        split = f"-{self.split}-split" if self.split is not None else ""
+        return f"{self.arch.replace('timm:', '')}-{self.regime}-s{self.seed}{dose}{split}"
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,7 @@ class StudyPlan:
     segmenter: str | None
     demo: DemoConfig
     bg_correlations: tuple[float | None, ...]
+    splits: tuple[str | None, ...]
     num_images: int
     occlusion_window: int | None
     occlusion_stride: int | None
@@ -180,9 +202,14 @@ class StudyPlan:
     experiment: str
 
     def cells(self) -> list[Cell]:
-        """The grid in a fixed order: shortcut strength, architecture, regime, seed."""
-        return [Cell(a, r, s, b) for b in self.bg_correlations for a in self.archs for r in self.regimes
-                for s in self.seeds]
+        """The grid in a fixed order: shortcut strength, split, architecture, regime, seed."""
+        return [Cell(a, r, s, b, split) for b in self.bg_correlations for split in self.splits for a in self.archs
+                for r in self.regimes for s in self.seeds]
 
-    def demo_for(self, bg_correlation: float | None) -> DemoConfig:
-        return self.demo if bg_correlation is None else dataclasses.replace(self.demo, bg_correlation=bg_correlation)
+    def data(self) -> list[tuple[float | None, str | None]]:
+        """Every (shortcut strength, split) the grid trains on: one source root each."""
+        return [(b, split) for b in self.bg_correlations for split in self.splits]
+
+    def demo_for(self, bg_correlation: float | None, split: str | None = None) -> DemoConfig:
+        demo = self.demo if bg_correlation is None else dataclasses.replace(self.demo, bg_correlation=bg_correlation)
+        return demo if split is None else dataclasses.replace(demo, split_by=split)

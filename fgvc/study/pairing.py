@@ -1,6 +1,6 @@
 """Pairing of study cells and their per-image numbers: a cell's masked twin, the regime pairs
 compared, per-image values of two cells aligned on the same images (fgvc.study.tables builds
-the comparisons from these)."""
+the comparisons from these), and how a value is written with its interval."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def regime_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _column(table: Mapping[str, Sequence], name: str) -> list[float]:
+def per_image_column(table: Mapping[str, Sequence], name: str) -> list[float]:
     if name == "bg_gap":
         return [float(a) - float(b) for a, b in zip(table["correct_mixed_same"], table["correct_mixed_rand"])]
     return [float(v) for v in table[name]]
@@ -55,8 +55,8 @@ def paired(first: Mapping | None, second: Mapping | None, name: str) -> tuple[to
     if not first or not second or not all(name in t or name == "bg_gap" and "correct_mixed_same" in t
                                           for t in (first, second)):
         return empty
-    b = dict(zip((int(float(i)) for i in second["dataset_index"]), _column(second, name)))
-    pairs = [(x, b[int(float(i))]) for i, x in zip(first["dataset_index"], _column(first, name))
+    b = dict(zip((int(float(i)) for i in second["dataset_index"]), per_image_column(second, name)))
+    pairs = [(x, b[int(float(i))]) for i, x in zip(first["dataset_index"], per_image_column(first, name))
              if int(float(i)) in b and math.isfinite(x) and math.isfinite(b[int(float(i))])]
     if not pairs:
         return empty
@@ -70,5 +70,25 @@ def put_interval(row: dict, name: str, interval: Interval | None) -> None:
         (interval.estimate, interval.low, interval.high) if interval else (nan, nan, nan)
 
 
+def fmt(value, digits: int = 3, sign: bool = False) -> str:
+    """A number as the tables write it (``sign``: a difference, with + or −); – for NaN."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "–" if not math.isfinite(value) else f"{value:{'+' if sign else ''}.{digits}f}"
+
+
+def interval_text(row: Mapping, name: str, sign: bool = False) -> str:
+    """``row[name]`` with its 95% interval ``[low, high]`` when the row has one."""
+    low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
+    value = row.get(name, row.get(f"{name}_mean"))
+    if low is None or high is None or not all(math.isfinite(float(x)) for x in (low, high)):
+        return fmt(value, sign=sign)
+    return f"{fmt(value, sign=sign)} [{fmt(low, sign=sign)}, {fmt(high, sign=sign)}]"
+
+
 def cell_key(row: Mapping) -> tuple:
-    return row["arch"], row["seed"], row.get("bg_correlation")
+    """What a cell shares with the cells it is compared with: architecture, seed, shortcut
+    strength and split (a twin or a regime pair is always on the same images)."""
+    return row["arch"], row["seed"], row.get("bg_correlation"), row.get("split_by")

@@ -32,12 +32,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fgvc.analysis.methods import study_columns
-from fgvc.analysis.sanity import FLAG_THRESHOLD
 from fgvc.analysis.stats import bootstrap_mean, hierarchical_bootstrap, seed_interval
 from fgvc.data.shards import splits_of
-from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, cell_key, paired, put_interval,
+from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, cell_key, interval_text, paired, put_interval,
                                 regime_pairs, twin_regime)
-from fgvc.viz.report import Table
 
 RUNWAY, GARMENT, UNDECIDED = "reads the runway", "reads the garment", "undecided"
 NO_VERDICT = "no verdict (did not learn)"
@@ -141,7 +139,7 @@ def verdict(row: Mapping[str, float], chance: float) -> str:
 
 
 def verdict_reason(row: Mapping[str, float], chance: float) -> str:
-    f = lambda key: _interval(row, key)  # noqa: E731
+    f = lambda key: interval_text(row, key)  # noqa: E731
     if row.get("quality") == DID_NOT_LEARN:
         return (f"{row.get('split', 'val')} accuracy {f('acc')} does not clear {QUALITY_FACTOR:g} x chance "
                 f"({QUALITY_FACTOR * chance:.3f})")
@@ -204,13 +202,13 @@ def regime_differences(rows: Sequence[Mapping], per_image: PerImage, seed: int =
     out = []
     groups: dict[tuple, list[Mapping]] = {}
     for row in rows:
-        groups.setdefault((row["arch"], row.get("bg_correlation")), []).append(row)
-    for (arch, strength), members in groups.items():
+        groups.setdefault((row["arch"], row.get("bg_correlation"), row.get("split_by")), []).append(row)
+    for (arch, strength, split_by), members in groups.items():
         by_regime_seed = {(r["regime"], r["seed"]): r for r in members}
         for first, second in regime_pairs(list(dict.fromkeys(r["regime"] for r in members))):
             seeds = [s for (g, s) in by_regime_seed if g == first and (second, s) in by_regime_seed]
             pairs = [(by_regime_seed[(first, s)], by_regime_seed[(second, s)]) for s in seeds]
-            entry = {"arch": arch, "bg_correlation": strength, "comparison": f"{first} − {second}",
+            entry = {"arch": arch, "bg_correlation": strength, "split_by": split_by, "comparison": f"{first} − {second}",
                      "seeds": len(seeds), "did_not_learn": sum(r.get("quality") == DID_NOT_LEARN
                                                                for pair in pairs for r in pair)}
             for name, _, column in DIFFERENCE_MEASURES:
@@ -260,7 +258,7 @@ def attribution_vs_swap(rows: Sequence[Mapping]) -> str:
             "reference.")
 
 
-GROUP_KEYS = ("arch", "regime", "bg_correlation")
+GROUP_KEYS = ("arch", "regime", "bg_correlation", "split_by")
 
 
 def summarize(rows: Sequence[Mapping]) -> list[dict]:
@@ -291,132 +289,3 @@ def summarize(rows: Sequence[Mapping]) -> list[dict]:
         summary["did_not_learn"] = sum(r.get("quality") == DID_NOT_LEARN for r in members)
         out.append(summary)
     return out
-
-
-def fmt(value, digits: int = 3) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return "–" if not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _interval(row: Mapping, name: str) -> str:
-    low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
-    value = row.get(name, row.get(f"{name}_mean"))
-    if low is None or high is None or not all(math.isfinite(float(x)) for x in (low, high)):
-        return fmt(value)
-    return f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
-
-
-def cell_text(row: Mapping, column: TableColumn) -> str:
-    """A cell of the per-cell table: the value, with its 95% interval when it has one; a
-    sanity column that reaches the flag threshold says so."""
-    text = _interval(row, column.name) if column.interval else fmt(row.get(column.name))
-    if column.name.endswith("_sanity") and float(row.get(column.name, math.nan)) >= FLAG_THRESHOLD:
-        text = f"FLAGGED {text}"
-    return text
-
-
-def summary_text(summary: Mapping, column: TableColumn) -> str:
-    """A cell of the summary table: with several seeds, mean ± sample std [seed-level 95%
-    t-interval]; with one seed, the value [bootstrap interval over images]."""
-    mean, std = summary.get(f"{column.name}_mean"), summary.get(f"{column.name}_std")
-    spread = _interval({column.name: mean, f"{column.name}_low": summary.get(f"{column.name}_low"),
-                        f"{column.name}_high": summary.get(f"{column.name}_high")}, column.name)
-    if std is not None and math.isfinite(float(std)):
-        return f"{fmt(mean)} ± {fmt(std)}" + (spread[len(fmt(mean)):] if column.interval else "")
-    return spread if column.interval else fmt(mean)
-
-
-def _keys(row: Mapping, dose: bool) -> list[str]:
-    return [row["arch"], row["regime"], *([fmt(row["bg_correlation"], 2)] if dose else [])]
-
-
-def interval_statement(rows: Sequence[Mapping]) -> str:
-    """What the intervals cover, said once for the report."""
-    seeds = len({r.get("seed") for r in rows})
-    if seeds <= 1:
-        return ("One seed: every interval is a bootstrap 95% interval over the analysed images only; it does not "
-                "cover training randomness (another seed can move a value by more than its interval).")
-    return (f"{seeds} seeds: per cell, bootstrap 95% intervals over images; in the summary, mean ± sample standard "
-            f"deviation across seeds [seed-level 95% t-interval, which covers training randomness]; regime "
-            f"differences: hierarchical bootstrap, seeds then images.")
-
-
-def _split(rows: Sequence[Mapping]) -> str:
-    splits = list(dict.fromkeys(r.get("split", "val") for r in rows))
-    return "/".join(splits) or "val"
-
-
-def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float,
-                  differences: Sequence[Mapping] = ()) -> list[Table]:
-    """The summary, the paired regime differences (when the grid has pairs) and the per-cell
-    table, formatted. Rows of cells that did not learn are marked ``muted`` (shown greyed)."""
-    split = _split(rows)
-    cols = columns(split)
-    dose = any(r.get("bg_correlation") is not None for r in rows)
-    keys = ["arch", "regime", *(["bg corr."] if dose else [])]
-    legend = {c.header: c.what for c in cols}
-    legend["verdict"] = ("reads the runway: No-FG above chance and BG-gap above 0 (95% intervals); reads the "
-                         "garment: Only-FG above chance, neither of the first two; else undecided; no verdict when "
-                         f"the cell did not learn ({split} accuracy's interval not above {QUALITY_FACTOR:g} x chance)")
-    seeds = len({r.get("seed") for r in rows})
-    note = (f"Chance level {chance:.3f}; reported numbers on the {split} split (the best epoch is chosen on val). "
-            f"{interval_statement(rows)}")
-    title = "Summary (one seed)" if seeds <= 1 else f"Summary across {seeds} seeds"
-    summary_table = Table(title, [*keys, "seeds", "verdict", "did not learn", *(c.header for c in cols)],
-                          [[*_keys(s, dose), str(s["seeds"]), s["verdict"], str(s.get("did_not_learn", 0)),
-                            *(summary_text(s, c) for c in cols)] for s in summary],
-                          key_columns=len(keys) + 3, note=note, legend=legend,
-                          muted=[s.get("did_not_learn", 0) == s["seeds"] for s in summary])
-    tables = [summary_table]
-    if differences:
-        headers = [f"Δ {header}" for _, header, _ in DIFFERENCE_MEASURES]
-        tables.append(Table(
-            "Paired regime differences (same source images)",
-            ["arch", *(["bg corr."] if dose else []), "comparison", "seeds", *headers],
-            [[d["arch"], *([fmt(d["bg_correlation"], 2)] if dose else []), d["comparison"], str(d["seeds"]),
-              *(_interval(d, name) for name, _, _ in DIFFERENCE_MEASURES)] for d in differences],
-            key_columns=3 + dose,
-            note=(f"first regime minus second, per image on the same source {split} images of each seed, then "
-                  f"{'a hierarchical bootstrap (seeds, then images)' if seeds > 1 else 'a bootstrap over images'}: "
-                  f"an interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
-                  f"minus Mixed-Rand correctness."),
-            muted=[d.get("did_not_learn", 0) > 0 for d in differences]))
-    tables.append(Table(f"Cells ({len(rows)})", [*keys, "seed", "run", "status", "quality", "verdict",
-                                                 "masked twin", *(c.header for c in cols)],
-                        [[*_keys(r, dose), str(r["seed"]), r["run_id"], r.get("status", ""),
-                          r.get("quality", LEARNED), r["verdict"], r.get("twin", ""),
-                          *(cell_text(r, c) for c in cols)] for r in rows], key_columns=len(keys) + 6,
-                        muted=[r.get("quality") == DID_NOT_LEARN for r in rows],
-                        note="Greyed rows did not learn: their reliance numbers are shown but carry no verdict."))
-    return tables
-
-
-def markdown_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float,
-                    differences: Sequence[Mapping] = ()) -> str:
-    """The report's tables in Markdown (study/results.md); the values of muted rows in italics."""
-    lines = []
-    for table in report_tables(rows, summary, chance, differences):
-        lines += [f"## {table.title}", ""] + ([table.note, ""] if table.note else [])
-        lines += ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
-        muted = list(table.muted or [False] * len(table.body))
-        for row, grey in zip(table.body, muted):
-            cells = [str(v).replace("|", "\\|") for v in row]
-            lines.append("| " + " | ".join(f"_{c}_" if grey and i >= table.key_columns and c not in ("", "–") else c
-                                           for i, c in enumerate(cells)) + " |")
-        if table.legend:
-            lines += ["", "Columns:", ""] + [f"- **{h}**: {w}" for h, w in table.legend.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def terminal_table(rows: Sequence[Mapping]) -> str:
-    """The verdicts as plain text for the terminal: one line per cell."""
-    split = _split(rows)
-    head = ("cell", f"{split} acc", "quality", "verdict", "gradcam excess", "occlusion excess")
-    body = [(r.get("run_name", r.get("run_id", "")), _interval(r, "acc"), r.get("quality", LEARNED), r["verdict"],
-             _interval(r, "gradcam_excess"), _interval(r, "occlusion_excess")) for r in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(head, *body)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body))

@@ -157,6 +157,8 @@ def run_cell(job: CellJob) -> CellResult:
             **({"fgvc.study": job.study_run_id} if job.study_run_id else {})}
     if cell.bg_correlation is not None:
         tags["fgvc.bg_correlation"] = f"{cell.bg_correlation:g}"
+    if cell.split is not None:
+        tags["fgvc.split_by"] = cell.split
     config_id = train_config(job.plan, cell, roots).identity()
     finished = finished_run(cell_runs(client, experiment, config_id, roots, cell))
     if finished is None and job.collect:

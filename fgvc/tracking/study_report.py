@@ -20,9 +20,10 @@ from fgvc.analysis.methods import METHODS
 from fgvc.analysis.methods.attribution import AttributionMethod
 from fgvc.files import write_csv
 from fgvc.study.config import StudyPlan
+from fgvc.study.leak import leak_paragraph, leak_table, show_leak
+from fgvc.study.render import interval_statement, markdown_tables, report_tables, terminal_table
 from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, QUALITY_FACTOR, add_comparisons, attribution_vs_swap,
-                               columns, interval_statement, markdown_tables, report_split, report_tables,
-                               terminal_table)
+                               columns, report_split)
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import git_commit
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
@@ -103,23 +104,25 @@ def _number(text):
 
 
 def complete_rows(client: MlflowClient, results: list[CellResult], rows: list[dict], roots: dict,
-                  chance: float) -> list[dict]:
+                  chance: float) -> tuple[list[dict], list[dict]]:
     """Finish the rows (split, accuracy, quality gate, excess over the masked twin, sanity
-    columns) from the records' per-image files, tag and chart the cells, and return the
-    paired regime differences."""
+    columns, show leak) from the records' per-image files, tag and chart the cells, and return
+    the paired regime differences and the show leak (fgvc.study.leak; [] without the split axis)."""
     for row, result in zip(rows, results):
-        row["split"] = report_split(roots[result.cell.bg_correlation].root(result.cell))
+        row["split"] = report_split(roots[result.cell.data].root(result.cell))
     with tempfile.TemporaryDirectory(prefix="fgvc-per-image-") as tmp:
         per_image = _per_image(results, Path(tmp))
-    differences = add_comparisons(rows, per_image, chance)
+        differences = add_comparisons(rows, per_image, chance)
+        leak = show_leak(rows, per_image)
     tag_cells(client, rows)
-    return differences
+    return differences, leak
 
 
 def cell_tags(row: dict) -> dict[str, str]:
     """The tags a cell run carries so the UI can filter and group by outcome."""
     return {"fgvc.verdict": row["verdict"], "fgvc.quality": row.get("quality", ""),
-            "fgvc.report_split": row.get("split", "val")}
+            "fgvc.report_split": row.get("split", "val"),
+            **({"fgvc.verdict_note": row["leak_note"]} if row.get("leak_note") else {})}
 
 
 def chart_metrics(row: dict) -> dict[str, float]:
@@ -133,6 +136,8 @@ def chart_metrics(row: dict) -> dict[str, float]:
     for method in ATTRIBUTION:
         values[f"compare/{method}_excess_vs_masked_twin"] = row.get(f"{method}_excess")
         values[f"compare/{method}_bg_preference"] = row.get(f"{method}_bg_preference")
+    if row.get("split_by"):  # a grid over random and show splits: the leak, random minus show
+        values.update({"compare/show_leak_acc": row.get("leak_acc"), "compare/show_leak_bg_gap": row.get("leak_bg_gap")})
     out = {}
     for k, v in values.items():
         try:
@@ -230,12 +235,16 @@ NOTES = (
 
 def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dict, image_size, num_classes: int,
                   results: list[CellResult], rows: list[dict], summary: list[dict],
-                  differences: list[dict] = ()) -> str:
+                  differences: list[dict] = (), leak: list[dict] = ()) -> str:
     """The study run's files; returns the Markdown verdict summary (the run's description)."""
     chance = 1.0 / num_classes
     split = rows[0].get("split", "val") if rows else "val"
     cols = columns(split)
     relation = attribution_vs_swap(rows)
+    leaked = leak_paragraph(leak)
+    # the figures draw one bar (or line) per regime: a split of a show-leak grid is part of it
+    plotted = [{**x, "regime": f"{x['regime']} ({x['split_by']} split)"} if x.get("split_by") else x for x in summary]
+    extra = [leak_table(leak)] if leak else []
     with tempfile.TemporaryDirectory(prefix="fgvc-study-") as tmp:
         tmp = Path(tmp)
         out = tmp / "study"
@@ -244,17 +253,20 @@ def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dic
         write_csv(out / "summary.csv", summary)
         if differences:
             write_csv(out / "regime_differences.csv", differences)
-        tables = markdown_tables(rows, summary, chance, differences)
-        (out / "results.md").write_text(f"# Background-reliance study `{run_id}`\n\n{relation}\n\n{tables}",
+        if leak:
+            write_csv(out / "show_leak.csv", leak)
+        tables = markdown_tables(rows, summary, chance, differences, extra)
+        intro = "\n\n".join(p for p in (relation, leaked) if p)
+        (out / "results.md").write_text(f"# Background-reliance study `{run_id}`\n\n{intro}\n\n{tables}",
                                         encoding="utf-8")
         figures = [Example(f"{split.capitalize()} accuracy against background reliance, one point per cell",
                            save_reliance_scatter(out / "accuracy_vs_background_reliance.png", rows, chance)),
                    Example("Per-regime values (error bars: spread across seeds, or the 95% interval for one seed)",
-                           save_regime_bars(out / "regime_bars.png", summary, cols, chance=chance)),
+                           save_regime_bars(out / "regime_bars.png", plotted, cols, chance=chance)),
                    *_sanity_figures(results, tmp / "downloads")]
         if len(plan.bg_correlations) > 1:
             figures.insert(0, Example("Dose-response: each measure against the planted shortcut strength",
-                                      save_dose_response(out / "dose_response.png", summary, chance)))
+                                      save_dose_response(out / "dose_response.png", plotted, chance)))
         setup = {"study run": run_id, "source data": ", ".join(f"{r.source} (digest {r.source_digest})"
                                                                for r in roots.values()),
                  "masked data": ", ".join(f"{r.masked} (segmenter {r.segmenter})" for r in roots.values()
@@ -262,7 +274,8 @@ def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dic
                  "grid": f"{', '.join(plan.archs)} × {', '.join(plan.regimes)} × seeds "
                          f"{', '.join(map(str, plan.seeds))}" + (
                              f" × shortcut strengths {', '.join(f'{b:g}' for b in plan.bg_correlations)}"
-                             if len(plan.bg_correlations) > 1 else ""),
+                             if len(plan.bg_correlations) > 1 else "") + (
+                             f" × splits {', '.join(plan.splits)} (the same images)" if plan.splits != (None,) else ""),
                  "planted shortcut strength": ", ".join(
                      f"{r.demo.bg_correlation:g}" for r in roots.values() if r.demo is not None) or
                      "none planted (not demo data)",
@@ -277,14 +290,15 @@ def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dic
                  "image size": f"{image_size[0]}×{image_size[1]} (height × width)",
                  "commit": git_commit(), "libraries": _versions()}
         page = build_report(f"Background-reliance study ({plan.preset})", setup,
-                            report_tables(rows, summary, chance, differences), figures,
-                            _examples(results, plan.regimes, tmp / "downloads"), notes=(*NOTES, relation))
+                            report_tables(rows, summary, chance, differences, extra), figures,
+                            _examples(results, plan.regimes, tmp / "downloads"),
+                            notes=(*NOTES, relation, *([leaked] if leaked else [])))
         (out / "report.html").write_text(page, encoding="utf-8")
         client.log_artifacts(run_id, str(out), "study")
     did_not_learn = sum(r.get("quality") == DID_NOT_LEARN for r in rows)
     lines = [f"Background-reliance study ({plan.preset}): {len(rows)} cells"
              + (f", {did_not_learn} did not learn (no verdict)." if did_not_learn else "."), ""]
     lines += [f"- {code(r['run_name'])}: **{r['verdict']}** ({r['verdict_reason']})" for r in rows]
-    lines += ["", relation]
+    lines += ["", relation] + (["", leaked] if leaked else [])
     lines += ["", "Tables: `study/results.md`, `study/results.csv`; report: `study/report.html`."]
     return "\n".join(lines)

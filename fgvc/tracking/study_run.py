@@ -37,12 +37,14 @@ from mlflow.tracking import MlflowClient
 from fgvc.config import digest
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import DemoConfig
+from fgvc.data.resplit import resplit_root
 from fgvc.data.roots import DEFAULT_DATA_ROOT, ensure_demo, resolve_root
 from fgvc.data.shards import dataset_digest, pixels_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
 from fgvc.masking import MaskConfig
 from fgvc.study.config import PRESETS, Cell, StudyConfig, StudyPlan
 from fgvc.study.executors import RayExecutor, run_local
+from fgvc.study.leak import annotate_summary
 from fgvc.study.tables import DID_NOT_LEARN, RUNWAY, cell_values, summarize, verdict, verdict_reason
 from fgvc.tracking.claims import claimed
 from fgvc.tracking.mask_run import run_mask
@@ -105,29 +107,33 @@ class Roots:
         return None
 
 
-def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool) -> Roots:
-    """Resolve (and if needed generate) the source root; build the masked root when a masked
-    regime needs it, or when the source has no person masks for the shortcut test. Claimed by
-    the source's path: studies (or array tasks) started together build each root once."""
-    where = Path(plan.data_root) if plan.data_root is not None else demo_root_for(plan.demo_for(bg_correlation))
+def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool, split: str | None = None) -> Roots:
+    """Resolve (and if needed generate) the source root, split by `split` when given (the same
+    images dealt again: fgvc.data.resplit); build the masked root when a masked regime needs
+    it, or when the source has no person masks for the shortcut test. Claimed by the source's
+    path: studies (or array tasks) started together build each root once."""
+    where = Path(plan.data_root) if plan.data_root is not None else \
+        demo_root_for(plan.demo_for(bg_correlation, split))
     with claimed(f"roots.{digest({'path': str(where.resolve())})}", f"study data {where}"):
-        return _prepare_roots(plan, bg_correlation, progress)
+        return _prepare_roots(plan, bg_correlation, split, progress)
 
 
-def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool) -> Roots:
+def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | None, progress: bool) -> Roots:
     demo = None
     if plan.data_root is None:
-        demo = plan.demo_for(bg_correlation)
+        demo = plan.demo_for(bg_correlation, split)
         source = ensure_demo(demo_root_for(demo), demo)
     else:
-        source = resolve_root(plan.data_root)
+        given = resolve_root(plan.data_root)
+        source = given if split is None else resplit_root(given, split, progress)
     info = validate_root(source)
     source_digest = dataset_digest(source)
     has_masks = info.has_masks or "masks" in ShardDataset(source, "val").keys
     masked = masked_digest = segmenter = None
     if any(c.spec.masked for c in plan.cells()) or not has_masks:
-        masked = Path(plan.masked_root) if plan.masked_root and bg_correlation is None else \
-            source.parent / f"{source.name}-masked"
+        mine = plan.masked_root and bg_correlation is None and (plan.data_root is None or
+                                                                 source == resolve_root(plan.data_root))
+        masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
         segmenter = plan.segmenter or ("groundtruth" if has_masks else DEFAULT_SEGMENTER)
         if not (masked / "meta.json").exists():
             log.info("study: masking %s into %s (segmenter %s)", source, masked, segmenter)
@@ -152,7 +158,7 @@ def cell_row(client: MlflowClient, result: CellResult, chance: float) -> dict:
     analysis number from the records the study computed (or reused)."""
     metrics = client.get_run(result.run_id).data.metrics
     row = {"arch": result.cell.arch, "regime": result.cell.regime, "bg_correlation": result.cell.bg_correlation,
-           "seed": result.cell.seed, "run_name": result.cell.run_name, "run_id": result.run_id,
+           "split_by": result.cell.split, "seed": result.cell.seed, "run_name": result.cell.run_name, "run_id": result.run_id,
            "status": result.status, "model": result.model_uri,
            "chance": chance, **cell_values(metrics, result.analyses)}
     row["verdict"] = verdict(row, chance)
@@ -236,7 +242,7 @@ def run_study_cell(cfg: StudyConfig, which: str, progress: bool = True) -> CellR
     cell = select_cell(plan, which)
     with _without_env_run():
         uri = tracking_uri()
-        roots = prepare_roots(plan, cell.bg_correlation, progress)
+        roots = prepare_roots(plan, cell.bg_correlation, progress, cell.split)
         info = validate_root(roots.source)
         describe_experiment(plan.experiment, EXPERIMENT_DESCRIPTION)
         return run_cell(CellJob(plan, cell, roots, None, plan.experiment, info.image_size, uri, progress=progress))
@@ -260,19 +266,20 @@ def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) ->
                                            RunTag(DESCRIPTION, f"Background-reliance study ({plan.preset}), "
                                                                f"{len(plan.cells())} cells: running.")])
             log_params(cfg.params(), run_id)
-            roots = {b: prepare_roots(plan, b, progress) for b in plan.bg_correlations}
-            first = roots[plan.bg_correlations[0]]
+            roots = {(b, split): prepare_roots(plan, b, progress, split) for b, split in plan.data()}
+            first = roots[plan.data()[0]]
             info = validate_root(first.source)
             log_params({"experiment": experiment_name, "cells": len(plan.cells()), "epochs_effective": plan.epochs,
                         "archs_effective": ",".join(plan.archs), "regimes_effective": ",".join(plan.regimes),
                         "seeds_effective": ",".join(map(str, plan.seeds)), "num_images_effective": plan.num_images,
+                        "splits_effective": ",".join(s or "as prepared" for s in plan.splits),
                         "data_root_effective": ",".join(str(r.source) for r in roots.values()),
                         "dataset_digest": ",".join(r.source_digest for r in roots.values()),
                         "segmenter_effective": first.segmenter or "none", "num_classes": info.num_classes,
                         "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
                         **({f"demo.{k}": v for k, v in asdict(first.demo).items()} if first.demo else {})}, run_id)
             cells = plan.cells()
-            jobs = [CellJob(plan, cell, roots[cell.bg_correlation], run_id, experiment_name, info.image_size, uri,
+            jobs = [CellJob(plan, cell, roots[cell.data], run_id, experiment_name, info.image_size, uri,
                             collect=collect, progress=progress and executor is run_local) for cell in cells]
 
             def on_done(index: int, result: CellResult) -> None:
@@ -282,16 +289,19 @@ def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) ->
             results = executor(run_cell, jobs, on_done)
             chance = 1.0 / info.num_classes
             rows = [cell_row(client, r, chance) for r in results]
-            differences = complete_rows(client, results, rows, roots, chance)
+            differences, leak = complete_rows(client, results, rows, roots, chance)
             summary = summarize(rows)
+            annotate_summary(summary, leak)
             description = write_outputs(client, run_id, plan, roots, info.image_size, info.num_classes, results,
-                                        rows, summary, differences)
+                                        rows, summary, differences, leak)
             seconds = time.perf_counter() - start
             counts = {s: sum(r.status == s for r in results) for s in ("trained", "resumed", "reused")}
             now = int(time.time() * 1000)
             totals = {"study/cells": len(results), **{f"study/cells_{k}": v for k, v in counts.items()},
                       "study/cells_reading_the_runway": sum(r["verdict"] == RUNWAY for r in rows),
                       "study/cells_did_not_learn": sum(r.get("quality") == DID_NOT_LEARN for r in rows),
+                      **({"study/verdicts_only_on_random_split": sum(e["only_on_random_split"] for e in leak)}
+                         if leak else {}),
                       "time/study_s": seconds}
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()],
                              tags=[RunTag(DESCRIPTION, description)])

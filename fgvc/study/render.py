@@ -1,0 +1,158 @@
+"""The study's tables as a reader sees them: the report's and results.md's tables (summary,
+show leak, regime differences, cells) and the terminal's verdict lines, from the rows and
+summaries of fgvc.study.tables."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from fgvc.analysis.sanity import FLAG_THRESHOLD
+from fgvc.study.pairing import DIFFERENCE_MEASURES, fmt, interval_text
+from fgvc.study.tables import DID_NOT_LEARN, LEARNED, QUALITY_FACTOR, TableColumn, columns
+from fgvc.viz.report import Table
+
+
+def cell_text(row: Mapping, column: TableColumn) -> str:
+    """A cell of the per-cell table: the value, with its 95% interval when it has one; a
+    sanity column that reaches the flag threshold says so."""
+    text = interval_text(row, column.name) if column.interval else fmt(row.get(column.name))
+    if column.name.endswith("_sanity") and float(row.get(column.name, math.nan)) >= FLAG_THRESHOLD:
+        text = f"FLAGGED {text}"
+    return text
+
+
+def summary_text(summary: Mapping, column: TableColumn) -> str:
+    """A cell of the summary table: with several seeds, mean ± sample std [seed-level 95%
+    t-interval]; with one seed, the value [bootstrap interval over images]."""
+    mean, std = summary.get(f"{column.name}_mean"), summary.get(f"{column.name}_std")
+    spread = interval_text({column.name: mean, f"{column.name}_low": summary.get(f"{column.name}_low"),
+                        f"{column.name}_high": summary.get(f"{column.name}_high")}, column.name)
+    if std is not None and math.isfinite(float(std)):
+        return f"{fmt(mean)} ± {fmt(std)}" + (spread[len(fmt(mean)):] if column.interval else "")
+    return spread if column.interval else fmt(mean)
+
+
+def _axes(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """The grid's optional axes present in ``rows``: (header, row key)."""
+    axes = [("bg corr.", "bg_correlation"), ("split", "split_by")]
+    return [(header, key) for header, key in axes if any(r.get(key) is not None for r in rows)]
+
+
+def _axis_values(row: Mapping, axes: Sequence[tuple[str, str]]) -> list[str]:
+    return [fmt(row[key], 2) if key == "bg_correlation" else str(row[key]) for _, key in axes]
+
+
+def _keys(row: Mapping, axes: Sequence[tuple[str, str]]) -> list[str]:
+    return [row["arch"], row["regime"], *_axis_values(row, axes)]
+
+
+LEAK_HEADER = "show leak (random − show)"
+
+
+def _leak(rows: Sequence[Mapping]) -> bool:
+    """Whether the rows carry the show leak (fgvc.study.leak: a grid over random and show splits)."""
+    return any(r.get("show_leak") for r in rows)
+
+
+def shown_verdict(row: Mapping) -> str:
+    """The verdict as the tables show it: with the split it holds on, when the two splits of a
+    show-leak grid disagree (fgvc.study.leak)."""
+    return f"{row['verdict']}; {row['leak_note']}" if row.get("leak_note") else row["verdict"]
+
+
+def interval_statement(rows: Sequence[Mapping]) -> str:
+    """What the intervals cover, said once for the report."""
+    seeds = len({r.get("seed") for r in rows})
+    if seeds <= 1:
+        return ("One seed: every interval is a bootstrap 95% interval over the analysed images only; it does not "
+                "cover training randomness (another seed can move a value by more than its interval).")
+    return (f"{seeds} seeds: per cell, bootstrap 95% intervals over images; in the summary, mean ± sample standard "
+            f"deviation across seeds [seed-level 95% t-interval, which covers training randomness]; regime "
+            f"differences: hierarchical bootstrap, seeds then images.")
+
+
+def _split(rows: Sequence[Mapping]) -> str:
+    splits = list(dict.fromkeys(r.get("split", "val") for r in rows))
+    return "/".join(splits) or "val"
+
+
+def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float,
+                  differences: Sequence[Mapping] = (), extra: Sequence[Table] = ()) -> list[Table]:
+    """The summary, ``extra`` tables (the show leak), the paired regime differences (when the
+    grid has pairs) and the per-cell table, formatted. Rows of cells that did not learn are
+    marked ``muted`` (shown greyed)."""
+    split = _split(rows)
+    cols = columns(split)
+    axes = _axes(rows)
+    keys = ["arch", "regime", *(header for header, _ in axes)]
+    leak = [LEAK_HEADER] if _leak(rows) else []
+    legend = {c.header: c.what for c in cols}
+    legend["verdict"] = ("reads the runway: No-FG above chance and BG-gap above 0 (95% intervals); reads the "
+                         "garment: Only-FG above chance, neither of the first two; else undecided; no verdict when "
+                         f"the cell did not learn ({split} accuracy's interval not above {QUALITY_FACTOR:g} x chance)")
+    seeds = len({r.get("seed") for r in rows})
+    note = (f"Chance level {chance:.3f}; reported numbers on the {split} split (the best epoch is chosen on val). "
+            f"{interval_statement(rows)}")
+    title = "Summary (one seed)" if seeds <= 1 else f"Summary across {seeds} seeds"
+    if leak:
+        legend[LEAK_HEADER] = ("the same cell's accuracy on its own images and BG-gap on the random split minus on "
+                               "the show split of the same images (unpaired bootstrap, 95%): > 0 = the random split "
+                               "rewards remembering the show")
+    summary_table = Table(title, [*keys, "seeds", "verdict", "did not learn", *leak, *(c.header for c in cols)],
+                          [[*_keys(s, axes), str(s["seeds"]), s["verdict"], str(s.get("did_not_learn", 0)),
+                            *([s.get("show_leak", "")] if leak else []), *(summary_text(s, c) for c in cols)]
+                           for s in summary],
+                          key_columns=len(keys) + 3, note=note, legend=legend,
+                          muted=[s.get("did_not_learn", 0) == s["seeds"] for s in summary])
+    tables = [summary_table, *extra]
+    if differences:
+        headers = [f"Δ {header}" for _, header, _ in DIFFERENCE_MEASURES]
+        tables.append(Table(
+            "Paired regime differences (same source images)",
+            ["arch", *(header for header, _ in axes), "comparison", "seeds", *headers],
+            [[d["arch"], *_axis_values(d, axes), d["comparison"], str(d["seeds"]),
+              *(interval_text(d, name) for name, _, _ in DIFFERENCE_MEASURES)] for d in differences],
+            key_columns=3 + len(axes),
+            note=(f"first regime minus second, per image on the same source {split} images of each seed, then "
+                  f"{'a hierarchical bootstrap (seeds, then images)' if seeds > 1 else 'a bootstrap over images'}: "
+                  f"an interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
+                  f"minus Mixed-Rand correctness."),
+            muted=[d.get("did_not_learn", 0) > 0 for d in differences]))
+    tables.append(Table(f"Cells ({len(rows)})", [*keys, "seed", "run", "status", "quality", "verdict",
+                                                 "masked twin", *leak, *(c.header for c in cols)],
+                        [[*_keys(r, axes), str(r["seed"]), r["run_id"], r.get("status", ""),
+                          r.get("quality", LEARNED), shown_verdict(r), r.get("twin", ""),
+                          *([r.get("show_leak", "")] if leak else []), *(cell_text(r, c) for c in cols)]
+                         for r in rows], key_columns=len(keys) + 6,
+                        muted=[r.get("quality") == DID_NOT_LEARN for r in rows],
+                        note="Greyed rows did not learn: their reliance numbers are shown but carry no verdict."))
+    return tables
+
+
+def markdown_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float,
+                    differences: Sequence[Mapping] = (), extra: Sequence[Table] = ()) -> str:
+    """The report's tables in Markdown (study/results.md); the values of muted rows in italics."""
+    lines = []
+    for table in report_tables(rows, summary, chance, differences, extra):
+        lines += [f"## {table.title}", ""] + ([table.note, ""] if table.note else [])
+        lines += ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
+        muted = list(table.muted or [False] * len(table.body))
+        for row, grey in zip(table.body, muted):
+            cells = [str(v).replace("|", "\\|") for v in row]
+            lines.append("| " + " | ".join(f"_{c}_" if grey and i >= table.key_columns and c not in ("", "–") else c
+                                           for i, c in enumerate(cells)) + " |")
+        if table.legend:
+            lines += ["", "Columns:", ""] + [f"- **{h}**: {w}" for h, w in table.legend.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def terminal_table(rows: Sequence[Mapping]) -> str:
+    """The verdicts as plain text for the terminal: one line per cell."""
+    split = _split(rows)
+    head = ("cell", f"{split} acc", "quality", "verdict", "gradcam excess", "occlusion excess")
+    body = [(r.get("run_name", r.get("run_id", "")), interval_text(r, "acc"), r.get("quality", LEARNED), shown_verdict(r),
+             interval_text(r, "gradcam_excess"), interval_text(r, "occlusion_excess")) for r in rows]
+    widths = [max(len(str(x)) for x in column) for column in zip(head, *body)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body))
