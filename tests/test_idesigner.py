@@ -184,7 +184,7 @@ def test_the_kaggle_test_folder_is_sent_to_predict_not_ingested(tmp_path):
     for k in (13455, 7):
         Image.new("RGB", (6, 10)).save(tmp_path / f"{k}.png")
     (tmp_path / "sample.csv").write_text("Id,Category\n13455,a\n7,a\n")
-    with pytest.raises(ConfigError, match="unlabelled test folder.*`fgvc predict --source "):
+    with pytest.raises(ConfigError, match="unlabelled test folder.*--unlabelled-test .*`fgvc predict --source "):
         ingest(tmp_path, tmp_path.parent / "root-of-test", height=16, width=12, progress=False)
     assert [(p.key, p.path.name) for p in list_photos(tmp_path)] == [("13455", "13455.png"), ("7", "7.png")]
 
@@ -213,3 +213,36 @@ def test_an_ingested_root_is_dealt_again_from_its_source(tmp_path):
     with pytest.raises(FgvcError, match="was prepared from .*designer_image_train_v2_cropped, which is not there "
                                         "any more: splitting the same images by random deals them again from there"):
         resplit_root(tmp_path / "root", "random")
+
+
+def test_the_kaggle_test_folder_is_kept_beside_the_splits_unlabelled_keyed_by_id(tmp_path):
+    from fgvc.data.shards import splits_of
+    from fgvc.data.unlabelled import unlabelled_batches
+    from fgvc.study.tables import report_split
+
+    outer = idesigner_tree(tmp_path)
+    test = tmp_path / "designer_image_test_v2_cropped"
+    test.mkdir()
+    for k, colour in ((13455, (200, 10, 10)), (7, (10, 200, 10))):
+        Image.new("RGB", (6, 10), colour).save(test / f"{k}.png")
+    (test / "31.png").write_bytes(b"not a png")
+    (test / "sample.csv").write_text("Id,Category\n13455,a\n31,a\n7,a\n99,a\n")
+    root = tmp_path / "root"
+    done = CliRunner().invoke(main, ["prepare", "--source", str(outer), "--root", str(root), "--height", "16",
+                                     "--width", "12", "--unlabelled-test", str(test)])
+    assert done.exit_code == 0, done.output
+    record = read_meta(root)["unlabelled_test"]
+    assert record["ids"] == ["13455", "7"] and record["count"] == 2 and record["keyed_by"] == "Id"
+    assert [s["id"] for s in record["skipped"]] == ["31", "99"]
+    assert "Unlabelled test set: 2 photo(s) keyed by Id in unlabelled-test/ (2 listed in sample.csv unreadable" in done.output
+    # not a split: nothing trains, selects or reports on it
+    assert splits_of(root) == ["train", "val"] and report_split(root) == "val"
+    validate_root(root)
+    [(ids, images)] = list(unlabelled_batches(root))
+    assert ids == ["13455", "7"] and images.shape == (2, 3, 16, 12) and images.dtype == torch.uint8
+    assert images[0, 0].float().mean() > 150 and images[1, 1].float().mean() > 150  # in sample.csv's order
+    # a folder without sample.csv: one line, nothing written
+    refused = CliRunner().invoke(main, ["prepare", "--source", str(outer), "--root", str(tmp_path / "other"),
+                                        "--unlabelled-test", str(outer)])
+    assert refused.exit_code != 0 and "needs sample.csv (column Id)" in refused.output
+    assert not (tmp_path / "other").exists()

@@ -67,19 +67,57 @@ def test_predict_writes_one_row_per_photo_and_lists_the_unreadable(store, tiny_r
     assert read_rows(logged) == rows
 
 
+def submission(source, out, tiny_root) -> list[list[str]]:
+    """`predict --format kaggle` of ``source`` into ``out``: its rows, checked for the header
+    and for designers of the model."""
+    done = CliRunner().invoke(main, ["predict", "--model", "models:/fgvc-fn-small/1", "--source", str(source),
+                                     "--out", str(out), "--format", "kaggle"])
+    assert done.exit_code == 0, done.output
+    rows = read_rows(out)
+    assert rows[0] == ["Id", "Category"] and {r[1] for r in rows[1:]} <= set(read_label_map(tiny_root).values())
+    return rows
+
+
 def test_kaggle_test_folder_gives_a_submission_keyed_by_id(store, tiny_root, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     monkeypatch.chdir(store)
     test = tmp_path / "test"
     demo_photos(tiny_root, test, ["13455.png", "2.png", "400.png"])
     (test / "sample.csv").write_text("Id,Category\n13455,x\n2,x\n400,x\n")
-    out = tmp_path / "submission.csv"
-    done = CliRunner().invoke(main, ["predict", "--model", "models:/fgvc-fn-small/1", "--source", str(test),
-                                     "--out", str(out), "--format", "kaggle"])
-    assert done.exit_code == 0, done.output
-    rows = read_rows(out)
-    assert rows[0] == ["Id", "Category"] and [r[0] for r in rows[1:]] == ["13455", "2", "400"]
-    assert {r[1] for r in rows[1:]} <= set(read_label_map(tiny_root).values())
+    rows = submission(test, tmp_path / "submission.csv", tiny_root)
+    assert [r[0] for r in rows[1:]] == ["13455", "2", "400"]
+
+
+def test_a_root_with_an_unlabelled_test_set_gives_a_submission_keyed_by_id(store, tiny_root, tmp_path,
+                                                                         monkeypatch):
+    """`prepare --unlabelled-test` keeps Kaggle's test photos in the root; `predict --source
+    ROOT` predicts them in sample.csv's order, the photos unreadable at prepare listed."""
+    import shutil
+
+    from fgvc.data.shards import read_meta, write_json
+    from fgvc.data.unlabelled import ingest_unlabelled
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    monkeypatch.chdir(store)
+    test = tmp_path / "test"
+    demo_photos(tiny_root, test, ["13455.png", "2.png", "400.png"])
+    (test / "sample.csv").write_text("Id,Category\n400,x\n13455,x\n5,x\n2,x\n")
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root, root)
+    meta = read_meta(root)
+    height, width = meta["image_size"]
+    write_json(root / "meta.json", {**meta, "unlabelled_test": ingest_unlabelled(test, root, height, width, "pad",
+                                                                                 progress=False)})
+    rows = submission(root, tmp_path / "submission.csv", tiny_root)
+    assert [r[0] for r in rows[1:]] == ["400", "13455", "2"]
+    # the same photos read from the folder get the same designers
+    assert submission(test, tmp_path / "direct.csv", tiny_root) == rows
+    [run] = mlflow.search_runs(experiment_names=["fgvc-predict"], output_format="list",
+                               filter_string=f"params.source = '{root}'")
+    assert run.data.metrics["predict/unreadable"] == 1 and "unlabelled test set, keyed by Id" in \
+        run.data.tags["mlflow.note.content"]
+    plain = CliRunner().invoke(main, ["predict", "--model", "models:/fgvc-fn-small/1", "--source", str(tiny_root)])
+    assert plain.exit_code == 1 and "a dataset root without an unlabelled test set" in plain.output
 
 
 def test_an_unknown_source_is_one_line_and_no_run(store, tmp_path, monkeypatch):

@@ -91,6 +91,9 @@ class PrepareConfig(Config):
     collection_spread: float = option(FLOAT, _DEMO.collection_spread, "Demo: how far each show's collection "
                                       "departs from the designer's signature (0: not at all, 1: anything).",
                                       check=fraction)
+    unlabelled_test: str | None = option(Maybe(STR, "none"), None, "Ingest: a Kaggle test folder (numbered "
+                                         "photos and sample.csv with a column Id), kept in the root beside the "
+                                         "splits, unlabelled, keyed by Id; `fgvc predict --source ROOT` predicts it.")
     check: str | None = option(Maybe(STR, "none"), None, "Only check the dataset root given here: does any "
                                "show (group) span two splits? Builds nothing.", identity=False)
     seed: int = option(INT, 0, "Demo: generator seed; ingest: split seed.")
@@ -116,7 +119,8 @@ class PredictConfig(Config):
     model: str = option(STR, "models:/fgvc-resnet18@champion",
                         "models:/<name>@<alias>, models:/<name>/<version> or <name>@<alias>.")
     source: str = option(STR, "photos", "A folder of photos (any layout; a Kaggle test folder with sample.csv is "
-                         "read by Id) or a CSV with a path or Id column.")
+                         "read by Id), a CSV with a path or Id column, or a dataset root prepared with "
+                         "--unlabelled-test (its test set, by Id).")
     out: str = option(STR, "predictions.csv", "Where to write the predictions (also logged as the run's artifact).")
     format: str = option(Choice(PREDICT_FORMATS), "csv", "csv: file, designer, probability, top-k; kaggle: "
                          "Id,Category (the designer).")

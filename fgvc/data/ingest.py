@@ -72,6 +72,7 @@ from fgvc.data.splits import (  # noqa: F401  (seeded_rank, val_count: imported 
     summary,
     val_count,
 )
+from fgvc.data.unlabelled import ingest_unlabelled
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError
 
@@ -255,10 +256,12 @@ def _write_shards(jobs: list[tuple[Path, list[int], list[int], list[int]]], stag
 def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 48,
            resize: str = "pad", val_fraction: float = 0.2, seed: int = 0, shard_size: int = 500,
            progress: bool = True, workers: int | None = None, split_by: str = "auto",
-           group_pattern: str = DEFAULT_GROUP_PATTERN, test_fraction: float = 0.0) -> dict:
+           group_pattern: str = DEFAULT_GROUP_PATTERN, test_fraction: float = 0.0,
+           unlabelled_test: str | Path | None = None) -> dict:
     """Write a dataset root (train/val(/test) shards, index_to_label.json, meta.json) from an
     image folder or a `path,label[,group]` CSV; returns the meta written. See the module
-    docstring and fgvc.data.splits for the split."""
+    docstring and fgvc.data.splits for the split; ``unlabelled_test``: a Kaggle test folder
+    kept beside the splits (fgvc.data.unlabelled)."""
     source, root = Path(source), Path(root)
     check_arguments(source, root, height, width, resize, val_fraction, shard_size)
     check_split_arguments(split_by, group_pattern, val_fraction, test_fraction)
@@ -351,6 +354,9 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
         "dropped_classes": dropped,
         "ignored": listing.notes,
     }
+    if unlabelled_test is not None:
+        meta["unlabelled_test"] = ingest_unlabelled(unlabelled_test, root, height, width, resize, shard_size,
+                                                    progress, workers)
     write_json(root / "meta.json", meta)
     log.info("ingested %s into %s: %d classes, %s, skipped %d", source, root, len(kept),
              ", ".join(f"{s} {n}" for s, n in counts.items()), len(skipped))

@@ -63,7 +63,7 @@ def written_files(root: str | Path) -> list[Path]:
     root = Path(root)
     found = [root / name for name in ROOT_FILES if (root / name).exists()]
     found += [root / name for name in ROOT_DIRS if (root / name).is_dir()]
-    for split in SPLITS:
+    for split in (*SPLITS, "unlabelled-test"):  # fgvc.data.unlabelled.FOLDER
         folder = root / split
         if folder.is_dir():
             found += sorted(p for p in folder.iterdir()

@@ -215,7 +215,7 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def _save_tensors(obj, path: str) -> None:
+def save_tensors(obj, path: str) -> None:
     # Saving through a file object (not a name) keeps the bytes independent of the file name:
     # torch.save names the records inside the archive after a named file.
     with open(path, "wb") as f:
@@ -225,7 +225,7 @@ def _save_tensors(obj, path: str) -> None:
 def write_shard(path: str | Path, shard: dict, num_classes: int | None = None) -> None:
     """Validate and write a shard atomically. Same contents -> byte-identical file."""
     validate_shard(shard, path, num_classes)
-    atomic_write(path, lambda tmp: _save_tensors(shard, tmp))
+    atomic_write(path, lambda tmp: save_tensors(shard, tmp))
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -127,7 +127,8 @@ def list_source(source: str | Path) -> SourceListing:
     source = Path(source)
     if source.is_dir() and (source / KAGGLE_LIST).is_file():
         raise ConfigError(f"{source}: an unlabelled test folder ({KAGGLE_LIST} lists its images by Id); a dataset "
-                          f"root needs labels. Predict it with "
+                          f"root's splits need labels. Keep it in the root with `fgvc prepare --source <training "
+                          f"folder> --unlabelled-test {shlex.quote(str(source))}`, or predict it directly with "
                           f"`fgvc predict --source {shlex.quote(str(source))} --format kaggle`")
     if source.is_dir():
         return list_image_folder(source)

@@ -19,7 +19,9 @@ import mlflow
 from tqdm.auto import tqdm
 
 from fgvc.data.config import PredictConfig
+from fgvc.data.shards import read_meta
 from fgvc.data.sources import MAX_NAMES_IN_LOG, Photo, list_photos
+from fgvc.data.unlabelled import has_unlabelled, unlabelled_batches
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.models.predict import Predictor, decode_image_bytes
@@ -64,6 +66,23 @@ def predict_photos(predictor: Predictor, photos: list[Photo], top_k: int, batch_
     return rows, unreadable
 
 
+def predict_stored(predictor: Predictor, root: str, top_k: int, batch_size: int,
+                   progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """The unlabelled test set a dataset root keeps (fgvc.data.unlabelled), keyed by Id; the
+    photos that could not be read when it was prepared are the unreadable ones."""
+    record = read_meta(root)["unlabelled_test"]
+    rows = []
+    bar = tqdm(total=record["count"], desc="predict", unit="img", disable=None if progress else True)
+    for ids, images in unlabelled_batches(root):
+        for start in range(0, len(ids), batch_size):
+            arrays = [image.permute(1, 2, 0).numpy() for image in images[start:start + batch_size]]  # [H, W, 3]
+            rows += [{"file": key, **r} for key, r in zip(ids[start:start + batch_size],
+                                                          predictor.predict(arrays, top_k=top_k))]
+            bar.update(len(arrays))
+    bar.close()
+    return rows, [{"file": bad["id"], "error": bad["error"]} for bad in record.get("skipped", [])]
+
+
 def write_predictions(path: Path, rows: list[dict], unreadable: list[dict], fmt: str) -> None:
     """csv: file, designer, probability, top_designers, top_probabilities (';'-joined), error;
     kaggle: Id,Category, the readable photos only."""
@@ -83,19 +102,29 @@ def write_predictions(path: Path, rows: list[dict], unreadable: list[dict], fmt:
 
 def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     """Predict every photo of `cfg.source` with `cfg.model`, write `cfg.out`, log the run."""
-    photos = list_photos(cfg.source)  # before a run exists: a refusal leaves no FAILED run behind
+    stored = has_unlabelled(cfg.source)
+    if not stored and (Path(cfg.source) / "meta.json").is_file():
+        raise ConfigError(f"--source {cfg.source}: a dataset root without an unlabelled test set; give a folder of "
+                          f"photos, or prepare the root with --unlabelled-test <Kaggle test folder>")
+    # before a run exists: a refusal leaves no FAILED run behind
+    photos = [] if stored else list_photos(cfg.source)
+    count = read_meta(cfg.source)["unlabelled_test"]["count"] if stored else len(photos)
     out = Path(cfg.out)
     if out.is_dir():
         raise ConfigError(f"--out {cfg.out}: is a folder; give a file name such as predictions.csv")
     resolved = resolve_version(cfg.model)
     with tracked_run(EXPERIMENT, f"predict-{resolved.name}-v{resolved.version}", task="predict",
                      experiment_description=EXPERIMENT_DESCRIPTION,
-                     description=f"Predictions of {code(resolved.uri)} for {len(photos)} photo(s) of "
-                                 f"{code(cfg.source)}, written as {cfg.format} to {code(cfg.out)}.",
+                     description=f"Predictions of {code(resolved.uri)} for {count} photo(s) of "
+                                 f"{code(cfg.source)}" + (" (its unlabelled test set, keyed by Id)" if stored else "")
+                                 + f", written as {cfg.format} to {code(cfg.out)}.",
                      tags={"fgvc.model_uri": resolved.uri, "fgvc.source_run_id": resolved.run_id}):
         with artifact_dir() as tmp:
             predictor = Predictor.from_checkpoint(download_checkpoint(resolved, tmp))
-        rows, unreadable = predict_photos(predictor, photos, cfg.top_k, cfg.batch_size, progress)
+        if stored:
+            rows, unreadable = predict_stored(predictor, cfg.source, cfg.top_k, cfg.batch_size, progress)
+        else:
+            rows, unreadable = predict_photos(predictor, photos, cfg.top_k, cfg.batch_size, progress)
         if unreadable:
             names = ", ".join(f"{b['file']} ({b['error']})" for b in unreadable[:MAX_NAMES_IN_LOG])
             more = f" ... and {len(unreadable) - MAX_NAMES_IN_LOG} more" if len(unreadable) > MAX_NAMES_IN_LOG else ""

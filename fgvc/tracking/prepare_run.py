@@ -13,6 +13,7 @@ from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import generate_demo
 from fgvc.data.ingest import check_arguments, ingest
 from fgvc.data.roots import check_groups, remove_written, written_files
+from fgvc.data.sources import KAGGLE_LIST
 from fgvc.data.splits import check_split_arguments
 from fgvc.data.shards import dataset_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
@@ -38,6 +39,9 @@ def check(cfg: PrepareConfig) -> None:
     else:
         check_arguments(Path(cfg.source), root, cfg.height, cfg.width, cfg.resize, cfg.val_fraction)
         check_split_arguments(cfg.split_by, cfg.group_pattern, cfg.val_fraction, cfg.test_fraction)
+    if cfg.unlabelled_test is not None and not (Path(cfg.unlabelled_test) / KAGGLE_LIST).is_file():
+        raise ConfigError(f"--unlabelled-test {cfg.unlabelled_test}: needs {KAGGLE_LIST} (column Id) listing its "
+                          f"photos, as Kaggle's test folder has")
     if (root / "meta.json").exists() and not cfg.overwrite:
         raise ConfigError(f"{root}: a dataset already exists here; pass --overwrite true to rebuild it "
                           f"(only the files prepare wrote are removed)")
@@ -54,11 +58,27 @@ def build_root(cfg: PrepareConfig, progress: bool = True) -> dict:
         return generate_demo(root, cfg.demo())
     return ingest(cfg.source, root, height=cfg.height, width=cfg.width, resize=cfg.resize,
                   val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress, split_by=cfg.split_by,
-                  group_pattern=cfg.group_pattern, test_fraction=cfg.test_fraction)
+                  group_pattern=cfg.group_pattern, test_fraction=cfg.test_fraction,
+                  unlabelled_test=cfg.unlabelled_test)
 
 
 def describe_split(meta: dict) -> str:
-    """One sentence on the split for the run's description and the terminal."""
+    """One sentence on the split (and the unlabelled test set) for the run's description and
+    the terminal."""
+    return " ".join(t for t in (_split_sentence(meta), _unlabelled_sentence(meta)) if t)
+
+
+def _unlabelled_sentence(meta: dict) -> str:
+    record = meta.get("unlabelled_test")
+    if not record:
+        return ""
+    skipped = len(record.get("skipped", []))
+    return (f"Unlabelled test set: {record['count']} photo(s) keyed by Id in unlabelled-test/"
+            + (f" ({skipped} listed in sample.csv unreadable: see meta.json)" if skipped else "")
+            + "; `fgvc predict --source <this root> --format kaggle` predicts it.")
+
+
+def _split_sentence(meta: dict) -> str:
     split = meta.get("split") or {}
     if not split:
         return ""
@@ -125,6 +145,8 @@ def run_prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
         for split, count in info.counts.items():
             mlflow.log_metric(f"data/{split}/images", count)
         mlflow.log_metric("data/skipped_files", meta.get("skipped_count", 0))
+        if meta.get("unlabelled_test"):
+            mlflow.log_metric("data/unlabelled_test/images", meta["unlabelled_test"]["count"])
         for split, count in ((meta.get("split") or {}).get("groups") or {}).items():
             mlflow.log_metric(f"data/{split}/groups", count)
         set_tags({**split_tags(meta), DESCRIPTION: f"Dataset root {code(cfg.root)}: {what}. {describe_split(meta)}"})
