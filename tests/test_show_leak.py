@@ -30,7 +30,8 @@ from fgvc.errors import ConfigError
 from fgvc.models.factory import create_model
 from fgvc.study.config import StudyConfig
 from fgvc.study.leak import annotate_summary, leak_paragraph, leak_table, show_leak
-from fgvc.study.render import LEAK_HEADER, markdown_tables, report_tables, terminal_table
+from fgvc.study.pairing import interval_text
+from fgvc.study.render import markdown_tables, report_tables, terminal_table
 from fgvc.study.tables import GARMENT, NO_VERDICT, RUNWAY, UNDECIDED, summarize
 
 LEAK = DemoConfig(num_designers=4, train_per_class=32, val_per_class=16, height=24, width=18, looks_per_show=8,
@@ -122,23 +123,27 @@ def test_the_show_leak_is_random_minus_show_and_says_when_a_verdict_holds_only_o
     assert entry["leak_bg_gap"] == pytest.approx(entry["leak_acc"])  # Mixed-Rand all wrong: BG-gap = correctness
     assert leaky["leak_acc"] == clean["leak_acc"] == entry["leak_acc"]
     assert entry["only_on_random_split"] == 1 and entry["verdict_show"] == UNDECIDED
-    assert leaky["leak_note"] == f"random split only; show split: {UNDECIDED}"
+    assert leaky["leak_note"] == "holds only on the random split"
     assert leaky["verdict_reason"].endswith(f"Holds only on the random split, where validation looks have "
                                             f"show-mates in training: on the show split the same cell says "
                                             f"'{UNDECIDED}'")
-    assert clean["leak_note"] == f"random split: {RUNWAY}" and clean["verdict_reason"] == "No-FG ..."
-    assert leaky["show_leak"].startswith(f"acc +{entry['leak_acc']:.3f} [+") and "; BG-gap +" in leaky["show_leak"]
+    assert "leak_note" not in clean and clean["verdict_reason"] == "No-FG ..."
+    assert entry["show_leak"].startswith(f"acc +{entry['leak_acc']:.3f} [+") and "; BG-gap +" in entry["show_leak"]
     # the tables: a show-leak column, a split column, the leak table after the summary
     summary = summarize(rows)
     annotate_summary(summary, [entry])
-    assert [s["split_by"] for s in summary] == ["random", "show"] and summary[1]["show_leak"] == entry["show_leak"]
+    assert [s["split_by"] for s in summary] == ["random", "show"]
+    assert summary[1]["leak_acc_low"] == entry["leak_acc_low"] and summary[0]["leak_bg_gap"] == entry["leak_bg_gap"]
     tables = report_tables(rows, summary, 0.25, extra=[leak_table([entry])])
     assert [t.title for t in tables] == ["Summary (one seed)", "Show leak (random split − show split, the same "
                                          "images)", "Cells (2)"]
-    assert "split" in tables[0].header and LEAK_HEADER in tables[0].header and LEAK_HEADER in tables[2].header
+    for table in (tables[0], tables[2]):
+        assert "split" in table.header and "show leak, Δ acc" in table.header and "show leak, Δ BG-gap" in table.header
+        at = table.header.index("show leak, Δ acc")
+        assert [line[at] for line in table.body] == [interval_text(entry, "leak_acc", sign=True)] * 2
     assert tables[1].body[0][-3:] == [RUNWAY, UNDECIDED, "1/1"]
-    assert f"{RUNWAY}; random split only; show split: {UNDECIDED}" in tables[2].body[0]
-    assert "random split only" in terminal_table(rows)
+    assert f"{RUNWAY}; holds only on the random split" in tables[2].body[0]
+    assert "holds only on the random split" in terminal_table(rows)
     assert "unpaired bootstrap" in markdown_tables(rows, summary, 0.25, extra=[leak_table([entry])])
     assert "In 1 of 1 the verdict holds only on the random split" in leak_paragraph([entry])
 
@@ -148,13 +153,14 @@ def test_agreeing_splits_leave_the_verdicts_alone_and_seeds_widen_the_leak():
     [entry] = show_leak(rows, per_image)
     assert entry["leak_acc_low"] < 0 < entry["leak_acc_high"] and entry["only_on_random_split"] == 0
     assert not any("leak_note" in r for r in rows) and "No verdict holds only" in leak_paragraph([entry])
+    assert not any(r["verdict_reason"].endswith("'") for r in rows)
     rows, per_image = leak_rows(0.9, 0.3, (RUNWAY, NO_VERDICT), seeds=(0, 1))
     [entry] = show_leak(rows, per_image)
     assert entry["seeds"] == 2 and entry["only_on_random_split"] == 2 and entry["verdict_random"] == f"{RUNWAY} (2/2)"
     assert entry["leak_acc"] == pytest.approx(sum(r["leak_acc"] for r in rows[::2]) / 2)
     # a grid without the split axis has no leak
     plain = [dict(r, split_by=None) for r in leak_rows(0.9, 0.3, (RUNWAY, RUNWAY))[0]]
-    assert show_leak(plain, per_image) == [] and not any("show_leak" in r for r in plain)
+    assert show_leak(plain, per_image) == [] and not any("leak_acc" in r for r in plain)
     assert math.isnan(show_leak(leak_rows(0.9, 0.3, (RUNWAY, RUNWAY))[0], {})[0]["leak_acc"])
 
 
@@ -197,7 +203,7 @@ def test_the_study_measures_the_show_leak(tmp_path, mlflow_store):
     assert client.get_run(leaky["run_id"]).data.params["data_root"].endswith("leak-random-split")
     assert "compare/show_leak_acc" in client.get_run(clean["run_id"]).data.metrics
     report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/study/report.html")
-    assert "Show leak (random split − show split, the same images)" in report and LEAK_HEADER in report
+    assert "Show leak (random split − show split, the same images)" in report and "show leak, Δ BG-gap" in report
     assert "Show leak, random split minus show split" in report
     leak_csv = mlflow.artifacts.load_text(f"runs:/{result.run_id}/study/show_leak.csv")
     assert leak_csv.splitlines()[0].startswith("arch,regime,bg_correlation,seeds,leak_acc")

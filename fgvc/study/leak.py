@@ -28,6 +28,7 @@ from fgvc.study.tables import ATTRIBUTION, GARMENT, RUNWAY
 from fgvc.viz.report import Table
 
 LEAKY, CLEAN = "random", "show"
+ONLY_ON_RANDOM = "holds only on the random split"
 # (row key, header, per-image column, record): the value's leak is leak_<row key>
 LEAK_MEASURES = (("acc", "acc, own images", "correct", ATTRIBUTION),
                  ("no_fg_acc", "No-FG acc", "correct_no_fg", ("shortcut",)),
@@ -55,11 +56,10 @@ def show_leak(rows: Sequence[dict], per_image: PerImage, seed: int = 0) -> list[
     """Complete the rows of a random/show grid in place and return one entry per
     (architecture, regime, strength) across seeds.
 
-    Per row of a pair: ``leak_<measure>`` with ``_low``/``_high`` (that seed's pair),
-    ``show_leak`` (its text); where the two verdicts differ, ``leak_note`` on both and, on the
-    random-split row, a sentence at the end of ``verdict_reason``. Per entry: the leaks across
-    seeds, the verdicts on each split, ``only_on_random_split`` (seeds whose verdict holds only
-    there) and ``show_leak``."""
+    Per row of a pair: ``leak_<measure>`` with ``_low``/``_high`` (that seed's pair); on a
+    random-split row whose verdict holds only there, ``leak_note`` and a sentence at the end of
+    ``verdict_reason``. Per entry: the leaks across seeds, the verdicts on each split,
+    ``only_on_random_split`` (seeds whose verdict holds only there) and ``show_leak`` (text)."""
     pairs: dict[tuple, dict[int, dict[str, dict]]] = {}
     for row in rows:
         if row.get("split_by") in (LEAKY, CLEAN):
@@ -83,17 +83,11 @@ def show_leak(rows: Sequence[dict], per_image: PerImage, seed: int = 0) -> list[
         only = 0
         for pair in both:
             leaky, clean = pair[LEAKY], pair[CLEAN]
-            leaky["show_leak"] = clean["show_leak"] = leak_text(leaky)
-            if leaky["verdict"] == clean["verdict"]:
-                continue
-            if leaky["verdict"] in (RUNWAY, GARMENT):
+            if leaky["verdict"] in (RUNWAY, GARMENT) and leaky["verdict"] != clean["verdict"]:
                 only += 1
-                leaky["leak_note"] = f"random split only; show split: {clean['verdict']}"
+                leaky["leak_note"] = ONLY_ON_RANDOM
                 leaky["verdict_reason"] += (f". Holds only on the random split, where validation looks have show-mates "
                                             f"in training: on the show split the same cell says '{clean['verdict']}'")
-            else:
-                leaky["leak_note"] = f"show split: {clean['verdict']}"
-            clean["leak_note"] = f"random split: {leaky['verdict']}"
         entry.update(verdict_random=_counts([p[LEAKY]["verdict"] for p in both]),
                      verdict_show=_counts([p[CLEAN]["verdict"] for p in both]), only_on_random_split=only)
         entry["show_leak"] = leak_text(entry) + (f"; verdict holds only on the random split ({only}/{len(both)} "
@@ -103,12 +97,13 @@ def show_leak(rows: Sequence[dict], per_image: PerImage, seed: int = 0) -> list[
 
 
 def annotate_summary(summary: Sequence[dict], entries: Sequence[Mapping]) -> None:
-    """Give each summary row of a split its group's show leak (the same on both splits)."""
+    """Give each summary row of a split its group's show leak across seeds (the same on both
+    splits): ``leak_<measure>`` with its interval."""
     by_key = {(e["arch"], e["regime"], e["bg_correlation"]): e for e in entries}
     for row in summary:
         entry = by_key.get((row["arch"], row["regime"], row.get("bg_correlation")))
         if entry is not None and row.get("split_by"):
-            row["show_leak"] = entry["show_leak"]
+            row.update({k: v for k, v in entry.items() if k.startswith("leak_")})
 
 
 def leak_table(entries: Sequence[Mapping]) -> Table:
