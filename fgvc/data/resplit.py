@@ -17,8 +17,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from fgvc.data.config import DemoConfig
-from fgvc.data.roots import ensure_demo, is_masked_root
+from fgvc.data.roots import demo_config_of, ensure_demo, is_masked_root
 from fgvc.data.shards import read_meta
 from fgvc.data.splits import DEFAULT_GROUP_PATTERN
 from fgvc.errors import ConfigError, MissingFileError
@@ -54,9 +53,9 @@ def resplit_root(root: str | Path, rule: str, progress: bool = True) -> Path:
     if target == root:
         return root
     meta = read_meta(root)
-    if meta.get("generator") is not None:
-        generator = {k: v for k, v in meta["generator"].items() if k in {f.name for f in dataclasses.fields(DemoConfig)}}
-        return ensure_demo(target, dataclasses.replace(DemoConfig(**generator), split_by=rule))
+    demo = demo_config_of(root)
+    if demo is not None:
+        return ensure_demo(target, dataclasses.replace(demo, split_by=rule))
     source = meta.get("source")
     if is_masked_root(root) or not source or source == "runway-synth":
         raise ConfigError(f"{root}: its meta.json records no source to deal its images again from; pass the root "

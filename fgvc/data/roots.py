@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import shlex
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from fgvc.data.demo import DemoConfig, generate_demo
@@ -38,6 +38,14 @@ def ensure_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> Path:
     log.info("generating the demo dataset in %s (first use)", root)
     generate_demo(root, cfg)
     return root
+
+
+def demo_config_of(root: str | Path) -> DemoConfig | None:
+    """The generator settings of a demo root (its meta.json's ``generator``), None for another root."""
+    found = read_meta(root).get("generator") if (Path(root) / "meta.json").exists() else None
+    if found is None:
+        return None
+    return DemoConfig(**{k: v for k, v in found.items() if k in {f.name for f in fields(DemoConfig)}})
 
 
 def resolve_root(data_root: str | Path) -> Path:

@@ -38,7 +38,7 @@ from fgvc.config import digest
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import DemoConfig
 from fgvc.data.resplit import resplit_root
-from fgvc.data.roots import DEFAULT_DATA_ROOT, ensure_demo, resolve_root
+from fgvc.data.roots import DEFAULT_DATA_ROOT, demo_config_of, ensure_demo, resolve_root
 from fgvc.data.shards import dataset_digest, pixels_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
 from fgvc.masking import MaskConfig
@@ -126,6 +126,7 @@ def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | N
     else:
         given = resolve_root(plan.data_root)
         source = given if split is None else resplit_root(given, split, progress)
+        demo = demo_config_of(source)  # a demo root given by path: its planted strength is known
     info = validate_root(source)
     source_digest = dataset_digest(source)
     has_masks = info.has_masks or "masks" in ShardDataset(source, "val").keys

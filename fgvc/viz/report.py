@@ -239,8 +239,9 @@ tr.muted td { color: #999; background: #f7f7f7; font-style: italic; }
 code { font-size: 11px; } figure { display: inline-block; margin: 4px 10px 10px 0; vertical-align: top; }
 figcaption { font-size: 11px; color: #555; max-width: 420px; }
 img { max-width: 100%; } .note { color: #555; font-size: 13px; max-width: 1100px; }
-dl { font-size: 12px; } dt { font-weight: bold; float: left; clear: left; width: 150px; }
-dd { margin-left: 160px; }
+dl { font-size: 12px; display: grid; grid-template-columns: minmax(150px, max-content) 1fr; column-gap: 10px;
+     row-gap: 1px; } dt { font-weight: bold; }
+dd { margin: 0; }
 """
 
 
