@@ -18,15 +18,16 @@ from fgvc.errors import WriteFailed, first_line
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.6f}" if math.isfinite(value) else ""
-    return str(value)
+    return "" if value is None else str(value)
 
 
 def write_csv(path: str | Path, table: Mapping[str, Sequence] | Sequence[Mapping]) -> Path:
-    """A CSV from columns (``{name: values}``) or rows (``[{name: value}, ...]``); floats with
-    six decimals, NaN as an empty cell."""
+    """A CSV from columns (``{name: values}``) or rows (``[{name: value}, ...]``: every key of
+    any row is a column, in first-seen order); floats with six decimals, NaN and None (no
+    value, e.g. the spread of a single seed) as an empty cell."""
     path = Path(path)
     rows = [dict(zip(table, values)) for values in zip(*table.values())] if isinstance(table, Mapping) else table
-    header = list(table) if isinstance(table, Mapping) else list(rows[0]) if rows else []
+    header = list(table) if isinstance(table, Mapping) else list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)

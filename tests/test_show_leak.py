@@ -148,6 +148,24 @@ def test_the_show_leak_is_random_minus_show_and_says_when_a_verdict_holds_only_o
     assert "In 1 of 1 the verdict holds only on the random split" in leak_paragraph([entry])
 
 
+def test_results_csv_keeps_a_column_only_some_rows_have_and_no_spread_is_an_empty_cell(tmp_path):
+    import csv
+
+    from fgvc.files import write_csv
+
+    rows, _ = leak_rows(0.6, 0.6, (GARMENT, GARMENT))
+    rows[1]["leak_note"] = "holds only on the random split"  # the second row only
+    summary = summarize(rows)
+    write_csv(tmp_path / "results.csv", rows)
+    write_csv(tmp_path / "summary.csv", summary)
+    with open(tmp_path / "results.csv", newline="") as f:
+        read = list(csv.DictReader(f))
+    assert [r["leak_note"] for r in read] == ["", "holds only on the random split"]
+    with open(tmp_path / "summary.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    assert first["val_acc_std"] == "" and "None" not in first.values()
+
+
 def test_agreeing_splits_leave_the_verdicts_alone_and_seeds_widen_the_leak():
     rows, per_image = leak_rows(0.6, 0.6, (GARMENT, GARMENT))
     [entry] = show_leak(rows, per_image)

@@ -177,14 +177,22 @@ def describe_experiment(name: str, text: str) -> None:
 
 def describe_experiment_id(exp_id: str, text: str) -> None:
     client = MlflowClient()
+    described = lambda tags: bool(tags.get(DESCRIPTION) or not text) and \
+        tags.get(EXPERIMENT_KIND) == MODEL_TRAINING  # noqa: E731
     experiment = client.get_experiment(exp_id)
     try:
         if text and not experiment.tags.get(DESCRIPTION):
             client.set_experiment_tag(exp_id, DESCRIPTION, text)
         if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
             client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
-    except Exception as e:  # a user without EDIT on it: the description waits for one who has it;
-        if failures.denied_status(e) is None:  # what the user came to do is refused (or not) on its own
+    except Exception as e:
+        # Another process described it at the same moment (a store may refuse the second insert
+        # of a tag, e.g. SQLite's UNIQUE constraint): done.
+        if described(client.get_experiment(exp_id).tags):
+            return
+        # A user without EDIT on it: the description waits for one who has it; what the user
+        # came to do is refused (or not) on its own.
+        if failures.denied_status(e) is None:
             raise
         log.debug("experiment %s left undescribed: %s", exp_id, str(e).splitlines()[0])
 
