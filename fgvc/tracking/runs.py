@@ -175,26 +175,26 @@ def describe_experiment(name: str, text: str) -> None:
     describe_experiment_id(experiment_id(name), text)
 
 
-def describe_experiment_id(exp_id: str, text: str) -> None:
+def describe_experiment_id(exp_id: str, text: str, attempts: int = 3) -> None:
     client = MlflowClient()
-    described = lambda tags: bool(tags.get(DESCRIPTION) or not text) and \
-        tags.get(EXPERIMENT_KIND) == MODEL_TRAINING  # noqa: E731
-    experiment = client.get_experiment(exp_id)
-    try:
-        if text and not experiment.tags.get(DESCRIPTION):
-            client.set_experiment_tag(exp_id, DESCRIPTION, text)
-        if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
-            client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
-    except Exception as e:
-        # Another process described it at the same moment (a store may refuse the second insert
-        # of a tag, e.g. SQLite's UNIQUE constraint): done.
-        if described(client.get_experiment(exp_id).tags):
+    for attempt in range(attempts):
+        experiment = client.get_experiment(exp_id)
+        try:
+            if text and not experiment.tags.get(DESCRIPTION):
+                client.set_experiment_tag(exp_id, DESCRIPTION, text)
+            if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
             return
-        # A user without EDIT on it: the description waits for one who has it; what the user
-        # came to do is refused (or not) on its own.
-        if failures.denied_status(e) is None:
-            raise
-        log.debug("experiment %s left undescribed: %s", exp_id, str(e).splitlines()[0])
+        except Exception as e:
+            # A user without EDIT on it: the description waits for one who has it; what the
+            # user came to do is refused (or not) on its own.
+            if failures.denied_status(e) is not None:
+                log.debug("experiment %s left undescribed: %s", exp_id, str(e).splitlines()[0])
+                return
+            # Another process set the same tag at the same moment (a store may refuse the
+            # second insert, e.g. SQLite's UNIQUE constraint): look again, set what is missing.
+            if attempt == attempts - 1:
+                raise
 
 
 def experiment_link(exp_id: str, run_id: str | None = None) -> str | None:
