@@ -38,6 +38,7 @@ from fgvc.errors import ConfigError
 from fgvc.study.config import StudyConfig
 from fgvc.tracking import claims
 from fgvc.tracking.claims import Holder, claimed, holder_alive, ledger_run
+from fgvc.tracking.models import move_alias
 from fgvc.tracking.study_run import run_study
 
 GRID = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32", "--width", "24",
@@ -126,6 +127,32 @@ def test_a_holder_elsewhere_is_alive_while_its_heartbeat_is_fresh(monkeypatch):
     assert holder_alive(elsewhere, "running 1030.0", now=1100.0) == \
         (False, "process 123 on another-host sent no heartbeat for 70 s")
     assert holder_alive(elsewhere, "done 1099.0", now=1100.0) == (False, "done")
+
+
+def test_processes_moving_one_alias_at_once_all_succeed(claims_store):
+    """Six writers point one alias at six versions together, eight times over: none fails (a
+    store may refuse the second insert of an alias both found missing), the alias ends on one
+    of them."""
+    client = MlflowClient()
+    for trial in range(8):
+        name = f"race-{trial}"
+        client.create_registered_model(name)
+        versions = [client.create_model_version(name, source="file:///nowhere").version for _ in range(6)]
+        errors = []
+
+        def move(version):
+            try:
+                move_alias(MlflowClient(), name, "candidate", version)
+            except Exception as e:  # noqa: BLE001 (collected, asserted below)
+                errors.append(str(e).splitlines()[0])
+
+        threads = [threading.Thread(target=move, args=(v,)) for v in versions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert client.get_registered_model(name).aliases["candidate"] in versions
 
 
 # --- the study on several processes ------------------------------------------------------------
@@ -251,6 +278,7 @@ def test_an_array_of_single_cells_then_collect_gives_the_local_table(tmp_path_fa
     assert study.info.status == "FINISHED" and study.data.metrics["study/cells_reused"] == 2
     assert_same_table(table(uri, study.info.run_id), {k: v for k, v in reference.items() if "/0/" in k})
     assert len(trainings(uri)) == 2
+    assert not MlflowClient(uri).get_registered_model("fgvc-study-fn-small").aliases  # a cell moves no alias
     assert_nothing_running(uri)
 
 

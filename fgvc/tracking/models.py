@@ -111,8 +111,21 @@ def register(model_uri: str, name: str, tags: dict, describe, alias: str | None 
                                               tags={k: str(v) for k, v in tags.items()}).version)
     client.update_model_version(name, version, description=describe(version))
     if alias:
-        client.set_registered_model_alias(name, alias, version)
+        move_alias(client, name, alias, version)
     return version
+
+
+def move_alias(client: MlflowClient, name: str, alias: str, version: str, attempts: int = 3) -> None:
+    """Point `name@alias` at `version`. Two processes moving one alias at once may both find it
+    missing and both insert it; a store refuses the second (SQLite's UNIQUE constraint), which
+    then finds it and moves it: the later writer wins, as with any two moves."""
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
 
 
 def version_description(name: str, version: str, run_name: str, regime: str, val_acc: float,
@@ -137,10 +150,10 @@ def example_images(session, count: int = 2) -> np.ndarray:
 
 
 def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float], session, run_id: str,
-                     study: str | None = None) -> str:
+                     study: str | None = None, alias: str | None = CANDIDATE) -> str:
     """Log the training's best checkpoint as its MLflow model, with `metrics` (the best epoch's
-    validation metrics) linked to it at the best epoch's step, and register it: `candidate` moves
-    to it, except for a study's cell (`study`: the study run id), which moves no alias."""
+    validation metrics) linked to it at the best epoch's step, and register it: `alias`
+    (`candidate`; None for a study's cell) moves to it. `study`: the study run id, if any."""
     best = session.best
     info = log_model(best_checkpoint, example_images(session), best["epoch"], metrics, session.regime)
     tags = {"regime": session.regime, "dataset_digest": session.data.digest, "val_acc": f"{best['val/acc']:.6f}",
@@ -153,4 +166,4 @@ def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float]
     run_name = mlflow.get_run(run_id).info.run_name
     return register(info.model_uri, name, tags, lambda version: version_description(
         name, version, run_name, session.regime, best["val/acc"], Path(session.data.root).name, study or ""),
-        alias=None if study else CANDIDATE)
+        alias=alias)

@@ -320,12 +320,13 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
         try:
             best = session.best
             version = None
+            # A study's cell moves no alias, whether its study runs it or it runs alone (`study --cell`).
+            alias = None if "fgvc.study_cell" in tags else "candidate"
             if reg_name:
                 version = log_and_register(writer.path(BEST), reg_name, best_metrics(best), session, run_id,
-                                           study=tags.get("fgvc.study"))
+                                           study=tags.get("fgvc.study"), alias=alias)
                 mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
-            summary = summary_markdown(name, session, best, version, reg_name,
-                                       alias=None if "fgvc.study" in tags else "candidate")
+            summary = summary_markdown(name, session, best, version, reg_name, alias=alias)
             mlflow.log_text(summary, "run_summary.md")
             mlflow.set_tag("mlflow.note.content", summary)
             log.debug("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
