@@ -197,8 +197,8 @@ def test_a_root_is_dealt_again_by_the_other_rule_with_the_same_images(tmp_path):
     assert resplit_root(tmp_path / "demo", "random") == other  # built once
 
 
-LEAK_STUDY = dict(splits=("random", "show"), archs=("fn-small",), regimes=("unmasked",), seeds=(0,), epochs=10,
-                  batch_size=16, num_images=64)
+LEAK_STUDY = dict(splits=("random", "show"), archs=("fn-small",), regimes=("unmasked",), seeds=(0,), epochs=6,
+                  batch_size=16, num_images=24)
 
 
 @pytest.mark.slow
