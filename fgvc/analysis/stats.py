@@ -55,8 +55,7 @@ def bootstrap_mean(values, *, seed: int, resamples: int = 2000, level: float = 0
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(n, (resamples, n), generator=generator)
     means = values[index].mean(dim=1)
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    low, high = _percentiles(means, level)
     return Interval(estimate=float(values.mean()), low=low, high=high, n=n)
 
 
@@ -91,8 +90,7 @@ def bootstrap_difference(pairs: Sequence, *, seed: int, resamples: int = 2000, l
         chosen = torch.randint(len(vectors), (resamples, len(vectors)), generator=generator)
         seed_differences = seed_differences.gather(1, chosen)
     means = seed_differences.mean(1)
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    low, high = _percentiles(means, level)
     estimate = float(torch.stack([a.mean() - b.mean() for a, b in vectors]).mean())
     return Interval(estimate=estimate, low=low, high=high, n=len(vectors))
 
@@ -128,8 +126,7 @@ def hierarchical_bootstrap(groups: Sequence, *, seed: int, resamples: int = 2000
                               for v in vectors], dim=1)
     chosen = torch.randint(len(vectors), (resamples, len(vectors)), generator=generator)
     means = seed_means.gather(1, chosen).mean(1)
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    low, high = _percentiles(means, level)
     estimate = float(torch.stack([v.mean() for v in vectors]).mean())
     return Interval(estimate=estimate, low=low, high=high, n=len(vectors))
 
@@ -161,6 +158,13 @@ def seed_interval(values: Sequence[float]) -> Interval | None:
     t = _T975[spread.n - 2] if spread.n - 2 < len(_T975) else 1.96 + 2.4 / (spread.n - 1)
     half = t * spread.std / math.sqrt(spread.n)
     return Interval(spread.mean, spread.mean - half, spread.mean + half, spread.n)
+
+
+def _percentiles(means: Tensor, level: float) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of bootstrap means."""
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=means.dtype)).tolist()
+    return low, high
 
 
 def _vector(values) -> Tensor:

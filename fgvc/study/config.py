@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from fgvc.catalog import SEGMENTERS, arch_problem
 from fgvc.config import (FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, non_negative, option,
@@ -49,18 +50,18 @@ def _distinct(values) -> str | None:
     return None
 
 
-def _regimes(values) -> str | None:
-    unknown = [v for v in values or () if v not in REGIMES]
-    if unknown:
-        return f"unknown regime(s) {', '.join(map(repr, unknown))}; choose from {', '.join(REGIMES.names())}"
-    return _distinct(values)
+def _known(what: str, allowed) -> Callable[[Any], str | None]:
+    """A check: every value in ``allowed()``, none twice."""
+    def check(values) -> str | None:
+        unknown = [v for v in values or () if v not in allowed()]
+        if unknown:
+            return f"unknown {what}(s) {', '.join(map(repr, unknown))}; choose from {', '.join(allowed())}"
+        return _distinct(values)
+    return check
 
 
-def _splits(values) -> str | None:
-    unknown = [v for v in values or () if v not in SPLIT_AXIS]
-    if unknown:
-        return f"unknown split rule(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SPLIT_AXIS)}"
-    return _distinct(values)
+_regimes = _known("regime", REGIMES.names)
+_splits = _known("split rule", lambda: SPLIT_AXIS)
 
 
 @dataclass(frozen=True)

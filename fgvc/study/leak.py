@@ -23,7 +23,7 @@ import math
 from typing import Mapping, Sequence
 
 from fgvc.analysis.stats import bootstrap_difference
-from fgvc.study.pairing import PerImage, fmt, interval_text, per_image_column, put_interval
+from fgvc.study.pairing import PerImage, first_table, fmt, interval_text, per_image_column, put_interval
 from fgvc.study.tables import ATTRIBUTION, GARMENT, RUNWAY
 from fgvc.viz.report import Table
 
@@ -36,7 +36,7 @@ LEAK_MEASURES = (("acc", "acc, own images", "correct", ATTRIBUTION),
 
 
 def _values(per_image: PerImage, row: Mapping, column: str, methods: Sequence[str]) -> list[float]:
-    table = next((per_image[(row["run_id"], m)] for m in methods if (row["run_id"], m) in per_image), None)
+    table = first_table(per_image, row["run_id"], methods)
     if not table or not (column in table or column == "bg_gap" and "correct_mixed_same" in table):
         return []
     return [v for v in per_image_column(table, column) if math.isfinite(v)]
@@ -72,14 +72,19 @@ def show_leak(rows: Sequence[dict], per_image: PerImage, seed: int = 0) -> list[
             continue
         entry = {"arch": arch, "regime": regime, "bg_correlation": strength, "seeds": len(both)}
         for name, _, column, methods in LEAK_MEASURES:
-            samples = []
+            samples, intervals = [], []
             for pair in both:
                 x, y = (_values(per_image, pair[s], column, methods) for s in (LEAKY, CLEAN))
                 one = bootstrap_difference([(x, y)], seed=seed) if x and y else None
-                samples += [(x, y)] if one else []
+                if one is not None:
+                    samples.append((x, y))
+                    intervals.append(one)
                 for row in pair.values():
                     put_interval(row, f"leak_{name}", one)
-            put_interval(entry, f"leak_{name}", bootstrap_difference(samples, seed=seed) if samples else None)
+            # one seed: its interval is the across-seeds one, not drawn again
+            across = intervals[0] if len(intervals) == 1 else \
+                bootstrap_difference(samples, seed=seed) if samples else None
+            put_interval(entry, f"leak_{name}", across)
         only = 0
         for pair in both:
             leaky, clean = pair[LEAKY], pair[CLEAN]

@@ -42,6 +42,11 @@ def regime_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def first_table(per_image: PerImage, run_id: str, methods: Sequence[str]) -> Mapping | None:
+    """The per-image table of the first of ``methods`` that ran on ``run_id``, else None."""
+    return next((per_image[(run_id, m)] for m in methods if (run_id, m) in per_image), None)
+
+
 def per_image_column(table: Mapping[str, Sequence], name: str) -> list[float]:
     if name == "bg_gap":
         return [float(a) - float(b) for a, b in zip(table["correct_mixed_same"], table["correct_mixed_rand"])]

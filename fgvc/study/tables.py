@@ -34,7 +34,8 @@ import numpy as np
 from fgvc.analysis.methods import study_columns
 from fgvc.analysis.stats import bootstrap_mean, hierarchical_bootstrap, seed_interval
 from fgvc.data.shards import splits_of
-from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, cell_key, interval_text, paired, put_interval,
+from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, cell_key, first_table, interval_text, paired,
+                                put_interval,
                                 regime_pairs, twin_regime)
 
 RUNWAY, GARMENT, UNDECIDED = "reads the runway", "reads the garment", "undecided"
@@ -161,7 +162,7 @@ def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, se
     ``twin`` (the twin's run name, or why there is none); the sanity columns shared by every
     cell of the architecture (:func:`share_sanity`)."""
     for row in rows:
-        own = next((per_image[(row["run_id"], m)] for m in ATTRIBUTION if (row["run_id"], m) in per_image), None)
+        own = first_table(per_image, row["run_id"], ATTRIBUTION)
         correct = [float(v) for v in own["correct"]] if own and own.get("correct") else []
         put_interval(row, "acc", bootstrap_mean(correct, seed=seed) if correct else None)
         row["quality"] = quality(row, chance)

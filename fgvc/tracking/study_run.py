@@ -119,7 +119,7 @@ def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool,
 
 
 def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | None, progress: bool) -> Roots:
-    demo = None
+    demo = given = None
     if plan.data_root is None:
         demo = plan.demo_for(bg_correlation, split)
         source = ensure_demo(demo_root_for(demo), demo)
@@ -132,8 +132,7 @@ def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | N
     has_masks = info.has_masks or "masks" in ShardDataset(source, "val").keys
     masked = masked_digest = segmenter = None
     if any(c.spec.masked for c in plan.cells()) or not has_masks:
-        mine = plan.masked_root and bg_correlation is None and (plan.data_root is None or
-                                                                 source == resolve_root(plan.data_root))
+        mine = plan.masked_root and bg_correlation is None and given in (None, source)
         masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
         segmenter = plan.segmenter or ("groundtruth" if has_masks else DEFAULT_SEGMENTER)
         if not (masked / "meta.json").exists():
