@@ -23,7 +23,7 @@ SEGMENTERS: Registry = Registry("segmenter", ("deeplabv3_resnet101", "deeplabv3_
 PRESETS: Registry = Registry("augmentation recipe", ("heavy",), loader="fgvc.training.augment")
 # The architectures of the original project's checkpoints (`fgvc register`).
 ORIGINAL_ARCHS = ("resnet18", "resnet34", "resnet50", "fn-small", "fn-medium")
-METHODS: Registry = Registry("analysis method", ("gradcam", "occlusion", "shortcut", "neighbors"),
+METHODS: Registry = Registry("analysis method", ("gradcam", "occlusion", "shortcut", "neighbors", "sanity"),
                              loader="fgvc.analysis.methods")
 
 

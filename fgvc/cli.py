@@ -244,7 +244,9 @@ def predict(**values):
 
     done = run_predict(cfg)
     click.echo(f"run {done['run_id']}: {done['rows']} photo(s) predicted by {done['model']} -> {done['out']}"
-               + (f"; {len(done['unreadable'])} unreadable (listed)" if done["unreadable"] else ""))
+               + (f"; {len(done['unreadable'])} unreadable" + (
+                   f" given {done['fallback_designer']!r} (listed in {done['unreadable_list']})"
+                   if done["unreadable_list"] else " (listed)") if done["unreadable"] else ""))
 
 
 def run(command: str, argv: list[str] | None = None) -> None:

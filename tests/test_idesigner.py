@@ -92,6 +92,37 @@ def test_a_csv_group_column_is_the_show(tmp_path):
     assert check_groups(tmp_path / "root")["spanning"] == {}
 
 
+def test_designers_with_one_show_are_named_in_a_warning_and_in_meta(tmp_path, caplog):
+    """A designer whose photos are all from one show cannot have validation images without
+    leaking the show: the log says which designers, and meta.json keeps the list."""
+    rows = ["path,label,group"]
+    for k in range(12):
+        Image.new("RGB", (6, 10), (k * 20, 0, 0)).save(tmp_path / f"{k}.png")
+        label, group = ("solo", "SS11") if k < 4 else ("duo", ["FW12", "RS13"][k % 2])
+        rows.append(f"{k}.png,{label},{group}")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        meta = ingest(tmp_path / "list.csv", tmp_path / "root", height=16, width=12, val_fraction=0.3,
+                      progress=False)
+    assert meta["split"]["single_group_designers"] == ["solo"]
+    assert meta["class_counts"]["val"] == {"duo": 4, "solo": 0}
+    [line] = [r.getMessage() for r in caplog.records if "one show" in r.getMessage()]
+    assert r"1 designer(s) have one show only" in line and "solo" in line and "duo" not in line
+
+
+def test_csv_groups_and_show_codes_of_names_are_one_show(tmp_path):
+    """`ss11` in a CSV's group column and `SS11` read from a file name are the same show."""
+    rows = ["path,label,group"]
+    for k in range(8):
+        name = f"SS11DLR_a_{k}.png" if k < 4 else f"FW12DLR_a_{k}.png"
+        Image.new("RGB", (6, 10), (k * 20, 0, 0)).save(tmp_path / name)
+        rows.append(f"{name},a,{'ss11' if k % 2 else ''}")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    meta = ingest(tmp_path / "list.csv", tmp_path / "root", height=16, width=12, val_fraction=0.5, progress=False)
+    assert meta["split"]["group_names"] == ["a/FW12", "a/SS11"]
+    assert check_groups(tmp_path / "root")["spanning"] == {}
+
+
 def test_prepare_logs_the_split_and_check_says_whether_a_show_leaks(tmp_path, mlflow_store):
     import mlflow
 
@@ -234,6 +265,8 @@ def test_the_kaggle_test_folder_is_kept_beside_the_splits_unlabelled_keyed_by_id
     record = read_meta(root)["unlabelled_test"]
     assert record["ids"] == ["13455", "7"] and record["count"] == 2 and record["keyed_by"] == "Id"
     assert [s["id"] for s in record["skipped"]] == ["31", "99"]
+    assert record["listed_ids"] == ["13455", "31", "7", "99"]  # every Id, in sample.csv's order
+    assert "missing or not a regular file" in record["skipped"][1]["error"]
     assert "Unlabelled test set: 2 photo(s) keyed by Id in unlabelled-test/ (2 listed in sample.csv unreadable" in done.output
     # not a split: nothing trains, selects or reports on it
     assert splits_of(root) == ["train", "val"] and report_split(root) == "val"
@@ -246,3 +279,20 @@ def test_the_kaggle_test_folder_is_kept_beside_the_splits_unlabelled_keyed_by_id
                                         "--unlabelled-test", str(outer)])
     assert refused.exit_code != 0 and "needs sample.csv (column Id)" in refused.output
     assert not (tmp_path / "other").exists()
+
+
+def test_unlabelled_shards_past_a_thousand_are_read_in_numeric_order(tmp_path):
+    """shard_1000.pt sorts before shard_999.pt as text; Ids must stay with their photos."""
+    from fgvc.data.shards import save_tensors, shard_name, write_json
+    from fgvc.data.unlabelled import FOLDER, unlabelled_batches
+
+    numbers = [99, 100, 101, 999, 1000, 1001]
+    (tmp_path / FOLDER).mkdir()
+    for k in numbers:  # photo k of shard k: every pixel k % 256, Id "id<k>"
+        images = torch.full((1, 3, 4, 3), k % 256, dtype=torch.uint8)
+        save_tensors({"images": images}, tmp_path / FOLDER / shard_name(k))
+    ids = [f"id{k}" for k in numbers]
+    write_json(tmp_path / "meta.json", {"unlabelled_test": {"ids": ids, "count": len(ids), "skipped": []}})
+    read = [(key, int(images[j, 0, 0, 0])) for keys, images in unlabelled_batches(tmp_path)
+            for j, key in enumerate(keys)]
+    assert read == [(f"id{k}", k % 256) for k in numbers]

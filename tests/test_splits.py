@@ -138,3 +138,57 @@ def test_the_split_depends_on_names_and_seed_only():
     assert sorted(names[i] for i in a.members["val"]) == sorted(names[order[i]] for i in b.members["val"])
     c = split_by_group(labels, names, keys, 0.2, seed=2)
     assert a.groups("val") != c.groups("val")
+
+
+def counts_of(split, labels, designer):
+    return {s: sum(labels[i] == designer for i in m) for s, m in split.members.items()}
+
+
+def test_a_test_fraction_never_empties_val_of_a_designer_with_two_shows():
+    """Two shows and a test fraction: test takes nothing, val keeps a show, train the other."""
+    labels = ["a"] * 20
+    names = [f"SS11_{k}.png" for k in range(18)] + ["FW12_0.png", "FW12_1.png"]
+    split = make_split(labels, names, "show", 0.2, 0, test_fraction=0.1)
+    assert counts_of(split, labels, "a") == {"train": 18, "val": 2, "test": 0}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_three_shows_and_a_test_fraction_give_one_show_to_each_split(seed):
+    labels = ["a"] * 30
+    names = [f"{code}_{k}.png" for code in ("SS11", "FW12", "RS13") for k in range(10)]
+    split = make_split(labels, names, "show", 0.1, seed, test_fraction=0.1)
+    assert counts_of(split, labels, "a") == {"train": 10, "val": 10, "test": 10}
+    assert all(len(split.groups(s)) == 1 for s in ("train", "val", "test"))
+
+
+def test_designers_with_one_show_are_named_in_the_summary():
+    labels = ["solo"] * 5 + ["duo"] * 6 + ["couture"] * 3
+    names = ([f"SS11_{k}.png" for k in range(5)] + [f"FW12_{k}.png" for k in range(3)]
+             + [f"RS13_{k}.png" for k in range(3)] + [f"PF14_{k}.png" for k in range(3)])
+    split = make_split(labels, names, "show", 0.3, 0)
+    assert split.single_group_designers == ["couture", "solo"]
+    assert summary(split, labels, "p")["single_group_designers"] == ["couture", "solo"]
+    assert counts_of(split, labels, "solo")["val"] == 0 and counts_of(split, labels, "duo")["val"] == 3
+
+
+@pytest.mark.parametrize("given", ["ss11", "SS11", " ss11 ", "_ss11-", "Ss11"])
+def test_a_given_group_is_normalised_like_a_show_code_of_a_name(given):
+    """One show, one key: `ss11` from a CSV and `SS11` read from a file name are the same show."""
+    keys, coded = group_keys(["a", "a"], ["x.png", "SS11DLR_a_1.png"], given=[given, None])
+    assert keys == ["a/SS11", "a/SS11"] and coded == 2
+
+
+def test_a_given_couture_group_matches_the_code_of_a_couture_name():
+    keys, _ = group_keys(["a", "a"], ["x.png", "SS08DLR_Chado_HC_0867.png"], given=["ss08_hc", None])
+    assert keys == ["a/SS08-HC", "a/SS08-HC"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_test_split_left_few_shows_keeps_its_largest(seed):
+    """Shows of 30, 1, 30, 1 and test 0.3 (target 19): val and train keep a show each, so test
+    may hold two; it keeps the largest of those it would take (a 30 and a 1), not the two 1s."""
+    labels = ["a"] * 62
+    names = [f"{code}_{k}.png" for code, size in (("SS11", 30), ("FW12", 1), ("RS13", 30), ("PF14", 1))
+             for k in range(size)]
+    split = make_split(labels, names, "show", 0.05, seed, test_fraction=0.3)
+    assert counts_of(split, labels, "a") == {"train": 30, "val": 1, "test": 31}

@@ -123,6 +123,7 @@ class PredictConfig(Config):
                          "--unlabelled-test (its test set, by Id).")
     out: str = option(STR, "predictions.csv", "Where to write the predictions (also logged as the run's artifact).")
     format: str = option(Choice(PREDICT_FORMATS), "csv", "csv: file, designer, probability, top-k; kaggle: "
-                         "Id,Category (the designer).")
+                         "Id,Category (the designer) for every Id listed, an unreadable photo given the most "
+                         "frequent training designer and listed in <out name>.unreadable.csv.")
     top_k: int = option(INT, 5, "Designers listed per photo, most likely first.", check=positive)
     batch_size: int = option(INT, 64, "Photos per forward pass.", check=positive, identity=False)

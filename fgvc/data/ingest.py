@@ -27,7 +27,9 @@ The split (fgvc.data.splits) is stratified per designer and computed over the re
 `--split-by show` keeps each runway show (the season code at the start of iDesigner file names,
 or a CSV's `group` column) whole in one split, `random` shuffles images, `auto` (the default)
 picks `show` when most files carry a code. Each image's group id is stored in the shards
-(`groups`) and `meta.json` records the rule and the groups per split and per designer. Which
+(`groups`) and `meta.json` records the rule and the groups per split and per designer; a
+designer with one show only has no val or test images, and is named in a warning and in
+`split.single_group_designers`. Which
 images go where, and their order in the shards, come from a seeded hash of each file's path
 relative to the source: the same inputs and seed give byte-identical shards on any machine.
 
@@ -194,6 +196,15 @@ def _report_skipped(skipped: list[dict]) -> None:
                 len(skipped), shown, more)
 
 
+def _report_single_group(designers: list[str]) -> None:
+    if not designers:
+        return
+    shown = ", ".join(designers[:MAX_NAMES_IN_LOG])
+    more = f" ... and {len(designers) - MAX_NAMES_IN_LOG} more" if len(designers) > MAX_NAMES_IN_LOG else ""
+    log.warning("%d designer(s) have one show only, so no val or test images (a show never spans two splits; "
+                "listed in meta.json split.single_group_designers): %s%s", len(designers), shown, more)
+
+
 def _remove_stale_shards(split_dir: Path, keep: int) -> None:
     """Shards from an earlier, larger ingest into the same root would mix with the new ones."""
     if not split_dir.is_dir():
@@ -310,6 +321,7 @@ def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 
         labels = [image.label for image in readable]
         split = make_split(labels, [image.name for image in readable], split_by, val_fraction, seed,
                            test_fraction, group_pattern, [image.group for image in readable])
+        _report_single_group(split.single_group_designers)
         group_names = sorted(set(split.group_of))
         group_id = {g: k for k, g in enumerate(group_names)}
         splits = split.members

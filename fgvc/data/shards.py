@@ -45,6 +45,14 @@ def shard_name(index: int) -> str:
     return f"shard_{index:03d}.pt"
 
 
+def shard_files(folder: str | Path) -> list[Path]:
+    """The `shard_NNN.pt` files of a folder in numeric order (`shard_999` before `shard_1000`,
+    which text order puts first); none when the folder does not exist."""
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.is_file() and SHARD_PATTERN.match(p.name)] if folder.is_dir() else []
+    return sorted(files, key=lambda p: (int(SHARD_PATTERN.match(p.name).group(1)), p.name))
+
+
 def shards_of(root: str | Path, split: str) -> list[Path]:
     """The shard files of one split, in numeric order. Refuses a missing or empty split."""
     split_dir = Path(root) / split
@@ -52,7 +60,7 @@ def shards_of(root: str | Path, split: str) -> list[Path]:
         raise ShardError(f"{split_dir}: split directory does not exist")
     if not split_dir.is_dir():
         raise ShardError(f"{split_dir}: not a directory")
-    files = [p for p in split_dir.iterdir() if p.is_file() and SHARD_PATTERN.match(p.name)]
+    files = shard_files(split_dir)
     strays = sorted(p.name for p in split_dir.iterdir() if p.is_file() and p.suffix == ".pt"
                     and not SHARD_PATTERN.match(p.name))
     if strays:
@@ -61,7 +69,7 @@ def shards_of(root: str | Path, split: str) -> list[Path]:
     if not files:
         extra = f" (found {', '.join(strays[:5])}: shards must be named shard_NNN.pt)" if strays else ""
         raise ShardError(f"{split_dir}: split has no shard_NNN.pt files{extra}")
-    return sorted(files, key=lambda p: (int(SHARD_PATTERN.match(p.name).group(1)), p.name))
+    return files
 
 
 def splits_of(root: str | Path) -> list[str]:

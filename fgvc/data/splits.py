@@ -14,11 +14,22 @@ Rules (the pure functions below; `fgvc.data.ingest` and the demo generator use t
   give the key in a `group` column instead;
 - a file whose name carries no code (`Bottega_297.png`, `BV2_482.png`) is its own group: it
   cannot leak a show it does not name, and it lets the split hit each designer's share;
+- a group given in a CSV is written as a show code is (`ss08_hc` -> `SS08-HC`): upper case,
+  parts joined with "-", so the same show read from a column and from a name is one group;
 - per designer, whole groups go to test, then val, then the rest to train, each aiming at
   `round(n * fraction)` images: groups are taken in a seeded order while they fit under the
   target, then the one group that brings the split nearest to it (so a split is off by at most
-  half a show, and uncoded files fill it finely). A designer with two or more groups keeps at least one
-  in train and one in val (and one in test when it has three or more and a test is asked for).
+  half a show, and uncoded files fill it finely);
+- what each designer keeps comes first: one group in train, one in val when it has two or
+  more, one in test when it has three or more and a test is asked for. Test never takes the
+  groups val and train keep (a designer with two groups has no test); a split left fewer
+  groups than it would take keeps the largest of them; a split that must hold a group although
+  every group is more than twice its target takes the smallest. So, with val up to 0.4 and
+  test up to 0.3, a split of two or more groups stays within half the designer's largest
+  group of its target, a split of one group within the largest group (the tolerance
+  tests/test_splits_properties.py checks; larger fractions leave train too few groups);
+- a designer with one group has no val or test (they would leak the show); the split names
+  them (`single_group_designers`).
 
 Which groups go where, and the order of images in each split, come from a seeded hash of
 names only: the same inputs and seed give the same split on any machine.
@@ -78,14 +89,20 @@ def check_split_arguments(rule: str, pattern: str, val_fraction: float, test_fra
     compile_pattern(pattern)
 
 
+def normalise_group(value: str | None) -> str | None:
+    """A show key as it is written everywhere: upper case, its parts joined with "-" (`ss11`
+    -> `SS11`, `_HC_` -> `HC`, `ss08_hc` -> `SS08-HC`); None for nothing but separators."""
+    parts = [part.upper() for part in re.split(r"[\s_-]+", value or "") if part]
+    return "-".join(parts) or None
+
+
 def show_code(file_name: str, pattern: str | re.Pattern = DEFAULT_GROUP_PATTERN) -> str | None:
     """The show a file name carries (`SS11`, `HCFW10`, `SS08-HC`), or None."""
     compiled = pattern if isinstance(pattern, re.Pattern) else compile_pattern(pattern)
     m = compiled.search(file_name.rsplit("/", 1)[-1])
     if not m:
         return None
-    parts = [g.strip("_-").upper() for g in m.groups() if g and g.strip("_-")]
-    return "-".join(parts) or None
+    return normalise_group("-".join(g for g in m.groups() if g))
 
 
 @dataclass
@@ -96,6 +113,7 @@ class Split:
     rule: str  # "show" or "random"
     group_of: list[str] = field(default_factory=list)  # each item's group key ("" for random)
     coded: int = 0  # items whose group came from a code (or a CSV column)
+    single_group_designers: list[str] = field(default_factory=list)  # no val or test: one group only
 
     def groups(self, split: str) -> set[str]:
         return {self.group_of[i] for i in self.members.get(split, [])} if self.group_of else set()
@@ -134,16 +152,17 @@ def group_keys(labels: Sequence[str], names: Sequence[str], pattern: str = DEFAU
     compiled = compile_pattern(pattern)
     keys, coded = [], 0
     for i, (label, name) in enumerate(zip(labels, names)):
-        code = (given[i] or None) if given is not None else None
+        code = normalise_group(given[i]) if given is not None else None
         code = code or show_code(name, compiled)
         coded += code is not None
         keys.append(f"{label}/{code}" if code is not None else f"{label}/file:{name}")
     return keys, coded
 
 
-def _take(groups: list[str], sizes: dict[str, int], target: int) -> list[str]:
+def _take(groups: list[str], sizes: dict[str, int], target: int, most: int, least: int = 0) -> list[str]:
     """Groups (in the given order) that fit under `target`, then the one remaining group that
-    brings the total nearest to it, if any does."""
+    brings the total nearest to it, if any does; of those at most `most` (the largest), and at
+    least `least` groups (the smallest remaining ones, when too few were taken)."""
     taken, total = [], 0
     for g in groups:
         if total + sizes[g] <= target:
@@ -155,7 +174,22 @@ def _take(groups: list[str], sizes: dict[str, int], target: int) -> list[str]:
         best = min(rest, key=lambda g: abs(total + sizes[g] - target))
         if abs(total + sizes[best] - target) < abs(total - target):
             taken.append(best)
+            rest.remove(best)
+    if len(taken) > most:
+        kept = set(sorted(taken, key=lambda g: -sizes[g])[:max(0, most)])
+        rest += [g for g in taken if g not in kept]
+        taken = [g for g in taken if g in kept]
+    for g in sorted(rest, key=lambda g: sizes[g])[:max(0, least - len(taken))]:
+        taken.append(g)
     return taken
+
+
+def groups_kept(count: int, split: str, fraction: float) -> int:
+    """Groups a designer with `count` groups keeps in `split` whatever the targets: one in
+    train; one in val from two groups; one in test from three (when the split is asked for)."""
+    if split == "train":
+        return 1
+    return int(fraction > 0 and count >= (2 if split == "val" else 3))
 
 
 def split_by_group(labels: Sequence[str], names: Sequence[str], keys: Sequence[str], val_fraction: float,
@@ -164,33 +198,28 @@ def split_by_group(labels: Sequence[str], names: Sequence[str], keys: Sequence[s
     by_label: dict[str, dict[str, list[int]]] = {}
     for i, (label, key) in enumerate(zip(labels, keys)):
         by_label.setdefault(label, {}).setdefault(key, []).append(i)
-    held_out = ["val"] + (["test"] if test_fraction > 0 else [])
-    members: dict[str, list[int]] = {"train": [], **{s: [] for s in held_out}}
+    fractions = {"val": val_fraction, **({"test": test_fraction} if test_fraction > 0 else {})}
+    members: dict[str, list[int]] = {"train": [], **{s: [] for s in fractions}}
+    single = []
     for label in sorted(by_label):
         groups = by_label[label]
         n = sum(len(v) for v in groups.values())
         sizes = {g: len(v) for g, v in groups.items()}
         free = sorted(groups, key=lambda g: seeded_rank(seed, "group", g))
+        if len(groups) == 1:
+            single.append(label)
+        keep = {s: groups_kept(len(groups), s, f) for s, f in {"train": 1.0, **fractions}.items()}
         chosen: dict[str, list[str]] = {}
-        for split in reversed(held_out):  # test first, so val keeps its share when groups are few
-            fraction = test_fraction if split == "test" else val_fraction
-            minimum = 1 if len(groups) >= (2 if split == "val" else 3) and fraction > 0 else 0
-            taken = _take(free, sizes, split_count(n, fraction))
-            if len(taken) < minimum:
-                taken = [min(free, key=lambda g: sizes[g])]
-            chosen_now = set(taken)
-            remaining = [g for g in free if g not in chosen_now]
-            if not remaining and taken:  # keep one group in train
-                smallest = min(taken, key=lambda g: sizes[g])
-                taken.remove(smallest)
-                remaining = [smallest]
-            chosen[split] = taken
-            free = remaining
+        for split in reversed(fractions):  # test first, then val: each leaves what the later ones keep
+            later = keep["train"] + (keep["val"] if split == "test" else 0)
+            chosen[split] = _take(free, sizes, split_count(n, fractions[split]), len(free) - later, keep[split])
+            taken = set(chosen[split])
+            free = [g for g in free if g not in taken]
         chosen["train"] = free
         for split, taken in chosen.items():
             for g in taken:
                 members[split] += groups[g]
-    return Split({s: _order(m, names, seed, s) for s, m in members.items()}, "show", list(keys), coded)
+    return Split({s: _order(m, names, seed, s) for s, m in members.items()}, "show", list(keys), coded, single)
 
 
 def resolve_rule(rule: str, coded: int, total: int) -> str:
@@ -238,4 +267,5 @@ def summary(split: Split, labels: Sequence[str], pattern: str) -> dict:
         "groups": {s: len({split.group_of[i] for i in m}) for s, m in split.members.items()},
         "groups_per_designer": dict(sorted(per_designer.items())),
         "groups_in_two_splits": len(crossing),
+        "single_group_designers": list(split.single_group_designers),
     }

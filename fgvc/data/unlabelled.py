@@ -3,10 +3,12 @@ column `Id`) kept in a dataset root beside its labelled splits.
 
 `fgvc prepare --unlabelled-test FOLDER` decodes the photos `sample.csv` lists exactly as the
 training images (same size and resize policy) into ``<root>/unlabelled-test/shard_NNN.pt``
-(one tensor each: ``images`` uint8 [N, 3, H, W]); meta.json's ``unlabelled_test`` records
-their ``Id``s in shard order, the source and the files that could not be read. It is not a
-split of the root (it has no labels, so nothing trains, selects or reports on it): `fgvc
-predict --source <root>` predicts it and writes a submission keyed by ``Id``.
+(one tensor each: ``images`` uint8 [N, 3, H, W], shards read in numeric order); meta.json's
+``unlabelled_test`` records the ``Id``s of the stored photos in shard order (``ids``), every
+``Id`` of sample.csv in its order (``listed_ids``), the source and the files that could not
+be read (``skipped``). It is not a split of the root (it has no labels, so nothing trains,
+selects or reports on it): `fgvc predict --source <root>` predicts it and writes a
+submission keyed by ``Id``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from fgvc.data.shards import ShardError, atomic_write, read_meta, save_tensors, shard_name
+from fgvc.data.shards import ShardError, atomic_write, read_meta, save_tensors, shard_files, shard_name
 from fgvc.data.sources import KAGGLE_LIST, list_photos
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError
@@ -33,7 +35,8 @@ FOLDER = "unlabelled-test"
 def ingest_unlabelled(folder: str | Path, root: str | Path, height: int, width: int, resize: str,
                       shard_size: int = 500, progress: bool = True, workers: int | None = None) -> dict:
     """Decode the photos ``folder/sample.csv`` lists into ``root/unlabelled-test``; returns
-    what meta.json records (``source``, ``keyed_by``, ``count``, ``ids``, ``skipped``)."""
+    what meta.json records (``source``, ``keyed_by``, ``count``, ``ids``, ``listed_ids``,
+    ``skipped``)."""
     from fgvc.data.ingest import load_image  # Pillow only when a root is ingested
 
     folder, root = Path(folder), Path(root)
@@ -43,6 +46,8 @@ def ingest_unlabelled(folder: str | Path, root: str | Path, height: int, width: 
     photos = list_photos(folder)
 
     def decode(photo):
+        if not photo.path.is_file():
+            return "missing or not a regular file"
         try:
             return load_image(photo.path, height, width, resize)
         except Exception as e:  # listed, never fatal
@@ -62,7 +67,7 @@ def ingest_unlabelled(folder: str | Path, root: str | Path, height: int, width: 
     if not images:
         raise ConfigError(f"--unlabelled-test {folder}: none of the {len(photos)} listed photo(s) could be read")
     out = root / FOLDER
-    for old in out.glob("shard_*.pt") if out.is_dir() else ():
+    for old in shard_files(out):
         old.unlink()
     for k, start in enumerate(range(0, len(images), shard_size)):
         part = {"images": torch.stack(images[start:start + shard_size])}
@@ -71,7 +76,14 @@ def ingest_unlabelled(folder: str | Path, root: str | Path, height: int, width: 
         log.warning("unlabelled test: %d of %d listed photo(s) unreadable, listed in meta.json: %s", len(skipped),
                     len(photos), ", ".join(f"{s['id']} ({s['error']})" for s in skipped[:5]))
     log.info("unlabelled test: %d photo(s) of %s in %s, keyed by Id", len(ids), folder, out)
-    return {"source": str(folder.resolve()), "keyed_by": "Id", "count": len(ids), "ids": ids, "skipped": skipped}
+    return {"source": str(folder.resolve()), "keyed_by": "Id", "count": len(ids), "ids": ids,
+            "listed_ids": [photo.key for photo in photos], "skipped": skipped}
+
+
+def listed_ids(record: dict) -> list[str]:
+    """Every Id of sample.csv in its order; a root prepared before that was recorded gives the
+    stored photos' Ids, then the unreadable ones."""
+    return record.get("listed_ids") or [*record["ids"], *(bad["id"] for bad in record.get("skipped", []))]
 
 
 def has_unlabelled(root: str | Path) -> bool:
@@ -84,7 +96,7 @@ def unlabelled_batches(root: str | Path) -> Iterator[tuple[list[str], torch.Tens
     root = Path(root)
     record = read_meta(root)["unlabelled_test"]
     ids = record["ids"]
-    paths = sorted((root / FOLDER).glob("shard_*.pt"))
+    paths = shard_files(root / FOLDER)
     start = 0
     for path in paths:
         images = load_tensors(path, "unlabelled test shard", error=ShardError)["images"]

@@ -6,22 +6,37 @@ in batches, with a progress bar on a terminal. A file that cannot be read is lis
 log, in the CSV with its reason, in `unreadable.json`), never fatal. The run (`fgvc.task=predict`,
 experiment `fgvc-predict`) records the version, the source and the counts, with the CSV as
 its artifact.
+
+`--format kaggle` writes `Id,Category` for every Id listed (sample.csv's order; Kaggle refuses
+a submission that lacks one). A photo that cannot be read gets a fallback designer: the most
+frequent designer of the version's training split (read from the data root its training run
+recorded, `data_root_abs`, when that root is readable here and labels designers as the model
+does; ties go to the lower class index); else the designer predicted most often for the
+readable photos; else the model's first designer. Those Ids are named in a warning and listed
+beside the submission in `<name>.unreadable.csv` (Id, file, error, fallback_designer), which
+the run keeps with the submission, with the metric `predict/fallback_ids` and the param
+`fallback_designer`.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import mlflow
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from fgvc.data.config import PredictConfig
-from fgvc.data.shards import read_meta
+from fgvc.data.shards import load_shard, read_label_map, read_meta, shards_of
 from fgvc.data.sources import MAX_NAMES_IN_LOG, Photo, list_photos
-from fgvc.data.unlabelled import has_unlabelled, unlabelled_batches
+from fgvc.data.unlabelled import has_unlabelled, listed_ids, unlabelled_batches
 from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.models.predict import Predictor, decode_image_bytes
@@ -57,7 +72,8 @@ def predict_photos(predictor: Predictor, photos: list[Photo], top_k: int, batch_
             batch = photos[start:start + batch_size]
             decoded = list(pool.map(read_photo, batch))
             good = [(p, a) for p, a in zip(batch, decoded) if not isinstance(a, str)]
-            unreadable += [{"file": p.key, "error": a} for p, a in zip(batch, decoded) if isinstance(a, str)]
+            unreadable += [{"file": p.key, "path": str(p.path), "error": a}
+                           for p, a in zip(batch, decoded) if isinstance(a, str)]
             if good:
                 for (photo, _), record in zip(good, predictor.predict([a for _, a in good], top_k=top_k)):
                     rows.append({"file": photo.key, **record})
@@ -80,18 +96,80 @@ def predict_stored(predictor: Predictor, root: str, top_k: int, batch_size: int,
                                                           predictor.predict(arrays, top_k=top_k))]
             bar.update(len(arrays))
     bar.close()
-    return rows, [{"file": bad["id"], "error": bad["error"]} for bad in record.get("skipped", [])]
+    return rows, [{"file": bad["id"], "path": bad.get("path", ""), "error": bad["error"]}
+                  for bad in record.get("skipped", [])]
 
 
-def write_predictions(path: Path, rows: list[dict], unreadable: list[dict], fmt: str) -> None:
+def most_frequent(counts: Sequence[int], names: Sequence[str]) -> str:
+    """The designer with the largest count; a tie goes to the lower class index."""
+    return names[max(range(len(names)), key=lambda i: (counts[i], -i))]
+
+
+def training_class_counts(root: Path, names: Sequence[str]) -> list[int] | None:
+    """Images per class in the train split of `root`, when it is readable here and its label
+    map is the model's: meta.json's `class_counts` (an ingested root), else the shards' labels."""
+    try:
+        if read_label_map(root) != dict(enumerate(names)):
+            return None
+        recorded = (read_meta(root).get("class_counts") or {}).get("train")
+        if isinstance(recorded, dict) and set(recorded) == set(names):
+            return [int(recorded[name]) for name in names]
+        labels = torch.cat([load_shard(path)["labels"] for path in shards_of(root, "train")])
+        return torch.bincount(labels, minlength=len(names)).tolist()
+    except (FgvcError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def training_root(run_id: str) -> str | None:
+    """The data root a version's training run recorded (`data_root_abs`), if any."""
+    try:
+        return MlflowClient().get_run(run_id).data.params.get("data_root_abs")
+    except MlflowException:
+        return None
+
+
+def fallback_designer(root: str | None, names: Sequence[str], rows: list[dict]) -> tuple[str, str]:
+    """The designer an unreadable photo of a submission gets, and where it comes from (see the
+    module docstring): `root` is the training data root, `rows` the readable photos' predictions."""
+    counts = training_class_counts(Path(root), names) if root else None
+    if counts is not None:
+        return most_frequent(counts, names), f"the most frequent designer of the training split of {root}"
+    unknown = f"the training data root {root} cannot be read here" if root else "the training run records no data root"
+    if rows:
+        predicted = Counter(row["designer"] for row in rows)
+        return (most_frequent([predicted.get(name, 0) for name in names], names),
+                f"{unknown}: the designer predicted most often")
+    return names[0], f"{unknown} and no photo was readable: the model's first designer"
+
+
+def unreadable_list_path(out: Path) -> Path:
+    """Where a submission's unreadable photos are listed: beside it, `<name>.unreadable.csv`."""
+    return out.with_name(f"{out.stem}.unreadable.csv")
+
+
+def write_unreadable_list(path: Path, unreadable: list[dict], fallback: str | None) -> None:
+    """A submission's unreadable photos (Id, file, error, fallback_designer); with none, a
+    list left there by an earlier submission to the same place is removed."""
+    if not unreadable:
+        path.unlink(missing_ok=True)
+        return
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Id", "file", "error", "fallback_designer"])
+        writer.writerows([bad["file"], bad.get("path", ""), bad["error"], fallback] for bad in unreadable)
+
+
+def write_predictions(path: Path, rows: list[dict], unreadable: list[dict], fmt: str,
+                      order: Sequence[str] = (), fallback: str | None = None) -> None:
     """csv: file, designer, probability, top_designers, top_probabilities (';'-joined), error;
-    kaggle: Id,Category, the readable photos only."""
+    kaggle: Id,Category for every Id of `order` (the listing's), `fallback` for an unreadable photo."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         if fmt == "kaggle":
+            designer_of = {row["file"]: row["designer"] for row in rows}
             writer.writerow(["Id", "Category"])
-            writer.writerows([row["file"], row["designer"]] for row in rows)
+            writer.writerows([key, designer_of.get(key, fallback)] for key in order)
             return
         writer.writerow(["file", "designer", "probability", "top_designers", "top_probabilities", "error"])
         for row in rows:
@@ -123,18 +201,36 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
             predictor = Predictor.from_checkpoint(download_checkpoint(resolved, tmp))
         if stored:
             rows, unreadable = predict_stored(predictor, cfg.source, cfg.top_k, cfg.batch_size, progress)
+            order = listed_ids(read_meta(cfg.source)["unlabelled_test"])
         else:
             rows, unreadable = predict_photos(predictor, photos, cfg.top_k, cfg.batch_size, progress)
+            order = [photo.key for photo in photos]
+        kaggle = cfg.format == "kaggle"
+        fallback = why = None
+        if kaggle and unreadable:
+            fallback, why = fallback_designer(training_root(resolved.run_id), predictor.label_names, rows)
+        sidecar = unreadable_list_path(out) if kaggle else None
         if unreadable:
             names = ", ".join(f"{b['file']} ({b['error']})" for b in unreadable[:MAX_NAMES_IN_LOG])
             more = f" ... and {len(unreadable) - MAX_NAMES_IN_LOG} more" if len(unreadable) > MAX_NAMES_IN_LOG else ""
-            log.warning("%d unreadable photo(s), listed in %s: %s%s", len(unreadable),
-                        cfg.out if cfg.format == "csv" else "the run's unreadable.json", names, more)
-        write_predictions(out, rows, unreadable, cfg.format)
+            if kaggle:
+                log.warning("%d unreadable photo(s) given %r in the submission (%s), listed in %s: %s%s",
+                            len(unreadable), fallback, why, sidecar, names, more)
+            else:
+                log.warning("%d unreadable photo(s), listed in %s: %s%s", len(unreadable), cfg.out, names, more)
+        write_predictions(out, rows, unreadable, cfg.format, order, fallback)
+        if kaggle:
+            write_unreadable_list(sidecar, unreadable, fallback)
         log_params({**cfg.params(), "model_version": resolved.version, "registered_model": resolved.name,
-                    "source_abs": str(Path(cfg.source).resolve())})
-        mlflow.log_metrics({"predict/images": len(rows), "predict/unreadable": len(unreadable)})
+                    "source_abs": str(Path(cfg.source).resolve()),
+                    **({"fallback_designer": fallback} if fallback else {})})
+        predicted = {row["file"] for row in rows}
+        mlflow.log_metrics({"predict/images": len(rows), "predict/unreadable": len(unreadable),
+                            **({"predict/fallback_ids": sum(key not in predicted for key in order)} if kaggle else {})})
         mlflow.log_artifact(str(out), "predictions")
+        if kaggle and unreadable:
+            mlflow.log_artifact(str(sidecar), "predictions")
         mlflow.log_dict(unreadable, "predictions/unreadable.json")
         run_id = mlflow.active_run().info.run_id
-    return {"run_id": run_id, "rows": len(rows), "unreadable": unreadable, "out": str(out), "model": resolved.uri}
+    return {"run_id": run_id, "rows": len(rows), "unreadable": unreadable, "out": str(out), "model": resolved.uri,
+            "fallback_designer": fallback, "unreadable_list": str(sidecar) if fallback else None}
