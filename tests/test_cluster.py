@@ -37,7 +37,7 @@ from fgvc.cli import main
 from fgvc.errors import ConfigError
 from fgvc.study.config import StudyConfig
 from fgvc.tracking import claims
-from fgvc.tracking.claims import Holder, claimed, holder_alive, ledger_run
+from fgvc.tracking.claims import Holder, claimed, ledger_run
 from fgvc.tracking.models import move_alias
 from fgvc.tracking.study_run import run_study
 
@@ -118,15 +118,6 @@ def test_a_failed_attempt_is_taken_over_at_once(claims_store):
             raise RuntimeError("boom")
     with claimed("cell.f") as claim:
         assert claim.attempt == 2 and claim.replaced == "failed"
-
-
-def test_a_holder_elsewhere_is_alive_while_its_heartbeat_is_fresh(monkeypatch):
-    monkeypatch.setenv("FGVC_CLAIM_STALE_S", "60")
-    elsewhere = Holder("another-host", 123, "t", 1000.0)
-    assert holder_alive(elsewhere, "running 1050.0", now=1100.0) == (True, "")
-    assert holder_alive(elsewhere, "running 1030.0", now=1100.0) == \
-        (False, "process 123 on another-host sent no heartbeat for 70 s")
-    assert holder_alive(elsewhere, "done 1099.0", now=1100.0) == (False, "done")
 
 
 def test_processes_moving_one_alias_at_once_all_succeed(claims_store):

@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fgvc"
 
 # Base modules every layer may use; then the layers, bottom to top.
-BASE = {"errors", "config", "registry", "devices", "distributed", "regimes", "safeload", "files"}
+BASE = {"errors", "config", "registry", "devices", "distributed", "regimes", "safeload", "files", "experiments"}
 LAYERS = [BASE, {"catalog", "models", "data", "viz"}, {"training", "masking", "analysis", "study"}, {"tracking"},
           {"cli", "mlproject", "__main__"}]
 

@@ -17,8 +17,15 @@ reach 98-100 % validation accuracy). Grad-CAM reads the deepest FashionNet stage
 
 from __future__ import annotations
 
+import csv
+import io
+from dataclasses import dataclass
+
+import mlflow
 import pytest
 import torch
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
 from fgvc.data.demo import DemoConfig
 from fgvc.study.config import StudyConfig
@@ -33,28 +40,56 @@ SHORTCUT_DEMO = DemoConfig(num_designers=5, train_per_class=32, val_per_class=10
                            bg_correlation=1.0)
 
 
-def study(tmp_path_factory, name: str, **options) -> list[dict]:
+@dataclass
+class Study:
+    rows: list[dict]
+    differences: list[dict]  # study/regime_differences.csv
+    swap_records: dict[str, dict[str, list]]  # cell key -> its swap-test record's per_image.csv columns
+    runs: dict[str, Run]  # cell key -> its training run, as the study left it
+
+
+def numeric_columns(text: str) -> dict[str, list[float]]:
+    """A per_image.csv as columns of numbers (the designer names left out)."""
+    reader = csv.DictReader(io.StringIO(text))
+    lines = list(reader)
+    return {k: [float(line[k]) for line in lines] for k in reader.fieldnames if k != "designer"}
+
+
+def study(tmp_path_factory, name: str, **options) -> Study:
     base = tmp_path_factory.mktemp(name)
     mp = pytest.MonkeyPatch()
     mp.chdir(base)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base}/mlflow.db")
     mp.delenv("MLFLOW_RUN_ID", raising=False)
     try:
-        return run_study(StudyConfig(regimes=("unmasked", "masked"), seeds=(0,), epochs=5, batch_size=16,
-                                     num_images=20, occlusion_window=16, occlusion_stride=16, **options),
-                         progress=False).rows
+        result = run_study(StudyConfig(regimes=("unmasked", "masked"), seeds=(0,), epochs=5, batch_size=16,
+                                       num_images=20, occlusion_window=16, occlusion_stride=16, **options),
+                           progress=False)
+        client = MlflowClient()
+        text = lambda run_id, path: mlflow.artifacts.load_text(f"runs:/{run_id}/{path}")  # noqa: E731
+        differences = list(csv.DictReader(io.StringIO(text(result.run_id, "study/regime_differences.csv"))))
+        return Study(result.rows, differences,
+                     {c.cell.key: numeric_columns(text(c.records["shortcut"], "analysis/shortcut/per_image.csv"))
+                      for c in result.cells},
+                     {c.cell.key: client.get_run(c.run_id) for c in result.cells})
     finally:
         mp.undo()
 
 
 @pytest.fixture(scope="module")
-def dose(tmp_path_factory) -> dict[tuple[str, float], dict]:
+def dose_study(tmp_path_factory) -> Study:
     """fn-small trained unmasked and masked at planted strengths 0 and 1 (one demo root each),
-    analysed by the study; the strength-1 root is SHORTCUT_DEMO."""
-    rows = study(tmp_path_factory, "dose", bg_correlations=(0.0, 1.0), num_designers=SHORTCUT_DEMO.num_designers,
+    analysed by the study; the strength-1 root is SHORTCUT_DEMO. The masked roots of the two
+    strengths are pixel-identical (the backdrop is removed): one training serves both."""
+    return study(tmp_path_factory, "dose", bg_correlations=(0.0, 1.0), num_designers=SHORTCUT_DEMO.num_designers,
                  train_per_class=SHORTCUT_DEMO.train_per_class, val_per_class=SHORTCUT_DEMO.val_per_class,
                  height=SHORTCUT_DEMO.height, width=SHORTCUT_DEMO.width)
-    return {(row["regime"], row["bg_correlation"]): row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def dose(dose_study) -> dict[tuple[str, float], dict]:
+    """The dose-response rows by (regime, strength)."""
+    return {(row["regime"], row["bg_correlation"]): row for row in dose_study.rows}
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +156,35 @@ def test_gradcam_maps_pass_the_sanity_check_on_the_trained_network(dose):
     gradcam = rows[0]["gradcam_sanity"]
     assert gradcam < FLAG_THRESHOLD, gradcam
     assert all(row["gradcam_sanity"] == gradcam for row in rows)
+
+
+def test_regime_differences_at_each_strength_pair_that_strengths_own_records(dose_study):
+    """unmasked − masked at each strength, from the study's regime_differences.csv, equals the
+    difference computed by hand from that strength's two swap-test records (their per-image
+    files): the masked cells share one training, not one record."""
+    key = lambda regime, strength: f"fn-small/{regime}/seed0/bg{strength:g}"  # noqa: E731
+    runs = dose_study.runs
+    assert runs[key("masked", 0)].info.run_id == runs[key("masked", 1)].info.run_id  # one training for both
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    differences = {float(d["bg_correlation"]): d for d in dose_study.differences
+                   if d["comparison"] == "unmasked − masked"}
+    assert sorted(differences) == [0.0, 1.0]
+    for strength in (0.0, 1.0):
+        unmasked, masked = (dose_study.swap_records[key(r, strength)] for r in ("unmasked", "masked"))
+        assert unmasked["dataset_index"] == masked["dataset_index"]  # the same source images
+        by_hand = {name: mean(unmasked[column]) - mean(masked[column])
+                   for name, column in (("acc_source", "correct_original"), ("no_fg_acc", "correct_no_fg"))}
+        by_hand["bg_gap"] = (mean(unmasked["correct_mixed_same"]) - mean(unmasked["correct_mixed_rand"])) - \
+            (mean(masked["correct_mixed_same"]) - mean(masked["correct_mixed_rand"]))
+        for name, value in by_hand.items():
+            reported = float(differences[strength][name])
+            print(f"strength {strength:g} {name}: reported {reported:+.3f}, by hand {value:+.3f}")
+            assert reported == pytest.approx(value, abs=1e-6), (strength, name, reported, value)
+    # the shared run carries each strength's verdict and numbers, neither replacing the other
+    shared = runs[key("masked", 0)].data
+    for strength in (0.0, 1.0):
+        row = next(r for r in dose_study.rows if r["cell"] == key("masked", strength))
+        assert shared.tags[f"fgvc.verdict.bg{strength:g}"] == row["verdict"]
+        assert shared.metrics[f"compare/bg_gap.bg{strength:g}"] == pytest.approx(row["bg_gap"], abs=1e-9)
+    assert "fgvc.verdict" not in shared.tags and "compare/bg_gap" not in shared.metrics
+    assert runs[key("unmasked", 1)].data.tags["fgvc.verdict"] == RUNWAY  # a run of one cell: the plain names

@@ -22,9 +22,9 @@ from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES
 from fgvc.study.config import PRESETS, Cell, StudyConfig
 from fgvc.study.render import markdown_tables, report_tables
-from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_VERDICT, QUALITY_FACTOR, RUNWAY,
-                               UNDECIDED, add_comparisons, attribution_vs_swap, columns, regime_pairs, report_split,
-                               summarize, verdict)
+from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_DATA, NO_DATA_VERDICT, NO_VERDICT, QUALITY_FACTOR,
+                               RUNWAY, UNDECIDED, add_comparisons, attribution_vs_swap, columns, regime_pairs,
+                               report_split, summarize, verdict)
 from fgvc.tracking.analyze_run import run_analyze
 from fgvc.tracking.study_run import demo_root_for, run_study, train_config
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
@@ -34,7 +34,8 @@ torch.set_num_threads(1)
 TINY_DEMO = dict(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24)
 TINY_ARGS = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32",
              "--width", "24", "--epochs", "1", "--batch-size", "8", "--num-images", "6"]
-KEY_COLUMNS = ["arch", "regime", "bg_correlation", "split_by", "seed", "run_name", "run_id", "status", "model", "chance"]
+KEY_COLUMNS = ["arch", "regime", "bg_correlation", "split_by", "seed", "cell", "run_name", "run_id", "status", "model",
+               "chance"]
 
 
 def tiny_study(**overrides) -> StudyConfig:
@@ -185,29 +186,20 @@ def per_image_table(values: dict, indices=range(20)) -> dict:
     return {"dataset_index": list(indices), **{k: list(v) for k, v in values.items()}}
 
 
-def test_a_cell_trained_to_chance_level_did_not_learn(tiny_root):
-    """fn-small fitted to shuffled labels (it can only memorise noise) is at chance on val:
-    no verdict, greyed, counted; a cell that learned keeps its verdict."""
+def test_a_cell_at_chance_level_did_not_learn(tiny_root):
+    """A model whose output ignores the image (it names one designer for every look) is right
+    on exactly that designer's share of the val images, 4 of 12 = chance, whatever its
+    weights: no verdict, greyed, counted; a cell that learned keeps its verdict."""
     from fgvc.analysis.data import load_analysis_data
-    from fgvc.data.dataset import ShardDataset
-    from fgvc.models.factory import create_model
 
-    torch.manual_seed(0)
-    train = ShardDataset(tiny_root, "train")
-    items = train.gather(torch.arange(len(train)))
-    images, shuffled = items["images"].float() / 255, items["labels"][torch.randperm(len(train))]
-    model = create_model("fn-small", train.num_classes, pretrained=False)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(20):
-        optimiser.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), shuffled).backward()
-        optimiser.step()
     val = load_analysis_data(tiny_root, "val", 12, 0)
-    with torch.no_grad():
-        correct = (model.eval()(val.images.float() / 255).argmax(1) == val.labels).float().tolist()
+    assert torch.bincount(val.labels).tolist() == [4, 4, 4]  # balanced: one designer is a third of the looks
+    blind = torch.zeros_like(val.labels)  # the prediction of a model that ignores its input
+    correct = (blind == val.labels).float().tolist()
+    assert sum(correct) == 4
     chance = 1 / 3
-    rows = [dict(fake_rows()[0], run_id="noise", run_name="noise", regime="masked"),
-            dict(fake_rows()[0], run_id="good", run_name="good", regime="masked", seed=1)]
+    rows = [dict(fake_rows()[0], run_id="noise", run_name="noise", regime="masked", cell="noise"),
+            dict(fake_rows()[0], run_id="good", run_name="good", regime="masked", seed=1, cell="good")]
     per_image = {("noise", "gradcam"): per_image_table({"correct": correct}, val.indices.tolist()),
                  ("good", "gradcam"): per_image_table({"correct": [1.0] * 12}, val.indices.tolist())}
     add_comparisons(rows, per_image, chance)
@@ -227,6 +219,41 @@ def test_a_cell_trained_to_chance_level_did_not_learn(tiny_root):
     assert f"| {DID_NOT_LEARN} | {NO_VERDICT} |" in markdown and "| _0.500 [0.400, 0.600]_ |" in markdown
 
 
+def test_a_cell_whose_per_image_file_is_missing_has_no_data_not_a_verdict(mlflow_store, tmp_path, caplog):
+    """An attribution record without its per_image.csv (a failed upload, a pruned artifact):
+    the study warns naming the record and the file, the cell's quality is "undecided (no
+    data)" (never "learned"), it gets no verdict, and the tables show and grey it."""
+    from fgvc.study.render import terminal_table
+    from fgvc.tracking import study_report
+    from fgvc.tracking.study_cell import CellResult
+
+    client = MlflowClient()
+    record = client.create_run(client.create_experiment("records")).info.run_id  # its files are gone
+    cell = Cell("fn-small", "unmasked", 0)
+    with caplog.at_level("WARNING", logger="fgvc"):
+        per_image = study_report._per_image([CellResult(cell, "run-1", "trained", "models:/m/1", {},
+                                                        {"gradcam": record})], tmp_path / "downloads")
+    assert per_image == {}
+    [warning] = [r.getMessage() for r in caplog.records if "per_image.csv" in r.getMessage()]
+    assert f"analysis/gradcam/per_image.csv of run {record} unavailable" in warning
+    assert f"study cell {cell.key} has no per-image gradcam numbers" in warning
+
+    rows = [dict(fake_rows()[0], regime="unmasked", cell=cell.key, run_id="run-1", run_name=cell.run_name)]
+    for key in ("acc", "acc_low", "acc_high"):
+        rows[0].pop(key)
+    add_comparisons(rows, per_image, chance=0.25)
+    [row] = rows
+    assert math.isnan(row["acc_low"])
+    assert row["quality"] == NO_DATA and row["verdict"] == NO_DATA_VERDICT, (row["quality"], row["verdict"])
+    assert "quality gate cannot be read" in row["verdict_reason"]
+    summary = summarize(rows)
+    assert summary[0]["no_data"] == 1 and summary[0]["verdict"] == f"{NO_DATA_VERDICT} (1/1)"
+    cells = report_tables(rows, summary, 0.25)[-1]
+    assert cells.body[0][cells.header.index("quality")] == NO_DATA and list(cells.muted) == [True]
+    assert f"| {NO_DATA} | {NO_DATA_VERDICT} |" in markdown_tables(rows, summary, 0.25)
+    assert NO_DATA in terminal_table(rows) and NO_DATA_VERDICT in terminal_table(rows)
+
+
 def twin_rows(strength_excess: float) -> tuple[list[dict], dict]:
     """An unmasked cell whose background preference exceeds its masked twin's by
     ``strength_excess`` on every image (plus noise), and the swap-test correctness."""
@@ -234,15 +261,16 @@ def twin_rows(strength_excess: float) -> tuple[list[dict], dict]:
     base = torch.rand(20, generator=g) + 0.5
     rows, per_image = [], {}
     for regime, shift, no_fg in (("unmasked", strength_excess, 0.9), ("masked", 0.0, 0.2)):
-        run = f"run-{regime}"
-        rows.append({"arch": "fn-small", "regime": regime, "bg_correlation": 1.0, "seed": 0, "run_id": run,
-                     "run_name": f"fn-small-{regime}", "status": "trained", "verdict": UNDECIDED, "split": "test",
-                     "no_fg_acc_low": 0.1, "bg_gap_low": -0.1, "only_fg_acc_low": 0.1})
+        cell = Cell("fn-small", regime, 0, 1.0)
+        rows.append({"arch": "fn-small", "regime": regime, "bg_correlation": 1.0, "seed": 0, "cell": cell.key,
+                     "run_id": f"run-{regime}", "run_name": f"fn-small-{regime}", "status": "trained",
+                     "verdict": UNDECIDED, "split": "test", "no_fg_acc_low": 0.1, "bg_gap_low": -0.1,
+                     "only_fg_acc_low": 0.1})
         noise = 0.05 * torch.randn(20, generator=g)
         for method in ("gradcam", "occlusion"):
-            per_image[(run, method)] = per_image_table({"correct": [1.0] * 20,
-                                                        "bg_preference": (base + shift + noise).tolist()})
-        per_image[(run, "shortcut")] = per_image_table({
+            per_image[(cell.key, method)] = per_image_table({"correct": [1.0] * 20,
+                                                             "bg_preference": (base + shift + noise).tolist()})
+        per_image[(cell.key, "shortcut")] = per_image_table({
             "correct_original": [1.0] * 20, "correct_no_fg": (torch.rand(20, generator=g) < no_fg).float().tolist(),
             "correct_mixed_same": [1.0] * 20, "correct_mixed_rand": [0.0 if regime == "unmasked" else 1.0] * 20})
     return rows, per_image
@@ -271,6 +299,103 @@ def test_attribution_is_referred_to_the_masked_twin_with_a_paired_interval():
     alone = [r for r in twin_rows(0.3)[0] if r["regime"] == "unmasked"]
     add_comparisons(alone, per_image, chance=0.2)
     assert alone[0]["twin"] == "none in the grid" and "no masked twin" in attribution_vs_swap(alone)
+
+
+class RecordingClient:
+    """What `tag_cells` writes, run by run, as the store keeps it (a later tag of the same name
+    replaces the earlier; a metric's value is its last at step 0)."""
+
+    def __init__(self):
+        self.tags: dict[str, dict[str, str]] = {}
+        self.metrics: dict[str, dict[str, float]] = {}
+
+    def log_batch(self, run_id, metrics=(), tags=()):
+        self.tags.setdefault(run_id, {}).update({t.key: t.value for t in tags})
+        self.metrics.setdefault(run_id, {}).update({m.key: m.value for m in metrics})
+
+
+def dose_grid(monkeypatch):
+    """A dose-response grid at strengths 0 and 1, unmasked and masked, as `complete_rows` gets
+    it: the two masked cells share one training (their roots are pixel-identical) but each has
+    its own swap-test record, on its own strength's source images. Per-image files are served
+    from memory in place of the records' artifacts. Returns (results, rows, records)."""
+    from fgvc.files import write_csv
+    from fgvc.tracking import study_report
+    from fgvc.tracking.study_cell import CellResult
+
+    ones = lambda k, n=20: [1] * k + [0] * (n - k)  # noqa: E731 (k of 20 images right)
+    # correct_original, correct_no_fg, correct_mixed_same, correct_mixed_rand per cell
+    swap = {(0.0, "unmasked"): (ones(10), ones(4), ones(10), ones(10)),
+            (0.0, "masked"): (ones(15), ones(3), ones(12), ones(14)),
+            (1.0, "unmasked"): (ones(18), ones(16), ones(18), ones(6)),
+            (1.0, "masked"): (ones(5), ones(9), ones(6), ones(12))}
+    records, results, rows = {}, [], []
+    for strength in (0.0, 1.0):
+        for regime in ("unmasked", "masked"):
+            cell = Cell("fn-small", regime, 0, strength)
+            run = "run-masked" if regime == "masked" else f"run-unmasked-{strength:g}"
+            original, no_fg, same, rand = swap[(strength, regime)]
+            for method, table in (("gradcam", {"correct": original, "bg_preference": [1.0 + strength] * 20}),
+                                  ("shortcut", {"correct_original": original, "correct_no_fg": no_fg,
+                                                "correct_mixed_same": same, "correct_mixed_rand": rand})):
+                records[(f"rec-{method}-{cell.key}", f"analysis/{method}/per_image.csv")] = \
+                    {"dataset_index": list(range(20)), **table}
+            results.append(CellResult(cell, run, "trained", f"models:/m/{run}", {},
+                                      {m: f"rec-{m}-{cell.key}" for m in ("gradcam", "shortcut")}))
+            rows.append({"arch": cell.arch, "regime": regime, "bg_correlation": strength, "split_by": None, "seed": 0,
+                         "cell": cell.key, "run_name": cell.run_name, "run_id": run, "status": "trained",
+                         "verdict": UNDECIDED, "no_fg_acc_low": 0.1 + strength / 2, "bg_gap_low": -0.1 + strength / 5,
+                         "only_fg_acc_low": 0.5})
+
+    def serve(record, artifact, dst, consequence=""):
+        dst.mkdir(parents=True, exist_ok=True)
+        return write_csv(dst / "per_image.csv", records[(record, artifact)])
+
+    monkeypatch.setattr(study_report, "_download", serve)
+    return results, rows, records
+
+
+def test_cells_that_share_a_training_keep_their_own_records_tags_and_differences(tiny_root, monkeypatch):
+    """The masked cells of strengths 0 and 1 share one training run; unmasked − masked at each
+    strength is the difference of that strength's own two swap records (the regression: both
+    strengths paired with strength 1's record), and the shared run carries each cell's verdict
+    and comparison numbers under names of its own, one never replacing the other."""
+    from fgvc.tracking.study_report import complete_rows
+
+    results, rows, records = dose_grid(monkeypatch)
+    roots = {(s, None): type("Roots", (), {"root": lambda self, cell: tiny_root})() for s in (0.0, 1.0)}
+    client = RecordingClient()
+    differences, leak = complete_rows(client, results, rows, roots, chance=0.25)
+    assert leak == []
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    for strength in (0.0, 1.0):
+        [difference] = [d for d in differences if d["bg_correlation"] == strength]
+        assert difference["comparison"] == "unmasked − masked"
+        first, second = (records[(f"rec-shortcut-fn-small/{r}/seed0/bg{strength:g}", "analysis/shortcut/per_image.csv")]
+                         for r in ("unmasked", "masked"))
+        gap = lambda t: mean(t["correct_mixed_same"]) - mean(t["correct_mixed_rand"])  # noqa: E731
+        expected = {"acc_source": mean(first["correct_original"]) - mean(second["correct_original"]),
+                    "no_fg_acc": mean(first["correct_no_fg"]) - mean(second["correct_no_fg"]),
+                    "bg_gap": gap(first) - gap(second)}
+        for name, value in expected.items():
+            assert difference[name] == pytest.approx(value), (strength, name, difference[name], value)
+    masked0, masked1 = rows[1], rows[3]
+    assert masked0["acc"] == pytest.approx(0.75) and masked1["acc"] == pytest.approx(0.25)  # each its own record
+    assert rows[0]["twin"] == masked0["run_name"] and rows[2]["twin"] == masked1["run_name"]
+    assert rows[0]["gradcam_excess"] == pytest.approx(0.0) and rows[2]["gradcam_excess"] == pytest.approx(0.0)
+
+    shared = client.tags["run-masked"]
+    assert {k: v for k, v in shared.items() if k.startswith("fgvc.verdict")} == {
+        "fgvc.verdict.bg0": masked0["verdict"], "fgvc.verdict.bg1": masked1["verdict"]}
+    assert masked0["verdict"] != masked1["verdict"]  # two verdicts a single tag would have merged
+    assert (shared["fgvc.quality.bg0"], shared["fgvc.quality.bg1"]) == (LEARNED, DID_NOT_LEARN)
+    metrics = client.metrics["run-masked"]
+    assert (metrics["compare/val_acc.bg0"], metrics["compare/val_acc.bg1"]) == pytest.approx((0.75, 0.25))
+    assert "compare/val_acc" not in metrics and "fgvc.verdict" not in shared
+    for strength, row in ((0.0, rows[0]), (1.0, rows[2])):  # a run of one cell keeps the plain names
+        run = f"run-unmasked-{strength:g}"
+        assert client.tags[run]["fgvc.verdict"] == row["verdict"]
+        assert client.metrics[run]["compare/val_acc"] == pytest.approx(row["acc"])
 
 
 def test_regime_pairs_and_the_reported_split(tiny_root, tmp_path):

@@ -12,14 +12,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from fgvc import experiments
 from fgvc.catalog import SEGMENTERS, arch_problem
 from fgvc.config import (FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, non_negative, option,
                          positive)
 from fgvc.data.config import DemoConfig
 from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES, Regime
+from fgvc.study.executors import gpus_per_cell
 
-EXPERIMENT = "fgvc-study"
+EXPERIMENT = experiments.STUDY
 EXECUTORS = ("local", "ray")
 SPLIT_AXIS = ("random", "show")  # the leaky split first: the show leak is random minus show
 
@@ -119,8 +121,10 @@ class StudyConfig(Config):
     ray_address: str | None = option(Maybe(STR, "none"), None, "--executor ray: the cluster to use (auto: the one "
                                      "this machine belongs to; HOST:PORT; none: start Ray on this machine).",
                                      identity=False)
-    gpus_per_cell: float = option(FLOAT, 0.0, "--executor ray: GPUs each cell reserves (fractions share a GPU).",
-                                  check=non_negative, identity=False)
+    gpus_per_cell: float | None = option(
+        Maybe(FLOAT), None, "--executor ray: GPUs each cell reserves (auto: 1 when the Ray cluster has GPUs and "
+        "--device is auto, cuda or cuda:N, else 0; a fraction such as 0.5 shares a GPU; --device cpu: 0).",
+        check=non_negative, identity=False)
     cpus_per_cell: float = option(FLOAT, 1.0, "--executor ray: CPUs each cell reserves (its torch threads).",
                                   check=positive, identity=False)
 
@@ -135,6 +139,8 @@ class StudyConfig(Config):
                 demo = dataclasses.replace(demo, **overrides)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        if self.gpus_per_cell is not None:
+            gpus_per_cell(self.gpus_per_cell, self.device, {})  # GPUs for a cell on the CPU: refused before any run
         if self.bg_correlations is not None and self.data_root is not None:
             raise ConfigError("--bg-correlations varies the demo data's planted shortcut; it cannot be combined "
                               "with --data-root")

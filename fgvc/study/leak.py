@@ -36,7 +36,7 @@ LEAK_MEASURES = (("acc", "acc, own images", "correct", ATTRIBUTION),
 
 
 def _values(per_image: PerImage, row: Mapping, column: str, methods: Sequence[str]) -> list[float]:
-    table = first_table(per_image, row["run_id"], methods)
+    table = first_table(per_image, row["cell"], methods)
     if not table or not (column in table or column == "bg_gap" and "correct_mixed_same" in table):
         return []
     return [v for v in per_image_column(table, column) if math.isfinite(v)]

@@ -1,6 +1,11 @@
 """Pairing of study cells and their per-image numbers: a cell's masked twin, the regime pairs
 compared, per-image values of two cells aligned on the same images (fgvc.study.tables builds
-the comparisons from these), and how a value is written with its interval."""
+the comparisons from these), and how a value is written with its interval.
+
+Per-image tables are keyed by the cell (``Cell.key``, a row's ``cell``), never by its training
+run: cells with identical training pixels share one training (the masked cells of a
+dose-response grid), but each has its own analysis records (the swap test of each runs on its
+own strength's source images)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch
 from fgvc.analysis.stats import Interval
 from fgvc.regimes import REGIMES
 
-PerImage = Mapping[tuple, Mapping[str, Sequence[float]]]  # (run id, method) -> per-image columns
+PerImage = Mapping[tuple, Mapping[str, Sequence[float]]]  # (cell key, method) -> per-image columns
 # Paired regime differences on the common source images, from the background-swap records:
 # (row key, header, per-image column; bg_gap = Mixed-Same minus Mixed-Rand correctness).
 DIFFERENCE_MEASURES = (("acc_source", "acc, source images", "correct_original"),
@@ -42,9 +47,10 @@ def regime_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def first_table(per_image: PerImage, run_id: str, methods: Sequence[str]) -> Mapping | None:
-    """The per-image table of the first of ``methods`` that ran on ``run_id``, else None."""
-    return next((per_image[(run_id, m)] for m in methods if (run_id, m) in per_image), None)
+def first_table(per_image: PerImage, cell: str, methods: Sequence[str]) -> Mapping | None:
+    """The per-image table of the first of ``methods`` that ran for the cell ``cell`` (its
+    key), else None."""
+    return next((per_image[(cell, m)] for m in methods if (cell, m) in per_image), None)
 
 
 def per_image_column(table: Mapping[str, Sequence], name: str) -> list[float]:
@@ -93,7 +99,7 @@ def interval_text(row: Mapping, name: str, sign: bool = False) -> str:
     return f"{fmt(value, sign=sign)} [{fmt(low, sign=sign)}, {fmt(high, sign=sign)}]"
 
 
-def cell_key(row: Mapping) -> tuple:
+def shared_axes(row: Mapping) -> tuple:
     """What a cell shares with the cells it is compared with: architecture, seed, shortcut
     strength and split (a twin or a regime pair is always on the same images)."""
     return row["arch"], row["seed"], row.get("bg_correlation"), row.get("split_by")

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 from fgvc.analysis.sanity import FLAG_THRESHOLD
 from fgvc.study.pairing import DIFFERENCE_MEASURES, fmt, interval_text
-from fgvc.study.tables import DID_NOT_LEARN, LEARNED, QUALITY_FACTOR, TableColumn, columns
+from fgvc.study.tables import DID_NOT_LEARN, LEARNED, NO_DATA, QUALITY_FACTOR, TableColumn, columns
 from fgvc.viz.report import Table
 
 
@@ -98,7 +98,8 @@ def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: f
     legend = {c.header: c.what for c in cols}
     legend["verdict"] = ("reads the runway: No-FG above chance and BG-gap above 0 (95% intervals); reads the "
                          "garment: Only-FG above chance, neither of the first two; else undecided; no verdict when "
-                         f"the cell did not learn ({split} accuracy's interval not above {QUALITY_FACTOR:g} x chance)")
+                         f"the cell did not learn ({split} accuracy's interval not above {QUALITY_FACTOR:g} x chance) "
+                         f"or has no per-image {split} accuracy to judge that by (no data)")
     seeds = len({r.get("seed") for r in rows})
     note = (f"Chance level {chance:.3f}; reported numbers on the {split} split (the best epoch is chosen on val). "
             f"{interval_statement(rows)}")
@@ -109,7 +110,7 @@ def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: f
                             *_leak_cells(s, leak), *(summary_text(s, c) for c in cols)]
                            for s in summary],
                           key_columns=len(keys) + 3, note=note, legend=legend,
-                          muted=[s.get("did_not_learn", 0) == s["seeds"] for s in summary])
+                          muted=[s.get("did_not_learn", 0) + s.get("no_data", 0) == s["seeds"] for s in summary])
     tables = [summary_table, *extra]
     if differences:
         headers = [f"Δ {header}" for _, header, _ in DIFFERENCE_MEASURES]
@@ -123,15 +124,17 @@ def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: f
                   f"{'a hierarchical bootstrap (seeds, then images)' if seeds > 1 else 'a bootstrap over images'}: "
                   f"an interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
                   f"minus Mixed-Rand correctness."),
-            muted=[d.get("did_not_learn", 0) > 0 for d in differences]))
+            muted=[d.get("did_not_learn", 0) + d.get("no_data", 0) > 0 for d in differences]))
     tables.append(Table(f"Cells ({len(rows)})", [*keys, "seed", "run", "status", "quality", "verdict",
                                                  "masked twin", *leak, *(c.header for c in cols)],
                         [[*_keys(r, axes), str(r["seed"]), r["run_id"], r.get("status", ""),
                           r.get("quality", LEARNED), shown_verdict(r), r.get("twin", ""),
                           *_leak_cells(r, leak), *(cell_text(r, c) for c in cols)]
                          for r in rows], key_columns=len(keys) + 6,
-                        muted=[r.get("quality") == DID_NOT_LEARN for r in rows],
-                        note="Greyed rows did not learn: their reliance numbers are shown but carry no verdict."))
+                        muted=[r.get("quality") in (DID_NOT_LEARN, NO_DATA) for r in rows],
+                        note=f"Greyed rows did not learn, or their quality is '{NO_DATA}' (a per-image file of "
+                             f"their records could not be read): their reliance numbers are shown but carry no "
+                             f"verdict."))
     return tables
 
 

@@ -15,7 +15,14 @@ measures use rather than attention):
   suffices), and neither No-FG's interval lies above chance nor BG-gap's above 0;
 - **undecided**: anything else (e.g. intervals too wide for the number of images);
 - **no verdict (did not learn)**: the quality gate (:func:`quality`) failed: a model that is
-  not clearly better than chance has no reliance to measure.
+  not clearly better than chance has no reliance to measure;
+- **no verdict (no data)**: the gate could not be read (the cell's per-image accuracy is
+  missing, e.g. a record's per_image.csv could not be read): its quality is "undecided (no
+  data)", never "learned".
+
+Rows carry the cell's key (``cell``, ``Cell.key``) beside its training run (``run_id``); cells
+with identical training pixels share a run, so the per-image tables the comparisons read are
+keyed by the cell (fgvc.study.pairing).
 
 Reported numbers come from the root's ``test`` split when it has one (the best epoch is chosen
 on ``val``), else from ``val``, and every row says which (``split``). Attribution is read
@@ -34,13 +41,12 @@ import numpy as np
 from fgvc.analysis.methods import study_columns
 from fgvc.analysis.stats import bootstrap_mean, hierarchical_bootstrap, seed_interval
 from fgvc.data.shards import splits_of
-from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, cell_key, first_table, interval_text, paired,
-                                put_interval,
-                                regime_pairs, twin_regime)
+from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, first_table, interval_text, paired, put_interval,
+                                regime_pairs, shared_axes, twin_regime)
 
 RUNWAY, GARMENT, UNDECIDED = "reads the runway", "reads the garment", "undecided"
-NO_VERDICT = "no verdict (did not learn)"
-LEARNED, DID_NOT_LEARN = "learned", "did not learn"
+NO_VERDICT, NO_DATA_VERDICT = "no verdict (did not learn)", "no verdict (no data)"
+LEARNED, DID_NOT_LEARN, NO_DATA = "learned", "did not learn", "undecided (no data)"
 # The quality gate: a cell learned when the lower end of its accuracy's 95% interval exceeds
 # QUALITY_FACTOR x chance. Why 1.5: the swap tests read drops from the model's accuracy down
 # towards chance; below 1.5 x chance the whole room for such a drop is under half of chance
@@ -118,16 +124,20 @@ def cell_values(train_metrics: Mapping[str, float], analyses: Mapping[str, Mappi
 
 def quality(row: Mapping[str, float], chance: float) -> str:
     """``learned`` when the accuracy's interval (``acc_low``, the reported split) lies above
-    QUALITY_FACTOR x chance, else ``did not learn``; NaN (no accuracy) counts as learned, so
-    the gate never hides numbers it cannot judge."""
+    QUALITY_FACTOR x chance, ``did not learn`` when it does not, ``undecided (no data)`` when
+    there is no accuracy to read (NaN): missing data is never a model that learned."""
     low = float(row.get("acc_low", math.nan))
-    return DID_NOT_LEARN if math.isfinite(low) and low <= QUALITY_FACTOR * chance else LEARNED
+    if not math.isfinite(low):
+        return NO_DATA
+    return DID_NOT_LEARN if low <= QUALITY_FACTOR * chance else LEARNED
 
 
 def verdict(row: Mapping[str, float], chance: float) -> str:
     """The rules in this module's docstring; NaN anywhere needed -> undecided."""
     if row.get("quality") == DID_NOT_LEARN:
         return NO_VERDICT
+    if row.get("quality") == NO_DATA:
+        return NO_DATA_VERDICT
     get = lambda key: float(row.get(key, math.nan))  # noqa: E731
     no_fg_low, gap_low, only_fg_low = get("no_fg_acc_low"), get("bg_gap_low"), get("only_fg_acc_low")
     if any(math.isnan(v) for v in (no_fg_low, gap_low, only_fg_low)):
@@ -144,6 +154,9 @@ def verdict_reason(row: Mapping[str, float], chance: float) -> str:
     if row.get("quality") == DID_NOT_LEARN:
         return (f"{row.get('split', 'val')} accuracy {f('acc')} does not clear {QUALITY_FACTOR:g} x chance "
                 f"({QUALITY_FACTOR * chance:.3f})")
+    if row.get("quality") == NO_DATA:
+        return (f"no per-image {row.get('split', 'val')} accuracy (the attribution records' per_image.csv could not "
+                f"be read), so the quality gate cannot be read: not a verdict of reliance")
     return (f"No-FG {f('no_fg_acc')} vs chance {chance:.3f}; BG-gap {f('bg_gap')}; Only-FG {f('only_fg_acc')}")
 
 
@@ -162,19 +175,19 @@ def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, se
     ``twin`` (the twin's run name, or why there is none); the sanity columns shared by every
     cell of the architecture (:func:`share_sanity`)."""
     for row in rows:
-        own = first_table(per_image, row["run_id"], ATTRIBUTION)
+        own = first_table(per_image, row["cell"], ATTRIBUTION)
         correct = [float(v) for v in own["correct"]] if own and own.get("correct") else []
         put_interval(row, "acc", bootstrap_mean(correct, seed=seed) if correct else None)
         row["quality"] = quality(row, chance)
         row["verdict"], row["verdict_reason"] = verdict(row, chance), verdict_reason(row, chance)
-    cells = {(cell_key(r), r["regime"]): r for r in rows}
+    cells = {(shared_axes(r), r["regime"]): r for r in rows}
     for row in rows:
         twin = twin_regime(row["regime"])
-        other = cells.get((cell_key(row), twin)) if twin else None
+        other = cells.get((shared_axes(row), twin)) if twin else None
         row["twin"] = other["run_name"] if other else ("none in the grid" if twin else "")
         for method in ATTRIBUTION:
-            reference = per_image.get((other["run_id"], method)) if other else None
-            x, y = paired(per_image.get((row["run_id"], method)), reference, "bg_preference")
+            reference = per_image.get((other["cell"], method)) if other else None
+            x, y = paired(per_image.get((row["cell"], method)), reference, "bg_preference")
             put_interval(row, f"{method}_excess", bootstrap_mean(x - y, seed=seed) if len(x) else None)
     share_sanity(rows)
     return regime_differences(rows, per_image, seed=seed)
@@ -211,11 +224,12 @@ def regime_differences(rows: Sequence[Mapping], per_image: PerImage, seed: int =
             pairs = [(by_regime_seed[(first, s)], by_regime_seed[(second, s)]) for s in seeds]
             entry = {"arch": arch, "bg_correlation": strength, "split_by": split_by, "comparison": f"{first} − {second}",
                      "seeds": len(seeds), "did_not_learn": sum(r.get("quality") == DID_NOT_LEARN
-                                                               for pair in pairs for r in pair)}
+                                                               for pair in pairs for r in pair),
+                     "no_data": sum(r.get("quality") == NO_DATA for pair in pairs for r in pair)}
             for name, _, column in DIFFERENCE_MEASURES:
                 diffs = []
                 for a, b in pairs:
-                    x, y = paired(per_image.get((a["run_id"], "shortcut")), per_image.get((b["run_id"], "shortcut")),
+                    x, y = paired(per_image.get((a["cell"], "shortcut")), per_image.get((b["cell"], "shortcut")),
                                   column)
                     if len(x):
                         diffs.append(x - y)
@@ -237,7 +251,7 @@ def attribution_vs_swap(rows: Sequence[Mapping]) -> str:
     (or that the grid has no masked twin to refer attribution to)."""
     unmasked = [r for r in rows if twin_regime(r["regime"]) is not None]
     with_twin = [r for r in unmasked if r.get("twin") not in (None, "", "none in the grid")
-                 and r.get("quality") != DID_NOT_LEARN]
+                 and r.get("quality") not in (DID_NOT_LEARN, NO_DATA)]
     if unmasked and not any(r.get("twin") not in (None, "", "none in the grid") for r in unmasked):
         return ("Attribution and the swap tests: the grid has no masked twin for its unmasked cells, so background "
                 "preference has no reference and is shown raw only; it is not evidence of reliance. Add the masked "
@@ -267,7 +281,8 @@ def summarize(rows: Sequence[Mapping]) -> list[dict]:
     ``<column>_std`` (sample standard deviation across seeds; None for a single seed),
     ``seeds``, with several seeds ``<column>_low`` / ``_high`` (seed-level 95% t-interval,
     :func:`fgvc.analysis.stats.seed_interval`), and the verdict counts (cells that did not
-    learn count as "no verdict"). NaN values are left out of a column's mean."""
+    learn, or have no data, count as "no verdict"; ``did_not_learn``, ``no_data``). NaN values
+    are left out of a column's mean."""
     groups: dict[tuple, list[Mapping]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in GROUP_KEYS), []).append(row)
@@ -288,5 +303,6 @@ def summarize(rows: Sequence[Mapping]) -> list[dict]:
         verdicts = [r.get("verdict", UNDECIDED) for r in members]
         summary["verdict"] = "; ".join(f"{v} ({verdicts.count(v)}/{len(verdicts)})" for v in dict.fromkeys(verdicts))
         summary["did_not_learn"] = sum(r.get("quality") == DID_NOT_LEARN for r in members)
+        summary["no_data"] = sum(r.get("quality") == NO_DATA for r in members)
         out.append(summary)
     return out

@@ -32,6 +32,7 @@ from PIL import Image
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from fgvc import experiments
 from fgvc.analysis.config import AnalyzeConfig, settings_id, settings_of
 from fgvc.analysis.data import check_fits_model, load_analysis_data
 from fgvc.analysis.methods import METHODS
@@ -40,13 +41,14 @@ from fgvc.config import digest
 from fgvc.devices import resolve_device
 from fgvc.errors import FgvcError
 from fgvc.tracking.markdown import code
+from fgvc.tracking import fencing
 from fgvc.tracking.claims import claimed
 from fgvc.tracking.registry import load_model
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT = "fgvc-analysis"
+EXPERIMENT = experiments.ANALYSIS
 EXPERIMENT_DESCRIPTION = ("Analysis records: one run per `analyze`, keyed per method by the digest of its settings "
                           "(tag fgvc.analysis.<method>.id). The training runs show the results too.")
 
@@ -181,6 +183,7 @@ def _record(cfg: AnalyzeConfig, client: MlflowClient, resolved, model, data, roo
         with tempfile.TemporaryDirectory(prefix="fgvc-analysis-") as tmp:
             results = run_methods(model, data, cfg, Path(tmp), todo)
             for m, result in results.items():
+                fencing.check(f"recording {m}")  # the analysis is claimed: still this process's
                 folder = Path(tmp) / m
                 (folder / "metrics.json").write_text(json.dumps(
                     {"model": resolved.uri, "settings": settings[m], "settings_id": ids[m], "info": result.info,

@@ -42,16 +42,22 @@ _ENDPOINT = re.compile(r"(?:endpoint|url:?)\s+(?:https?://[^/\s]+)?(/[^\s'\".]*(
 _resource: list[str] = []
 
 
+def seconds_setting(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name` (unset: `default`);
+    anything else is refused in one line naming it."""
+    text = os.environ.get(name, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        raise FgvcError(f"{name}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise FgvcError(f"{name}={text!r} must be positive")
+    return value
+
+
 def tracking_timeout_s() -> float:
     """The stated total wait for an unreachable tracking server, in seconds."""
-    text = os.environ.get(TIMEOUT_ENV, "")
-    try:
-        value = float(text) if text else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise FgvcError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise FgvcError(f"{TIMEOUT_ENV}={text!r} must be positive")
-    return value
+    return seconds_setting(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def bound_request_retries() -> None:
@@ -62,10 +68,19 @@ def bound_request_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(min(120, max(10, tracking_timeout_s() / 3)))))
 
 
+_gave_up: list[bool] = []
+
+
 def give_up_quickly() -> None:
     """After a long outage: every further request is tried once, with a short timeout."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    _gave_up.append(True)
+
+
+def gave_up() -> bool:
+    """Whether this process has given up on the tracking server (:func:`give_up_quickly`)."""
+    return bool(_gave_up)
 
 
 def tracking_uri() -> str:
@@ -142,9 +157,10 @@ def translated(error: BaseException) -> FgvcError | None:
 
 
 class Patience:
-    """Calls that keep retrying while the tracking server is unreachable, until
-    ``budget_s`` has passed since the outage began; then :class:`TrackingUnreachable` with
-    ``kept`` (what was kept, how to resume) in its message."""
+    """Calls that keep retrying while the tracking server is unreachable (pausing 1, 2, 4, ...
+    up to ``pause_s`` seconds between tries), until ``budget_s`` has passed since the outage
+    began; then :class:`TrackingUnreachable` with ``kept`` (what was kept, how to resume) in
+    its message."""
 
     def __init__(self, kept: str = "", budget_s: float | None = None, pause_s: float = 5.0):
         self.kept = kept
@@ -156,6 +172,7 @@ class Patience:
     def call(self, what: str, fn: Callable[..., T], *args, **kwargs) -> T:
         if self.gave_up:
             raise TrackingUnreachable(f"tracking server {tracking_uri()} unreachable; {self.kept}")
+        pause = min(1.0, self.pause_s)
         while True:
             began = time.monotonic()
             try:
@@ -172,7 +189,8 @@ class Patience:
                     self.gave_up = True
                     give_up_quickly()
                     raise unreachable(error, waited, self.kept) from None
-                time.sleep(min(self.pause_s, self.budget_s - waited))
+                time.sleep(min(pause, self.budget_s - waited))
+                pause = min(2 * pause, self.pause_s)  # back off: 1, 2, 4, ... up to pause_s
                 continue
             if self.down_since is not None:
                 log.info("tracking server %s answers again after %.0f s", tracking_uri(),

@@ -24,6 +24,8 @@ from typing import Iterator
 from mlflow.entities import LoggedModelStatus, RunTag
 from mlflow.tracking import MlflowClient
 
+from fgvc.tracking import fencing
+
 log = logging.getLogger("fgvc")
 
 PROCESS, HEARTBEAT, END_REASON = "fgvc.process", "fgvc.heartbeat", "fgvc.end_reason"
@@ -43,7 +45,15 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def _start_ticks(pid: int) -> str:
+def host_name() -> str:
+    """This machine's name in run and claim liveness: ``FGVC_HOSTNAME`` when set (containers that
+    share one hostname), else the hostname."""
+    return os.environ.get("FGVC_HOSTNAME") or socket.gethostname()
+
+
+def start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("?" when unknown): with the PID, it
+    names one process (a PID is reused after its process ends)."""
     fields = _stat(pid)
     return fields[19] if fields and len(fields) > 19 else "?"
 
@@ -57,7 +67,7 @@ def process_alive(pid: int) -> bool:
 
 
 def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
+    return f"{host_name()}:{os.getpid()}:{start_ticks(os.getpid())}"
 
 
 def now_iso() -> str:
@@ -83,11 +93,11 @@ def why_stale(tags: dict[str, str]) -> str | None:
     host, _, rest = process.partition(":")
     pid_text, _, start = rest.partition(":")
     beat = tags.get(HEARTBEAT, "")
-    if host == socket.gethostname() and pid_text.isdigit():
+    if host == host_name() and pid_text.isdigit():
         pid = int(pid_text)
         if not process_alive(pid):
             return f"its process {pid} on {host} has exited (last heartbeat {beat or 'never'})"
-        if start not in ("", "?") and _start_ticks(pid) not in (start, "?"):
+        if start not in ("", "?") and start_ticks(pid) not in (start, "?"):
             return f"its process {pid} on {host} has exited (the PID now belongs to another process)"
         return None
     try:
@@ -154,9 +164,12 @@ def heartbeat(run_id: str, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
     an unreachable server is the training's business, not the heartbeat's)."""
     stop = threading.Event()
     client = MlflowClient()  # the store of this run, whatever the thread sees later
+    claims = list(fencing.held())  # the claims the work of this run is done under
 
     def beat() -> None:
         while not stop.wait(interval_s):
+            if any(claim.lost() for claim in claims):
+                return  # the run belongs to the claim's new holder now
             with contextlib.suppress(Exception):
                 client.set_tag(run_id, HEARTBEAT, now_iso())
 

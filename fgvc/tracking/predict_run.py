@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
+from fgvc import experiments
 from fgvc.data.config import PredictConfig
 from fgvc.data.shards import load_shard, read_label_map, read_meta, shards_of
 from fgvc.data.sources import MAX_NAMES_IN_LOG, Photo, list_photos
@@ -46,7 +47,7 @@ from fgvc.tracking.runs import artifact_dir, log_params, tracked_run
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT = "fgvc-predict"
+EXPERIMENT = experiments.PREDICT
 EXPERIMENT_DESCRIPTION = "Predictions of registered versions for folders of photos (`fgvc predict`): one CSV per run."
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import torch
 
+from fgvc import experiments
 from fgvc.data.config import PrepareConfig
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import generate_demo
@@ -24,7 +25,7 @@ log = logging.getLogger("fgvc")
 
 EXPERIMENT_DESCRIPTION = ("Dataset roots built by `prepare`: the demo generator or an ingest of real images (params, "
                           "counts, a sample grid, the digest).")
-EXPERIMENT = "fgvc-data"
+EXPERIMENT = experiments.DATA
 
 
 def check(cfg: PrepareConfig) -> None:

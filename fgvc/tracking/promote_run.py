@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 
+from fgvc import experiments
 from fgvc.tracking.failures import acting_on
 from fgvc.tracking.markdown import code
 from fgvc.tracking.config import PromoteConfig
@@ -12,7 +13,7 @@ from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 
 EXPERIMENT_DESCRIPTION = ("Registry moves by `promote`: which alias went to which version, chosen among "
                           "versions of one dataset and regime (by default the champion's).")
-EXPERIMENT = "fgvc-registry"
+EXPERIMENT = experiments.REGISTRY
 
 
 def run_promote(cfg: PromoteConfig) -> Promotion:

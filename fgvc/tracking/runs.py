@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from fgvc.errors import FgvcError, TrackingUnreachable, first_line
 from fgvc.files import write_failed
-from fgvc.tracking import failures, liveness
+from fgvc.tracking import failures, fencing, liveness
 
 log = logging.getLogger("fgvc")
 
@@ -103,10 +103,31 @@ def git_commit() -> str:
 
 
 def _end(run_id: str, status: str, fluent: bool) -> None:
-    if fluent:
-        mlflow.end_run(status)
-    else:
+    try:
         MlflowClient().set_terminated(run_id, status)
+    finally:
+        if fluent:
+            _leave(run_id)
+
+
+def _leave(run_id: str) -> None:
+    """Make `run_id` no longer the fluent API's active run, without a request to the store (its
+    status is written, or must not be: a run whose claim this process lost)."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack and stack[-1].info.run_id == run_id:
+        stack.pop()
+        fluent._last_active_run_id.set(run_id)  # mlflow.last_active_run() still finds it
+        os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def _finish(client: MlflowClient, run_id: str) -> None:
+    tags = client.get_run(run_id).data.tags
+    for stale in ("fgvc.end_reason", "fgvc.error"):
+        if stale in tags:
+            client.delete_tag(run_id, stale)
+    client.set_terminated(run_id, "FINISHED")
 
 
 def one_line(error: BaseException) -> BaseException:
@@ -120,16 +141,26 @@ def ending(run_id: str, fluent: bool = True) -> Iterator[None]:
     """End `run_id` FINISHED on success, KILLED on Ctrl-C, FAILED on any other exception
     (re-raised, as one line when a user can act on it), recording why in `fgvc.end_reason` /
     `fgvc.error` and finalising the run's PENDING MLflow models as FAILED. A run that
-    finishes after an earlier interruption loses the old reason."""
+    finishes after an earlier interruption loses the old reason. A run whose work was done
+    under a claim this process may have lost (fgvc.tracking.fencing) is left as it is."""
     client = MlflowClient()
     try:
         yield
     except KeyboardInterrupt:
-        client.set_tag(run_id, "fgvc.end_reason", "interrupted (Ctrl-C)")
-        _end_failed(client, run_id, "KILLED", fluent)
+        if fencing.lost() is None:
+            client.set_tag(run_id, "fgvc.end_reason", "interrupted (Ctrl-C)")
+            _end_failed(client, run_id, "KILLED", fluent)
+        elif fluent:
+            _leave(run_id)
         raise
     except BaseException as e:
         error = one_line(e)
+        if fencing.lost() is not None:  # another process may hold the work, and this run, now
+            if fluent:
+                _leave(run_id)
+            if error is e:
+                raise
+            raise error from None
         if isinstance(error, TrackingUnreachable):
             failures.give_up_quickly()  # each call below is tried once
         with contextlib.suppress(Exception):
@@ -141,11 +172,13 @@ def ending(run_id: str, fluent: bool = True) -> Iterator[None]:
             raise
         raise error from None
     else:
-        tags = client.get_run(run_id).data.tags
-        for stale in ("fgvc.end_reason", "fgvc.error"):
-            if stale in tags:
-                client.delete_tag(run_id, stale)
-        _end(run_id, "FINISHED", fluent)
+        try:
+            fencing.check("ending the run")
+            # finished work waits out a short outage before its run is closed
+            failures.Patience().call("ending the run", _finish, client, run_id)
+        finally:
+            if fluent:
+                _leave(run_id)
 
 
 def _end_failed(client: MlflowClient, run_id: str, status: str, fluent: bool) -> None:

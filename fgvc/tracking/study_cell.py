@@ -1,13 +1,18 @@
 """One study cell (train + its analyses) as a plain function of one job: the same runner serves
 every executor (this process, `fgvc study --cell`, a Ray task), and nothing in it knows which.
 
-A cell is found again by its training config (`fgvc.config_id`) and the pixels it trains on
-(`fgvc.pixels_digest`; also `fgvc.dataset_digest` for runs logged before that tag existed), so
-two cells whose training images are identical (the masked roots of a dose-response study)
-share one training. Training is claimed (fgvc.tracking.claims) under that identity, so of any
-number of attempts (retries, two identical studies, a Slurm array run twice) one trains while
-the others wait and reuse its run; an attempt that died leaves a run that the next attempt
-resumes from its checkpoint or closes as KILLED, saying why in `fgvc.end_reason`.
+A cell is found again by what was asked of its training (`fgvc.request_id`: the training config
+without the device recipe, the same from any machine; `fgvc.config_id` for runs logged before
+that tag, equal on the CPU) and the pixels it trains on (`fgvc.pixels_digest`; also
+`fgvc.dataset_digest` for runs logged before that tag existed), so two cells whose training
+images are identical (the masked roots of a dose-response study) share one training, and a
+CPU node collects cells trained on GPUs. What a training ran on is recorded beside it
+(`fgvc.device_recipe`, and `fgvc.config_id`, which adds the recipe to the request). Training is
+claimed (fgvc.tracking.claims) under that identity, so of any number of attempts (retries, two
+identical studies, a Slurm array run twice) one trains while the others wait and reuse its
+run; an attempt that died leaves a run that the next attempt resumes from its checkpoint when
+it ran with this machine's device recipe (a GPU never continues a CPU run, nor the other way
+round), or closes as KILLED, saying why in `fgvc.end_reason`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ log = logging.getLogger("fgvc")
 
 ATTRIBUTION_AND_RETRIEVAL = tuple(METHODS.where(lambda m: m.in_all))
 PIXELS = "fgvc.pixels_digest"
+REQUEST = "fgvc.request_id"
 
 
 def train_config(plan: StudyPlan, cell: Cell, roots: Roots, resume: bool | str = False) -> TrainConfig:
@@ -100,14 +106,16 @@ class CellJob:
     progress: bool = False
 
 
-def cell_runs(client: MlflowClient, experiment: str, config_id: str, roots: Roots, cell: Cell) -> list:
-    """The cell's training runs, newest first: by the pixels they trained on, or by the root's
-    digest (runs logged before pixel digests were tagged)."""
+def cell_runs(client: MlflowClient, experiment: str, request_id: str, roots: Roots, cell: Cell) -> list:
+    """The cell's training runs on any device, newest first: by the request id (or, for runs
+    logged before it was tagged, the config id, which equals it on the CPU), and by the pixels
+    they trained on (or the root's digest, for runs logged before pixel digests were tagged)."""
     runs = {}
-    for tag, value in ((PIXELS, roots.pixels(cell)), ("fgvc.dataset_digest", roots.digest(cell))):
-        for run in client.search_runs([experiment], f"tags.`fgvc.config_id` = '{config_id}' and "
-                                                    f"tags.`{tag}` = '{value}'", max_results=50):
-            runs[run.info.run_id] = run
+    for asked in (REQUEST, "fgvc.config_id"):
+        for tag, value in ((PIXELS, roots.pixels(cell)), ("fgvc.dataset_digest", roots.digest(cell))):
+            for run in client.search_runs([experiment], f"tags.`{asked}` = '{request_id}' and "
+                                                        f"tags.`{tag}` = '{value}'", max_results=50):
+                runs[run.info.run_id] = run
     return sorted(runs.values(), key=lambda r: r.info.start_time, reverse=True)
 
 
@@ -126,9 +134,14 @@ def _train(client: MlflowClient, job: CellJob, experiment: str, tags: dict, clai
     no live process holds the claim)."""
     cell, roots = job.cell, job.roots
     cfg = train_config(job.plan, cell, roots)
-    runs = [r for r in cell_runs(client, experiment, cfg.identity(), roots, cell) if r.info.status != "FINISHED"]
+    runs = [r for r in cell_runs(client, experiment, cfg.request_id(), roots, cell) if r.info.status != "FINISHED"]
+    here = cfg.identity()  # the request and this machine's device recipe: what a resume must match
     interrupted = next((r for r in runs if r.data.tags.get("fgvc.dataset_digest") == roots.digest(cell)
-                        and _resumable(client, r)), None)
+                        and r.data.tags.get("fgvc.config_id") == here and _resumable(client, r)), None)
+    for run in runs:
+        if run.data.tags.get("fgvc.config_id") != here:
+            log.info("study: %s: run %s ran with another device recipe (%s); it is not resumed here", cell.key,
+                     run.info.run_id, run.data.tags.get("fgvc.device_recipe", "not recorded"))
     why = claim.replaced or "its process ended without closing it"
     for run in runs:
         if run.info.status == "RUNNING" and run is not interrupted:
@@ -159,15 +172,16 @@ def run_cell(job: CellJob) -> CellResult:
         tags["fgvc.bg_correlation"] = f"{cell.bg_correlation:g}"
     if cell.split is not None:
         tags["fgvc.split_by"] = cell.split
-    config_id = train_config(job.plan, cell, roots).identity()
-    finished = finished_run(cell_runs(client, experiment, config_id, roots, cell))
+    request = train_config(job.plan, cell, roots).request_id()  # resolves no device: --collect runs anywhere
+    finished = finished_run(cell_runs(client, experiment, request, roots, cell))
     if finished is None and job.collect:
         raise ConfigError(f"study cell {cell.key} has no finished training run yet; run `fgvc study --cell "
                           f"{cell.key}` (with the same options) first")
     if finished is None:
-        with claimed(f"cell.{digest({'config_id': config_id, 'pixels': roots.pixels(cell)})}",
+        # the claim's key is the request's: a CPU and a GPU attempt of one cell never train it both
+        with claimed(f"cell.{digest({'config_id': request, 'pixels': roots.pixels(cell)})}",
                      f"study cell {cell.key}", client) as claim:
-            finished = finished_run(cell_runs(client, experiment, config_id, roots, cell))  # done while we waited?
+            finished = finished_run(cell_runs(client, experiment, request, roots, cell))  # done while we waited?
             if finished is None:
                 run_id, status = _train(client, job, experiment, tags, claim)
     if finished is not None:
@@ -181,6 +195,8 @@ def run_cell(job: CellJob) -> CellResult:
     model_uri = f"models:/{client.get_run(run_id).data.tags['fgvc.model_version']}"
     analyses, records = {}, {}
     for analysis in analysis_configs(job.plan, cell, roots, model_uri, job.image_size):
+        if job.collect:  # the records exist (the cell's own task made them): reusing them needs no GPU
+            analysis = analysis.replace(device="cpu")
         outcome = run_analyze(analysis, reuse=True)
         analyses.update(outcome.metrics)
         records.update({m: outcome.reused.get(m, outcome.record_run_id) for m in outcome.metrics})

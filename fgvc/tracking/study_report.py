@@ -1,5 +1,16 @@
 """The study run's files: the tables (CSV, Markdown), the figures and the HTML report, and the
-verdict summary that becomes the study run's description."""
+verdict summary that becomes the study run's description; the verdict tags and comparison
+metrics on the cells' training runs.
+
+Per-image tables are read per cell (its key, ``Cell.key``), never per training run: cells with
+identical training pixels share one training (the masked cells of a dose-response grid) while
+each has its own analysis records. On a training run that serves one cell of the study, the
+cell's tags and metrics have their plain names (``fgvc.verdict``, ``fgvc.quality``,
+``fgvc.report_split``, ``fgvc.verdict_note``, ``compare/<name>``). A run shared by several
+cells carries each cell's under names of its own, ``<name>.<suffix>``, the suffix naming what
+tells the cells apart: the shortcut strength and split (``fgvc.verdict.bg0``,
+``compare/bg_gap.bg0.5``, ``fgvc.verdict.bg1.show-split``; the cell key where those do not
+differ), so no cell's verdict or numbers replace another's."""
 
 from __future__ import annotations
 
@@ -22,8 +33,8 @@ from fgvc.files import write_csv
 from fgvc.study.config import StudyPlan
 from fgvc.study.leak import leak_paragraph, leak_table, show_leak
 from fgvc.study.render import interval_statement, markdown_tables, report_tables, terminal_table
-from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, QUALITY_FACTOR, add_comparisons, attribution_vs_swap,
-                               columns, report_split)
+from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, NO_DATA, QUALITY_FACTOR, add_comparisons,
+                               attribution_vs_swap, columns, report_split)
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import git_commit
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
@@ -36,12 +47,13 @@ log = logging.getLogger("fgvc")
 EXAMPLES_PER_METHOD = 2
 
 
-def _download(run_id: str, artifact: str, dst: Path) -> Path | None:
+def _download(run_id: str, artifact: str, dst: Path, consequence: str = "") -> Path | None:
     dst.mkdir(parents=True, exist_ok=True)
     try:
         return Path(MlflowClient().download_artifacts(run_id, artifact, str(dst)))
     except Exception as e:  # an example missing from one cell must not sink the report
-        log.warning("study report: %s of run %s unavailable (%s)", artifact, run_id, e)
+        log.warning("study report: %s of run %s unavailable (%s)%s", artifact, run_id,
+                    (str(e).splitlines() or [type(e).__name__])[0], consequence)
         return None
 
 
@@ -76,14 +88,17 @@ LIBRARIES = ("torch", "torchvision", "timm", "mlflow", "numpy")
 
 
 def _per_image(results: list[CellResult], tmp: Path) -> dict[tuple[str, str], dict[str, list]]:
-    """(cell run id, method) -> the columns of the method's per_image.csv in its record."""
+    """(cell key, method) -> the columns of the method's per_image.csv in the cell's record. A
+    missing file is warned about (record and file): the cell's numbers that need it are NaN, and
+    without an attribution table its quality is "undecided (no data)"."""
     out = {}
     for result in results:
         for method in PER_IMAGE_METHODS:
             if method not in result.records:
                 continue
-            path = _download(result.records[method], f"analysis/{method}/per_image.csv",
-                             tmp / result.run_id / method)
+            record = result.records[method]
+            path = _download(record, f"analysis/{method}/per_image.csv", tmp / record / method,
+                             f": study cell {result.cell.key} has no per-image {method} numbers")
             if path is None:
                 continue
             with open(path, newline="", encoding="utf-8") as f:
@@ -92,7 +107,7 @@ def _per_image(results: list[CellResult], tmp: Path) -> dict[tuple[str, str], di
                 for line in reader:
                     for k, v in line.items():
                         table[k].append(_number(v))
-            out[(result.run_id, method)] = table
+            out[(result.cell.key, method)] = table
     return out
 
 
@@ -147,11 +162,36 @@ def chart_metrics(row: dict) -> dict[str, float]:
     return out
 
 
-def tag_cells(client: MlflowClient, rows: list[dict]) -> None:
-    now = int(time.time() * 1000)
+def name_suffixes(rows: list[dict]) -> dict[str, str]:
+    """Cell key -> the suffix of its tag and metric names on its training run: "" for a run
+    that serves one cell, else what tells the run's cells apart (shortcut strength, split; the
+    cell key where they do not)."""
+    by_run: dict[str, list[dict]] = {}
     for row in rows:
-        client.log_batch(row["run_id"], metrics=[Metric(k, v, now, 0) for k, v in chart_metrics(row).items()],
-                         tags=[RunTag(k, v) for k, v in cell_tags(row).items()])
+        by_run.setdefault(row["run_id"], []).append(row)
+    out = {}
+    for members in by_run.values():
+        if len(members) == 1:
+            out[members[0]["cell"]] = ""
+            continue
+        axes = {r["cell"]: ".".join([*([f"bg{r['bg_correlation']:g}"] if r.get("bg_correlation") is not None else []),
+                                     *([f"{r['split_by']}-split"] if r.get("split_by") else [])])
+                for r in members}
+        distinct = len(set(axes.values())) == len(members) and all(axes.values())
+        out.update({cell: suffix if distinct else cell for cell, suffix in axes.items()})
+    return out
+
+
+def tag_cells(client: MlflowClient, rows: list[dict]) -> None:
+    """Each cell's verdict tags and comparison metrics on its training run (names: the module
+    docstring)."""
+    now = int(time.time() * 1000)
+    suffixes = name_suffixes(rows)
+    for row in rows:
+        suffix = f".{suffixes[row['cell']]}" if suffixes[row["cell"]] else ""
+        client.log_batch(row["run_id"],
+                         metrics=[Metric(f"{k}{suffix}", v, now, 0) for k, v in chart_metrics(row).items()],
+                         tags=[RunTag(f"{k}{suffix}", v) for k, v in cell_tags(row).items()])
 
 
 def _versions() -> str:
@@ -199,6 +239,10 @@ def terminal_summary(result: StudyResult) -> str:
     did_not_learn = sum(r.get("quality") == DID_NOT_LEARN for r in result.rows)
     if did_not_learn:
         lines.append(f"{did_not_learn} cell(s) did not learn (no verdict)")
+    no_data = [r.get("run_name", r["run_id"]) for r in result.rows if r.get("quality") == NO_DATA]
+    if no_data:
+        lines.append(f"{len(no_data)} cell(s) {NO_DATA}, a per-image file of their records could not be read (no "
+                     f"verdict): {', '.join(no_data)}")
     lines.append(f"report: {report_location(MlflowClient(), result.run_id)}")
     return "\n".join(lines)
 
@@ -210,7 +254,8 @@ NOTES = (
     "predicts the designer above chance and a backdrop of the right designer helps a pasted person (BG-gap > 0), "
     "both with their 95% intervals; it reads the garment when the person alone (Only-FG) suffices and neither "
     "holds. A cell whose accuracy's interval does not clear "
-    f"{QUALITY_FACTOR:g} x chance did not learn: it gets no verdict and its numbers are greyed.",
+    f"{QUALITY_FACTOR:g} x chance did not learn: it gets no verdict and its numbers are greyed; so does a cell "
+    f"whose per-image accuracy could not be read (quality '{NO_DATA}').",
     "Attribution is read against the masked twin: the same architecture, seed and shortcut strength trained on "
     "background-removed images, explained on the same images (background-removed, as it was trained). The "
     "occlusion fill is the image's mean colour: a black fill would change nothing on the twin's black "
@@ -296,8 +341,10 @@ def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dic
         (out / "report.html").write_text(page, encoding="utf-8")
         client.log_artifacts(run_id, str(out), "study")
     did_not_learn = sum(r.get("quality") == DID_NOT_LEARN for r in rows)
+    no_data = sum(r.get("quality") == NO_DATA for r in rows)
     lines = [f"Background-reliance study ({plan.preset}): {len(rows)} cells"
-             + (f", {did_not_learn} did not learn (no verdict)." if did_not_learn else "."), ""]
+             + (f", {did_not_learn} did not learn (no verdict)" if did_not_learn else "")
+             + (f", {no_data} without per-image data (no verdict)" if no_data else "") + ".", ""]
     lines += [f"- {code(r['run_name'])}: **{r['verdict']}** ({r['verdict_reason']})" for r in rows]
     lines += ["", relation] + (["", leaked] if leaked else [])
     lines += ["", "Tables: `study/results.md`, `study/results.csv`; report: `study/report.html`."]

@@ -10,10 +10,11 @@ are analysis records (fgvc.tracking.analyze_run, experiment fgvc-analysis: they 
 slot in the study's chart view) and the study shows them on each cell's run. The table is
 built from the records, so the study's numbers are the ones on the cells' pages.
 
-Re-running a study reuses finished cells (training-config digest ``fgvc.config_id`` and the
-digest of the pixels they train on) and analysis records with the same settings id; a cell
-whose training was interrupted resumes from its last checkpoint. So an interrupted study
-continues where it stopped. A cell is one call of `fgvc.tracking.study_cell.run_cell`, mapped
+Re-running a study reuses finished cells (``fgvc.request_id``, the digest of the training
+config without the device recipe, so from any machine, and the digest of the pixels they train
+on) and analysis records with the same settings id; a cell whose training was interrupted
+resumes from its last checkpoint on a machine of the same device recipe. So an interrupted
+study continues where it stopped. A cell is one call of `fgvc.tracking.study_cell.run_cell`, mapped
 over the cells by an executor (this process, or Ray tasks: fgvc.study.executors); cells and
 records are claimed in the tracking store, so concurrent attempts do each once.
 
@@ -29,7 +30,8 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
+from urllib.parse import urlsplit
 
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
@@ -45,7 +47,8 @@ from fgvc.masking import MaskConfig
 from fgvc.study.config import PRESETS, Cell, StudyConfig, StudyPlan
 from fgvc.study.executors import RayExecutor, run_local
 from fgvc.study.leak import annotate_summary
-from fgvc.study.tables import DID_NOT_LEARN, RUNWAY, cell_values, summarize, verdict, verdict_reason
+from fgvc.study.tables import DID_NOT_LEARN, NO_DATA, RUNWAY, cell_values, summarize, verdict, verdict_reason
+from fgvc.tracking import failures
 from fgvc.tracking.claims import claimed
 from fgvc.tracking.mask_run import run_mask
 from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
@@ -107,18 +110,21 @@ class Roots:
         return None
 
 
-def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool, split: str | None = None) -> Roots:
+def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool, split: str | None = None,
+                  collect: bool = False) -> Roots:
     """Resolve (and if needed generate) the source root, split by `split` when given (the same
     images dealt again: fgvc.data.resplit); build the masked root when a masked regime needs
-    it, or when the source has no person masks for the shortcut test. Claimed by the source's
-    path: studies (or array tasks) started together build each root once."""
+    it, or when the source has no person masks for the shortcut test (`collect`: never; the
+    cells' own tasks built it, and masking could need the GPU a collecting node lacks).
+    Claimed by the source's path: studies (or array tasks) started together build each root once."""
     where = Path(plan.data_root) if plan.data_root is not None else \
         demo_root_for(plan.demo_for(bg_correlation, split))
     with claimed(f"roots.{digest({'path': str(where.resolve())})}", f"study data {where}"):
-        return _prepare_roots(plan, bg_correlation, split, progress)
+        return _prepare_roots(plan, bg_correlation, split, progress, collect)
 
 
-def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | None, progress: bool) -> Roots:
+def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | None, progress: bool,
+                   collect: bool = False) -> Roots:
     demo = given = None
     if plan.data_root is None:
         demo = plan.demo_for(bg_correlation, split)
@@ -135,6 +141,12 @@ def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | N
         mine = plan.masked_root and bg_correlation is None and given in (None, source)
         masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
         segmenter = plan.segmenter or ("groundtruth" if has_masks else DEFAULT_SEGMENTER)
+        if not (masked / "meta.json").exists() and collect:
+            # --collect builds no data: no cell was trained on a root that is not there, and the
+            # cells say so, each in the order of the grid
+            log.warning("study: %s is missing; the cells that need it have not run yet", masked)
+            return Roots(source.resolve(), source_digest, has_masks, None, None, segmenter, demo,
+                         pixels_digest(source), None)
         if not (masked / "meta.json").exists():
             log.info("study: masking %s into %s (segmenter %s)", source, masked, segmenter)
             run_mask(MaskConfig(src_root=str(source), dst_root=str(masked), segmenter=segmenter, device=plan.device),
@@ -158,7 +170,8 @@ def cell_row(client: MlflowClient, result: CellResult, chance: float) -> dict:
     analysis number from the records the study computed (or reused)."""
     metrics = client.get_run(result.run_id).data.metrics
     row = {"arch": result.cell.arch, "regime": result.cell.regime, "bg_correlation": result.cell.bg_correlation,
-           "split_by": result.cell.split, "seed": result.cell.seed, "run_name": result.cell.run_name, "run_id": result.run_id,
+           "split_by": result.cell.split, "seed": result.cell.seed, "cell": result.cell.key,
+           "run_name": result.cell.run_name, "run_id": result.run_id,
            "status": result.status, "model": result.model_uri,
            "chance": chance, **cell_values(metrics, result.analyses)}
     row["verdict"] = verdict(row, chance)
@@ -188,8 +201,9 @@ def _start_parent(client: MlflowClient, plan: StudyPlan, env_run_id: str | None)
     if env_run_id:
         client.set_tag(env_run_id, "mlflow.runName", name)  # `mlflow run` names its runs at random
         return env_run_id, client.get_experiment(client.get_run(env_run_id).info.experiment_id).name
-    describe_experiment(plan.experiment, EXPERIMENT_DESCRIPTION)
-    run = client.create_run(experiment_id(plan.experiment), run_name=name)
+    with failures.acting_on(f"experiment {plan.experiment}"):  # a refusal names it, in one line
+        describe_experiment(plan.experiment, EXPERIMENT_DESCRIPTION)
+        run = client.create_run(experiment_id(plan.experiment), run_name=name)
     return run.info.run_id, plan.experiment
 
 
@@ -212,13 +226,35 @@ def tracking_uri() -> str:
     return uri
 
 
+SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
+
+
+def worker_env(environ: Mapping[str, str], uri: str) -> dict[str, str]:
+    """What a study hands its Ray workers (Ray's runtime environment, shown in its dashboard and
+    job records): the tracking URI, the MLflow HTTP request settings and the non-secret FGVC_*
+    settings; never a credential (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, AWS_*, any name with
+    PASSWORD, TOKEN, SECRET or KEY in it). The workers read credentials from their own
+    environment: the one `ray start` ran in on each node, or ~/.mlflow/credentials there. A URI
+    with a password in it is refused."""
+    address = urlsplit(uri)
+    if address.password is not None:
+        where = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if address.scheme.startswith("http")
+                 else "the database's own password file (e.g. ~/.pgpass)")
+        raise ConfigError(f"--executor ray: the tracking URI carries a password, which Ray would show in its "
+                          f"dashboard and job records; give {address.scheme}://{address.hostname}"
+                          f"{f':{address.port}' if address.port else ''}{address.path} and put the credentials in "
+                          f"{where} in the workers' own environment (where `ray start` runs on each node)")
+    allowed = {k: v for k, v in environ.items()
+               if k.startswith(("MLFLOW_HTTP_REQUEST_", "FGVC_")) and not any(w in k.upper() for w in SECRET_WORDS)}
+    return {**allowed, "MLFLOW_TRACKING_URI": uri}
+
+
 def executor_of(cfg: StudyConfig, progress: bool):
     """The map that runs the cells: in this process, or one Ray task per cell."""
     if cfg.executor == "local":
         return run_local
-    env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "FGVC_")) and k != "MLFLOW_RUN_ID"}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri()
-    return RayExecutor(cfg.ray_address, cfg.gpus_per_cell, cfg.cpus_per_cell, env, progress)
+    return RayExecutor(cfg.ray_address, cfg.gpus_per_cell, cfg.cpus_per_cell, worker_env(os.environ, tracking_uri()),
+                       progress, cfg.device)
 
 
 def select_cell(plan: StudyPlan, which: str) -> Cell:
@@ -266,7 +302,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) ->
                                            RunTag(DESCRIPTION, f"Background-reliance study ({plan.preset}), "
                                                                f"{len(plan.cells())} cells: running.")])
             log_params(cfg.params(), run_id)
-            roots = {(b, split): prepare_roots(plan, b, progress, split) for b, split in plan.data()}
+            roots = {(b, split): prepare_roots(plan, b, progress, split, collect) for b, split in plan.data()}
             first = roots[plan.data()[0]]
             info = validate_root(first.source)
             log_params({"experiment": experiment_name, "cells": len(plan.cells()), "epochs_effective": plan.epochs,
@@ -300,6 +336,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) ->
             totals = {"study/cells": len(results), **{f"study/cells_{k}": v for k, v in counts.items()},
                       "study/cells_reading_the_runway": sum(r["verdict"] == RUNWAY for r in rows),
                       "study/cells_did_not_learn": sum(r.get("quality") == DID_NOT_LEARN for r in rows),
+                      "study/cells_no_data": sum(r.get("quality") == NO_DATA for r in rows),
                       **({"study/verdicts_only_on_random_split": sum(e["only_on_random_split"] for e in leak)}
                          if leak else {}),
                       "time/study_s": seconds}

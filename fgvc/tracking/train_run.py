@@ -40,11 +40,13 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
+from fgvc import experiments
 from fgvc import distributed
 from fgvc.config import render_params
 from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError, TrackingUnreachable, WriteFailed
 from fgvc.files import write_failed
+from fgvc.tracking import fencing
 from fgvc.tracking.failures import Patience, is_unreachable, unreachable
 from fgvc.tracking.markdown import code, text
 from fgvc.tracking.models import log_and_register
@@ -66,7 +68,7 @@ from fgvc.viz.training_plots import save_confusion, save_curves, save_per_class
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT = "fgvc-train"
+EXPERIMENT = experiments.TRAIN
 EXPERIMENT_DESCRIPTION = ("Training runs: one architecture on one data regime each. Compare regimes in the "
                           "Model training view (Chart: val/acc, train/loss; Compare: params side by side).")
 UPLOAD_INTERVAL_S = 300.0
@@ -164,6 +166,7 @@ class Recorder:
         self.patience = Patience(kept=self.kept)
 
     def on_epoch_end(self, record: EpochRecord, session: Session) -> None:
+        fencing.check(f"logging epoch {record.epoch}")  # a study cell: its claim is still this process's
         self.patience.call(f"logging epoch {record.epoch}", mlflow.log_metrics, record.metrics(), step=record.epoch)
         self.pending |= {LAST} | ({BEST} if record.is_best else set())
         if record.is_best:
@@ -189,8 +192,9 @@ class Recorder:
 
     def flush(self, session: Session) -> None:
         """Write and upload the newest checkpoints; write plots and metrics.csv (also after a
-        failure or Ctrl-C). After the server was given up on, only the local files are written."""
-        if self.patience.gave_up:
+        failure or Ctrl-C). After the server was given up on, or the claim of the work may be
+        lost (fgvc.tracking.fencing), only the local files are written."""
+        if self.patience.gave_up or fencing.lost() is not None:
             self.writer.flush()
             return
         self.upload()
@@ -293,8 +297,11 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
     data = session.data
     name = run_name(cfg, session.regime)
     reg_name = None if cfg.registered_model is False else (cfg.registered_model or registered_name(cfg.arch))
-    tags = {"fgvc.config_id": cfg.identity(session.world.device), "fgvc.regime": session.regime, "fgvc.arch": cfg.arch,
-            "fgvc.dataset_digest": data.digest, **tags}
+    # fgvc.request_id: what was asked (the same from any machine); fgvc.config_id adds how this
+    # device runs it (what a resume must match); fgvc.device_recipe says what that is.
+    tags = {"fgvc.config_id": cfg.identity(session.world.device), "fgvc.request_id": cfg.request_id(),
+            "fgvc.device_recipe": ", ".join(f"{k}={v}" for k, v in session.device_recipe.items()),
+            "fgvc.regime": session.regime, "fgvc.arch": cfg.arch, "fgvc.dataset_digest": data.digest, **tags}
     experiment = experiment or EXPERIMENT
     with tracked_run(experiment, name, task="train", tags=tags, run_id=prepared.run_id,
                      experiment_description=EXPERIMENT_DESCRIPTION if experiment == EXPERIMENT else "",
@@ -322,13 +329,16 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
             version = None
             # A study's cell moves no alias, whether its study runs it or it runs alone (`study --cell`).
             alias = None if "fgvc.study_cell" in tags else "candidate"
+            fencing.check("logging the model")
+            # The finished training waits out a short outage here too (a blip must not fail it).
+            wait = recorder.patience.call
             if reg_name:
-                version = log_and_register(writer.path(BEST), reg_name, best_metrics(best), session, run_id,
-                                           study=tags.get("fgvc.study"), alias=alias)
-                mlflow.set_tag("fgvc.model_version", f"{reg_name}/{version}")
+                version = wait("registering the model", log_and_register, writer.path(BEST), reg_name,
+                               best_metrics(best), session, run_id, study=tags.get("fgvc.study"), alias=alias)
+                wait("tagging the run", mlflow.set_tag, "fgvc.model_version", f"{reg_name}/{version}")
             summary = summary_markdown(name, session, best, version, reg_name, alias=alias)
-            mlflow.log_text(summary, "run_summary.md")
-            mlflow.set_tag("mlflow.note.content", summary)
+            wait("logging run_summary.md", mlflow.log_text, summary, "run_summary.md")
+            wait("describing the run", mlflow.set_tag, "mlflow.note.content", summary)
             log.debug("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
                       f"; registered {reg_name} version {version}" if version else "")
         except Exception as e:

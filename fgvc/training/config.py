@@ -124,11 +124,10 @@ class TrainConfig(Config):
                 "cudnn_benchmark": "true" if cudnn_benchmark(device) else "false"}
 
     def identity(self, device: torch.device | None = None) -> str:
-        """Digest of the options that define the result: finds the run to resume and the
-        finished cells a study can reuse (together with the dataset digest). The device
-        recipe on `device` (default: this config's device) is part of it where it differs
-        from the CPU's: CPU runs keep the ids they always had, and a GPU run never continues
-        or stands in for a CPU run, or the other way round."""
+        """Digest of the options that define the result and of how `device` (default: this
+        config's device, resolved here) runs them: finds the run to resume (`fgvc.config_id`).
+        The device recipe is part of it where it differs from the CPU's: CPU runs keep the ids
+        they always had, and a GPU run never continues a CPU run, or the other way round."""
         import torch
 
         from fgvc.devices import resolve_device
@@ -137,6 +136,13 @@ class TrainConfig(Config):
         cpu = self.device_recipe(torch.device("cpu"))
         differs = {k: v for k, v in self.device_recipe(device).items() if v != cpu[k]}
         return config_id(self, differs or None)
+
+    def request_id(self) -> str:
+        """Digest of what was asked, whatever machine asks (`fgvc.request_id`): the options
+        that define the result without the device recipe, so no device is resolved. A study
+        finds its cells by it (a CPU node collects cells trained on GPUs); on the CPU it equals
+        :meth:`identity`."""
+        return config_id(self, None)
 
 
 def augment_path(aug: str | None, device: torch.device) -> str:
