@@ -1,15 +1,22 @@
+import csv
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from fgvc.analysis import VARIANT_NAMES, evaluate_variants, make_variants
 from fgvc.analysis.shortcut import (
+    backdrop_follow_scores,
     fill_person_hole,
     fill_person_rows,
+    no_fg_confusion,
+    per_designer,
     person_box,
     pick_partners,
     variant_correctness,
     variant_intervals,
+    variant_predictions,
     variant_scores,
 )
 
@@ -236,3 +243,109 @@ def test_mask_shape_mismatch():
     images, masks = _runway(torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="masks"):
         make_variants(images, masks[:, :10], torch.tensor([0, 1]))
+
+
+def test_a_background_reader_follows_every_backdrop():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    images, masks = _runway(labels)
+    variants = make_variants(images, masks, labels, seed=0)
+    predicted = variant_predictions(ReadsBackground(), variants, batch_size=3)
+    assert set(predicted) == set(VARIANT_NAMES)
+    assert all(p.dtype == torch.long and p.shape == (8,) for p in predicted.values())
+    correct = variant_correctness(ReadsBackground(), variants, labels, batch_size=3)
+    assert all(torch.equal(predicted[n] == labels, correct[n]) for n in VARIANT_NAMES)
+    partner = variants["partner_rand"]
+    assert torch.equal(predicted["mixed_rand"], labels[partner])  # it names the backdrop's designer
+    scores = backdrop_follow_scores(predicted["mixed_rand"], labels, partner, chance=0.25, seed=0, resamples=500)
+    assert scores == {"backdrop_follow": 1.0, "backdrop_follow_low": 1.0, "backdrop_follow_high": 1.0,
+                      "backdrop_follow_vs_chance": 4.0, "backdrop_follow_vs_chance_low": 4.0,
+                      "backdrop_follow_vs_chance_high": 4.0}
+    # one that names the person's designer never follows the backdrop
+    assert backdrop_follow_scores(labels, labels, partner, chance=0.25)["backdrop_follow_high"] == 0.0
+
+
+def test_the_follow_rate_counts_only_swaps_onto_another_designers_backdrop():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    partner = torch.tensor([2, 4, 0, 4, 1, 4])  # the last backdrop is its own designer's (a fallback)
+    predicted = torch.tensor([1, 0, 0, 1, 3, 2])  # backdrop designers: 1, 2, 0, 2, 0, (2)
+    scores = backdrop_follow_scores(predicted, labels, partner, chance=0.25, seed=0, resamples=500)
+    assert scores["backdrop_follow"] == pytest.approx(2 / 5)
+    assert scores["backdrop_follow_vs_chance"] == pytest.approx(1.6)
+    assert scores["backdrop_follow_low"] < 0.4 < scores["backdrop_follow_high"]
+    assert scores["backdrop_follow_vs_chance_low"] == pytest.approx(scores["backdrop_follow_low"] * 4)
+    # a single designer: every partner is a fallback, so there is no swap to count
+    alone = backdrop_follow_scores(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                                   torch.tensor([1, 2, 0]), chance=0.5)
+    assert len(alone) == 6 and all(math.isnan(v) for v in alone.values())
+
+
+def test_per_designer_counts_images_by_their_designer_and_swaps_by_the_backdrops():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    partner = torch.tensor([2, 4, 0, 4, 1, 4])  # backdrops of designers 1, 2, 0, 2, 0 and (own) 2
+    predicted = {"original": torch.tensor([0, 1, 1, 1, 0, 2]),
+                 "no_fg": torch.tensor([0, 0, 2, 1, 2, 0]),
+                 "mixed_rand": torch.tensor([1, 0, 0, 1, 3, 2])}
+    rows = per_designer(labels, predicted, partner, num_classes=4)
+    nan = math.nan
+    expected = [  # label, images, acc_original, acc_no_fg, backdrop_follow, backdrop_swaps
+        (0, 2, 1 / 2, 1.0, 1 / 2, 2),  # backdrop 0 behind images 2 and 4: named 0 once
+        (1, 2, 1.0, 1 / 2, 1.0, 1),  # backdrop 1 behind image 0: named 1
+        (2, 2, 1 / 2, 1 / 2, 0.0, 2),  # behind images 1 and 3 (image 5 is its own designer's)
+        (3, 0, nan, nan, nan, 0),  # no image, no backdrop
+    ]
+    keys = ("label", "images", "acc_original", "acc_no_fg", "backdrop_follow", "backdrop_swaps")
+    assert [list(row) for row in rows] == [list(keys)] * 4
+    for row, values in zip(rows, expected):
+        assert [row[k] for k in keys] == pytest.approx(list(values), nan_ok=True)
+    # the overall rate is the per-designer rates weighted by their swaps
+    overall = backdrop_follow_scores(predicted["mixed_rand"], labels, partner, chance=0.25)["backdrop_follow"]
+    swaps = sum(r["backdrop_swaps"] for r in rows)
+    assert overall == pytest.approx(sum(r["backdrop_follow"] * r["backdrop_swaps"] for r in rows[:3]) / swaps)
+
+
+def test_no_fg_confusion_puts_the_backdrops_designer_in_rows():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    confusion = no_fg_confusion(labels, torch.tensor([0, 0, 2, 1, 2, 0]), num_classes=4)
+    assert confusion.dtype == torch.long
+    assert confusion.tolist() == [[2, 0, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_the_swap_record_writes_the_follow_rate_per_image_and_per_designer(tiny_root, tmp_path):
+    from fgvc.analysis.config import AnalyzeConfig
+    from fgvc.analysis.data import load_analysis_data
+    from fgvc.analysis.suite import run_methods
+    from fgvc.models import create_model
+
+    data = load_analysis_data(tiny_root, "val", 12, 0)
+    torch.manual_seed(0)
+    model = create_model("fn-small", 3, pretrained=False).eval()
+    cfg = AnalyzeConfig(model="models:/x/1", num_images=12, batch_size=5)
+    result = run_methods(model, data, cfg, tmp_path, ("shortcut",))["shortcut"]
+    m, per_image = result.metrics, result.per_image
+    follows = [int(p == b) for p, b in zip(per_image["predicted_mixed_rand"], per_image["backdrop_label"])]
+    assert per_image["follows_backdrop"] == follows and m["rand_fallbacks"] == 0
+    assert m["backdrop_follow"] == pytest.approx(sum(follows) / len(follows))
+    assert m["backdrop_follow_vs_chance"] == pytest.approx(m["backdrop_follow"] * 3)
+    assert m["backdrop_follow_low"] <= m["backdrop_follow"] <= m["backdrop_follow_high"]
+    labels = data.labels.tolist()
+    assert all(b != y for b, y in zip(per_image["backdrop_label"], labels))
+    assert [int(p == y) for p, y in zip(per_image["predicted_no_fg"], labels)] == per_image["correct_no_fg"]
+
+    folder = tmp_path / "shortcut"
+    assert {"per_image.csv", "per_designer.csv", "no_fg_confusion.png"} <= {p.name for p in folder.iterdir()}
+    with open(folder / "per_image.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["dataset_index", "designer", *(f"correct_{n}" for n in VARIANT_NAMES), "predicted_mixed_rand",
+                      "backdrop_label", "follows_backdrop", "predicted_no_fg"]
+    with open(folder / "per_designer.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["designer"] for r in rows] == data.names
+    assert list(rows[0]) == ["designer", "label", "images", "acc_original", "acc_no_fg", "backdrop_follow",
+                             "backdrop_swaps"]
+    assert sum(int(r["images"]) for r in rows) == 12 and sum(int(r["backdrop_swaps"]) for r in rows) == 12
+    swaps_followed = sum(float(r["backdrop_follow"]) * int(r["backdrop_swaps"])
+                         for r in rows if r["backdrop_swaps"] != "0")
+    assert swaps_followed == pytest.approx(sum(follows), abs=1e-4)
+    no_fg = sum(float(r["acc_no_fg"]) * int(r["images"]) for r in rows if r["images"] != "0") / 12
+    assert no_fg == pytest.approx(m["acc_no_fg"], abs=1e-4)
+    assert int(result.payload["no_fg_confusion"].diagonal().sum()) == sum(per_image["correct_no_fg"])

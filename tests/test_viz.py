@@ -8,6 +8,7 @@ from fgvc.viz import (
     overlay_heatmap,
     save_attribution_grid,
     save_bar_chart,
+    save_confusion_matrix,
     save_histogram,
     save_neighbor_grid,
     save_variant_grid,
@@ -100,3 +101,23 @@ def test_labels_are_text_never_mathtext(tmp_path):
     save_attribution_grid(tmp_path / "g.png", torch.rand(1, 3, 16, 16), torch.rand(1, 16, 16), ["true: a$^$b"])
     for name in ("c.png", "p.png", "b.png", "g.png"):
         assert _png_size(tmp_path / name)[0] > 0
+
+
+def test_confusion_matrix_with_other_axes_and_row_counts(tmp_path):
+    """The No-FG confusion of the swap test: rows are the backdrop's designer, each stating its
+    count; the training figure is the same plot with its default labels, unchanged."""
+    from fgvc.viz.training_plots import save_confusion
+
+    counts = torch.tensor([[4, 1, 0], [0, 3, 2], [1, 0, 0]])
+    names = ["Dior", "Prada", "Bottega Veneta"]
+    path = save_confusion_matrix(tmp_path / "no_fg.png", counts, names, "No-FG confusion\n(25 images)",
+                                 row_label="backdrop's designer", column_label="predicted on No-FG",
+                                 share_label="share of the backdrop's images", row_counts=True)
+    assert _png_size(path) == (475, 403)  # 4.75 x 4.04 in for 3 classes, as the training figure
+    training = save_confusion(tmp_path / "training.png", counts, names, "Confusion matrix (val)")
+    generic = save_confusion_matrix(tmp_path / "generic.png", counts, names, "Confusion matrix (val)")
+    assert np.array_equal(np.asarray(Image.open(training)), np.asarray(Image.open(generic)))
+    assert not np.array_equal(np.asarray(Image.open(training)), np.asarray(Image.open(path)))
+    many = save_confusion_matrix(tmp_path / "many.png", torch.eye(70, dtype=torch.long), [str(i) for i in range(70)],
+                                 "70 classes", row_counts=True)  # names hidden beyond 60
+    assert _png_size(many) == (1600, 1360)

@@ -15,10 +15,17 @@ Variants of each image, built from its person mask:
 
 A model that reads the garment scores ``mixed_same ~ mixed_rand``; one that leans on the
 runway scores ``mixed_same > mixed_rand`` (``bg_gap > 0``) and ``no_fg`` above chance.
+
+The most direct reading of Mixed-Rand is the **backdrop-follow rate**: how often the model
+names the designer whose backdrop the person was pasted on (:func:`backdrop_follow_scores`).
+A model that ignores the image names one given designer 1 time in ``C`` (chance); a garment
+reader names the person's designer, so it follows the backdrop less often than chance.
+:func:`per_designer` and :func:`no_fg_confusion` break the test down by designer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Union
 
 import torch
@@ -331,31 +338,39 @@ def make_variants(
     }
 
 
+def variant_predictions(model: nn.Module, variants: Mapping[str, Tensor], batch_size: int = 64) -> dict[str, Tensor]:
+    """Per-image top-1 prediction of ``model`` (the ``argmax`` class index, int64 ``[N]``) for
+    each name of :data:`VARIANT_NAMES` present in ``variants``, on the model's device (no host
+    sync per batch: bring them back once, e.g. stacked). uint8 images are scaled to [0, 1];
+    images move to the model's device batch by batch when they are elsewhere."""
+    device = model_device(model)
+    predicted: dict[str, Tensor] = {}
+    with eval_mode(model), torch.inference_mode():
+        for name in VARIANT_NAMES:
+            if name not in variants:
+                continue
+            images = variants[name]
+            batches = []
+            for start in range(0, images.shape[0], batch_size):
+                batch = images[start : start + batch_size].to(device)
+                if batch.dtype == torch.uint8:
+                    batch = batch.float() / 255.0
+                batches.append(model(batch).argmax(dim=1))
+            predicted[name] = torch.cat(batches) if batches else torch.zeros(0, dtype=torch.long, device=device)
+    return predicted
+
+
 def variant_correctness(
     model: nn.Module, variants: Mapping[str, Tensor], labels: Tensor, batch_size: int = 64
 ) -> dict[str, Tensor]:
     """Per-image top-1 correctness of ``model``: bool ``[N]`` for each name of
     :data:`VARIANT_NAMES` present in ``variants`` (image ``i`` of every variant is the same
     shot, so the vectors pair up), on the model's device (no host sync per batch). uint8
-    images are scaled to [0, 1]; images and labels move to the model's device batch by batch
-    when they are elsewhere."""
-    device = model_device(model)
-    labels = torch.as_tensor(labels).long().to(device)
-    correct: dict[str, Tensor] = {}
-    with eval_mode(model), torch.inference_mode():
-        for name in VARIANT_NAMES:
-            if name not in variants:
-                continue
-            images = variants[name]
-            hits = []
-            for start in range(0, images.shape[0], batch_size):
-                batch = images[start : start + batch_size].to(device)
-                if batch.dtype == torch.uint8:
-                    batch = batch.float() / 255.0
-                predicted = model(batch).argmax(dim=1)
-                hits.append(predicted == labels[start : start + batch_size])
-            correct[name] = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=device)
-    return correct
+    images are scaled to [0, 1]; images and labels move to the model's device when they are
+    elsewhere (:func:`variant_predictions`)."""
+    predicted = variant_predictions(model, variants, batch_size=batch_size)
+    labels = torch.as_tensor(labels).long().to(model_device(model))
+    return {name: p == labels for name, p in predicted.items()}
 
 
 def variant_scores(correct: Mapping[str, Tensor], num_classes: int) -> dict[str, float]:
@@ -423,3 +438,95 @@ def variant_intervals(
     for key, interval in intervals.items():
         out[f"{key}_low"], out[f"{key}_high"] = interval.low, interval.high
     return out
+
+
+def backdrop_follow_scores(
+    predicted: Tensor,
+    labels: Tensor,
+    partner: Tensor,
+    chance: float,
+    *,
+    seed: int = 0,
+    resamples: int = 2000,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """How often the model names the backdrop's designer on Mixed-Rand.
+
+    Args:
+        predicted: ``[N]`` class predicted for each Mixed-Rand image (:func:`variant_predictions`).
+        labels: ``[N]`` each image's designer.
+        partner: ``[N]`` the image whose No-FG backdrop each Mixed-Rand image uses
+            (``partner_rand`` of :func:`make_variants`).
+        chance: ``1 / C``, how often a model that ignores the image names a given designer.
+
+    Returns:
+        ``backdrop_follow`` (share of swaps predicted as the backdrop's designer) and
+        ``backdrop_follow_vs_chance`` (that share / ``chance``), each with ``_low`` / ``_high``
+        (percentile bootstrap over images, :func:`fgvc.analysis.stats.bootstrap_mean`; the same
+        ``seed`` and ``N`` draw the same image sets as :func:`variant_intervals`). Only swaps
+        whose backdrop is of another designer count (a partner fallback, when the images hold
+        a single designer, has the image's own); with none, every value is NaN.
+    """
+    predicted, labels = torch.as_tensor(predicted).long(), torch.as_tensor(labels).long()
+    backdrop = labels[torch.as_tensor(partner).long()]
+    follows = (predicted == backdrop)[backdrop != labels].float()
+    keys = ("backdrop_follow", "backdrop_follow_vs_chance")
+    if follows.numel() == 0:
+        return {f"{key}{end}": math.nan for key in keys for end in ("", "_low", "_high")}
+    draw = dict(seed=seed, resamples=resamples, level=level)
+    out: dict[str, float] = {}
+    for key, interval in zip(keys, (bootstrap_mean(follows, **draw), bootstrap_ratio(follows, chance, **draw))):
+        out[key], out[f"{key}_low"], out[f"{key}_high"] = interval.estimate, interval.low, interval.high
+    return out
+
+
+def per_designer(
+    labels: Tensor, predicted: Mapping[str, Tensor], partner: Tensor, num_classes: int
+) -> list[dict[str, float]]:
+    """The swap test per designer: one record per class index ``0 .. num_classes - 1``.
+
+    Args:
+        labels: ``[N]`` each image's designer.
+        predicted: ``[N]`` predicted class per variant (:func:`variant_predictions`); uses
+            ``original``, ``no_fg`` and ``mixed_rand``.
+        partner: ``[N]`` the image whose backdrop each Mixed-Rand image uses (``partner_rand``).
+        num_classes: ``C``.
+
+    Returns:
+        per designer ``c``: ``label`` (``c``), ``images`` (images of ``c``), ``acc_original``
+        and ``acc_no_fg`` (accuracy of ``c``'s images, the latter on ``c``'s own backdrop
+        alone), ``backdrop_follow`` (of the Mixed-Rand swaps whose backdrop came from an image
+        of ``c`` and whose person is of another designer, the share predicted as ``c``) and
+        ``backdrop_swaps`` (the number of those swaps). A share over no images is NaN.
+    """
+    labels = torch.as_tensor(labels).long()
+    backdrop = labels[torch.as_tensor(partner).long()]
+    swapped = backdrop != labels
+
+    def count(classes: Tensor, where: Tensor) -> Tensor:
+        return torch.bincount(classes[where], minlength=num_classes)
+
+    every = torch.ones_like(labels, dtype=torch.bool)
+    counts = torch.stack([
+        count(labels, every),
+        count(labels, predicted["original"] == labels),
+        count(labels, predicted["no_fg"] == labels),
+        count(backdrop, swapped),
+        count(backdrop, swapped & (predicted["mixed_rand"] == backdrop)),
+    ]).tolist()  # one host sync
+    images, right, right_no_fg, swaps, follows = counts
+    def share(hits: int, total: int) -> float:
+        return hits / total if total else math.nan
+
+    return [{"label": c, "images": images[c], "acc_original": share(right[c], images[c]),
+             "acc_no_fg": share(right_no_fg[c], images[c]), "backdrop_follow": share(follows[c], swaps[c]),
+             "backdrop_swaps": swaps[c]} for c in range(num_classes)]
+
+
+def no_fg_confusion(labels: Tensor, predicted_no_fg: Tensor, num_classes: int) -> Tensor:
+    """int64 ``[C, C]`` counts: row = the designer whose backdrop a No-FG image shows (the
+    image's own designer), column = the designer predicted from it; the diagonal is No-FG
+    accuracy per designer, the rest says whose backdrops look alike. On the inputs' device."""
+    labels, predicted = torch.as_tensor(labels).long(), torch.as_tensor(predicted_no_fg).long()
+    flat = torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)

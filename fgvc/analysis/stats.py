@@ -9,6 +9,32 @@ with replacement, take each set's mean, and report the ``(1 - level) / 2`` and
 images) resamples the images jointly, which is the mean of the per-image differences. The
 same seed and ``N`` give the same resampled sets, so intervals computed with one seed on one
 set of images come from the same resamples.
+
+With several training seeds a measure varies with the seed and with the images, and how the
+two meet decides how to resample (Davison & Hinkley, "Bootstrap Methods and their
+Application", 1997, sec. 3.8; Owen, "The pigeonhole bootstrap", Ann. Appl. Stat. 2007):
+
+- **nested** (the default, ``crossed=False``): each seed has images of its own (e.g. each
+  seed drew its own analysed images). A resample draws the seeds with replacement and, within
+  each, that seed's images, independently per seed. For ``y[s, i] = a_si + b_s + e_si``
+  (image effect ``a``, drawn anew for each seed's images; seed effect ``b``; noise ``e``;
+  variances ``σa², σb², σe²``) the mean over ``S`` seeds of ``N`` images each has variance
+  ``σa²/(SN) + σb²/S + σe²/(SN)``.
+- **crossed** (``crossed=True``): every seed measured the SAME images (the analysis seed is
+  fixed, so a study's seeds analyse one set of images; vector ``s`` holds image ``i`` at
+  position ``i`` for every seed). With ``y[s, i] = a_i + b_s + e_si`` an image that is hard
+  is hard for every seed, so the image term does not average out over seeds: the mean has
+  variance ``σa²/N + σb²/S + σe²/(SN)``. A resample draws the images once, the same indices
+  for every seed, and the seeds with replacement. The nested resampling applied to crossed
+  data counts about ``(2 - 1/S)/S`` of the image term (a quarter with 8 seeds): its
+  intervals are too narrow.
+
+Drawing at both levels is not exact in either design. The seeds' plug-in variance is
+``(S - 1)/S`` of theirs, so the seed term is understated when ``S`` is 2 or 3 and it
+dominates. Nested: a seed drawn twice reuses its resampled mean, so the within-seed term
+``(σa² + σe²)/(SN)`` is counted about ``3 - 2/S`` times: conservative where images, not seeds,
+dominate. Crossed: the noise term ``σe²/(SN)`` is counted about three times (Owen 2007),
+conservative only while it is a large part of the variance.
 """
 
 from __future__ import annotations
@@ -70,22 +96,34 @@ def bootstrap_paired_difference(first, second, *, seed: int, resamples: int = 20
     return bootstrap_mean(first - second, seed=seed, resamples=resamples, level=level)
 
 
-def bootstrap_difference(pairs: Sequence, *, seed: int, resamples: int = 2000, level: float = 0.95) -> Interval:
+def bootstrap_difference(pairs: Sequence, *, seed: int, resamples: int = 2000, level: float = 0.95,
+                         crossed: bool = False) -> Interval:
     """``mean(first) - mean(second)`` for two measures of different images (e.g. the same
     cell's accuracy on two different validation splits), averaged over training seeds:
     ``pairs`` holds one ``(first [N_s], second [M_s])`` per seed. Each resample draws each
     side's images with replacement independently (an unpaired two-sample bootstrap), and with
     several seeds then draws the seeds with replacement (as :func:`hierarchical_bootstrap`).
-    ``n`` = seeds."""
+
+    ``crossed=False`` (nested): each seed's images are drawn on their own.
+    ``crossed=True``: every seed measured the same images on each side (``first`` of every
+    seed holds the same ``N`` images in the same order, ``second`` the same ``M``), so each
+    resample draws each side's images once, the same indices for every seed (see the module
+    docstring); seeds whose vectors differ in length are refused. With one seed the two are
+    the same draw. ``n`` = seeds."""
     vectors = [(_vector(a), _vector(b)) for a, b in pairs]
     if not vectors:
         raise ConfigError("bootstrap: needs at least one seed")
     if not 0.0 < level < 1.0:
         raise ConfigError(f"bootstrap: level must lie strictly between 0 and 1, got {level}")
     generator = torch.Generator().manual_seed(seed)
-    draw = lambda v: v[torch.randint(v.numel(), (resamples, v.numel()), generator=generator)].mean(1)  # noqa: E731
-    # [resamples, seeds]: per bootstrap draw, each seed's difference of resampled means
-    seed_differences = torch.stack([draw(a) - draw(b) for a, b in vectors], dim=1)
+    if crossed and len(vectors) > 1:
+        first = _aligned([a for a, _ in vectors], "first")
+        second = _aligned([b for _, b in vectors], "second")
+        seed_differences = _crossed_means(first, resamples, generator) - _crossed_means(second, resamples, generator)
+    else:
+        draw = lambda v: v[torch.randint(v.numel(), (resamples, v.numel()), generator=generator)].mean(1)  # noqa: E731
+        # [resamples, seeds]: per bootstrap draw, each seed's difference of resampled means
+        seed_differences = torch.stack([draw(a) - draw(b) for a, b in vectors], dim=1)
     if len(vectors) > 1:
         chosen = torch.randint(len(vectors), (resamples, len(vectors)), generator=generator)
         seed_differences = seed_differences.gather(1, chosen)
@@ -105,13 +143,23 @@ def bootstrap_ratio(values, constant: float, *, seed: int, resamples: int = 2000
     return Interval(mean.estimate / constant, mean.low / constant, mean.high / constant, mean.n)
 
 
-def hierarchical_bootstrap(groups: Sequence, *, seed: int, resamples: int = 2000, level: float = 0.95) -> Interval:
+def hierarchical_bootstrap(groups: Sequence, *, seed: int, resamples: int = 2000, level: float = 0.95,
+                           crossed: bool = False) -> Interval:
     """Mean over training seeds of each seed's mean over images, with a two-level percentile
     bootstrap interval (Davison & Hinkley, "Bootstrap Methods and their Application", 1997,
-    sec. 3.8): each resample draws the seeds with replacement, then, within each drawn seed,
-    its images with replacement. ``groups`` holds one ``[N_s]`` vector per seed (e.g. per-image
-    paired differences of one seed's two cells). The interval covers training randomness and
-    the choice of images; with one seed it is :func:`bootstrap_mean`'s. ``n`` = seeds."""
+    sec. 3.8): each resample draws the seeds with replacement, and the images with replacement.
+    ``groups`` holds one ``[N_s]`` vector per seed (e.g. per-image paired differences of one
+    seed's two cells), or is an ``[S, N]`` matrix (one row per seed).
+
+    ``crossed=False`` (nested): each seed has images of its own; within each drawn seed its
+    images are drawn on their own. ``crossed=True``: every seed measured the same images
+    (position ``i`` of every seed's vector is the same image; :func:`align_on_images` builds
+    such a matrix from per-seed tables), so each resample draws the images once, the same
+    indices for every seed, and the image-level variance does not shrink with the number of
+    seeds (see the module docstring); seeds whose vectors differ in length are refused.
+
+    The interval covers training randomness and the choice of images; with one seed it is
+    :func:`bootstrap_mean`'s in both designs. ``n`` = seeds."""
     vectors = [_vector(g) for g in groups]
     if not vectors:
         raise ConfigError("bootstrap: needs at least one seed")
@@ -121,14 +169,40 @@ def hierarchical_bootstrap(groups: Sequence, *, seed: int, resamples: int = 2000
     if not 0.0 < level < 1.0:
         raise ConfigError(f"bootstrap: level must lie strictly between 0 and 1, got {level}")
     generator = torch.Generator().manual_seed(seed)
-    # [resamples, seeds]: the mean of each seed's images resampled, per bootstrap draw
-    seed_means = torch.stack([v[torch.randint(v.numel(), (resamples, v.numel()), generator=generator)].mean(1)
-                              for v in vectors], dim=1)
+    if crossed:
+        # [resamples, seeds]: every seed's mean over the same resampled images, per bootstrap draw
+        seed_means = _crossed_means(_aligned(vectors, "seeds"), resamples, generator)
+    else:
+        # [resamples, seeds]: the mean of each seed's images resampled, per bootstrap draw
+        seed_means = torch.stack([v[torch.randint(v.numel(), (resamples, v.numel()), generator=generator)].mean(1)
+                                  for v in vectors], dim=1)
     chosen = torch.randint(len(vectors), (resamples, len(vectors)), generator=generator)
     means = seed_means.gather(1, chosen).mean(1)
     low, high = _percentiles(means, level)
     estimate = float(torch.stack([v.mean() for v in vectors]).mean())
     return Interval(estimate=estimate, low=low, high=high, n=len(vectors))
+
+
+def align_on_images(seeds: Sequence[tuple[Sequence, Sequence]]) -> tuple[list, Tensor]:
+    """The crossed layout of per-seed measures: ``seeds`` holds one ``(image ids, values)``
+    per seed (e.g. ``dataset_index`` and a per-image column of each seed's table); returns the
+    ids every seed has (in the first seed's order) and float64 ``[S, N]`` with row ``s`` =
+    seed ``s``'s values on those images, ready for ``hierarchical_bootstrap(...,
+    crossed=True)``. An id listed twice by one seed keeps its first value; ``N`` may be 0."""
+    if not seeds:
+        raise ConfigError("bootstrap: needs at least one seed")
+    lookups = []
+    for ids, values in seeds:
+        ids, values = list(ids), [float(v) for v in values]
+        if len(ids) != len(values):
+            raise ConfigError(f"bootstrap: {len(ids)} image ids for {len(values)} values")
+        lookup: dict = {}
+        for key, value in zip(ids, values):
+            lookup.setdefault(key, value)
+        lookups.append(lookup)
+    common = [key for key in lookups[0] if all(key in lookup for lookup in lookups[1:])]
+    matrix = torch.tensor([[lookup[key] for key in common] for lookup in lookups], dtype=torch.float64)
+    return common, matrix.reshape(len(lookups), len(common))
 
 
 def across_seeds(values: Sequence[float]) -> SeedSpread:
@@ -158,6 +232,26 @@ def seed_interval(values: Sequence[float]) -> Interval | None:
     t = _T975[spread.n - 2] if spread.n - 2 < len(_T975) else 1.96 + 2.4 / (spread.n - 1)
     half = t * spread.std / math.sqrt(spread.n)
     return Interval(spread.mean, spread.mean - half, spread.mean + half, spread.n)
+
+
+def _aligned(vectors: Sequence[Tensor], what: str) -> Tensor:
+    """``[S, N]`` from the seeds' vectors of one crossed design (every seed the same images)."""
+    lengths = sorted({v.numel() for v in vectors})
+    if len(lengths) > 1:
+        raise ConfigError(f"bootstrap: crossed {what} must hold the same images for every seed, got vectors of "
+                          f"{', '.join(map(str, lengths))} values (align them on image ids first)")
+    return torch.stack(list(vectors))
+
+
+def _crossed_means(matrix: Tensor, resamples: int, generator: torch.Generator) -> Tensor:
+    """``[resamples, S]``: each row of ``matrix`` ``[S, N]`` averaged over one draw of ``N``
+    image indices with replacement, the same draw for every row (as counts, so memory is
+    ``resamples * N``, not ``resamples * S * N``)."""
+    n = matrix.shape[1]
+    index = torch.randint(n, (resamples, n), generator=generator)
+    ones = torch.ones(resamples, n, dtype=matrix.dtype)
+    counts = torch.zeros(resamples, n, dtype=matrix.dtype).scatter_add_(1, index, ones)
+    return counts @ matrix.T / n
 
 
 def _percentiles(means: Tensor, level: float) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Summary plots: histograms of per-image scores and bar charts of per-variant results."""
+"""Summary plots: histograms of per-image scores, bar charts of per-variant results and
+confusion matrices."""
 
 from __future__ import annotations
 
@@ -118,3 +119,47 @@ def save_with_svg(fig, path: PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path.with_suffix(".svg"), format="svg")
     return save(fig, path)
+
+
+def save_confusion_matrix(
+    path: PathLike,
+    confusion,
+    names: Sequence[str],
+    title: str,
+    *,
+    row_label: str = "true",
+    column_label: str = "predicted",
+    share_label: str = "share of true class",
+    row_counts: bool = False,
+) -> Path:
+    """Row-normalised confusion matrix of counts ``confusion`` ``[C, C]`` (rows: ``row_label``,
+    e.g. the true designer; columns: ``column_label``, the predicted one), colour = share of
+    the row. The counts are written in the cells up to 15 classes; with ``row_counts`` each
+    row's name also states its count (``Dior (n=12)``). Names are shown up to 60 classes.
+    Size: ``min(4 + 0.25 C, 16)`` x 0.85 of that, in inches."""
+    cm = np.asarray(confusion, dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(names)
+    size = min(4 + 0.25 * n, 16)
+    fig = new_figure((size, size * 0.85))
+    ax = fig.subplots()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label=share_label)
+    ticks = np.arange(n)
+    labels_shown = n <= 60
+    ax.set_xticks(ticks if labels_shown else [])
+    ax.set_yticks(ticks if labels_shown else [])
+    if labels_shown:
+        rows = [f"{name} (n={int(total)})" for name, total in zip(names, cm.sum(1))] if row_counts else names
+        ax.set_xticklabels(names, rotation=90, fontsize=max(4, 9 - n // 10))
+        ax.set_yticklabels(rows, fontsize=max(4, 9 - n // 10))
+    if n <= 15:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel(column_label)
+    ax.set_ylabel(row_label)
+    ax.set_title(title)
+    return save(fig, path, tight=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fgvc.viz._figure import new_figure, save
+from fgvc.viz.plots import save_confusion_matrix
 
 
 def save_curves(path: str | Path, history: list[dict], keys: dict[str, str], ylabel: str, title: str) -> Path:
@@ -26,31 +27,7 @@ def save_curves(path: str | Path, history: list[dict], keys: dict[str, str], yla
 
 def save_confusion(path: str | Path, confusion, names: list[str], title: str = "Confusion matrix (val)") -> Path:
     """Row-normalised confusion matrix (rows: true designer, columns: predicted)."""
-    cm = np.asarray(confusion, dtype=float)
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    n = len(names)
-    size = min(4 + 0.25 * n, 16)
-    fig = new_figure((size, size * 0.85))
-    ax = fig.subplots()
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")
-    ticks = np.arange(n)
-    labels_shown = n <= 60
-    ax.set_xticks(ticks if labels_shown else [])
-    ax.set_yticks(ticks if labels_shown else [])
-    if labels_shown:
-        ax.set_xticklabels(names, rotation=90, fontsize=max(4, 9 - n // 10))
-        ax.set_yticklabels(names, fontsize=max(4, 9 - n // 10))
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    return save(fig, path, tight=True)
+    return save_confusion_matrix(path, confusion, names, title)
 
 
 def save_per_class(path: str | Path, per_class_acc: list[float], names: list[str], support: list[int],
