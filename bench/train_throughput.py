@@ -139,7 +139,7 @@ def tracking(tmp: Path):
     wires the same two), timed."""
     import mlflow
 
-    from fgvc.tracking.train_run import Recorder
+    from fgvc.tasks.train import Recorder
     from fgvc.training.checkpoint import CheckpointWriter
 
     with mlflow.start_run() as run:

@@ -33,10 +33,26 @@ def arch_problem(arch: str) -> str | None:
     if arch in ARCHS:
         return None
     if arch.startswith(TIMM_PREFIX):
-        from fgvc.models.architectures import arch_problem as timm_problem
-
-        return timm_problem(arch)
+        return timm_name_problem(arch[len(TIMM_PREFIX):])
     close = difflib.get_close_matches(arch, ARCHS.names(), n=2, cutoff=0.6)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
     return (f"Unknown arch {arch!r}{hint}. Valid names: {', '.join(sorted(ARCHS.names()))}; "
             f"or any timm model as '{TIMM_PREFIX}<name>' (e.g. '{TIMM_PREFIX}convnext_atto').")
+
+
+def timm_name_problem(model_name: str) -> str | None:
+    """None for a model timm can build (a pretrained tag allowed: ``resnet10t.c3_in1k``), else
+    what is wrong with the name; timm is imported only when such a name is checked."""
+    import timm
+
+    base_name, _ = timm.models.split_model_name_tag(model_name)
+    if not timm.is_model(base_name):
+        close = timm.list_models(f"*{base_name[:8]}*")[:10]
+        hint = f" Similar timm names: {', '.join(close)}." if close else ""
+        return f"Unknown timm model {model_name!r}.{hint} See timm.list_models() for every name."
+    try:
+        timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as error:  # a pretrained tag timm does not know
+        tags = timm.list_pretrained(f"{base_name}.*")
+        return f"{error} Known tags: {', '.join(tags) or 'none'}."
+    return None

@@ -23,7 +23,7 @@ from fgvc.data.config import PredictConfig, PrepareConfig
 from fgvc.errors import FgvcError
 from fgvc.masking.config import MaskConfig
 from fgvc.study.config import StudyConfig
-from fgvc.tracking.config import PromoteConfig
+from fgvc.tasks.promote_config import PromoteConfig
 from fgvc.training.config import RegisterConfig, TrainConfig
 
 # Nothing above imports torch or MLflow (tests/test_cli.py checks it): `--help`, a typo or a
@@ -131,7 +131,7 @@ CONFIGS = {"prepare": PrepareConfig, "mask": MaskConfig, "train": TrainConfig, "
 def prepare(**values):
     """Build a dataset root: the demo runway data or an ingest of real images."""
     cfg = PrepareConfig(**values)  # refused options answer before the heavy imports
-    from fgvc.tracking.prepare_run import check_root, describe_split, run_prepare
+    from fgvc.tasks.prepare import check_root, describe_split, run_prepare
 
     if cfg.check is not None:
         clean, line = check_root(cfg.check)
@@ -147,7 +147,7 @@ def mask(**values):
     """Remove backgrounds: write a person-masked copy of a dataset root (same shard format)."""
     cfg = MaskConfig(**values)
     from fgvc import distributed
-    from fgvc.tracking.mask_run import run_mask
+    from fgvc.tasks.mask import run_mask
 
     if cfg.workers > 1 and not distributed.launched_by_torchrun():
         _relaunch_under_torchrun(cfg, cfg.workers, "mask", skip="workers")
@@ -163,7 +163,7 @@ def train(**values):
     """
     cfg = TrainConfig(**values)
     from fgvc import distributed
-    from fgvc.tracking.train_run import run_train
+    from fgvc.tasks.train import run_train
 
     if cfg.nproc > 1 and not distributed.launched_by_torchrun():
         _relaunch_under_torchrun(cfg, cfg.nproc, "train", skip="nproc")
@@ -182,7 +182,7 @@ def train(**values):
 def promote(**values):
     """Move the `champion` alias to the best version of one dataset (or to an explicit one)."""
     cfg = PromoteConfig(**values)
-    from fgvc.tracking.promote_run import run_promote
+    from fgvc.tasks.promote import run_promote
 
     click.echo(run_promote(cfg).describe())
 
@@ -193,7 +193,7 @@ def analyze(**values):
     """Grad-CAM, occlusion, neighbours, background swaps for a registered model: records keyed
     by their settings, shown on its training run."""
     cfg = AnalyzeConfig(**values)
-    from fgvc.tracking.analyze_run import describe_outcome, run_analyze
+    from fgvc.tasks.analyze import describe_outcome, run_analyze
 
     click.echo(describe_outcome(run_analyze(cfg)))
 
@@ -203,7 +203,7 @@ def analyze(**values):
 def register(**values):
     """Register a checkpoint of the original scripts (ResNet-18/34/50, FashionNet-Small/Medium)."""
     cfg = RegisterConfig(**values)
-    from fgvc.tracking.register_run import run_register
+    from fgvc.tasks.register import run_register
 
     run_id, name, version = run_register(cfg)
     click.echo(f"run {run_id}: registered models:/{name}/{version} (alias candidate)")
@@ -221,8 +221,8 @@ def study(list_cells: bool, cell: str | None, collect: bool, **values):
     if list_cells:
         click.echo("\n".join(c.key for c in cfg.plan().cells()))
         return
-    from fgvc.tracking.study_report import terminal_summary
-    from fgvc.tracking.study_run import run_study, run_study_cell
+    from fgvc.tasks.study_report import terminal_summary
+    from fgvc.tasks.study import run_study, run_study_cell
 
     if cell is not None:
         done = run_study_cell(cfg, cell)
@@ -240,7 +240,7 @@ study.command_line_only = ("list_cells", "cell", "collect")
 def predict(**values):
     """Designers for any photos (a folder or a CSV) from a registered model: a CSV, tracked."""
     cfg = PredictConfig(**values)
-    from fgvc.tracking.predict_run import run_predict
+    from fgvc.tasks.predict import run_predict
 
     done = run_predict(cfg)
     click.echo(f"run {done['run_id']}: {done['rows']} photo(s) predicted by {done['model']} -> {done['out']}"

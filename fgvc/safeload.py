@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fgvc.errors import FgvcError, UnsafeFileError, first_line
+from fgvc.errors import FgvcError, MissingFileError, UnsafeFileError, first_line
 
 
 def refused_global(error: BaseException) -> str | None:
@@ -118,3 +118,14 @@ def require_finite(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
         more = f" and {len(bad) - 1} other tensor{'s' * (len(bad) > 2)}" if len(bad) > 1 else ""
         raise FgvcError(f"{where}: refused: its weights are not finite ({count} NaN/inf value{'s' * (count > 1)} "
                         f"in {name}{more}); a model built from them predicts NaN")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint dict, read without executing anything; one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: checkpoint file does not exist")
+    obj = load_tensors(path, what="checkpoint")
+    if not isinstance(obj, dict):
+        raise FgvcError(f"{path}: a checkpoint must be a dict, found {type(obj).__name__}")
+    return obj

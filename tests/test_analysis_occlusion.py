@@ -5,7 +5,7 @@ from torch import nn
 
 from fgvc.analysis import Occlusion
 from fgvc.analysis.incremental import UnsupportedModel, flop_estimate, lower
-from fgvc.analysis.occlusion import window_starts
+from fgvc.analysis.incremental.windows import window_starts
 from fgvc.errors import ConfigError
 from fgvc.models import create_model
 

@@ -17,9 +17,9 @@ from fgvc.analysis.data import load_analysis_data
 from fgvc.analysis.methods import METHODS
 from fgvc.config import parse_value
 from fgvc.errors import ConfigError, FgvcError
-from fgvc.tracking.analyze_run import run_analyze
-from fgvc.tracking.registry import resolve_version
-from fgvc.tracking.train_run import run_train
+from fgvc.tasks.analyze import run_analyze
+from fgvc.tracking.model_registry import resolve_version
+from fgvc.tasks.train import run_train
 from fgvc.training.config import TrainConfig
 
 

@@ -154,7 +154,7 @@ def test_a_holder_that_lost_its_claim_stops_in_one_line_and_writes_nothing(store
     """A training under a claim whose heartbeat has not been accepted for longer than the give-up
     time stops at its next write: the run keeps the epochs logged before, stays as it was
     (its new holder owns it), no model is registered, and the claim is not marked."""
-    from fgvc.tracking.train_run import run_train
+    from fgvc.tasks.train import run_train
     from fgvc.training.config import TrainConfig
 
     monkeypatch.setenv("FGVC_TRACKING_TIMEOUT_S", "20")

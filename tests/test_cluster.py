@@ -38,8 +38,8 @@ from fgvc.errors import ConfigError
 from fgvc.study.config import StudyConfig
 from fgvc.tracking import claims
 from fgvc.tracking.claims import Holder, claimed, ledger_run
-from fgvc.tracking.models import move_alias
-from fgvc.tracking.study_run import run_study
+from fgvc.tracking.logged_model import move_alias
+from fgvc.tasks.study import run_study
 
 GRID = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32", "--width", "24",
         "--epochs", "1", "--batch-size", "8", "--num-images", "6", "--regimes", "unmasked,masked", "--seeds", "0,1"]
@@ -390,7 +390,7 @@ def test_a_client_without_s3_credentials_trains_registers_loads_and_analyses_thr
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 24, 3), dtype=np.uint8)  # NHWC uint8
     assert len(model.predict(images)["designer"]) == 2
     from fgvc.analysis.config import AnalyzeConfig
-    from fgvc.tracking.analyze_run import run_analyze
+    from fgvc.tasks.analyze import run_analyze
 
     outcome = run_analyze(AnalyzeConfig(model=f"models:/{version.name}@champion", method=("occlusion",),
                                         num_images=4, window=8, stride=8))
@@ -477,7 +477,7 @@ def test_two_torchrun_agents_give_one_run_with_the_metrics_of_one_process(tiny_r
     tests/test_ddp.py shows `--nproc 2` on one node gives too)."""
     from test_ddp import METRICS, OPTIONS, cli_args, history
 
-    from fgvc.tracking.train_run import run_train
+    from fgvc.tasks.train import run_train
     from fgvc.training.config import TrainConfig
 
     single = run_train(TrainConfig(data_root=str(tiny_root), registered_model=False, **OPTIONS), progress=False)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from fgvc.data.dataset import ShardDataset
-from fgvc.tracking.train_run import run_train
+from fgvc.tasks.train import run_train
 from fgvc.training.config import TrainConfig
 from fgvc.models import create_model
 from fgvc.distributed import World

@@ -462,7 +462,7 @@ def test_csv_row_naming_a_fifo_or_a_device_does_not_hang_prepare(tmp_path, mlflo
 def test_the_default_pixel_budget_is_below_pillows():
     from PIL import Image
 
-    from fgvc.data.source_checks import ImageTooLarge, check_pixels, max_image_pixels
+    from fgvc.data.source_checks import ImageTooLarge, check_image_size as check_pixels, max_image_pixels
 
     assert max_image_pixels() < Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageTooLarge, match="12000x12000 = 144000000 pixels"):

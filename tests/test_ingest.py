@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fgvc.data.ingest import ingest, load_image, to_rgb, val_count
+from fgvc.data.decode import load_image, to_rgb
+from fgvc.data.ingest import ingest, val_count
 from fgvc.data.shards import read_label_map, read_meta, read_shard, shards_of, validate_root
 
 KEPT = ["Comme des Garçons", "Maison Margiela", "山本耀司"]

@@ -1,4 +1,4 @@
-"""fgvc.tracking.mask_run: the `mask` entry point as an MLflow run."""
+"""fgvc.tasks.mask: the `mask` entry point as an MLflow run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from fgvc.data.demo import DemoConfig, generate_demo
 from fgvc.data.shards import dataset_digest, read_meta
 from fgvc.masking import MaskConfig, MaskError
-from fgvc.tracking.mask_run import run_mask
+from fgvc.tasks.mask import run_mask
 
 TINY = DemoConfig(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24,
                   shard_size=10)

@@ -136,7 +136,7 @@ def test_a_model_of_background_removed_images_warns_about_raw_photos_in_one_line
         "fgvc.regime": "unmasked", "fgvc.background_removed": False}
 
     # logging it as an MLflow model (MLflow loads it to check the input example) says nothing
-    from fgvc.tracking.models import log_model
+    from fgvc.tracking.logged_model import log_model
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fgvc"), mlflow.start_run():

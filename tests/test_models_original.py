@@ -27,7 +27,7 @@ from fgvc.models.original import (
     import_original,
     load_original,
     num_classes_of,
-    read_checkpoint,
+    read_original_state as read_checkpoint,
 )
 
 H, W = 64, 48

@@ -181,7 +181,7 @@ def test_the_fallback_is_the_most_frequent_designer_of_the_training_split(tmp_pa
     """Counted from the root's train shards, or taken from an ingested root's meta.json; a
     tie goes to the lower class index; a root that labels designers otherwise is not used."""
     from fgvc.data.shards import make_shard, shard_name, write_json, write_label_map, write_shard
-    from fgvc.tracking.predict_run import most_frequent, training_class_counts
+    from fgvc.tasks.predict import most_frequent, training_class_counts
 
     names = ["a", "b", "c"]
     write_label_map(tmp_path, names)
@@ -197,7 +197,7 @@ def test_the_fallback_is_the_most_frequent_designer_of_the_training_split(tmp_pa
 
 
 def test_without_the_training_root_the_fallback_is_the_designer_predicted_most_often(tmp_path):
-    from fgvc.tracking.predict_run import fallback_designer
+    from fgvc.tasks.predict import fallback_designer
 
     names = ["a", "b", "c"]
     designer, why = fallback_designer(str(tmp_path / "gone"), names, [{"designer": d} for d in "cca"])

@@ -31,7 +31,7 @@ from fgvc.data.demo import DemoConfig
 from fgvc.study.config import StudyConfig
 from fgvc.analysis.sanity import FLAG_THRESHOLD
 from fgvc.study.tables import GARMENT, LEARNED, RUNWAY
-from fgvc.tracking.study_run import run_study
+from fgvc.tasks.study import run_study
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)

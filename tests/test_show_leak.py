@@ -231,6 +231,6 @@ def test_the_study_measures_the_show_leak(tmp_path, mlflow_store):
 
 
 def run_study_quietly(cfg: StudyConfig):
-    from fgvc.tracking.study_run import run_study
+    from fgvc.tasks.study import run_study
 
     return run_study(cfg, progress=False)

@@ -25,8 +25,10 @@ from fgvc.study.render import markdown_tables, report_tables
 from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_DATA, NO_DATA_VERDICT, NO_VERDICT, QUALITY_FACTOR,
                                RUNWAY, UNDECIDED, add_comparisons, attribution_vs_swap, columns, regime_pairs,
                                report_split, summarize, verdict)
-from fgvc.tracking.analyze_run import run_analyze
-from fgvc.tracking.study_run import demo_root_for, run_study, train_config
+from fgvc.tasks.analyze import run_analyze
+from fgvc.tasks.study import run_study
+from fgvc.tasks.study_cell import train_config
+from fgvc.tasks.study_roots import demo_root_for
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
 
 torch.set_num_threads(1)
@@ -224,8 +226,8 @@ def test_a_cell_whose_per_image_file_is_missing_has_no_data_not_a_verdict(mlflow
     the study warns naming the record and the file, the cell's quality is "undecided (no
     data)" (never "learned"), it gets no verdict, and the tables show and grey it."""
     from fgvc.study.render import terminal_table
-    from fgvc.tracking import study_report
-    from fgvc.tracking.study_cell import CellResult
+    from fgvc.tasks import study_report
+    from fgvc.study.records import CellResult
 
     client = MlflowClient()
     record = client.create_run(client.create_experiment("records")).info.run_id  # its files are gone
@@ -320,8 +322,8 @@ def dose_grid(monkeypatch):
     its own swap-test record, on its own strength's source images. Per-image files are served
     from memory in place of the records' artifacts. Returns (results, rows, records)."""
     from fgvc.files import write_csv
-    from fgvc.tracking import study_report
-    from fgvc.tracking.study_cell import CellResult
+    from fgvc.tasks import study_report
+    from fgvc.study.records import CellResult
 
     ones = lambda k, n=20: [1] * k + [0] * (n - k)  # noqa: E731 (k of 20 images right)
     # correct_original, correct_no_fg, correct_mixed_same, correct_mixed_rand per cell
@@ -360,7 +362,7 @@ def test_cells_that_share_a_training_keep_their_own_records_tags_and_differences
     strength is the difference of that strength's own two swap records (the regression: both
     strengths paired with strength 1's record), and the shared run carries each cell's verdict
     and comparison numbers under names of its own, one never replacing the other."""
-    from fgvc.tracking.study_report import complete_rows
+    from fgvc.tasks.study_report import complete_rows
 
     results, rows, records = dose_grid(monkeypatch)
     roots = {(s, None): type("Roots", (), {"root": lambda self, cell: tiny_root})() for s in (0.0, 1.0)}
@@ -423,7 +425,7 @@ def test_intervals_say_what_they_cover():
 
 
 def test_analyze_prints_each_methods_headline_numbers_with_intervals():
-    from fgvc.tracking.analyze_run import AnalysisOutcome, describe_outcome
+    from fgvc.tasks.analyze import AnalysisOutcome, describe_outcome
 
     outcome = AnalysisOutcome("rec1", {"gradcam": {"num_images": 24.0, "bg_preference_mean": 0.818,
                                                    "bg_preference_mean_low": 0.756, "bg_preference_mean_high": 0.882},
@@ -602,7 +604,7 @@ class InterruptSeed1AfterEpoch1:
 def test_interrupted_study_continues_where_it_stopped_under_mlflow_run(tiny_root, mlflow_store, monkeypatch):
     """Ctrl-C in the second cell's second epoch; the rerun (as `mlflow run` would start it)
     reuses the first cell and resumes the second from its checkpoint, in the same run."""
-    from fgvc.tracking import study_cell
+    from fgvc.tasks import study_cell
 
     cfg = StudyConfig(data_root=str(tiny_root), regimes=("unmasked",), seeds=(0, 1), epochs=2, batch_size=8,
                       num_images=6)
@@ -639,7 +641,7 @@ def test_interrupted_study_continues_where_it_stopped_under_mlflow_run(tiny_root
 
 
 def test_a_study_leaves_the_users_candidate_where_their_training_put_it(tiny_root, mlflow_store):
-    from fgvc.tracking.train_run import run_train
+    from fgvc.tasks.train import run_train
     from fgvc.training.config import TrainConfig
 
     mine = run_train(TrainConfig(arch="fn-small", data_root=str(tiny_root), epochs=1, batch_size=8, num_workers=0),

@@ -50,7 +50,7 @@ def test_cells_trained_on_gpu_nodes_are_collected_on_a_cpu_node(tiny_root, mlflo
     """docs/team.md's Slurm array: each cell a task on a GPU node, then `--collect` (with the same
     options, --device cuda included) on a node without a GPU: it finds every cell and builds the
     table from them, training nothing."""
-    from fgvc.tracking.study_run import run_study, run_study_cell
+    from fgvc.tasks.study import run_study, run_study_cell
 
     cfg = grid(tiny_root, device="cuda")
     with monkeypatch.context() as gpu_node:
@@ -91,8 +91,8 @@ def test_an_interrupted_gpu_training_is_found_but_not_continued_on_the_cpu(tiny_
     """The cell's interrupted run (GPU recipe, a checkpoint after epoch 1) is found by what was
     asked, but a CPU attempt does not continue it (other autocast, memory layout, kernels): it
     trains the cell anew and says why."""
-    from fgvc.tracking import study_cell
-    from fgvc.tracking.study_run import run_study_cell
+    from fgvc.tasks import study_cell
+    from fgvc.tasks.study import run_study_cell
 
     cfg = grid(tiny_root, regimes=("unmasked",), epochs=2)
     real_run_train = study_cell.run_train
@@ -122,7 +122,8 @@ def test_collect_builds_no_data_and_a_masked_cell_nobody_trained_is_named(tiny_r
     import shutil
 
     from fgvc.errors import ConfigError
-    from fgvc.tracking.study_run import prepare_roots, run_study
+    from fgvc.tasks.study import run_study
+    from fgvc.tasks.study_roots import prepare_roots
 
     shutil.copytree(tiny_root, tmp_path / "fresh")
     plan = grid(tmp_path / "fresh").plan()

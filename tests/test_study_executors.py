@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from fgvc.errors import ConfigError
 from fgvc.study.config import StudyConfig
 from fgvc.study.executors import RayExecutor, gpus_per_cell
-from fgvc.tracking.study_run import executor_of, worker_env
+from fgvc.tasks.study import executor_of, worker_env
 
 SECRETS = {"MLFLOW_TRACKING_PASSWORD": "hunter2", "MLFLOW_TRACKING_TOKEN": "tok-123",
            "MLFLOW_TRACKING_USERNAME": "alice", "AWS_ACCESS_KEY_ID": "AKIA0000", "AWS_SECRET_ACCESS_KEY": "aws-secret",

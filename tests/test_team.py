@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from server_utils import MlflowServer
 
-from fgvc import experiments
+from fgvc import mlflow_names
 
 TEAM = Path(__file__).resolve().parents[1] / "docs" / "team.md"
 FGVC = [sys.executable, "-m", "fgvc.cli"]
@@ -58,7 +58,7 @@ def passwords() -> dict[str, str]:
 
 def test_the_grant_script_names_every_experiment_fgvc_writes_to():
     named = re.search(r"experiments = \((.*?)\)\n", grant_script(), re.S).group(1)
-    assert tuple(re.findall(r'"([^"]+)"', named)) == experiments.WRITTEN
+    assert tuple(re.findall(r'"([^"]+)"', named)) == mlflow_names.WRITTEN
     assert "default_permission = READ" in page()[page().index("### Permissions"):]
 
 
@@ -129,7 +129,7 @@ def test_two_writers_train_analyse_and_study_together_and_a_reader_is_refused_ea
 
     studied = run_together([("alice", [*STUDY, *data]), ("bob", [*STUDY, *data])], team_server, tmp_path)
     assert all(code == 0 for code, _ in studied), studied
-    study = client.get_experiment_by_name(experiments.STUDY).experiment_id
+    study = client.get_experiment_by_name(mlflow_names.STUDY).experiment_id
     cells = [r for r in client.search_runs([study]) if r.data.tags.get("fgvc.task") == "train"]
     assert sorted(r.data.tags["fgvc.study_cell"] for r in cells) == ["fn-small/unmasked/seed0",
                                                                      "fn-small/unmasked/seed1"]  # each once

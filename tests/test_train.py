@@ -19,10 +19,11 @@ from mlflow.tracking import MlflowClient
 
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.safeload import load_tensors
-from fgvc.tracking import train_run
-from fgvc.tracking.registry import load_model, promote
+from fgvc.tasks import train as train_run
+from fgvc.tasks.promote import promote
+from fgvc.tracking.model_registry import load_model
 from fgvc.tracking.runs import RunFailed
-from fgvc.tracking.train_run import checkpoint_cache, run_train
+from fgvc.tasks.train import checkpoint_cache, run_train
 from fgvc.training.config import TrainConfig
 
 METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "val/top5", "val/error", "val/balanced_acc",
@@ -138,7 +139,7 @@ def test_same_seed_same_metrics(tiny_root, mlflow_store):
 
 KILLED_AFTER_EPOCH_1 = textwrap.dedent("""
     import os, sys
-    from fgvc.tracking.train_run import run_train
+    from fgvc.tasks.train import run_train
     from fgvc.training.config import TrainConfig
 
     class KillAfterEpoch1:

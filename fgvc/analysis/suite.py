@@ -1,5 +1,5 @@
 """Run the chosen analysis methods on a model and a set of images, writing each method's files
-into ``folder/<method>/``. Pure: tensors and files in, records out; fgvc.tracking.analyze_run
+into ``folder/<method>/``. Pure: tensors and files in, records out; fgvc.tasks.analyze
 decides where the records live."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
   anything opens it and listed in ``meta.json``'s ``skipped`` with its reason (:func:`screen`).
 - **A pixel budget below Pillow's.** Pillow refuses an image only above twice
   ``Image.MAX_IMAGE_PIXELS`` (about 179 million pixels); a 12000x12000 image below that decodes
-  to gigabytes. The header's size is checked before decoding (:func:`check_pixels`): at most
+  to gigabytes. The header's size is checked before decoding (:func:`check_image_size`): at most
   ``FGVC_MAX_IMAGE_PIXELS`` (default 40 million, a 7300x5500 photo, far above any runway crop).
 - **Designer names compared after Unicode NFC normalisation.** "Café" typed on one machine
   and "Café" copied from macOS (decomposed: "e" + combining accent) print identically; names
@@ -51,7 +51,7 @@ def max_image_pixels() -> int:
     return value
 
 
-def check_pixels(size: tuple[int, int]) -> None:
+def check_image_size(size: tuple[int, int]) -> None:
     """Refuse an image of `size` (width, height, from its header) above the pixel budget."""
     width, height = size
     budget = max_image_pixels()

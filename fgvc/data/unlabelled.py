@@ -37,7 +37,7 @@ def ingest_unlabelled(folder: str | Path, root: str | Path, height: int, width: 
     """Decode the photos ``folder/sample.csv`` lists into ``root/unlabelled-test``; returns
     what meta.json records (``source``, ``keyed_by``, ``count``, ``ids``, ``listed_ids``,
     ``skipped``)."""
-    from fgvc.data.ingest import load_image  # Pillow only when a root is ingested
+    from fgvc.data.decode import load_image  # Pillow only when a root is ingested
 
     folder, root = Path(folder), Path(root)
     if not (folder / KAGGLE_LIST).is_file():

@@ -1,6 +1,6 @@
 """Person segmentation and background removal: builds the masked dataset root.
 
-Core only: nothing here talks to MLflow (``fgvc.tracking.mask_run`` wraps it in a run).
+Core only: nothing here talks to MLflow (``fgvc.tasks.mask`` wraps it in a run).
 
 The names below are imported on first use (PEP 562), so importing a light submodule
 (the config, read by the command line) does not import torch."""

@@ -17,7 +17,7 @@ import timm
 import torchvision.models as tvm
 from torch import nn
 
-from fgvc.catalog import ARCHS
+from fgvc.catalog import ARCHS, timm_name_problem
 from fgvc.errors import ConfigError
 
 from .fashionnet import FASHIONNET_CONFIGS, FashionNet
@@ -140,17 +140,10 @@ class TimmArchitecture(Architecture):
     """Any timm model, named ``timm:<name>`` (a pretrained tag is allowed: ``timm:resnet10t.c3_in1k``)."""
 
     def __init__(self, model_name: str):
-        base_name, _ = timm.models.split_model_name_tag(model_name)
-        if not timm.is_model(base_name):
-            close = timm.list_models(f"*{base_name[:8]}*")[:10]
-            hint = f" Similar timm names: {', '.join(close)}." if close else ""
-            raise ConfigError(f"Unknown timm model {model_name!r}.{hint} "
-                             "See timm.list_models() for every name.")
-        try:
-            self.cfg = timm.models.get_pretrained_cfg(model_name)
-        except RuntimeError as error:  # a pretrained tag timm does not know
-            tags = timm.list_pretrained(f"{base_name}.*")
-            raise ConfigError(f"{error} Known tags: {', '.join(tags) or 'none'}.") from error
+        problem = timm_name_problem(model_name)
+        if problem:
+            raise ConfigError(problem)
+        self.cfg = timm.models.get_pretrained_cfg(model_name)
         self.model_name = model_name
 
     def _size_kwargs(self, image_size) -> dict[str, Any]:
@@ -237,12 +230,3 @@ def architecture_of(arch: str) -> Architecture:
         return TimmArchitecture(arch[len(TIMM_PREFIX):])
     raise ConfigError(f"Unknown arch {arch!r}. Valid names: {', '.join(available_archs())}; "
                       f"or any timm model as '{TIMM_PREFIX}<name>' (e.g. '{TIMM_PREFIX}convnext_atto').")
-
-
-def arch_problem(arch: str) -> str | None:
-    """None for a buildable architecture name, else what is wrong with it (for option checks)."""
-    try:
-        architecture_of(arch)
-    except ConfigError as error:
-        return str(error)
-    return None

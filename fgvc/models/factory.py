@@ -18,7 +18,9 @@ from torch import nn
 from fgvc.config import FALSE_WORDS, TRUE_WORDS
 from fgvc.errors import ConfigError
 
-from .architectures import ARCHS, Architecture, available_archs, arch_problem, architecture_of, register_arch
+from fgvc.catalog import arch_problem
+
+from .architectures import ARCHS, Architecture, available_archs, architecture_of, register_arch
 from .net import IMAGENET_MEAN, IMAGENET_STD, FGVCNet, ModelSpec, PretrainedWeightsError
 from .weights import WeightsUnavailable
 from .weights_file import load_weights_file

@@ -52,7 +52,7 @@ __all__ = [
     "import_original",
     "load_original",
     "num_classes_of",
-    "read_checkpoint",
+    "read_original_state",
 ]
 
 Normalization = Literal["imagenet", "none"]
@@ -81,7 +81,7 @@ class ClassCountError(CheckpointError):
 # Reading files.
 # --------------------------------------------------------------------------------------------
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_original_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state_dict of a checkpoint file, read with ``torch.load(weights_only=True)``.
 
     Accepts ``{"model": state_dict, ...}``, ``{"state_dict": state_dict, ...}`` or a bare
@@ -314,8 +314,8 @@ def import_original(state_dict: Mapping[str, torch.Tensor], arch: str | None = N
 
 def load_original(path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None, *,
                   normalization: Normalization, image_size: int | tuple[int, int] | None = None) -> FGVCNet:
-    """:func:`read_checkpoint` then :func:`import_original` with ``source=path``."""
-    return import_original(read_checkpoint(path), arch, num_classes, normalization=normalization,
+    """:func:`read_original_state` then :func:`import_original` with ``source=path``."""
+    return import_original(read_original_state(path), arch, num_classes, normalization=normalization,
                            image_size=image_size, source=path)
 
 

@@ -160,7 +160,7 @@ def decode_image_bytes(data: bytes, what: str) -> np.ndarray:
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from fgvc.data.ingest import to_rgb
+    from fgvc.data.decode import to_rgb
 
     max_bytes = _budget(MAX_IMAGE_BYTES_ENV, MAX_IMAGE_BYTES)
     if len(data) > max_bytes:
@@ -207,7 +207,7 @@ def _encoded_column(model_input):
     return None
 
 
-def check_pixels(array: np.ndarray, index: int) -> np.ndarray:
+def check_pixel_array(array: np.ndarray, index: int) -> np.ndarray:
     """A numeric image as uint8: integers in 0..255 only. Floats (even in [0, 1]), booleans and
     out-of-range numbers are refused, never cast (a cast would silently change the picture)."""
     if array.dtype == np.uint8:
@@ -247,7 +247,7 @@ def images_from_input(model_input) -> list[np.ndarray]:
                                       f"strings or separate requests)")
             if array.ndim != 3 or array.shape[-1] != 3:
                 raise ImageInputError(f"image {i}: expected uint8 [H, W, 3], found shape {list(array.shape)}")
-            images.append(check_pixels(array, i))
+            images.append(check_pixel_array(array, i))
     max_pixels = _budget(MAX_PIXELS_ENV, MAX_PIXELS)
     total = sum(a.shape[0] * a.shape[1] for a in images)
     if total > max_pixels:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fgvc import experiments
+from fgvc import mlflow_names
 from fgvc.catalog import SEGMENTERS, arch_problem
 from fgvc.config import (FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, non_negative, option,
                          positive)
@@ -21,7 +21,7 @@ from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES, Regime
 from fgvc.study.executors import gpus_per_cell
 
-EXPERIMENT = experiments.STUDY
+EXPERIMENT = mlflow_names.STUDY
 EXECUTORS = ("local", "ray")
 SPLIT_AXIS = ("random", "show")  # the leaky split first: the show leak is random minus show
 

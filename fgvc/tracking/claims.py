@@ -48,7 +48,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fgvc import experiments
+from fgvc import mlflow_names
 from fgvc.errors import FgvcError, first_line
 from fgvc.tracking import failures, fencing
 from fgvc.tracking.failures import Patience
@@ -57,7 +57,7 @@ from fgvc.tracking.runs import DESCRIPTION, TASK, describe_experiment, experimen
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT = experiments.CLAIMS
+EXPERIMENT = mlflow_names.CLAIMS
 POINTER = "fgvc-claims.ledger"
 LEDGER_TAG = "fgvc.ledger_run"
 LEDGER = f"the claims ledger (experiment {EXPERIMENT})"

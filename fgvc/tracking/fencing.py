@@ -10,7 +10,7 @@ sent more than the give-up time ago may have lost its claim and must write nothi
 write it starts before that point ends (or fails) before any other process may take over. A
 newer attempt on the ledger means the claim was taken over for certain.
 
-:func:`check` is called before a holder writes results (each epoch's metrics and checkpoints,
+:func:`ensure_held` is called before a holder writes results (each epoch's metrics and checkpoints,
 the MLflow model, an analysis record, the end of a run); it raises :class:`ClaimLost`, one line,
 and the run is left as it is (its new holder owns it).
 """
@@ -122,7 +122,7 @@ def lost() -> tuple[Held, str] | None:
     return None
 
 
-def check(doing: str = "writing results") -> None:
+def ensure_held(doing: str = "writing results") -> None:
     """Raise :class:`ClaimLost` when this thread may have lost a claim it holds."""
     found = lost()
     if found is not None:

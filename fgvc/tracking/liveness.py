@@ -25,6 +25,7 @@ from mlflow.entities import LoggedModelStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from fgvc.tracking import fencing
+from fgvc.tracking.search import find_runs
 
 log = logging.getLogger("fgvc")
 
@@ -78,7 +79,7 @@ def liveness_tags() -> dict[str, str]:
     return {PROCESS: this_process(), HEARTBEAT: now_iso()}
 
 
-def stale_after_s() -> float:
+def run_stale_after_s() -> float:
     try:
         return float(os.environ.get(STALE_ENV) or 600)
     except ValueError:
@@ -104,7 +105,7 @@ def why_stale(tags: dict[str, str]) -> str | None:
         age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(beat)).total_seconds()
     except ValueError:
         return None
-    if age > stale_after_s():
+    if age > run_stale_after_s():
         return f"its process {pid_text} on {host} sent no heartbeat for {age:.0f} s (last {beat}; {STALE_ENV})"
     return None
 
@@ -135,9 +136,7 @@ def close_stale_runs(experiment_id: str, task: str, run_name: str, tags: dict, c
     client = MlflowClient()
     identity = {k: str(v) for k, v in tags.items() if k not in _NOT_IDENTITY}
     closed = []
-    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
-                                                             f"tags.`fgvc.task` = '{task}'", max_results=200)
-    for run in runs:
+    for run in find_runs({"fgvc.task": task}, [experiment_id], status="RUNNING", max_results=200):
         other = run.data.tags
         if run.info.run_id == current_run_id or other.get("mlflow.runName") != run_name:
             continue

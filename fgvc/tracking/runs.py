@@ -173,7 +173,7 @@ def ending(run_id: str, fluent: bool = True) -> Iterator[None]:
         raise error from None
     else:
         try:
-            fencing.check("ending the run")
+            fencing.ensure_held("ending the run")
             # finished work waits out a short outage before its run is closed
             failures.Patience().call("ending the run", _finish, client, run_id)
         finally:

@@ -20,22 +20,11 @@ from pathlib import Path
 import torch
 
 from fgvc.data.shards import atomic_write
-from fgvc.errors import ConfigError, FgvcError, MissingFileError
+from fgvc.errors import ConfigError, FgvcError
 from fgvc.files import writing
-from fgvc.safeload import load_tensors
+from fgvc.safeload import read_checkpoint  # noqa: F401  (where trainings read their checkpoints)
 
 BEST, LAST = "best", "last"
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint dict, read without executing anything; one-line errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: checkpoint file does not exist")
-    obj = load_tensors(path, what="checkpoint")
-    if not isinstance(obj, dict):
-        raise FgvcError(f"{path}: a checkpoint must be a dict, found {type(obj).__name__}")
-    return obj
 
 
 def require_fgvc_checkpoint(ckpt: dict, where: str) -> None:
@@ -81,7 +70,7 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def save(path: Path, content: dict) -> Path:
+def save_checkpoint(path: Path, content: dict) -> Path:
     """Atomically: a crash or a full disk mid-write never leaves a half checkpoint under the
     final name (the earlier file stays); a failed write is one line naming the path."""
     def write(tmp: str) -> None:
@@ -137,9 +126,9 @@ class CheckpointWriter:
         record, session = self.latest
         begun = time.monotonic()
         if self.pending_best is not None:
-            save(self.path(BEST), self.pending_best)
+            save_checkpoint(self.path(BEST), self.pending_best)
             self.pending_best = None
-        save(self.path(LAST), session.resume_checkpoint(record))
+        save_checkpoint(self.path(LAST), session.resume_checkpoint(record))
         self.spent += time.monotonic() - begun
         self.latest = None
         self.writes += 1

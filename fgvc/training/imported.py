@@ -21,10 +21,10 @@ from fgvc.data.dataset import BatchLoader, ShardDataset
 from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError
 from fgvc.models import FGVCNet
-from fgvc.models.original import ORIGINAL_ARCHS, ClassCountError, detect_arch, import_original, read_checkpoint
+from fgvc.models.original import ORIGINAL_ARCHS, ClassCountError, detect_arch, import_original, read_original_state
 from fgvc.regimes import regime_of
 from fgvc.safeload import require_finite
-from fgvc.training.checkpoint import save
+from fgvc.training.checkpoint import save_checkpoint
 from fgvc.training.config import RegisterConfig  # noqa: F401  (defined there, torch-free)
 from fgvc.training.loop import EvalResult, evaluate
 from fgvc.training.session import TrainingData
@@ -42,7 +42,7 @@ class Imported:
 
 def import_checkpoint(cfg: RegisterConfig) -> Imported:
     """Load, check against the data root (class count, image size) and evaluate."""
-    state = read_checkpoint(cfg.checkpoint)
+    state = read_original_state(cfg.checkpoint)
     require_finite(state, cfg.checkpoint)
     arch = cfg.arch or detect_arch(state)
     if arch is None:
@@ -63,7 +63,7 @@ def import_checkpoint(cfg: RegisterConfig) -> Imported:
 
 def fgvc_checkpoint(imported: Imported, path: Path) -> Path:
     """The imported model as an fgvc best.pt (what a registered version holds)."""
-    return save(path, {"model": {k: v.detach().cpu() for k, v in imported.model.state_dict().items()},
+    return save_checkpoint(path, {"model": {k: v.detach().cpu() for k, v in imported.model.state_dict().items()},
                        "spec": imported.model.spec.to_dict(), "epoch": 0, "val_acc": imported.val.acc,
                        "dataset_digest": imported.data.digest, "label_names": list(imported.data.label_names),
                        "regime": regime_of(imported.data.masked, None), "resize": imported.data.resize,

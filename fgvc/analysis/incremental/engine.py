@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from fgvc.analysis.incremental.lowering import LOCAL_OPS, Conv, GlobalAvgPool, Lowered, Pair, _run_whole, lower
 from fgvc.analysis.incremental.plan import Gather, MapGeometry, Plan, make_plan
+from fgvc.analysis.incremental.windows import window_masks
 
 # --------------------------------------------------------------------------------------------
 
@@ -265,7 +266,6 @@ def flop_estimate(model: nn.Module, height: int, width: int, window: int, stride
     occluded copy (averaged over windows is not needed: every window computes the same
     block sizes), and their ratio: the most incrementality can gain."""
     from fgvc.analysis.common import eval_mode
-    from fgvc.analysis.occlusion import window_masks
 
     with eval_mode(model):
         steps = lower(model).steps

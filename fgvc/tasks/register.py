@@ -14,12 +14,12 @@ from pathlib import Path
 
 import mlflow
 
+from fgvc.mlflow_names import registered_name
 from fgvc.regimes import regime_of
 from fgvc.tracking.markdown import code
-from fgvc.tracking.models import log_model, register, version_description
-from fgvc.tracking.registry import registered_name
+from fgvc.tracking.logged_model import log_model, register_version, version_description
 from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
-from fgvc.tracking.train_run import EXPERIMENT, EXPERIMENT_DESCRIPTION
+from fgvc.tasks.train import EXPERIMENT, EXPERIMENT_DESCRIPTION
 from fgvc.training.imported import RegisterConfig, example_images, fgvc_checkpoint, import_checkpoint
 from fgvc.viz.training_plots import save_confusion, save_per_class
 
@@ -63,7 +63,7 @@ def run_register(cfg: RegisterConfig) -> tuple[str, str, str]:
                             "val_balanced_acc": f"{val.balanced_acc:.6f}", "arch": imported.arch, "best_epoch": 0,
                             "data_root": str(data.root), "run_id": run.info.run_id, "imported": "true",
                             "image_size": f"{data.image_size[0]}x{data.image_size[1]}"}
-            version = register(info.model_uri, name, version_tags, lambda v: version_description(
+            version = register_version(info.model_uri, name, version_tags, lambda v: version_description(
                 name, v, run_name, regime, val.acc))
         mlflow.set_tag("fgvc.model_version", f"{name}/{version}")
         log.debug("registered %s version %s from %s (val acc %.4f)", name, version, cfg.checkpoint, val.acc)

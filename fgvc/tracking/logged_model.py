@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 import fgvc
 from fgvc.models.predict import Predictor
-from fgvc.tracking.config import CANDIDATE, CHAMPION  # noqa: F401  (CHAMPION re-exported)
+from fgvc.mlflow_names import CANDIDATE, STUDY_PREFIX
 from fgvc.tracking.markdown import code
 
 log = logging.getLogger("fgvc")
@@ -44,7 +44,6 @@ REGISTERED_DESCRIPTION = (
 STUDY_DESCRIPTION = (
     "Training cells of fgvc studies (tag `fgvc.study` = the study run). Kept apart from `fgvc-<arch>`, "
     "and no alias is moved, so studies never change what `fgvc-<arch>@candidate` or `@champion` load.")
-STUDY_PREFIX = "fgvc-study-"
 RAW_PHOTO_WARNING = ("trained on background-removed images (person on black): give it background-removed "
                      "images (`fgvc mask`); on raw photos its predictions are not what it was validated on")
 
@@ -86,12 +85,7 @@ def log_model(checkpoint: Path, example: np.ndarray, step: int, metrics: dict[st
     return info
 
 
-def study_registered_name(arch_name: str) -> str:
-    """The registered model of a study's cells: `fgvc-study-<arch>` beside the user's `fgvc-<arch>`."""
-    return STUDY_PREFIX + arch_name.removeprefix("fgvc-")
-
-
-def register(model_uri: str, name: str, tags: dict, describe, alias: str | None = CANDIDATE) -> str:
+def register_version(model_uri: str, name: str, tags: dict, describe, alias: str | None = CANDIDATE) -> str:
     """A new version of `name` from a logged model (`models:/<model id>`), described by
     `describe(version)`; `alias` (default `candidate`; None: none) moves to it."""
     client = MlflowClient()
@@ -141,29 +135,3 @@ def version_description(name: str, version: str, run_name: str, regime: str, val
             f"Load: {code(f'mlflow.pyfunc.load_model({uri!r}).predict(images)')}\n\n"
             f"Serve: {code(f'mlflow models serve -m {uri} --env-manager local')}\n\n"
             f"Analyse: {code(f'fgvc analyze --model {shlex.quote(uri)} --method all')}")
-
-
-def example_images(session, count: int = 2) -> np.ndarray:
-    """The first validation images as uint8 [N, H, W, 3]: the model's input example."""
-    items = session.val_set.gather(torch.arange(min(count, len(session.val_set))))
-    return items["images"].permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float], session, run_id: str,
-                     study: str | None = None, alias: str | None = CANDIDATE) -> str:
-    """Log the training's best checkpoint as its MLflow model, with `metrics` (the best epoch's
-    validation metrics) linked to it at the best epoch's step, and register it: `alias`
-    (`candidate`; None for a study's cell) moves to it. `study`: the study run id, if any."""
-    best = session.best
-    info = log_model(best_checkpoint, example_images(session), best["epoch"], metrics, session.regime)
-    tags = {"regime": session.regime, "dataset_digest": session.data.digest, "val_acc": f"{best['val/acc']:.6f}",
-            "val_balanced_acc": f"{best['val/balanced_acc']:.6f}", "arch": session.cfg.arch,
-            "best_epoch": best["epoch"], "data_root": str(session.data.root), "run_id": run_id,
-            "image_size": f"{session.data.image_size[0]}x{session.data.image_size[1]}",
-            "background_removed": str(background_removed(session.regime)).lower()}
-    if study:
-        tags["fgvc.study"] = study
-    run_name = mlflow.get_run(run_id).info.run_name
-    return register(info.model_uri, name, tags, lambda version: version_description(
-        name, version, run_name, session.regime, best["val/acc"], Path(session.data.root).name, study or ""),
-        alias=alias)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities import RunTag
@@ -30,18 +29,16 @@ from fgvc.analysis.config import AnalyzeConfig
 from fgvc.analysis.methods import METHODS
 from fgvc.config import digest
 from fgvc.errors import ConfigError
+from fgvc.mlflow_names import registered_name, study_registered_name
 from fgvc.study.config import Cell, StudyPlan
+from fgvc.study.records import CellResult, Roots
 from fgvc.study.tables import STUDY_OCCLUSION_FILL, report_split, runs_sanity
-from fgvc.tracking.analyze_run import run_analyze
+from fgvc.tasks.analyze import run_analyze
 from fgvc.tracking.claims import Claim, claimed
-from fgvc.tracking.models import study_registered_name
-from fgvc.tracking.registry import registered_name
 from fgvc.tracking.runs import configure_tracking, experiment_id
-from fgvc.tracking.train_run import checkpoint_cache, run_train
+from fgvc.tracking.search import find_runs
+from fgvc.tasks.train import checkpoint_cache, run_train
 from fgvc.training.config import TrainConfig
-
-if TYPE_CHECKING:
-    from fgvc.tracking.study_run import Roots
 
 log = logging.getLogger("fgvc")
 
@@ -79,16 +76,6 @@ def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
     return configs
 
 
-@dataclass
-class CellResult:
-    cell: Cell
-    run_id: str
-    status: str  # trained | resumed | reused
-    model_uri: str
-    analyses: dict[str, dict[str, float]]  # method -> metrics of its record
-    records: dict[str, str]  # method -> record run id
-
-
 @dataclass(frozen=True)
 class CellJob:
     """What a cell needs, picklable (a Ray task receives it): paths are absolute, the tracking
@@ -113,8 +100,7 @@ def cell_runs(client: MlflowClient, experiment: str, request_id: str, roots: Roo
     runs = {}
     for asked in (REQUEST, "fgvc.config_id"):
         for tag, value in ((PIXELS, roots.pixels(cell)), ("fgvc.dataset_digest", roots.digest(cell))):
-            for run in client.search_runs([experiment], f"tags.`{asked}` = '{request_id}' and "
-                                                        f"tags.`{tag}` = '{value}'", max_results=50):
+            for run in find_runs({asked: request_id, tag: str(value)}, [experiment]):
                 runs[run.info.run_id] = run
     return sorted(runs.values(), key=lambda r: r.info.start_time, reverse=True)
 

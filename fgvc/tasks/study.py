@@ -6,7 +6,7 @@ by default, so nesting would hide the cells), so every cell has the same param a
 names and the chart and compare views line them up, one line per cell. On each trained model the study
 runs the attribution methods and neighbours on the validation images of the cell's own
 regime, and the background-swap test on the source images (it needs real backdrops). Those
-are analysis records (fgvc.tracking.analyze_run, experiment fgvc-analysis: they take no
+are analysis records (fgvc.tasks.analyze, experiment fgvc-analysis: they take no
 slot in the study's chart view) and the study shows them on each cell's run. The table is
 built from the records, so the study's numbers are the ones on the cells' pages.
 
@@ -14,7 +14,7 @@ Re-running a study reuses finished cells (``fgvc.request_id``, the digest of the
 config without the device recipe, so from any machine, and the digest of the pixels they train
 on) and analysis records with the same settings id; a cell whose training was interrupted
 resumes from its last checkpoint on a machine of the same device recipe. So an interrupted
-study continues where it stopped. A cell is one call of `fgvc.tracking.study_cell.run_cell`, mapped
+study continues where it stopped. A cell is one call of `fgvc.tasks.study_cell.run_cell`, mapped
 over the cells by an executor (this process, or Ray tasks: fgvc.study.executors); cells and
 records are claimed in the tracking store, so concurrent attempts do each once.
 
@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
@@ -36,129 +36,25 @@ from urllib.parse import urlsplit
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from fgvc.config import digest
-from fgvc.data.dataset import ShardDataset
-from fgvc.data.demo import DemoConfig
-from fgvc.data.resplit import resplit_root
-from fgvc.data.roots import DEFAULT_DATA_ROOT, demo_config_of, ensure_demo, resolve_root
-from fgvc.data.shards import dataset_digest, pixels_digest, read_meta, validate_root
+from fgvc.data.shards import validate_root
 from fgvc.errors import ConfigError
-from fgvc.masking import MaskConfig
-from fgvc.study.config import PRESETS, Cell, StudyConfig, StudyPlan
+from fgvc.study.config import Cell, StudyConfig, StudyPlan
 from fgvc.study.executors import RayExecutor, run_local
 from fgvc.study.leak import annotate_summary
 from fgvc.study.tables import DID_NOT_LEARN, NO_DATA, RUNWAY, cell_values, summarize, verdict, verdict_reason
 from fgvc.tracking import failures
-from fgvc.tracking.claims import claimed
-from fgvc.tracking.mask_run import run_mask
 from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
                                 git_commit, log_params)
-from fgvc.tracking.study_cell import CellJob, CellResult, run_cell, train_config  # noqa: F401 (train_config)
-from fgvc.tracking.study_report import complete_rows, write_outputs
+from fgvc.study.records import CellResult, StudyResult
+from fgvc.tasks.study_cell import CellJob, run_cell
+from fgvc.tasks.study_report import complete_rows, write_outputs
+from fgvc.tasks.study_roots import prepare_roots
 
 log = logging.getLogger("fgvc")
 
 EXPERIMENT_DESCRIPTION = ("Background-reliance studies: a study run per study (tables, figures, report.html, the "
                           "verdicts in its description) and a training run per cell, tagged fgvc.study with its "
                           "study run; open 'Model training' and use Chart or Compare to see the cells side by side.")
-DEFAULT_SEGMENTER = "deeplabv3_resnet101"
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-def demo_root_for(demo: DemoConfig) -> Path:
-    """`data/demo` for the default demo, `data/demo-<preset>` for a preset's, else
-    `data/demo-<digest of the config>`: one root per distinct demo configuration."""
-    if demo == DemoConfig():
-        return Path(DEFAULT_DATA_ROOT)
-    for name, preset in PRESETS.items():
-        if preset["demo"] == demo:
-            return Path(f"{DEFAULT_DATA_ROOT}-{name}")
-    return Path(f"{DEFAULT_DATA_ROOT}-{digest({k: repr(v) for k, v in asdict(demo).items()})[:8]}")
-
-
-@dataclass
-class Roots:
-    """Where one shortcut strength's regimes get their images, and the roots' digests (of the
-    files, and of the pixels a training sees)."""
-
-    source: Path
-    source_digest: str
-    source_has_masks: bool
-    masked: Path | None
-    masked_digest: str | None
-    segmenter: str | None
-    demo: DemoConfig | None
-    source_pixels: str = ""
-    masked_pixels: str | None = None
-
-    def root(self, cell: Cell) -> Path:
-        return self.masked if cell.spec.masked else self.source
-
-    def digest(self, cell: Cell) -> str:
-        return self.masked_digest if cell.spec.masked else self.source_digest
-
-    def pixels(self, cell: Cell) -> str:
-        return self.masked_pixels if cell.spec.masked else self.source_pixels
-
-    def mask_root_for(self, root: Path) -> str | None:
-        """A root with person masks for `root`'s images, when its own shards have none."""
-        if root == self.source and not self.source_has_masks and self.masked is not None:
-            return str(self.masked)
-        return None
-
-
-def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool, split: str | None = None,
-                  collect: bool = False) -> Roots:
-    """Resolve (and if needed generate) the source root, split by `split` when given (the same
-    images dealt again: fgvc.data.resplit); build the masked root when a masked regime needs
-    it, or when the source has no person masks for the shortcut test (`collect`: never; the
-    cells' own tasks built it, and masking could need the GPU a collecting node lacks).
-    Claimed by the source's path: studies (or array tasks) started together build each root once."""
-    where = Path(plan.data_root) if plan.data_root is not None else \
-        demo_root_for(plan.demo_for(bg_correlation, split))
-    with claimed(f"roots.{digest({'path': str(where.resolve())})}", f"study data {where}"):
-        return _prepare_roots(plan, bg_correlation, split, progress, collect)
-
-
-def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | None, progress: bool,
-                   collect: bool = False) -> Roots:
-    demo = given = None
-    if plan.data_root is None:
-        demo = plan.demo_for(bg_correlation, split)
-        source = ensure_demo(demo_root_for(demo), demo)
-    else:
-        given = resolve_root(plan.data_root)
-        source = given if split is None else resplit_root(given, split, progress)
-        demo = demo_config_of(source)  # a demo root given by path: its planted strength is known
-    info = validate_root(source)
-    source_digest = dataset_digest(source)
-    has_masks = info.has_masks or "masks" in ShardDataset(source, "val").keys
-    masked = masked_digest = segmenter = None
-    if any(c.spec.masked for c in plan.cells()) or not has_masks:
-        mine = plan.masked_root and bg_correlation is None and given in (None, source)
-        masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
-        segmenter = plan.segmenter or ("groundtruth" if has_masks else DEFAULT_SEGMENTER)
-        if not (masked / "meta.json").exists() and collect:
-            # --collect builds no data: no cell was trained on a root that is not there, and the
-            # cells say so, each in the order of the grid
-            log.warning("study: %s is missing; the cells that need it have not run yet", masked)
-            return Roots(source.resolve(), source_digest, has_masks, None, None, segmenter, demo,
-                         pixels_digest(source), None)
-        if not (masked / "meta.json").exists():
-            log.info("study: masking %s into %s (segmenter %s)", source, masked, segmenter)
-            run_mask(MaskConfig(src_root=str(source), dst_root=str(masked), segmenter=segmenter, device=plan.device),
-                     progress=progress)
-        meta = read_meta(masked)
-        if meta.get("source_digest") not in (None, source_digest):
-            raise ConfigError(f"{masked} was masked from a dataset with digest {meta['source_digest']}, not "
-                              f"{source} ({source_digest}); pass --masked-root <a new folder>")
-        segmenter = (meta.get("masking") or {}).get("segmenter") or segmenter
-        masked_digest = dataset_digest(masked)
-    return Roots(source.resolve(), source_digest, has_masks, masked.resolve() if masked else None, masked_digest,
-                 segmenter, demo, pixels_digest(source), pixels_digest(masked) if masked else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,17 +103,7 @@ def _start_parent(client: MlflowClient, plan: StudyPlan, env_run_id: str | None)
     return run.info.run_id, plan.experiment
 
 
-@dataclass
-class StudyResult:
-    run_id: str
-    experiment_id: str
-    cells: list[CellResult]
-    rows: list[dict]
-    summary: list[dict]
-    seconds: float
-
-
-def tracking_uri() -> str:
+def worker_tracking_uri() -> str:
     """The tracking URI as another process (a Ray worker, elsewhere) must see it: a local
     SQLite path made absolute."""
     uri = configure_tracking()
@@ -253,7 +139,7 @@ def executor_of(cfg: StudyConfig, progress: bool):
     """The map that runs the cells: in this process, or one Ray task per cell."""
     if cfg.executor == "local":
         return run_local
-    return RayExecutor(cfg.ray_address, cfg.gpus_per_cell, cfg.cpus_per_cell, worker_env(os.environ, tracking_uri()),
+    return RayExecutor(cfg.ray_address, cfg.gpus_per_cell, cfg.cpus_per_cell, worker_env(os.environ, worker_tracking_uri()),
                        progress, cfg.device)
 
 
@@ -277,7 +163,7 @@ def run_study_cell(cfg: StudyConfig, which: str, progress: bool = True) -> CellR
     plan = cfg.plan()
     cell = select_cell(plan, which)
     with _without_env_run():
-        uri = tracking_uri()
+        uri = worker_tracking_uri()
         roots = prepare_roots(plan, cell.bg_correlation, progress, cell.split)
         info = validate_root(roots.source)
         describe_experiment(plan.experiment, EXPERIMENT_DESCRIPTION)
@@ -294,7 +180,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) ->
     start = time.perf_counter()
     executor = run_local if collect else executor_of(cfg, progress)
     with _without_env_run() as env_run_id:
-        uri = tracking_uri()
+        uri = worker_tracking_uri()
         run_id, experiment_name = _start_parent(client, plan, env_run_id)
         experiment = client.get_run(run_id).info.experiment_id
         with ending(run_id, fluent=False):

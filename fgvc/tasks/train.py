@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Sequence
 
 import mlflow
+import numpy as np
 import timm
 import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from fgvc import experiments
+from fgvc import mlflow_names
 from fgvc import distributed
 from fgvc.config import render_params
 from fgvc.devices import resolve_device
@@ -49,8 +50,8 @@ from fgvc.files import write_failed
 from fgvc.tracking import fencing
 from fgvc.tracking.failures import Patience, is_unreachable, unreachable
 from fgvc.tracking.markdown import code, text
-from fgvc.tracking.models import log_and_register
-from fgvc.tracking.registry import registered_name
+from fgvc.mlflow_names import CANDIDATE, registered_name
+from fgvc.tracking.logged_model import background_removed, log_model, register_version, version_description
 from fgvc.tracking.runs import (
     RunFailed,
     artifact_dir,
@@ -60,6 +61,7 @@ from fgvc.tracking.runs import (
     log_params,
     tracked_run,
 )
+from fgvc.tracking.search import find_runs
 from fgvc.training.checkpoint import BEST, LAST, CheckpointWriter, read_checkpoint
 from fgvc.training.config import TrainConfig
 from fgvc.training.loop import EpochRecord, NonFiniteLoss
@@ -68,7 +70,7 @@ from fgvc.viz.training_plots import save_confusion, save_curves, save_per_class
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT = experiments.TRAIN
+EXPERIMENT = mlflow_names.TRAIN
 EXPERIMENT_DESCRIPTION = ("Training runs: one architecture on one data regime each. Compare regimes in the "
                           "Model training view (Chart: val/acc, train/loss; Compare: params side by side).")
 UPLOAD_INTERVAL_S = 300.0
@@ -94,11 +96,7 @@ def run_name(cfg: TrainConfig, regime: str) -> str:
 def find_resumable_run(cfg: TrainConfig, digest: str) -> str:
     """The newest unfinished run of this configuration and dataset, in any experiment (`mlflow
     run` puts runs where `--experiment-name` says, standalone runs go to fgvc-train)."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=50,
-                              filter_string=f"tags.`fgvc.config_id` = '{cfg.identity()}' and "
-                                            f"tags.`fgvc.dataset_digest` = '{digest}'",
-                              order_by=["attributes.start_time DESC"])
-    for run in runs:
+    for run in find_runs({"fgvc.config_id": cfg.identity(), "fgvc.dataset_digest": digest}):
         if run.info.status != "FINISHED":
             return run.info.run_id
     raise ConfigError(f"--resume true: no unfinished run of this configuration (config id {cfg.identity()}, "
@@ -166,7 +164,7 @@ class Recorder:
         self.patience = Patience(kept=self.kept)
 
     def on_epoch_end(self, record: EpochRecord, session: Session) -> None:
-        fencing.check(f"logging epoch {record.epoch}")  # a study cell: its claim is still this process's
+        fencing.ensure_held(f"logging epoch {record.epoch}")  # a study cell: its claim is still this process's
         self.patience.call(f"logging epoch {record.epoch}", mlflow.log_metrics, record.metrics(), step=record.epoch)
         self.pending |= {LAST} | ({BEST} if record.is_best else set())
         if record.is_best:
@@ -329,7 +327,7 @@ def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: S
             version = None
             # A study's cell moves no alias, whether its study runs it or it runs alone (`study --cell`).
             alias = None if "fgvc.study_cell" in tags else "candidate"
-            fencing.check("logging the model")
+            fencing.ensure_held("logging the model")
             # The finished training waits out a short outage here too (a blip must not fail it).
             wait = recorder.patience.call
             if reg_name:
@@ -400,3 +398,29 @@ def summary_markdown(name: str, session: Session, best: dict, version: str | Non
               "`checkpoints/best.pt` and `checkpoints/last.pt` (state_dict + model spec; last.pt also the "
               "optimiser state for resuming)."]
     return "\n".join(lines) + "\n"
+
+
+def input_example(session, count: int = 2) -> np.ndarray:
+    """The first validation images as uint8 [N, H, W, 3]: the model's input example."""
+    items = session.val_set.gather(torch.arange(min(count, len(session.val_set))))
+    return items["images"].permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float], session, run_id: str,
+                     study: str | None = None, alias: str | None = CANDIDATE) -> str:
+    """Log the training's best checkpoint as its MLflow model, with `metrics` (the best epoch's
+    validation metrics) linked to it at the best epoch's step, and register it: `alias`
+    (`candidate`; None for a study's cell) moves to it. `study`: the study run id, if any."""
+    best = session.best
+    info = log_model(best_checkpoint, input_example(session), best["epoch"], metrics, session.regime)
+    tags = {"regime": session.regime, "dataset_digest": session.data.digest, "val_acc": f"{best['val/acc']:.6f}",
+            "val_balanced_acc": f"{best['val/balanced_acc']:.6f}", "arch": session.cfg.arch,
+            "best_epoch": best["epoch"], "data_root": str(session.data.root), "run_id": run_id,
+            "image_size": f"{session.data.image_size[0]}x{session.data.image_size[1]}",
+            "background_removed": str(background_removed(session.regime)).lower()}
+    if study:
+        tags["fgvc.study"] = study
+    run_name = mlflow.get_run(run_id).info.run_name
+    return register_version(info.model_uri, name, tags, lambda version: version_description(
+        name, version, run_name, session.regime, best["val/acc"], Path(session.data.root).name, study or ""),
+        alias=alias)

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
-from fgvc import experiments
+from fgvc import mlflow_names
 from fgvc.data.config import PredictConfig
 from fgvc.data.shards import load_shard, read_label_map, read_meta, shards_of
 from fgvc.data.sources import MAX_NAMES_IN_LOG, Photo, list_photos
@@ -42,12 +42,12 @@ from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.models.predict import Predictor, decode_image_bytes
 from fgvc.tracking.markdown import code
-from fgvc.tracking.registry import download_checkpoint, resolve_version
+from fgvc.tracking.model_registry import download_checkpoint, resolve_version
 from fgvc.tracking.runs import artifact_dir, log_params, tracked_run
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT = experiments.PREDICT
+EXPERIMENT = mlflow_names.PREDICT
 EXPERIMENT_DESCRIPTION = "Predictions of registered versions for folders of photos (`fgvc predict`): one CSV per run."
 
 

@@ -1,20 +1,14 @@
-"""The `promote` configuration (kept apart from the registry code, so the CLI reads its options
-without importing MLflow)."""
+"""The `promote` configuration (kept apart from the task, so the CLI reads its options without
+importing MLflow)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from fgvc.config import INT, STR, Choice, Config, Maybe, option
+from fgvc.mlflow_names import CHAMPION, registered_name
 
-CANDIDATE, CHAMPION = "candidate", "champion"
-ANY = "any"
-
-
-def registered_name(arch: str) -> str:
-    """`fgvc-<arch>` with characters the registry dislikes replaced (`timm:x` -> `fgvc-timm-x`)."""
-    return "fgvc-" + re.sub(r"[^A-Za-z0-9_.-]", "-", arch)
+ANY = "any"  # --dataset any / --regime any: choose across datasets or regimes on purpose
 
 
 @dataclass(frozen=True)

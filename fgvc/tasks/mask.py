@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlflow
 
-from fgvc import experiments
+from fgvc import mlflow_names
 from fgvc import distributed
 from fgvc.devices import resolve_device
 from fgvc.masking import MaskConfig, Segmenter, execute, plan_masking
@@ -26,7 +26,7 @@ from fgvc.viz.masking import plot_mask_examples, plot_person_ratio_hist
 
 EXPERIMENT_DESCRIPTION = ("Background removal by `mask`: person segmentation of a dataset root into its masked copy "
                           "(fallback rates, person coverage, examples).")
-EXPERIMENT = experiments.MASK
+EXPERIMENT = mlflow_names.MASK
 EXAMPLES = 8
 
 

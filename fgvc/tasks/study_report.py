@@ -21,7 +21,6 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities import Metric, RunTag
@@ -31,6 +30,7 @@ from fgvc.analysis.methods import METHODS
 from fgvc.analysis.methods.attribution import AttributionMethod
 from fgvc.files import write_csv
 from fgvc.study.config import StudyPlan
+from fgvc.study.records import CellResult, StudyResult
 from fgvc.study.leak import leak_paragraph, leak_table, show_leak
 from fgvc.study.render import interval_statement, markdown_tables, report_tables, terminal_table
 from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, NO_DATA, QUALITY_FACTOR, add_comparisons,
@@ -38,9 +38,6 @@ from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, NO_DATA, QUALITY_FACT
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import git_commit
 from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
-
-if TYPE_CHECKING:
-    from fgvc.tracking.study_run import CellResult, StudyResult
 
 log = logging.getLogger("fgvc")
 

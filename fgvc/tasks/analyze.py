@@ -32,7 +32,7 @@ from PIL import Image
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from fgvc import experiments
+from fgvc import mlflow_names
 from fgvc.analysis.config import AnalyzeConfig, settings_id, settings_of
 from fgvc.analysis.data import check_fits_model, load_analysis_data
 from fgvc.analysis.methods import METHODS
@@ -43,12 +43,13 @@ from fgvc.errors import FgvcError
 from fgvc.tracking.markdown import code
 from fgvc.tracking import fencing
 from fgvc.tracking.claims import claimed
-from fgvc.tracking.registry import load_model
+from fgvc.tracking.model_registry import load_model
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
+from fgvc.tracking.search import find_runs
 
 log = logging.getLogger("fgvc")
 
-EXPERIMENT = experiments.ANALYSIS
+EXPERIMENT = mlflow_names.ANALYSIS
 EXPERIMENT_DESCRIPTION = ("Analysis records: one run per `analyze`, keyed per method by the digest of its settings "
                           "(tag fgvc.analysis.<method>.id). The training runs show the results too.")
 
@@ -90,10 +91,7 @@ def describe_outcome(outcome: AnalysisOutcome) -> str:
 
 def find_record(method: str, key: str) -> mlflow.entities.Run | None:
     """A finished analysis record of `method` with settings id `key`, in any experiment."""
-    runs = MlflowClient().search_runs(
-        [e.experiment_id for e in MlflowClient().search_experiments()],
-        f"tags.`{tag(method, 'id')}` = '{key}' and tags.`fgvc.task` = 'analyze' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    runs = find_runs({tag(method, "id"): key, "fgvc.task": "analyze"}, status="FINISHED", max_results=1)
     return runs[0] if runs else None
 
 
@@ -183,7 +181,7 @@ def _record(cfg: AnalyzeConfig, client: MlflowClient, resolved, model, data, roo
         with tempfile.TemporaryDirectory(prefix="fgvc-analysis-") as tmp:
             results = run_methods(model, data, cfg, Path(tmp), todo)
             for m, result in results.items():
-                fencing.check(f"recording {m}")  # the analysis is claimed: still this process's
+                fencing.ensure_held(f"recording {m}")  # the analysis is claimed: still this process's
                 folder = Path(tmp) / m
                 (folder / "metrics.json").write_text(json.dumps(
                     {"model": resolved.uri, "settings": settings[m], "settings_id": ids[m], "info": result.info,

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from fgvc import experiments
+from fgvc import mlflow_names
 from fgvc.data.config import PrepareConfig
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import generate_demo
@@ -25,10 +25,10 @@ log = logging.getLogger("fgvc")
 
 EXPERIMENT_DESCRIPTION = ("Dataset roots built by `prepare`: the demo generator or an ingest of real images (params, "
                           "counts, a sample grid, the digest).")
-EXPERIMENT = experiments.DATA
+EXPERIMENT = mlflow_names.DATA
 
 
-def check(cfg: PrepareConfig) -> None:
+def check_arguments_of(cfg: PrepareConfig) -> None:
     """Every argument, before anything is touched: the demo config, the ingest's arguments
     (source not inside the root, root not inside the source), an existing root."""
     root = Path(cfg.root)
@@ -50,7 +50,7 @@ def check(cfg: PrepareConfig) -> None:
 
 def build_root(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Write the dataset root; returns its meta. Overwriting removes only what prepare wrote."""
-    check(cfg)
+    check_arguments_of(cfg)
     root = Path(cfg.root)
     if written_files(root):
         removed = remove_written(root)
@@ -132,7 +132,7 @@ def save_sample_grid(root: Path, path: Path, per_class: int = 4, max_classes: in
 
 def run_prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Build the root and log params, counts, a sample grid and the digest to MLflow."""
-    check(cfg)  # before a run exists: a refusal leaves no FAILED run behind
+    check_arguments_of(cfg)  # before a run exists: a refusal leaves no FAILED run behind
     name = "prepare-demo" if cfg.is_demo else f"prepare-{Path(cfg.source).name}"
     what = "the synthetic runway demo" if cfg.is_demo else f"an ingest of {code(cfg.source)}"
     with tracked_run(EXPERIMENT, name, task="prepare", experiment_description=EXPERIMENT_DESCRIPTION,

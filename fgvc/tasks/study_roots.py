@@ -1,0 +1,90 @@
+"""The study's data: per shortcut strength and split, the source root (the preset's demo,
+generated when missing, or the root given, dealt again by show or at random) and the
+background-removed root a masked regime trains on (built once when missing), with the digests
+that identify what a training sees. Claimed by the source's path, so studies (or array tasks)
+started together build each root once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from fgvc.config import digest
+from fgvc.data.dataset import ShardDataset
+from fgvc.data.demo import DemoConfig
+from fgvc.data.resplit import resplit_root
+from fgvc.data.roots import DEFAULT_DATA_ROOT, demo_config_of, ensure_demo, resolve_root
+from fgvc.data.shards import dataset_digest, pixels_digest, read_meta, validate_root
+from fgvc.errors import ConfigError
+from fgvc.masking import MaskConfig
+from fgvc.study.config import PRESETS, StudyPlan
+from fgvc.study.records import Roots
+from fgvc.tasks.mask import run_mask
+from fgvc.tracking.claims import claimed
+
+log = logging.getLogger("fgvc")
+
+DEFAULT_SEGMENTER = "deeplabv3_resnet101"
+
+
+def demo_root_for(demo: DemoConfig) -> Path:
+    """`data/demo` for the default demo, `data/demo-<preset>` for a preset's, else
+    `data/demo-<digest of the config>`: one root per distinct demo configuration."""
+    if demo == DemoConfig():
+        return Path(DEFAULT_DATA_ROOT)
+    for name, preset in PRESETS.items():
+        if preset["demo"] == demo:
+            return Path(f"{DEFAULT_DATA_ROOT}-{name}")
+    return Path(f"{DEFAULT_DATA_ROOT}-{digest({k: repr(v) for k, v in asdict(demo).items()})[:8]}")
+
+
+def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool, split: str | None = None,
+                  collect: bool = False) -> Roots:
+    """Resolve (and if needed generate) the source root, split by `split` when given (the same
+    images dealt again: fgvc.data.resplit); build the masked root when a masked regime needs
+    it, or when the source has no person masks for the shortcut test (`collect`: never; the
+    cells' own tasks built it, and masking could need the GPU a collecting node lacks).
+    Claimed by the source's path: studies (or array tasks) started together build each root once."""
+    where = Path(plan.data_root) if plan.data_root is not None else \
+        demo_root_for(plan.demo_for(bg_correlation, split))
+    with claimed(f"roots.{digest({'path': str(where.resolve())})}", f"study data {where}"):
+        return _prepare_roots(plan, bg_correlation, split, progress, collect)
+
+
+def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | None, progress: bool,
+                   collect: bool = False) -> Roots:
+    demo = given = None
+    if plan.data_root is None:
+        demo = plan.demo_for(bg_correlation, split)
+        source = ensure_demo(demo_root_for(demo), demo)
+    else:
+        given = resolve_root(plan.data_root)
+        source = given if split is None else resplit_root(given, split, progress)
+        demo = demo_config_of(source)  # a demo root given by path: its planted strength is known
+    info = validate_root(source)
+    source_digest = dataset_digest(source)
+    has_masks = info.has_masks or "masks" in ShardDataset(source, "val").keys
+    masked = masked_digest = segmenter = None
+    if any(c.spec.masked for c in plan.cells()) or not has_masks:
+        mine = plan.masked_root and bg_correlation is None and given in (None, source)
+        masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
+        segmenter = plan.segmenter or ("groundtruth" if has_masks else DEFAULT_SEGMENTER)
+        if not (masked / "meta.json").exists() and collect:
+            # --collect builds no data: no cell was trained on a root that is not there, and the
+            # cells say so, each in the order of the grid
+            log.warning("study: %s is missing; the cells that need it have not run yet", masked)
+            return Roots(source.resolve(), source_digest, has_masks, None, None, segmenter, demo,
+                         pixels_digest(source), None)
+        if not (masked / "meta.json").exists():
+            log.info("study: masking %s into %s (segmenter %s)", source, masked, segmenter)
+            run_mask(MaskConfig(src_root=str(source), dst_root=str(masked), segmenter=segmenter, device=plan.device),
+                     progress=progress)
+        meta = read_meta(masked)
+        if meta.get("source_digest") not in (None, source_digest):
+            raise ConfigError(f"{masked} was masked from a dataset with digest {meta['source_digest']}, not "
+                              f"{source} ({source_digest}); pass --masked-root <a new folder>")
+        segmenter = (meta.get("masking") or {}).get("segmenter") or segmenter
+        masked_digest = dataset_digest(masked)
+    return Roots(source.resolve(), source_digest, has_masks, masked.resolve() if masked else None, masked_digest,
+                 segmenter, demo, pixels_digest(source), pixels_digest(masked) if masked else None)
