@@ -47,7 +47,7 @@ from original_loop import OriginalShardDataset, original_loader  # noqa: E402
 
 from fgvc.data.dataset import BatchLoader, ShardDataset  # noqa: E402
 from fgvc.data.demo import DemoConfig, generate_demo  # noqa: E402
-from fgvc.data.ingest import decode_all, ingest, list_source  # noqa: E402
+from fgvc.data.ingest import IngestOptions, decode_all, ingest, list_source  # noqa: E402
 from fgvc.data.shards import load_shard, shards_of  # noqa: E402
 from fgvc.devices import cpu_count  # noqa: E402
 
@@ -200,7 +200,8 @@ def ingest_section(args, base: Path, files: int) -> None:
     cores = cpu_count()
 
     def run(workers: int):
-        return lambda: ingest(source, dst, height=args.height, width=args.width, progress=False, workers=workers)
+        return lambda: ingest(source, dst, IngestOptions(height=args.height, width=args.width), progress=False,
+                              workers=workers)
 
     listing = list_source(source)
 

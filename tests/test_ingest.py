@@ -1,3 +1,4 @@
+import hashlib
 import json
 import logging
 
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 from fgvc.data.decode import load_image, to_rgb
-from fgvc.data.ingest import ingest, val_count
+from fgvc.data.ingest import IngestOptions, ingest, val_count
 from fgvc.data.shards import read_label_map, read_meta, read_shard, shards_of, validate_root
 
 KEPT = ["Comme des Garçons", "Maison Margiela", "山本耀司"]
@@ -171,6 +172,34 @@ def test_zero_val_fraction_writes_train_only(tree, tmp_path):
     assert meta["counts"] == {"train": 11, "val": 0}
     assert not (root / "val").exists()
     assert validate_root(root, splits=("train",)).counts == {"train": 11}
+
+
+def root_digest(root, source):
+    """sha256 over every file of a root (relative name, then bytes), with the source's path in
+    meta.json (its `source`, and the file names in PIL's error messages) read as `<source>`."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "meta.json":
+            for spelling in sorted({str(source.resolve()), str(source)}, key=len, reverse=True):
+                data = data.replace(spelling.encode(), b"<source>")
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + data)
+    return digest.hexdigest()
+
+
+# Obtained by running this ingest with the code as it stood before `ingest` was split into named
+# steps (one options record, one list of shard items), in the project's venv (torch 2.x, Pillow):
+# a change of torch's file format or of Pillow's decoders changes it too, nothing else should.
+TREE_DIGEST = "106a5a90f30a2ce7acf6b87e7fe43f2200124f72703e7cc42d2caa4030301615"
+
+
+def test_ingest_writes_the_same_bytes_as_before(tree, tmp_path):
+    """Shards, label map and meta.json byte for byte: the image modes, the skipped files and the
+    dropped designer of the tree, in two train shards and one val shard."""
+    ingest(tree, tmp_path / "keywords", height=32, width=24, shard_size=4, progress=False)
+    assert root_digest(tmp_path / "keywords", tree) == TREE_DIGEST
+    ingest(tree, tmp_path / "options", IngestOptions(height=32, width=24, shard_size=4), progress=False)
+    assert root_digest(tmp_path / "options", tree) == TREE_DIGEST
 
 
 @pytest.mark.parametrize("n, fraction, expected", [

@@ -12,7 +12,7 @@ first ``R`` neighbours, where ``P(i)`` is the precision at rank ``i``.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -103,28 +103,38 @@ def cosine_topk(
             raise ValueError(f"exclude has {exclude.shape[0]} rows for {n_query} queries")
     scores = torch.full((n_query, k), float("-inf"), dtype=query.dtype, device=query.device)
     indices = torch.full((n_query, k), -1, dtype=torch.long, device=query.device)
+
+    def blocked(rows: slice, cols: slice) -> Optional[Tensor]:
+        return _excluded(rows, cols, exclude, query_labels, ref_labels, exclude_same_label, query.device)
+
     for q0 in range(0, n_query, query_chunk):
         rows = slice(q0, min(q0 + query_chunk, n_query))
-        best_s = best_i = None
-        for r0 in range(0, n_ref, reference_chunk):
-            cols = slice(r0, min(r0 + reference_chunk, n_ref))
-            sims = query[rows] @ reference[cols].T
-            blocked = _excluded(
-                rows, cols, exclude, query_labels, ref_labels, exclude_same_label, query.device
-            )
-            if blocked is not None:
-                sims.masked_fill_(blocked, float("-inf"))
-            s, i = sims.topk(min(k_eff, sims.shape[1]), dim=1)
-            i = i + r0
-            if best_s is not None:
-                merged = torch.cat([best_s, s], 1)
-                s, pick = merged.topk(min(k_eff, merged.shape[1]), dim=1)
-                i = torch.cat([best_i, i], 1).gather(1, pick)
-            best_s, best_i = s, i
-        best_i = best_i.masked_fill(torch.isneginf(best_s), -1)
-        scores[rows, :k_eff] = best_s
-        indices[rows, :k_eff] = best_i
+        scores[rows, :k_eff], indices[rows, :k_eff] = _rows_topk(query, reference, rows, k_eff, reference_chunk,
+                                                                 blocked)
     return scores, indices
+
+
+def _rows_topk(query: Tensor, reference: Tensor, rows: slice, k: int, reference_chunk: int,
+               blocked: Callable[[slice, slice], Optional[Tensor]]) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of the queries ``query[rows]`` against all of ``reference``, one block of
+    ``reference_chunk`` references at a time, each block's best merged into the running best.
+    ``blocked(rows, cols)``: the bool block of excluded references, or None. Index ``-1``
+    where the score is ``-inf`` (no candidate)."""
+    best_s = best_i = None
+    for r0 in range(0, reference.shape[0], reference_chunk):
+        cols = slice(r0, min(r0 + reference_chunk, reference.shape[0]))
+        sims = query[rows] @ reference[cols].T
+        blocked_here = blocked(rows, cols)
+        if blocked_here is not None:
+            sims.masked_fill_(blocked_here, float("-inf"))
+        s, i = sims.topk(min(k, sims.shape[1]), dim=1)
+        i = i + r0
+        if best_s is not None:
+            merged = torch.cat([best_s, s], 1)
+            s, pick = merged.topk(min(k, merged.shape[1]), dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, pick)
+        best_s, best_i = s, i
+    return best_s, best_i.masked_fill(torch.isneginf(best_s), -1)
 
 
 def _labels_at(ref_labels: Tensor, indices: Tensor) -> Tensor:

@@ -211,44 +211,71 @@ def fill_person_rows(images: Tensor, person_mask: Tensor) -> Tensor:
     Returns:
         float ``[B, C, H, W]``, equal to ``images`` outside the mask.
     """
-    batch, channels, height, width = images.shape
     person = person_mask.bool()
     background = ~person
-    cols = torch.arange(width, device=images.device).expand(batch, height, width)
+    cols = torch.arange(images.shape[3], device=images.device).expand_as(person)
+    left, right = _nearest_background(background, cols)
+    fill = _interpolate_in_row(images, cols, left, right)
+    fill = _mirror_about_run_ends(images, background, cols, left, right, fill)
+    has_background = (left >= 0) | (right < images.shape[3])
+    fill = torch.where(has_background[:, None], fill, _background_mean(images, background).expand_as(images))
+    return torch.where(person[:, None], fill, images)
+
+
+def _nearest_background(background: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Per pixel ``[B, H, W]``: the column of the nearest background pixel at or left of it
+    (``-1`` where none) and at or right of it (``W`` where none), in its row."""
+    width = background.shape[2]
     left = torch.where(background, cols, torch.full_like(cols, -1)).cummax(dim=2).values
     right_src = torch.where(background, cols, torch.full_like(cols, width)).flip(2)
     right = right_src.cummin(dim=2).values.flip(2)
-    has_left, has_right = left >= 0, right < width
+    return left, right
 
-    def at(index: Tensor) -> Tensor:
-        index = index.clamp(0, width - 1)[:, None].expand(batch, channels, height, width)
-        return images.gather(3, index)
+
+def _row_gather(images: Tensor, index: Tensor) -> Tensor:
+    """``images`` ``[B, C, H, W]`` at column ``index`` ``[B, H, W]`` of the same row (clamped
+    to the frame)."""
+    batch, channels, height, width = images.shape
+    index = index.clamp(0, width - 1)[:, None].expand(batch, channels, height, width)
+    return images.gather(3, index)
+
+
+def _interpolate_in_row(images: Tensor, cols: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """Linear interpolation between the nearest background pixels left and right in the row;
+    the one available side at the image border."""
+    has_left, has_right = left >= 0, right < images.shape[3]
+    span = (right - left).clamp(min=1).to(images.dtype)
+    weight_right = ((cols - left).to(images.dtype) / span)[:, None]
+    both = _row_gather(images, left) * (1 - weight_right) + _row_gather(images, right) * weight_right
+    one_side = torch.where(has_left[:, None], _row_gather(images, left), _row_gather(images, right))
+    return torch.where((has_left & has_right)[:, None], both, one_side)
+
+
+def _mirror_about_run_ends(images: Tensor, background: Tensor, cols: Tensor, left: Tensor, right: Tensor,
+                           fill: Tensor) -> Tensor:
+    """``fill`` where the background mirrored about the nearer end of the person run (left
+    end at ``left + 1``, right end at ``right - 1``) is usable, else the other end's mirror."""
+    width = images.shape[3]
 
     def usable(source: Tensor) -> Tensor:
         inside = (source >= 0) & (source < width)
         return inside & background.gather(2, source.clamp(0, width - 1))
 
-    span = (right - left).clamp(min=1).to(images.dtype)
-    weight_right = ((cols - left).to(images.dtype) / span)[:, None]
-    both = at(left) * (1 - weight_right) + at(right) * weight_right
-    one_side = torch.where(has_left[:, None], at(left), at(right))
-    fill = torch.where((has_left & has_right)[:, None], both, one_side)
-
-    # Reflection about the run's edges: left end at ``left + 1``, right end at ``right - 1``.
     mirror_left, mirror_right = 2 * left + 1 - cols, 2 * right - 1 - cols
-    ok_left = has_left & usable(mirror_left)
-    ok_right = has_right & usable(mirror_right)
+    ok_left = (left >= 0) & usable(mirror_left)
+    ok_right = (right < width) & usable(mirror_right)
     nearer_left = (cols - left) <= (right - cols)
     use_left = ok_left & (nearer_left | ~ok_right)
     use_right = ok_right & ~use_left
-    fill = torch.where(use_right[:, None], at(mirror_right), fill)
-    fill = torch.where(use_left[:, None], at(mirror_left), fill)
+    fill = torch.where(use_right[:, None], _row_gather(images, mirror_right), fill)
+    return torch.where(use_left[:, None], _row_gather(images, mirror_left), fill)
 
+
+def _background_mean(images: Tensor, background: Tensor) -> Tensor:
+    """Per-channel mean of each image's background pixels ``[B, C, 1, 1]`` (0 without any)."""
     bg = background[:, None].to(images.dtype)
     bg_pixels = bg.sum(dim=(2, 3)).clamp(min=1)
-    bg_mean = ((images * bg).sum(dim=(2, 3)) / bg_pixels)[:, :, None, None]
-    fill = torch.where((has_left | has_right)[:, None], fill, bg_mean.expand_as(images))
-    return torch.where(person[:, None], fill, images)
+    return ((images * bg).sum(dim=(2, 3)) / bg_pixels)[:, :, None, None]
 
 
 def pick_partners(labels: Tensor, seed: int) -> dict[str, Union[Tensor, int]]:

@@ -150,22 +150,57 @@ def render_shots(cfg: DemoConfig, shots: Shots) -> tuple[torch.Tensor, torch.Ten
     palette, so the full-size float work is a handful of passes.
     """
     H, W = cfg.height, cfg.width
-    b = len(shots.pattern)
-    col = lambda k: shots.jitter[:, k].view(b, 1, 1)  # noqa: E731  [B, 1, 1]
     ys = torch.arange(H, dtype=torch.float32).view(1, H, 1)
     xs = torch.arange(W, dtype=torch.float32).view(1, 1, W)
+    horizon = (shots.horizon.view(-1, 1, 1) + 0.04 * (_jitter(shots, HORIZON) - 0.5)) * H  # floor line, px
+    layer = _backdrop_layers(shots, ys, xs, horizon)
+    figure = _figure(shots, ys, xs, H)
+    secondary = _garment_secondary(shots, figure, ys, xs, H, W)
+    layer.masked_fill_(figure.head, HEAD).masked_fill_(figure.legs & ~figure.trousers, LEGS)
+    layer = torch.where(figure.garment, CLOTH + secondary.to(torch.uint8), layer)
+    image = _paint(shots, layer, ys, horizon)
+    mask = figure.head | figure.body | figure.legs
+    return image.clamp_(0, 255).round_().to(torch.uint8), mask.to(torch.uint8)
 
-    # Backdrop: wall with light bands above the floor line, a floor below.
-    horizon = (shots.horizon.view(b, 1, 1) + 0.04 * (col(HORIZON) - 0.5)) * H
-    lights = shots.lights.view(b, 1, 1)
-    band = (torch.cos(2 * math.pi * lights * (xs / W + 0.1 * col(LIGHT_PHASE))) > 0.6) & (lights > 0)
+
+def _jitter(shots: Shots, column: int) -> torch.Tensor:
+    """One column of the per-shot jitter as [B, 1, 1]."""
+    return shots.jitter[:, column].view(len(shots.pattern), 1, 1)
+
+
+def _backdrop_layers(shots: Shots, ys: torch.Tensor, xs: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W] layer index of the backdrop: wall with light bands above the floor
+    line, a floor below."""
+    W = xs.shape[2]
+    lights = shots.lights.view(-1, 1, 1)
+    band = (torch.cos(2 * math.pi * lights * (xs / W + 0.1 * _jitter(shots, LIGHT_PHASE))) > 0.6) & (lights > 0)
     on_floor = ys >= horizon  # [B, H, 1]
-    layer = torch.where(on_floor, FLOOR, (band & ~on_floor).to(torch.uint8) * LIGHT).to(torch.uint8)
+    return torch.where(on_floor, FLOOR, (band & ~on_floor).to(torch.uint8) * LIGHT).to(torch.uint8)
 
-    # The figure: centred with jitter, scaled to the frame height.
-    scale = H * (0.85 + 0.1 * col(SCALE))
-    cx = W / 2 + (col(CENTRE) - 0.5) * W * 0.2
-    top = H * 0.04 + col(TOP) * H * 0.04
+
+@dataclass
+class Figure:
+    """A batch's model figures as bool maps (each broadcasts to [B, H, W]), and where the
+    garment's pattern is anchored: the body's top row and the figure's centre column [B, 1, 1]."""
+
+    head: torch.Tensor
+    body: torch.Tensor
+    legs: torch.Tensor
+    trousers: torch.Tensor  # legs covered by the garment
+    body_top: torch.Tensor
+    cx: torch.Tensor
+
+    @property
+    def garment(self) -> torch.Tensor:
+        return self.body | self.trousers
+
+
+def _figure(shots: Shots, ys: torch.Tensor, xs: torch.Tensor, H: int) -> Figure:
+    """The figure: centred with jitter, scaled to the frame height, in the shot's silhouette."""
+    W = xs.shape[2]
+    scale = H * (0.85 + 0.1 * _jitter(shots, SCALE))
+    cx = W / 2 + (_jitter(shots, CENTRE) - 0.5) * W * 0.2
+    top = H * 0.04 + _jitter(shots, TOP) * H * 0.04
     head_r = 0.07 * scale
     head_cy = top + head_r
     body_top = head_cy + head_r * 1.1
@@ -173,7 +208,7 @@ def render_shots(cfg: DemoConfig, shots: Shots) -> tuple[torch.Tensor, torch.Ten
     legs_bottom = (top + scale).clamp(max=H - 1.0)
     half_w = 0.13 * scale
     t = ((ys - body_top) / (body_bottom - body_top).clamp(min=1.0)).clamp(0, 1)
-    silhouette = shots.silhouette.view(b, 1, 1)
+    silhouette = shots.silhouette.view(-1, 1, 1)
     a_line = silhouette == SILHOUETTES.index("a-line")
     is_trousers = silhouette == SILHOUETTES.index("trousers")
     body_half = torch.where(a_line, half_w * (0.8 + 0.9 * t),
@@ -186,35 +221,38 @@ def render_shots(cfg: DemoConfig, shots: Shots) -> tuple[torch.Tensor, torch.Ten
     leg_dx = 0.06 * scale
     legs = ((ys > body_end) & (ys <= legs_bottom)) & (
         ((xs - (cx - leg_dx)).abs() <= leg_w) | ((xs - (cx + leg_dx)).abs() <= leg_w))
-    trousers = legs & is_trousers
-    garment = body | trousers
+    return Figure(head, body, legs, legs & is_trousers, body_top, cx)
 
+
+def _garment_secondary(shots: Shots, figure: Figure, ys: torch.Tensor, xs: torch.Tensor, H: int, W: int
+                       ) -> torch.Tensor:
+    """bool [B, H, W]: where each garment's pattern shows its secondary colour."""
+    b = len(shots.pattern)
     period = torch.round(shots.period.float() * H / 64).clamp(min=1).long().view(b, 1, 1)
-    pattern_y = (ys - body_top).long()  # [B, H, 1]
-    pattern_x = (xs - cx + 100).long()  # [B, 1, W]
+    pattern_y = (ys - figure.body_top).long()  # [B, H, 1]
+    pattern_x = (xs - figure.cx + 100).long()  # [B, 1, W]
     secondary = torch.zeros(b, H, W, dtype=torch.bool)
     for k, kind in enumerate(PATTERNS):
         chosen = (shots.pattern == k).nonzero().flatten()
         if len(chosen) and kind != "solid":
             secondary.index_copy_(0, chosen, garment_pattern(kind, pattern_y[chosen], pattern_x[chosen],
                                                       period[chosen]))
+    return secondary
 
-    layer.masked_fill_(head, HEAD).masked_fill_(legs & ~trousers, LEGS)
-    layer = torch.where(garment, CLOTH + secondary.to(torch.uint8), layer)
-    mask = head | body | legs
 
+def _paint(shots: Shots, layer: torch.Tensor, ys: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in 0..255 units: each layer's colour from a per-image palette, then
+    floor shading, cloth tint, per-shot exposure and sensor noise."""
+    b, H, W = layer.shape
     skin = SKIN_AT_FULL_VALUE.view(1, 3) * (0.55 + 0.35 * shots.jitter[:, SKIN:SKIN + 1])
     palette = torch.stack([shots.wall, shots.light_colour, shots.floor, skin, skin * 0.9,
                            shots.primary, shots.secondary], dim=2)  # [B, 3, layers]
     image = palette.gather(2, layer.view(b, 1, H * W).long().expand(b, 3, H * W)).view(b, 3, H, W)
-
-    # Per-pixel brightness: floor shading, cloth tint, per-shot exposure; in 0..255 units.
     shade = 1.0 - 0.4 * (ys - horizon).clamp(min=0) / H  # [B, H, 1]
-    tint = 0.9 + 0.2 * col(TINT)
+    tint = 0.9 + 0.2 * _jitter(shots, TINT)
     gain = torch.where(layer == FLOOR, shade, torch.where(layer >= CLOTH, tint, 1.0))
-    gain.mul_((0.85 + 0.3 * col(EXPOSURE)) * 255.0)
-    image.mul_(gain.unsqueeze(1)).add_(shots.noise, alpha=0.03 * 255.0)
-    return image.clamp_(0, 255).round_().to(torch.uint8), mask.to(torch.uint8)
+    gain.mul_((0.85 + 0.3 * _jitter(shots, EXPOSURE)) * 255.0)
+    return image.mul_(gain.unsqueeze(1)).add_(shots.noise, alpha=0.03 * 255.0)
 
 
 def render_image(cfg: DemoConfig, designer: Designer, venue: Venue, g: torch.Generator

@@ -44,6 +44,7 @@ import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -62,9 +63,10 @@ from fgvc.data.shards import (
     write_shard,
 )
 from fgvc.data.source_checks import merge_designer_names, screen
-from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, list_source
+from fgvc.data.sources import MAX_NAMES_IN_LOG, SourceImage, SourceListing, list_source
 from fgvc.data.splits import (  # noqa: F401  (seeded_rank, val_count: imported from here too)
     DEFAULT_GROUP_PATTERN,
+    Split,
     check_split_arguments,
     make_split,
     seeded_rank,
@@ -176,134 +178,228 @@ def decode_all(images: list[SourceImage], height: int, width: int, resize: str, 
             yield from zip((images[k] for k in part), pool.map(decode, part))
 
 
-def _write_shards(jobs: list[tuple[Path, list[int], list[int], list[int]]], staging: int, height: int,
-                  width: int, num_classes: int, workers: int) -> None:
-    """Assemble each shard from its staging rows and write it (job: path, rows, labels, group
-    ids), several shards at a time (reading rows and writing files release the GIL)."""
+@dataclass(frozen=True)
+class IngestOptions:
+    """How an ingest fits its images and deals them into splits and shards: everything
+    meta.json records of it, so the same options and source give byte-identical roots."""
+
+    height: int = 64
+    width: int = 48
+    resize: str = "pad"
+    val_fraction: float = 0.2
+    seed: int = 0
+    shard_size: int = 500
+    split_by: str = "auto"
+    group_pattern: str = DEFAULT_GROUP_PATTERN
+    test_fraction: float = 0.0
+
+    def check(self, source: Path, root: Path) -> None:
+        """Refuse bad options before anything is read or written."""
+        check_arguments(source, root, self.height, self.width, self.resize, self.val_fraction, self.shard_size)
+        check_split_arguments(self.split_by, self.group_pattern, self.val_fraction, self.test_fraction)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A readable image of the listing and the staging-file row holding its pixels."""
+
+    image: SourceImage
+    row: int
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """One image of a shard: its staging row, class index and group id."""
+
+    row: int
+    label: int
+    group: int
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """A shard file to write and its images, in order."""
+
+    path: Path
+    items: list[ShardItem]
+
+
+@dataclass
+class Layout:
+    """The shards to write, and what meta.json says about them."""
+
+    jobs: list[ShardJob]
+    counts: dict[str, int]  # split -> images
+    class_counts: dict[str, dict[str, int]]  # split -> designer -> images
+    group_names: list[str]  # group id -> group key
+
+
+def _write_shards(jobs: list[ShardJob], staging: int, height: int, width: int, num_classes: int,
+                  workers: int) -> None:
+    """Assemble each shard from its staging rows and write it, several shards at a time
+    (reading rows and writing files release the GIL)."""
     row_bytes = 3 * height * width
 
-    def write(job) -> None:
-        path, rows, labels, groups = job
-        images = torch.empty(len(rows), 3, height, width, dtype=torch.uint8)  # [N, 3, H, W]
-        for j, row in enumerate(rows):
-            if os.preadv(staging, [images[j].numpy().reshape(-1)], row * row_bytes) != row_bytes:
-                raise OSError(f"{path.parent.parent}: staging file ended early (disk full?)")
-        write_shard(path, make_shard(images, torch.tensor(labels, dtype=torch.int64), num_classes,
-                                     groups=torch.tensor(groups, dtype=torch.int64)),
-                    num_classes=num_classes)
+    def write(job: ShardJob) -> None:
+        images = torch.empty(len(job.items), 3, height, width, dtype=torch.uint8)  # [N, 3, H, W]
+        for j, item in enumerate(job.items):
+            if os.preadv(staging, [images[j].numpy().reshape(-1)], item.row * row_bytes) != row_bytes:
+                raise OSError(f"{job.path.parent.parent}: staging file ended early (disk full?)")
+        labels = torch.tensor([item.label for item in job.items], dtype=torch.int64)
+        groups = torch.tensor([item.group for item in job.items], dtype=torch.int64)
+        write_shard(job.path, make_shard(images, labels, num_classes, groups=groups), num_classes=num_classes)
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fgvc-shards") as pool:
         list(pool.map(write, jobs))
 
 
-def ingest(source: str | Path, root: str | Path, height: int = 64, width: int = 48,
-           resize: str = "pad", val_fraction: float = 0.2, seed: int = 0, shard_size: int = 500,
-           progress: bool = True, workers: int | None = None, split_by: str = "auto",
-           group_pattern: str = DEFAULT_GROUP_PATTERN, test_fraction: float = 0.0,
-           unlabelled_test: str | Path | None = None) -> dict:
+def ingest(source: str | Path, root: str | Path, options: IngestOptions | None = None, *, progress: bool = True,
+           workers: int | None = None, unlabelled_test: str | Path | None = None, **settings) -> dict:
     """Write a dataset root (train/val(/test) shards, index_to_label.json, meta.json) from an
     image folder or a `path,label[,group]` CSV; returns the meta written. See the module
-    docstring and fgvc.data.splits for the split; ``unlabelled_test``: a Kaggle test folder
-    kept beside the splits (fgvc.data.unlabelled)."""
+    docstring and fgvc.data.splits for the split. ``settings``: fields of
+    :class:`IngestOptions` by name (``height=32, val_fraction=0.1``), over ``options``;
+    ``unlabelled_test``: a Kaggle test folder kept beside the splits (fgvc.data.unlabelled)."""
     source, root = Path(source), Path(root)
-    check_arguments(source, root, height, width, resize, val_fraction, shard_size)
-    check_split_arguments(split_by, group_pattern, val_fraction, test_fraction)
+    options = replace(options or IngestOptions(), **settings)
+    options.check(source, root)
     listing, refused = screen(list_source(source), source)
     listing = merge_designer_names(listing)
+    _start_root(root)
+    workers = workers or cpu_count()
+    with tempfile.TemporaryFile(dir=root, prefix=".ingest-staging-") as staging:
+        staged, skipped = _decode_listing(listing, options, staging.fileno(), workers, progress)
+        skipped = refused + skipped  # not opened: not regular files (logged by screen)
+        kept, dropped = _kept_designers(listing, staged, source, skipped)
+        split = _deal(staged, options)
+        layout = _lay_out_shards(root, staged, split, kept, options.shard_size)
+        _write_shards(layout.jobs, staging.fileno(), options.height, options.width, len(kept), workers)
+    _warn_without_val(root, options, layout)
+    write_label_map(root, kept)
+    meta = _meta(source, listing, options, split, staged, layout, kept, skipped, dropped)
+    if unlabelled_test is not None:
+        meta["unlabelled_test"] = ingest_unlabelled(unlabelled_test, root, options.height, options.width,
+                                                    options.resize, options.shard_size, progress, workers)
+    write_json(root / "meta.json", meta)
+    _report_ingest(source, root, meta, split, len(staged))
+    return meta
+
+
+def _start_root(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     # meta.json is written last and marks a finished root; an interrupted re-ingest must not
     # leave the previous one's in place.
     (root / "meta.json").unlink(missing_ok=True)
 
-    # Decode every file once; row k of the staging file holds listing.images[k], [3, H, W] uint8.
+
+def _decode_listing(listing: SourceListing, options: IngestOptions, staging: int, workers: int, progress: bool
+                    ) -> tuple[list[Staged], list[dict]]:
+    """Decode every listed file once into the staging file (row k holds listing.images[k],
+    [3, H, W] uint8): the readable images, and {path, error} for each unreadable one."""
+    staged: list[Staged] = []
     skipped: list[dict] = []
-    readable: list[SourceImage] = []
-    rows: list[int] = []  # staging row of each readable image
-    workers = workers or cpu_count()
-    with tempfile.TemporaryFile(dir=root, prefix=".ingest-staging-") as staging:
-        bar = tqdm(total=len(listing.images), desc="ingest", unit="img", disable=None if progress else True)
-        for k, (image, error) in enumerate(decode_all(listing.images, height, width, resize, staging.fileno(),
-                                                      workers)):
-            bar.update(1)
-            if error is not None:  # a bad file must not stop the run: report it instead
-                skipped.append({"path": image.name, "error": f"{type(error).__name__}: {error}"})
-                continue
-            readable.append(image)
-            rows.append(k)
-        bar.close()
-        _report_skipped(skipped)
-        skipped = refused + skipped  # not opened: not regular files (logged by screen)
+    bar = tqdm(total=len(listing.images), desc="ingest", unit="img", disable=None if progress else True)
+    decoded = decode_all(listing.images, options.height, options.width, options.resize, staging, workers)
+    for k, (image, error) in enumerate(decoded):
+        bar.update(1)
+        if error is not None:  # a bad file must not stop the run: report it instead
+            skipped.append({"path": image.name, "error": f"{type(error).__name__}: {error}"})
+            continue
+        staged.append(Staged(image, k))
+    bar.close()
+    _report_skipped(skipped)
+    return staged, skipped
 
-        listed = {}
-        for image in listing.images:
-            listed[image.label] = listed.get(image.label, 0) + 1
-        kept = sorted({image.label for image in readable})
-        dropped = [
-            {"label": name, "files": listed.get(name, 0),
-             "reason": "every image file was unreadable" if listed.get(name) else "no image files"}
-            for name in listing.designers if name not in kept
-        ]
-        if dropped:
-            log.warning("dropped %d designer(s) with no readable image: %s",
-                        len(dropped), ", ".join(d["label"] for d in dropped))
-        if not kept:
-            raise ConfigError(f"{source}: no readable images ({len(skipped)} file(s) skipped)")
-        index_of = {name: i for i, name in enumerate(kept)}
 
-        labels = [image.label for image in readable]
-        split = make_split(labels, [image.name for image in readable], split_by, val_fraction, seed,
-                           test_fraction, group_pattern, [image.group for image in readable])
-        _report_single_group(split.single_group_designers)
-        group_names = sorted(set(split.group_of))
-        group_id = {g: k for k, g in enumerate(group_names)}
-        splits = split.members
-        if "test" not in splits:
-            _remove_stale_shards(root / "test", 0)
-        counts, class_counts, jobs = {}, {}, []
-        for split_name, members in splits.items():
-            chunks = [members[start:start + shard_size] for start in range(0, len(members), shard_size)]
-            jobs += [(root / split_name / shard_name(k), [rows[i] for i in chunk],
-                      [index_of[readable[i].label] for i in chunk],
-                      [group_id[split.group_of[i]] for i in chunk]) for k, chunk in enumerate(chunks)]
-            _remove_stale_shards(root / split_name, len(chunks))
-            counts[split_name] = len(members)
-            per_class = {name: 0 for name in kept}
-            for i in members:
-                per_class[readable[i].label] += 1
-            class_counts[split_name] = per_class
-        _write_shards(jobs, staging.fileno(), height, width, len(kept), workers)
+def _kept_designers(listing: SourceListing, staged: list[Staged], source: Path, skipped: list[dict]
+                    ) -> tuple[list[str], list[dict]]:
+    """The designers with a readable image (sorted: class index order), and a record of each
+    one dropped; refuses a source with no readable image."""
+    listed: dict[str, int] = {}
+    for image in listing.images:
+        listed[image.label] = listed.get(image.label, 0) + 1
+    kept = sorted({s.image.label for s in staged})
+    dropped = [
+        {"label": name, "files": listed.get(name, 0),
+         "reason": "every image file was unreadable" if listed.get(name) else "no image files"}
+        for name in listing.designers if name not in kept
+    ]
+    if dropped:
+        log.warning("dropped %d designer(s) with no readable image: %s",
+                    len(dropped), ", ".join(d["label"] for d in dropped))
+    if not kept:
+        raise ConfigError(f"{source}: no readable images ({len(skipped)} file(s) skipped)")
+    return kept, dropped
 
-    if counts["val"] == 0:
+
+def _deal(staged: list[Staged], options: IngestOptions) -> Split:
+    """The split of the readable images (fgvc.data.splits), indices into `staged`."""
+    split = make_split([s.image.label for s in staged], [s.image.name for s in staged], options.split_by,
+                       options.val_fraction, options.seed, options.test_fraction, options.group_pattern,
+                       [s.image.group for s in staged])
+    _report_single_group(split.single_group_designers)
+    return split
+
+
+def _lay_out_shards(root: Path, staged: list[Staged], split: Split, kept: list[str], shard_size: int) -> Layout:
+    """Each split's members in shards of `shard_size`, in the split's order; removes the
+    shards an earlier, larger ingest left in the root."""
+    index_of = {name: i for i, name in enumerate(kept)}
+    group_names = sorted(set(split.group_of))
+    group_id = {g: k for k, g in enumerate(group_names)}
+    if "test" not in split.members:
+        _remove_stale_shards(root / "test", 0)
+    layout = Layout([], {}, {}, group_names)
+    for split_name, members in split.members.items():
+        chunks = [members[start:start + shard_size] for start in range(0, len(members), shard_size)]
+        layout.jobs += [ShardJob(root / split_name / shard_name(k),
+                                 [ShardItem(staged[i].row, index_of[staged[i].image.label],
+                                            group_id[split.group_of[i]]) for i in chunk])
+                        for k, chunk in enumerate(chunks)]
+        _remove_stale_shards(root / split_name, len(chunks))
+        layout.counts[split_name] = len(members)
+        per_class = {name: 0 for name in kept}
+        for i in members:
+            per_class[staged[i].image.label] += 1
+        layout.class_counts[split_name] = per_class
+    return layout
+
+
+def _warn_without_val(root: Path, options: IngestOptions, layout: Layout) -> None:
+    if layout.counts["val"] == 0:
         log.warning("%s: no validation images (val_fraction=%s, largest designer has %d image(s)); "
-                    "the root has a train split only", root, val_fraction,
-                    max(class_counts["train"].values()))
-    write_label_map(root, kept)
-    meta = {
+                    "the root has a train split only", root, options.val_fraction,
+                    max(layout.class_counts["train"].values()))
+
+
+def _meta(source: Path, listing: SourceListing, options: IngestOptions, split: Split, staged: list[Staged],
+          layout: Layout, kept: list[str], skipped: list[dict], dropped: list[dict]) -> dict:
+    """meta.json of an ingested root (its keys in this order)."""
+    labels = [s.image.label for s in staged]
+    return {
         "source": str(source.resolve()),
         "source_kind": listing.kind,
-        "image_size": [height, width],
-        "resize": resize,
+        "image_size": [options.height, options.width],
+        "resize": options.resize,
         "transparency": "composited on black",
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "seed": seed,
-        "split": {**summary(split, labels, group_pattern), "group_names": group_names},
-        "shard_size": shard_size,
+        "val_fraction": options.val_fraction,
+        "test_fraction": options.test_fraction,
+        "seed": options.seed,
+        "split": {**summary(split, labels, options.group_pattern), "group_names": layout.group_names},
+        "shard_size": options.shard_size,
         "num_classes": len(kept),
-        "counts": counts,
-        "class_counts": class_counts,
+        "counts": layout.counts,
+        "class_counts": layout.class_counts,
         "listed_count": len(listing.images),
         "skipped_count": len(skipped),
         "skipped": skipped,
         "dropped_classes": dropped,
         "ignored": listing.notes,
     }
-    if unlabelled_test is not None:
-        meta["unlabelled_test"] = ingest_unlabelled(unlabelled_test, root, height, width, resize, shard_size,
-                                                    progress, workers)
-    write_json(root / "meta.json", meta)
-    log.info("ingested %s into %s: %d classes, %s, skipped %d", source, root, len(kept),
-             ", ".join(f"{s} {n}" for s, n in counts.items()), len(skipped))
+
+
+def _report_ingest(source: Path, root: Path, meta: dict, split: Split, readable: int) -> None:
+    log.info("ingested %s into %s: %d classes, %s, skipped %d", source, root, meta["num_classes"],
+             ", ".join(f"{s} {n}" for s, n in meta["counts"].items()), meta["skipped_count"])
     log.info("split by %s: groups %s; %d file(s) carry a show code, %d do not (%s)", split.rule,
-             meta["split"]["groups"], split.coded, len(labels) - split.coded, meta["split"]["uncoded_rule"])
-    return meta
+             meta["split"]["groups"], split.coded, readable - split.coded, meta["split"]["uncoded_rule"])

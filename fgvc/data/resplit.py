@@ -63,7 +63,7 @@ def resplit_root(root: str | Path, rule: str, progress: bool = True) -> Path:
     if not Path(source).exists():
         raise MissingFileError(f"{root} was prepared from {source}, which is not there any more: splitting the same "
                                f"images by {rule} deals them again from there")
-    from fgvc.data.ingest import ingest  # PIL and the decoders only when a root is dealt again
+    from fgvc.data.ingest import IngestOptions, ingest  # PIL and the decoders only when a root is dealt again
 
     found = read_meta(target) if (target / "meta.json").exists() else {}
     same = (found.get("source") == meta["source"] and (found.get("split") or {}).get("by") == rule
@@ -72,11 +72,12 @@ def resplit_root(root: str | Path, rule: str, progress: bool = True) -> Path:
         return target
     log.info("splitting the images of %s by %s into %s (from %s)", root, rule, target, source)
     height, width = meta["image_size"]
-    made = ingest(source, target, height=height, width=width, resize=meta.get("resize", "pad"),
-                  val_fraction=meta.get("val_fraction", 0.2), seed=meta.get("seed", 0),
-                  shard_size=meta.get("shard_size", 500), progress=progress, split_by=rule,
-                  group_pattern=(meta.get("split") or {}).get("group_pattern") or DEFAULT_GROUP_PATTERN,
-                  test_fraction=meta.get("test_fraction", 0.0))
+    options = IngestOptions(height=height, width=width, resize=meta.get("resize", "pad"),
+                            val_fraction=meta.get("val_fraction", 0.2), seed=meta.get("seed", 0),
+                            shard_size=meta.get("shard_size", 500), split_by=rule,
+                            group_pattern=(meta.get("split") or {}).get("group_pattern") or DEFAULT_GROUP_PATTERN,
+                            test_fraction=meta.get("test_fraction", 0.0))
+    made = ingest(source, target, options, progress=progress)
     if _total(made) != _total(meta):
         raise ConfigError(f"{source} holds {_total(made)} readable images now, {_total(meta)} when {root} was "
                           f"prepared: the two splits would not be of the same images; prepare it again "

@@ -34,8 +34,8 @@ from mlflow.tracking import MlflowClient
 
 from fgvc import mlflow_names
 from fgvc.analysis.config import AnalyzeConfig, settings_id, settings_of
-from fgvc.analysis.data import check_fits_model, load_analysis_data
-from fgvc.analysis.methods import METHODS
+from fgvc.analysis.data import AnalysisData, check_fits_model, load_analysis_data
+from fgvc.analysis.methods import METHODS, MethodResult
 from fgvc.analysis.suite import check_inputs, run_methods
 from fgvc.config import digest
 from fgvc.devices import resolve_device
@@ -43,7 +43,7 @@ from fgvc.errors import FgvcError
 from fgvc.tracking.markdown import code
 from fgvc.tracking import fencing
 from fgvc.tracking.claims import claimed
-from fgvc.tracking.model_registry import load_model
+from fgvc.tracking.model_registry import ResolvedModel, load_model
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 from fgvc.tracking.search import find_runs
 
@@ -133,70 +133,130 @@ def run_analyze(cfg: AnalyzeConfig, reuse: bool = False) -> AnalysisOutcome:
     With `reuse`, a method whose record with the same settings id exists is not recomputed."""
     configure_tracking()
     client = MlflowClient()
-    device = resolve_device(cfg.device)
-    model, resolved, ckpt = load_model(cfg.model, device)
-    source_run = client.get_run(resolved.run_id)
-    root = cfg.data_root or source_run.data.params.get("data_root_abs") or source_run.data.params.get("data_root")
+    model, resolved, ckpt = load_model(cfg.model, resolve_device(cfg.device))
+    root = analysed_root(cfg, client, resolved)
+    data = load_checked_data(cfg, root, ckpt, resolved)
+    settings, ids = method_settings(cfg, resolved, data)
+    # Two analyses with these settings started together: one computes, the other waits and reuses.
+    with claimed(f"analysis.{digest(ids)}", f"{'+'.join(cfg.method)} of {resolved.uri}", client) as claim:
+        return record_analysis(cfg, client, resolved, model, data, root, settings, ids, reuse or claim.waited)
+
+
+def analysed_root(cfg: AnalyzeConfig, client: MlflowClient, resolved: ResolvedModel) -> str:
+    """The data root: `--data-root`, else the one the version's training run recorded."""
+    params = client.get_run(resolved.run_id).data.params
+    root = cfg.data_root or params.get("data_root_abs") or params.get("data_root")
     if not root:
         raise FgvcError(f"{resolved.uri}: its training run records no data_root; pass --data-root")
+    return root
+
+
+def load_checked_data(cfg: AnalyzeConfig, root: str, ckpt: dict, resolved: ResolvedModel) -> AnalysisData:
+    """The analysed images, refused before a run exists (a refusal leaves no FAILED run) when
+    they do not fit the model or lack what a method needs."""
     data = load_analysis_data(root, cfg.split, cfg.num_images, cfg.seed, cfg.mask_root,
                               num_classes=ckpt["spec"]["num_classes"])
     check_fits_model(data, ckpt["spec"], ckpt.get("label_names"), resolved.uri)
-    check_inputs(data, cfg.method)  # before a run exists: a refusal leaves no FAILED run
+    check_inputs(data, cfg.method)
+    return data
+
+
+def method_settings(cfg: AnalyzeConfig, resolved: ResolvedModel, data: AnalysisData
+                    ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per method: the settings its numbers depend on, and their id (the record's key)."""
     context = {"model_version": resolved.uri, "data_digest": data.digest, "mask_source": data.mask_source}
     settings = {m: {**settings_of(cfg, METHODS.get(m).settings), **METHODS.get(m).fixed_settings}
                 for m in cfg.method}
-    ids = {m: settings_id(settings[m], context) for m in cfg.method}
-    # Two analyses with these settings started together: one computes, the other waits and reuses.
-    with claimed(f"analysis.{digest(ids)}", f"{'+'.join(cfg.method)} of {resolved.uri}", client) as claim:
-        return _record(cfg, client, resolved, model, data, root, settings, ids, reuse or claim.waited)
+    return settings, {m: settings_id(settings[m], context) for m in cfg.method}
 
 
-def _record(cfg: AnalyzeConfig, client: MlflowClient, resolved, model, data, root, settings: dict, ids: dict,
-            reuse: bool) -> AnalysisOutcome:
-    reused = {m: r for m in cfg.method if reuse and (r := find_record(m, ids[m])) is not None}
-    todo = tuple(m for m in cfg.method if m not in reused)
+def record_analysis(cfg: AnalyzeConfig, client: MlflowClient, resolved: ResolvedModel, model, data: AnalysisData,
+                    root: str, settings: dict, ids: dict, reuse: bool) -> AnalysisOutcome:
+    """Reuse the records found (with `reuse`), compute the other methods in a new record run,
+    and show each result on the training run (see the module doc)."""
     outcome = AnalysisOutcome("", {}, ids)
-    for m, record in reused.items():
-        outcome.metrics[m] = {k.split("/", 1)[1]: v for k, v in record.data.metrics.items() if k.startswith(f"{m}/")}
-        outcome.reused[m] = record.info.run_id
-        outcome.shown[m] = _show(client, resolved.run_id, m, ids[m], cfg.show_on_training_run)
-        _attach(client, resolved.run_id, m, ids[m], settings[m], record.info.run_id, outcome.metrics[m], None,
-                outcome.shown[m])
+    if reuse:
+        attach_reused(cfg, client, resolved, settings, outcome)
+    todo = tuple(m for m in cfg.method if m not in outcome.reused)
     if not todo:
         outcome.record_run_id = next(iter(outcome.reused.values()))
         return outcome
-
-    name = f"analyze-{'+'.join(todo)}-{resolved.name}-v{resolved.version}"
-    description = (f"{', '.join(todo)} of {code(resolved.uri)} (training run {code(resolved.run_id)}) on "
-                   f"{len(data.labels)} {cfg.split} images of {code(data.root)}; masks: {data.mask_source}.")
-    tags = {"fgvc.model_uri": cfg.model, "fgvc.model_version": f"{resolved.name}/{resolved.version}",
-            "fgvc.source_run": resolved.run_id, **{tag(m, "id"): ids[m] for m in todo},
-            **{tag(m, "settings"): readable(settings[m]) for m in todo}}
-    with tracked_run(EXPERIMENT, name, task="analyze", description=description, tags=tags,
+    with tracked_run(EXPERIMENT, f"analyze-{'+'.join(todo)}-{resolved.name}-v{resolved.version}", task="analyze",
+                     description=record_description(cfg, resolved, data, todo),
+                     tags=record_tags(cfg, resolved, todo, settings, ids),
                      experiment_description=EXPERIMENT_DESCRIPTION) as run:
         outcome.record_run_id = run.info.run_id
         log_params({**cfg.params(), "method": ",".join(todo), "model_version": resolved.version,
                     "data_root": str(root), "mask_source": data.mask_source, "num_images_effective": len(data.labels)})
-        with tempfile.TemporaryDirectory(prefix="fgvc-analysis-") as tmp:
-            results = run_methods(model, data, cfg, Path(tmp), todo)
-            for m, result in results.items():
-                fencing.ensure_held(f"recording {m}")  # the analysis is claimed: still this process's
-                folder = Path(tmp) / m
-                (folder / "metrics.json").write_text(json.dumps(
-                    {"model": resolved.uri, "settings": settings[m], "settings_id": ids[m], "info": result.info,
-                     "metrics": result.metrics}, indent=2))
-                mlflow.log_metrics({f"{m}/{k}": v for k, v in result.metrics.items()})
-                if result.info:
-                    log_params({f"{m}.{k}": v for k, v in result.info.items()})
-                mlflow.log_artifacts(str(folder), f"analysis/{m}")
-                outcome.metrics[m] = result.metrics
-                outcome.shown[m] = _show(client, resolved.run_id, m, ids[m], cfg.show_on_training_run)
-                _attach(client, resolved.run_id, m, ids[m], settings[m], run.info.run_id, result.metrics, folder,
-                        outcome.shown[m])
+        compute_and_record(cfg, client, resolved, model, data, todo, settings, outcome)
+    report_hidden(resolved, todo, outcome)
+    return outcome
+
+
+def attach_reused(cfg: AnalyzeConfig, client: MlflowClient, resolved: ResolvedModel, settings: dict,
+                  outcome: AnalysisOutcome) -> None:
+    """The methods with a finished record of the same settings id: its numbers, attached to the
+    training run like new ones."""
+    found = {m: r for m in cfg.method if (r := find_record(m, outcome.ids[m])) is not None}
+    for m, record in found.items():
+        outcome.reused[m] = record.info.run_id
+        metrics = {k.split("/", 1)[1]: v for k, v in record.data.metrics.items() if k.startswith(f"{m}/")}
+        attach_result(outcome, client, cfg, resolved, m, settings[m], record.info.run_id, metrics, None)
+
+
+def record_description(cfg: AnalyzeConfig, resolved: ResolvedModel, data: AnalysisData, todo: tuple) -> str:
+    return (f"{', '.join(todo)} of {code(resolved.uri)} (training run {code(resolved.run_id)}) on "
+            f"{len(data.labels)} {cfg.split} images of {code(data.root)}; masks: {data.mask_source}.")
+
+
+def record_tags(cfg: AnalyzeConfig, resolved: ResolvedModel, todo: tuple, settings: dict, ids: dict) -> dict:
+    """The model analysed and, per method, its settings id (what finds the record again) and
+    its settings (readable)."""
+    return {"fgvc.model_uri": cfg.model, "fgvc.model_version": f"{resolved.name}/{resolved.version}",
+            "fgvc.source_run": resolved.run_id, **{tag(m, "id"): ids[m] for m in todo},
+            **{tag(m, "settings"): readable(settings[m]) for m in todo}}
+
+
+def compute_and_record(cfg: AnalyzeConfig, client: MlflowClient, resolved: ResolvedModel, model,
+                       data: AnalysisData, todo: tuple, settings: dict, outcome: AnalysisOutcome) -> None:
+    """Run the methods `todo` and record each in the active record run, then show it on the
+    training run."""
+    with tempfile.TemporaryDirectory(prefix="fgvc-analysis-") as tmp:
+        results = run_methods(model, data, cfg, Path(tmp), todo)
+        for m, result in results.items():
+            fencing.ensure_held(f"recording {m}")  # the analysis is claimed: still this process's
+            folder = Path(tmp) / m
+            log_method_result(folder, resolved, m, settings[m], outcome.ids[m], result)
+            attach_result(outcome, client, cfg, resolved, m, settings[m], outcome.record_run_id, result.metrics, folder)
+
+
+def log_method_result(folder: Path, resolved: ResolvedModel, method: str, settings: dict, key: str,
+                      result: MethodResult) -> None:
+    """`analysis/<method>/` (with metrics.json), the metrics `<method>/...` and the params
+    `<method>.<info>` of the record run."""
+    (folder / "metrics.json").write_text(json.dumps(
+        {"model": resolved.uri, "settings": settings, "settings_id": key, "info": result.info,
+         "metrics": result.metrics}, indent=2))
+    mlflow.log_metrics({f"{method}/{k}": v for k, v in result.metrics.items()})
+    if result.info:
+        log_params({f"{method}.{k}": v for k, v in result.info.items()})
+    mlflow.log_artifacts(str(folder), f"analysis/{method}")
+
+
+def attach_result(outcome: AnalysisOutcome, client: MlflowClient, cfg: AnalyzeConfig, resolved: ResolvedModel,
+                  method: str, settings: dict, record_id: str, metrics: dict[str, float], folder: Path | None
+                  ) -> None:
+    """A method's result into `outcome`, and attached to the training run (shown there when
+    :func:`_show` says so)."""
+    outcome.metrics[method] = metrics
+    outcome.shown[method] = _show(client, resolved.run_id, method, outcome.ids[method], cfg.show_on_training_run)
+    _attach(client, resolved.run_id, method, outcome.ids[method], settings, record_id, metrics, folder,
+            outcome.shown[method])
+
+
+def report_hidden(resolved: ResolvedModel, todo: tuple, outcome: AnalysisOutcome) -> None:
     hidden = [m for m in todo if not outcome.shown[m]]
     if hidden:
         log.info("training run %s keeps showing its earlier %s results (other settings); these are in record "
                  "run %s (pass --show-on-training-run true to show them there)", resolved.run_id,
                  ", ".join(hidden), outcome.record_run_id)
-    return outcome

@@ -24,6 +24,7 @@ import csv
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +43,7 @@ from fgvc.devices import cpu_count
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.models.predict import Predictor, decode_image_bytes
 from fgvc.tracking.markdown import code
-from fgvc.tracking.model_registry import download_checkpoint, resolve_version
+from fgvc.tracking.model_registry import ResolvedModel, download_checkpoint, resolve_version
 from fgvc.tracking.runs import artifact_dir, log_params, tracked_run
 
 log = logging.getLogger("fgvc")
@@ -179,59 +180,116 @@ def write_predictions(path: Path, rows: list[dict], unreadable: list[dict], fmt:
         writer.writerows([bad["file"], "", "", "", "", bad["error"]] for bad in unreadable)
 
 
+@dataclass
+class PhotoSource:
+    """What `predict` reads: the unlabelled test set a dataset root keeps (`stored`), or the
+    photos listed in a folder or CSV."""
+
+    stored: bool
+    photos: list[Photo]
+    count: int
+
+
+@dataclass
+class Predictions:
+    """One record per readable photo, {file, path, error} per unreadable one, every key in
+    listing order, and the designer an unreadable photo of a submission gets, and why."""
+
+    rows: list[dict]
+    unreadable: list[dict]
+    order: list[str]
+    fallback: str | None = None
+    why: str | None = None
+
+
 def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     """Predict every photo of `cfg.source` with `cfg.model`, write `cfg.out`, log the run."""
+    source = photo_source(cfg)  # before a run exists: a refusal leaves no FAILED run behind
+    out = output_file(cfg)
+    resolved = resolve_version(cfg.model)
+    kaggle = cfg.format == "kaggle"
+    sidecar = unreadable_list_path(out) if kaggle else None
+    with tracked_run(EXPERIMENT, f"predict-{resolved.name}-v{resolved.version}", task="predict",
+                     experiment_description=EXPERIMENT_DESCRIPTION, description=describe_run(cfg, resolved, source),
+                     tags={"fgvc.model_uri": resolved.uri, "fgvc.source_run_id": resolved.run_id}):
+        with artifact_dir() as tmp:
+            predictor = Predictor.from_checkpoint(download_checkpoint(resolved, tmp))
+        found = predict_source(predictor, cfg, source, progress)
+        if kaggle and found.unreadable:
+            found.fallback, found.why = fallback_designer(training_root(resolved.run_id), predictor.label_names,
+                                                          found.rows)
+        warn_unreadable(cfg, found, sidecar)
+        write_predictions(out, found.rows, found.unreadable, cfg.format, found.order, found.fallback)
+        if kaggle:
+            write_unreadable_list(sidecar, found.unreadable, found.fallback)
+        log_predictions(cfg, resolved, out, found, sidecar)
+        run_id = mlflow.active_run().info.run_id
+    return {"run_id": run_id, "rows": len(found.rows), "unreadable": found.unreadable, "out": str(out),
+            "model": resolved.uri, "fallback_designer": found.fallback,
+            "unreadable_list": str(sidecar) if found.fallback else None}
+
+
+def photo_source(cfg: PredictConfig) -> PhotoSource:
+    """The photos of `--source`: a dataset root's unlabelled test set, or a listing; a root
+    without one is refused."""
     stored = has_unlabelled(cfg.source)
     if not stored and (Path(cfg.source) / "meta.json").is_file():
         raise ConfigError(f"--source {cfg.source}: a dataset root without an unlabelled test set; give a folder of "
                           f"photos, or prepare the root with --unlabelled-test <Kaggle test folder>")
-    # before a run exists: a refusal leaves no FAILED run behind
-    photos = [] if stored else list_photos(cfg.source)
-    count = read_meta(cfg.source)["unlabelled_test"]["count"] if stored else len(photos)
+    if stored:
+        return PhotoSource(True, [], read_meta(cfg.source)["unlabelled_test"]["count"])
+    photos = list_photos(cfg.source)
+    return PhotoSource(False, photos, len(photos))
+
+
+def output_file(cfg: PredictConfig) -> Path:
     out = Path(cfg.out)
     if out.is_dir():
         raise ConfigError(f"--out {cfg.out}: is a folder; give a file name such as predictions.csv")
-    resolved = resolve_version(cfg.model)
-    with tracked_run(EXPERIMENT, f"predict-{resolved.name}-v{resolved.version}", task="predict",
-                     experiment_description=EXPERIMENT_DESCRIPTION,
-                     description=f"Predictions of {code(resolved.uri)} for {count} photo(s) of "
-                                 f"{code(cfg.source)}" + (" (its unlabelled test set, keyed by Id)" if stored else "")
-                                 + f", written as {cfg.format} to {code(cfg.out)}.",
-                     tags={"fgvc.model_uri": resolved.uri, "fgvc.source_run_id": resolved.run_id}):
-        with artifact_dir() as tmp:
-            predictor = Predictor.from_checkpoint(download_checkpoint(resolved, tmp))
-        if stored:
-            rows, unreadable = predict_stored(predictor, cfg.source, cfg.top_k, cfg.batch_size, progress)
-            order = listed_ids(read_meta(cfg.source)["unlabelled_test"])
-        else:
-            rows, unreadable = predict_photos(predictor, photos, cfg.top_k, cfg.batch_size, progress)
-            order = [photo.key for photo in photos]
-        kaggle = cfg.format == "kaggle"
-        fallback = why = None
-        if kaggle and unreadable:
-            fallback, why = fallback_designer(training_root(resolved.run_id), predictor.label_names, rows)
-        sidecar = unreadable_list_path(out) if kaggle else None
-        if unreadable:
-            names = ", ".join(f"{b['file']} ({b['error']})" for b in unreadable[:MAX_NAMES_IN_LOG])
-            more = f" ... and {len(unreadable) - MAX_NAMES_IN_LOG} more" if len(unreadable) > MAX_NAMES_IN_LOG else ""
-            if kaggle:
-                log.warning("%d unreadable photo(s) given %r in the submission (%s), listed in %s: %s%s",
-                            len(unreadable), fallback, why, sidecar, names, more)
-            else:
-                log.warning("%d unreadable photo(s), listed in %s: %s%s", len(unreadable), cfg.out, names, more)
-        write_predictions(out, rows, unreadable, cfg.format, order, fallback)
-        if kaggle:
-            write_unreadable_list(sidecar, unreadable, fallback)
-        log_params({**cfg.params(), "model_version": resolved.version, "registered_model": resolved.name,
-                    "source_abs": str(Path(cfg.source).resolve()),
-                    **({"fallback_designer": fallback} if fallback else {})})
-        predicted = {row["file"] for row in rows}
-        mlflow.log_metrics({"predict/images": len(rows), "predict/unreadable": len(unreadable),
-                            **({"predict/fallback_ids": sum(key not in predicted for key in order)} if kaggle else {})})
-        mlflow.log_artifact(str(out), "predictions")
-        if kaggle and unreadable:
-            mlflow.log_artifact(str(sidecar), "predictions")
-        mlflow.log_dict(unreadable, "predictions/unreadable.json")
-        run_id = mlflow.active_run().info.run_id
-    return {"run_id": run_id, "rows": len(rows), "unreadable": unreadable, "out": str(out), "model": resolved.uri,
-            "fallback_designer": fallback, "unreadable_list": str(sidecar) if fallback else None}
+    return out
+
+
+def describe_run(cfg: PredictConfig, resolved: ResolvedModel, source: PhotoSource) -> str:
+    return (f"Predictions of {code(resolved.uri)} for {source.count} photo(s) of {code(cfg.source)}"
+            + (" (its unlabelled test set, keyed by Id)" if source.stored else "")
+            + f", written as {cfg.format} to {code(cfg.out)}.")
+
+
+def predict_source(predictor: Predictor, cfg: PredictConfig, source: PhotoSource, progress: bool) -> Predictions:
+    if source.stored:
+        rows, unreadable = predict_stored(predictor, cfg.source, cfg.top_k, cfg.batch_size, progress)
+        return Predictions(rows, unreadable, listed_ids(read_meta(cfg.source)["unlabelled_test"]))
+    rows, unreadable = predict_photos(predictor, source.photos, cfg.top_k, cfg.batch_size, progress)
+    return Predictions(rows, unreadable, [photo.key for photo in source.photos])
+
+
+def warn_unreadable(cfg: PredictConfig, found: Predictions, sidecar: Path | None) -> None:
+    """One warning naming the unreadable photos (the first MAX_NAMES_IN_LOG) and where they
+    are listed; for a submission, the designer they were given."""
+    if not found.unreadable:
+        return
+    unreadable = found.unreadable
+    names = ", ".join(f"{b['file']} ({b['error']})" for b in unreadable[:MAX_NAMES_IN_LOG])
+    more = f" ... and {len(unreadable) - MAX_NAMES_IN_LOG} more" if len(unreadable) > MAX_NAMES_IN_LOG else ""
+    if cfg.format == "kaggle":
+        log.warning("%d unreadable photo(s) given %r in the submission (%s), listed in %s: %s%s",
+                    len(unreadable), found.fallback, found.why, sidecar, names, more)
+    else:
+        log.warning("%d unreadable photo(s), listed in %s: %s%s", len(unreadable), cfg.out, names, more)
+
+
+def log_predictions(cfg: PredictConfig, resolved: ResolvedModel, out: Path, found: Predictions,
+                    sidecar: Path | None) -> None:
+    """Params, the counts `predict/...` and the files under `predictions/`."""
+    kaggle = cfg.format == "kaggle"
+    log_params({**cfg.params(), "model_version": resolved.version, "registered_model": resolved.name,
+                "source_abs": str(Path(cfg.source).resolve()),
+                **({"fallback_designer": found.fallback} if found.fallback else {})})
+    predicted = {row["file"] for row in found.rows}
+    mlflow.log_metrics({"predict/images": len(found.rows), "predict/unreadable": len(found.unreadable),
+                        **({"predict/fallback_ids": sum(key not in predicted for key in found.order)}
+                           if kaggle else {})})
+    mlflow.log_artifact(str(out), "predictions")
+    if kaggle and found.unreadable:
+        mlflow.log_artifact(str(sidecar), "predictions")
+    mlflow.log_dict(found.unreadable, "predictions/unreadable.json")

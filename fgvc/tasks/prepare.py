@@ -12,11 +12,10 @@ from fgvc import mlflow_names
 from fgvc.data.config import PrepareConfig
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import generate_demo
-from fgvc.data.ingest import check_arguments, ingest
+from fgvc.data.ingest import IngestOptions, ingest
 from fgvc.data.roots import check_groups, remove_written, written_files
 from fgvc.data.sources import KAGGLE_LIST
-from fgvc.data.splits import check_split_arguments
-from fgvc.data.shards import dataset_digest, read_meta, validate_root
+from fgvc.data.shards import RootInfo, dataset_digest, read_meta, validate_root
 from fgvc.errors import ConfigError
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import DESCRIPTION, artifact_dir, log_dataset, log_params, set_tags, tracked_run
@@ -38,8 +37,7 @@ def check_arguments_of(cfg: PrepareConfig) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     else:
-        check_arguments(Path(cfg.source), root, cfg.height, cfg.width, cfg.resize, cfg.val_fraction)
-        check_split_arguments(cfg.split_by, cfg.group_pattern, cfg.val_fraction, cfg.test_fraction)
+        ingest_options(cfg).check(Path(cfg.source), root)
     if cfg.unlabelled_test is not None and not (Path(cfg.unlabelled_test) / KAGGLE_LIST).is_file():
         raise ConfigError(f"--unlabelled-test {cfg.unlabelled_test}: needs {KAGGLE_LIST} (column Id) listing its "
                           f"photos, as Kaggle's test folder has")
@@ -57,10 +55,14 @@ def build_root(cfg: PrepareConfig, progress: bool = True) -> dict:
         log.info("%s: removed %d file(s) of the previous dataset", root, removed)
     if cfg.is_demo:
         return generate_demo(root, cfg.demo())
-    return ingest(cfg.source, root, height=cfg.height, width=cfg.width, resize=cfg.resize,
-                  val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress, split_by=cfg.split_by,
-                  group_pattern=cfg.group_pattern, test_fraction=cfg.test_fraction,
-                  unlabelled_test=cfg.unlabelled_test)
+    return ingest(cfg.source, root, ingest_options(cfg), progress=progress, unlabelled_test=cfg.unlabelled_test)
+
+
+def ingest_options(cfg: PrepareConfig) -> IngestOptions:
+    """The ingest's size, resize and split settings (shards of the default size)."""
+    return IngestOptions(height=cfg.height, width=cfg.width, resize=cfg.resize, val_fraction=cfg.val_fraction,
+                         seed=cfg.seed, split_by=cfg.split_by, group_pattern=cfg.group_pattern,
+                         test_fraction=cfg.test_fraction)
 
 
 def describe_split(meta: dict) -> str:
@@ -133,31 +135,51 @@ def save_sample_grid(root: Path, path: Path, per_class: int = 4, max_classes: in
 def run_prepare(cfg: PrepareConfig, progress: bool = True) -> dict:
     """Build the root and log params, counts, a sample grid and the digest to MLflow."""
     check_arguments_of(cfg)  # before a run exists: a refusal leaves no FAILED run behind
-    name = "prepare-demo" if cfg.is_demo else f"prepare-{Path(cfg.source).name}"
     what = "the synthetic runway demo" if cfg.is_demo else f"an ingest of {code(cfg.source)}"
-    with tracked_run(EXPERIMENT, name, task="prepare", experiment_description=EXPERIMENT_DESCRIPTION,
+    with tracked_run(EXPERIMENT, prepare_run_name(cfg), task="prepare", experiment_description=EXPERIMENT_DESCRIPTION,
                      description=f"Dataset root {code(cfg.root)}: {what}."):
         meta = build_root(cfg, progress)
         info = validate_root(cfg.root)
         digest = dataset_digest(cfg.root)
-        log_params({**cfg.params(), "root_abs": str(Path(cfg.root).resolve()), "dataset_digest": digest,
-                    "num_classes": info.num_classes, "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
-                    **({"split_by_effective": meta["split"]["by"]} if meta.get("split") else {})})
-        for split, count in info.counts.items():
-            mlflow.log_metric(f"data/{split}/images", count)
-        mlflow.log_metric("data/skipped_files", meta.get("skipped_count", 0))
-        if meta.get("unlabelled_test"):
-            mlflow.log_metric("data/unlabelled_test/images", meta["unlabelled_test"]["count"])
-        for split, count in ((meta.get("split") or {}).get("groups") or {}).items():
-            mlflow.log_metric(f"data/{split}/groups", count)
+        log_params(prepare_params(cfg, meta, info, digest))
+        log_counts(meta, info)
         set_tags({**split_tags(meta), DESCRIPTION: f"Dataset root {code(cfg.root)}: {what}. {describe_split(meta)}"})
-        names = info.label_names or {i: str(i) for i in range(info.num_classes)}
-        counts = {split: {names[i]: n for i, n in enumerate(per_class)}
-                  for split, per_class in info.class_counts.items()}
-        mlflow.log_dict(counts, "data/class_counts.json")
-        mlflow.log_dict(read_meta(cfg.root), "data/meta.json")
-        with artifact_dir() as tmp:
-            mlflow.log_artifact(str(save_sample_grid(Path(cfg.root), tmp / "sample_grid.png")), "data")
+        log_root_files(Path(cfg.root), info)
         log_dataset(cfg.root, digest, name=Path(cfg.root).name, context="output")
         log.info("dataset written to %s: %s, digest %s", cfg.root, info.counts, digest)
         return {**meta, "digest": digest}
+
+
+def prepare_run_name(cfg: PrepareConfig) -> str:
+    return "prepare-demo" if cfg.is_demo else f"prepare-{Path(cfg.source).name}"
+
+
+def prepare_params(cfg: PrepareConfig, meta: dict, info: RootInfo, digest: str) -> dict:
+    """The config's params and what the written root is."""
+    return {**cfg.params(), "root_abs": str(Path(cfg.root).resolve()), "dataset_digest": digest,
+            "num_classes": info.num_classes, "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
+            **({"split_by_effective": meta["split"]["by"]} if meta.get("split") else {})}
+
+
+def log_counts(meta: dict, info: RootInfo) -> None:
+    """`data/<split>/images`, `data/skipped_files`, `data/unlabelled_test/images` and
+    `data/<split>/groups`."""
+    for split, count in info.counts.items():
+        mlflow.log_metric(f"data/{split}/images", count)
+    mlflow.log_metric("data/skipped_files", meta.get("skipped_count", 0))
+    if meta.get("unlabelled_test"):
+        mlflow.log_metric("data/unlabelled_test/images", meta["unlabelled_test"]["count"])
+    for split, count in ((meta.get("split") or {}).get("groups") or {}).items():
+        mlflow.log_metric(f"data/{split}/groups", count)
+
+
+def log_root_files(root: Path, info: RootInfo) -> None:
+    """`data/class_counts.json` (designer names per split), `data/meta.json` and
+    `data/sample_grid.png`."""
+    names = info.label_names or {i: str(i) for i in range(info.num_classes)}
+    counts = {split: {names[i]: n for i, n in enumerate(per_class)}
+              for split, per_class in info.class_counts.items()}
+    mlflow.log_dict(counts, "data/class_counts.json")
+    mlflow.log_dict(read_meta(root), "data/meta.json")
+    with artifact_dir() as tmp:
+        mlflow.log_artifact(str(save_sample_grid(root, tmp / "sample_grid.png")), "data")

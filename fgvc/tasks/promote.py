@@ -47,18 +47,29 @@ class Promotion:
 
 
 def run_promote(cfg: PromoteConfig) -> Promotion:
+    """Choose the version and move the alias, then record the move as a run of its own."""
     configure_tracking()
-    name = cfg.registered_model
     # The choice is made (and refused) before a run exists: a refusal leaves no FAILED run.
-    with acting_on(f"registered model {name}"):
-        promotion = promote(name, metric=cfg.metric, dataset=cfg.dataset, regime=cfg.regime,
-                            version=None if cfg.version is None else str(cfg.version), alias=cfg.alias)
+    promotion = choose_and_move(cfg)
+    record_promotion(cfg, promotion)
+    return promotion
+
+
+def choose_and_move(cfg: PromoteConfig) -> Promotion:
+    """:func:`promote` with the config's choices; a refusal by the server names the model."""
+    with acting_on(f"registered model {cfg.registered_model}"):
+        return promote(cfg.registered_model, metric=cfg.metric, dataset=cfg.dataset, regime=cfg.regime,
+                       version=None if cfg.version is None else str(cfg.version), alias=cfg.alias)
+
+
+def record_promotion(cfg: PromoteConfig, promotion: Promotion) -> None:
+    """The run `promote-<name>-<alias>`: its description says which version and why."""
+    name = cfg.registered_model
     with tracked_run(EXPERIMENT, f"promote-{name}-{cfg.alias}", task="promote",
                      description=code(promotion.describe()), experiment_description=EXPERIMENT_DESCRIPTION):
         log_params({**cfg.params(), "registered_model": name, "version_effective": promotion.version,
                     "dataset_digest_effective": promotion.dataset_digest or "any"})
         mlflow.set_tag("fgvc.model_version", f"{name}/{promotion.version}")
-    return promotion
 
 
 def promote(name: str, metric: str = "val_acc", dataset: str | None = None, regime: str | None = None,

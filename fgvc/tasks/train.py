@@ -30,6 +30,7 @@ import shlex
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -282,70 +283,130 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), progress: bo
         prepared: Prepared = distributed.from_main(lambda: _prepare(cfg))
         session = build_session(cfg, prepared.data, world, prepared.checkpoint, prepared.checkpoint_from)
         if not world.is_main:
-            try:
-                session.run(progress=False)
-            except NonFiniteLoss as e:
-                raise RunFailed(f"{e} (rank {world.rank})") from e
+            train_unrecorded(session)
             return None
-        return _record(cfg, session, prepared, callbacks, progress, experiment, parent_run_id, tags or {})
+        return record_training(cfg, session, prepared, callbacks, progress, experiment, parent_run_id, tags or {})
 
 
-def _record(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: Sequence[Callback],
-            progress: bool, experiment: str | None, parent_run_id: str | None, tags: dict) -> TrainResult:
-    data = session.data
+def train_unrecorded(session: Session) -> None:
+    """A rank other than 0 trains its share of each batch and records nothing."""
+    try:
+        session.run(progress=False)
+    except NonFiniteLoss as e:
+        raise RunFailed(f"{e} (rank {session.world.rank})") from e
+
+
+def record_training(cfg: TrainConfig, session: Session, prepared: Prepared, callbacks: Sequence[Callback],
+                    progress: bool, experiment: str | None, parent_run_id: str | None, tags: dict) -> TrainResult:
+    """Rank 0's training, in its MLflow run: params and dataset, each epoch recorded, then the
+    best checkpoint as the run's MLflow model and registered version, and run_summary.md."""
     name = run_name(cfg, session.regime)
-    reg_name = None if cfg.registered_model is False else (cfg.registered_model or registered_name(cfg.arch))
-    # fgvc.request_id: what was asked (the same from any machine); fgvc.config_id adds how this
-    # device runs it (what a resume must match); fgvc.device_recipe says what that is.
-    tags = {"fgvc.config_id": cfg.identity(session.world.device), "fgvc.request_id": cfg.request_id(),
-            "fgvc.device_recipe": ", ".join(f"{k}={v}" for k, v in session.device_recipe.items()),
-            "fgvc.regime": session.regime, "fgvc.arch": cfg.arch, "fgvc.dataset_digest": data.digest, **tags}
+    reg_name = registered_model_of(cfg)
+    tags = training_tags(cfg, session, tags)
     experiment = experiment or EXPERIMENT
     with tracked_run(experiment, name, task="train", tags=tags, run_id=prepared.run_id,
                      experiment_description=EXPERIMENT_DESCRIPTION if experiment == EXPERIMENT else "",
-                     description=f"Training {name} on `{data.root}` (running).",
+                     description=f"Training {name} on `{session.data.root}` (running).",
                      parent_run_id=None if prepared.run_id else parent_run_id) as run:
-        run_id = run.info.run_id
-        log_params({**train_params(cfg, session), "registered_model": reg_name or "none"})
-        if prepared.checkpoint is None:
-            log_dataset(data.root, data.digest, name=data.root.name, context="training")
-        else:
-            _relog_missing_epochs(run_id, session.history)
-        writer = CheckpointWriter(checkpoint_cache(run_id))
-        if prepared.checkpoint is not None and not writer.path(BEST).is_file():
-            _fetch_best(run_id, writer)  # resumed elsewhere: the best epoch so far is the run's artifact
-        recorder = Recorder(run_id, writer)
-        try:
-            session.run([writer, recorder, *callbacks], progress)
-            recorder.model_logged = bool(reg_name)
-        except NonFiniteLoss as e:
-            raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {run_id}.") from e
-        finally:
-            recorder.flush(session)
-        try:
-            best = session.best
-            version = None
-            # A study's cell moves no alias, whether its study runs it or it runs alone (`study --cell`).
-            alias = None if "fgvc.study_cell" in tags else "candidate"
-            fencing.ensure_held("logging the model")
-            # The finished training waits out a short outage here too (a blip must not fail it).
-            wait = recorder.patience.call
-            if reg_name:
-                version = wait("registering the model", log_and_register, writer.path(BEST), reg_name,
-                               best_metrics(best), session, run_id, study=tags.get("fgvc.study"), alias=alias)
-                wait("tagging the run", mlflow.set_tag, "fgvc.model_version", f"{reg_name}/{version}")
-            summary = summary_markdown(name, session, best, version, reg_name, alias=alias)
-            wait("logging run_summary.md", mlflow.log_text, summary, "run_summary.md")
-            wait("describing the run", mlflow.set_tag, "mlflow.note.content", summary)
-            log.debug("run %s: best val acc %.4f at epoch %d%s", run_id, best["val/acc"], best["epoch"],
-                      f"; registered {reg_name} version {version}" if version else "")
-        except Exception as e:
-            if is_unreachable(e) and not isinstance(e, TrackingUnreachable):
-                raise unreachable(e, kept=recorder.kept) from None
-            raise
-    shutil.rmtree(writer.directory, ignore_errors=True)  # uploaded: the run's artifacts hold it now
-    return TrainResult(run_id, best["epoch"], best["val/acc"], session.history, reg_name if version else None,
-                       version)
+        recorder = start_recording(cfg, session, prepared, run.info.run_id, reg_name)
+        train_recorded(session, recorder, callbacks, progress, reg_name)
+        version = finish_recording(name, session, recorder, reg_name, tags)
+    shutil.rmtree(recorder.writer.directory, ignore_errors=True)  # uploaded: the run's artifacts hold it now
+    best = session.best
+    return TrainResult(run.info.run_id, best["epoch"], best["val/acc"], session.history,
+                       reg_name if version else None, version)
+
+
+def registered_model_of(cfg: TrainConfig) -> str | None:
+    """The registered model the training's best checkpoint becomes a version of; None: none."""
+    return None if cfg.registered_model is False else (cfg.registered_model or registered_name(cfg.arch))
+
+
+def training_tags(cfg: TrainConfig, session: Session, extra: dict) -> dict:
+    """The run's tags, `extra` (e.g. a study's) last."""
+    # fgvc.request_id: what was asked (the same from any machine); fgvc.config_id adds how this
+    # device runs it (what a resume must match); fgvc.device_recipe says what that is.
+    return {"fgvc.config_id": cfg.identity(session.world.device), "fgvc.request_id": cfg.request_id(),
+            "fgvc.device_recipe": ", ".join(f"{k}={v}" for k, v in session.device_recipe.items()),
+            "fgvc.regime": session.regime, "fgvc.arch": cfg.arch, "fgvc.dataset_digest": session.data.digest,
+            **extra}
+
+
+def start_recording(cfg: TrainConfig, session: Session, prepared: Prepared, run_id: str,
+                    reg_name: str | None) -> Recorder:
+    """Log the params and the dataset (resumed: the epochs not recorded yet instead) and make
+    the recorder, with its checkpoint writer on the run's local cache."""
+    data = session.data
+    log_params({**train_params(cfg, session), "registered_model": reg_name or "none"})
+    if prepared.checkpoint is None:
+        log_dataset(data.root, data.digest, name=data.root.name, context="training")
+    else:
+        _relog_missing_epochs(run_id, session.history)
+    writer = CheckpointWriter(checkpoint_cache(run_id))
+    if prepared.checkpoint is not None and not writer.path(BEST).is_file():
+        _fetch_best(run_id, writer)  # resumed elsewhere: the best epoch so far is the run's artifact
+    return Recorder(run_id, writer)
+
+
+def train_recorded(session: Session, recorder: Recorder, callbacks: Sequence[Callback], progress: bool,
+                   reg_name: str | None) -> None:
+    """Train with the checkpoint writer, the recorder and `callbacks` as epoch callbacks; what
+    was trained is flushed to the run also after a failure or Ctrl-C."""
+    try:
+        session.run([recorder.writer, recorder, *callbacks], progress)
+        recorder.model_logged = bool(reg_name)
+    except NonFiniteLoss as e:
+        raise RunFailed(f"{e}. The last good checkpoint is checkpoints/last.pt of run {recorder.run_id}.") from e
+    finally:
+        recorder.flush(session)
+
+
+def finish_recording(name: str, session: Session, recorder: Recorder, reg_name: str | None,
+                     tags: dict) -> str | None:
+    """Register the best checkpoint (when `reg_name`) and write run_summary.md, also the run's
+    description; returns the version. The finished training waits out a short outage here too
+    (a blip must not fail it); after a longer one the message says where the checkpoints are."""
+    # A study's cell moves no alias, whether its study runs it or it runs alone (`study --cell`).
+    alias = None if "fgvc.study_cell" in tags else "candidate"
+    with checkpoints_kept_on_outage(recorder):
+        fencing.ensure_held("logging the model")
+        version = register_best(session, recorder, reg_name, tags.get("fgvc.study"), alias) if reg_name else None
+        describe_training(name, session, recorder, version, reg_name, alias)
+    return version
+
+
+@contextmanager
+def checkpoints_kept_on_outage(recorder: Recorder):
+    """A tracking server that stopped answering ends the run with one message saying where
+    the checkpoints are kept and how to resume."""
+    try:
+        yield
+    except Exception as e:
+        if is_unreachable(e) and not isinstance(e, TrackingUnreachable):
+            raise unreachable(e, kept=recorder.kept) from None
+        raise
+
+
+def register_best(session: Session, recorder: Recorder, reg_name: str, study: str | None,
+                  alias: str | None) -> str:
+    """The best checkpoint as the run's MLflow model, registered as a version of `reg_name`;
+    the run's tag `fgvc.model_version` names it."""
+    wait = recorder.patience.call
+    version = wait("registering the model", log_and_register, recorder.writer.path(BEST), reg_name,
+                   best_metrics(session.best), session, recorder.run_id, study=study, alias=alias)
+    wait("tagging the run", mlflow.set_tag, "fgvc.model_version", f"{reg_name}/{version}")
+    return version
+
+
+def describe_training(name: str, session: Session, recorder: Recorder, version: str | None,
+                      reg_name: str | None, alias: str | None) -> None:
+    """run_summary.md, also the run's description (`mlflow.note.content`)."""
+    best = session.best
+    summary = summary_markdown(name, session, best, version, reg_name, alias=alias)
+    recorder.patience.call("logging run_summary.md", mlflow.log_text, summary, "run_summary.md")
+    recorder.patience.call("describing the run", mlflow.set_tag, "mlflow.note.content", summary)
+    log.debug("run %s: best val acc %.4f at epoch %d%s", recorder.run_id, best["val/acc"], best["epoch"],
+              f"; registered {reg_name} version {version}" if version else "")
 
 
 def _fetch_best(run_id: str, writer: CheckpointWriter) -> None:
