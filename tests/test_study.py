@@ -400,6 +400,46 @@ def test_cells_that_share_a_training_keep_their_own_records_tags_and_differences
         assert client.metrics[run]["compare/val_acc"] == pytest.approx(row["acc"])
 
 
+def test_gather_reads_each_record_once_and_hands_plain_records_to_compute(tiny_root, monkeypatch, tmp_path):
+    """Two cells whose training and swap record are shared (identical pixels): the record's
+    per-image file is downloaded once and both cells get its table; the gathered records carry
+    the training run's metrics and the reported split, and compute needs nothing else."""
+    from types import SimpleNamespace
+
+    from fgvc.files import write_csv
+    from fgvc.study.records import CellResult
+    from fgvc.study.results import compute
+    from fgvc.tasks import study_report
+
+    downloads = []
+
+    def serve(record, artifact, dst, consequence=""):
+        downloads.append((record, artifact))
+        dst.mkdir(parents=True, exist_ok=True)
+        correct = [1] * 18 + [0] * 2
+        table = ({"correct": correct, "bg_preference": [1.0] * 20} if "shortcut" not in artifact else
+                 {"correct_original": correct, "correct_no_fg": correct, "correct_mixed_same": correct,
+                  "correct_mixed_rand": correct})
+        return write_csv(dst / "per_image.csv", {"dataset_index": list(range(20)), **table})
+
+    monkeypatch.setattr(study_report, "_download", serve)
+    cells = [Cell("fn-small", "masked", 0, b) for b in (0.0, 1.0)]
+    results = [CellResult(c, "run-masked", "trained", "models:/m/1", {"shortcut": {"acc_original": 0.9}},
+                          {"gradcam": f"rec-gradcam-{c.key}", "shortcut": "rec-shortcut-shared"}) for c in cells]
+    client = SimpleNamespace(get_run=lambda run_id: SimpleNamespace(data=SimpleNamespace(
+        metrics={"best/val_acc": 0.85})))
+    roots = {(b, None): SimpleNamespace(root=lambda cell: tiny_root) for b in (0.0, 1.0)}
+    records = study_report.gather(client, results, roots)
+    assert sorted(downloads) == sorted([("rec-shortcut-shared", "analysis/shortcut/per_image.csv"),
+                                        *((f"rec-gradcam-{c.key}", "analysis/gradcam/per_image.csv") for c in cells)])
+    assert records[0].per_image["shortcut"] == records[1].per_image["shortcut"]
+    assert set(records[0].per_image) == {"gradcam", "shortcut"} and records[0].split == "val"
+    assert records[0].train_metrics == {"best/val_acc": 0.85} and records[1].status == "trained"
+    tables = compute(records, chance=1 / 3)
+    assert [r["acc"] for r in tables.rows] == pytest.approx([0.9, 0.9])
+    assert [r["val_acc"] for r in tables.rows] == [0.85, 0.85] and tables.split == "val"
+
+
 def test_regime_pairs_and_the_reported_split(tiny_root, tmp_path):
     assert regime_pairs(list(REGIMES.names())) == [("unmasked", "masked"), ("unmasked+aug", "unmasked"),
                                                    ("unmasked+aug", "masked+aug"), ("masked+aug", "masked")]

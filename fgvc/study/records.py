@@ -1,7 +1,8 @@
 """The study's records, shared by the command's steps (fgvc.tasks.study, study_cell,
 study_roots, study_report) and the computation of its tables: where a strength's regimes get
-their images (:class:`Roots`), what one cell produced (:class:`CellResult`) and what the study
-produced (:class:`StudyResult`)."""
+their images (:class:`Roots`), the study run and what it studies (:class:`StudyContext`), what
+one cell produced (:class:`CellResult`), what the study reads back of a finished cell to compute
+its tables (:class:`CellRecord`) and what the study produced (:class:`StudyResult`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fgvc.data.config import DemoConfig
-from fgvc.study.config import Cell
+from fgvc.study.config import Cell, StudyPlan
 
 
 @dataclass
@@ -43,6 +44,23 @@ class Roots:
         return None
 
 
+@dataclass(frozen=True)
+class StudyContext:
+    """The study run and what it studies: where its cells are logged, its plan, its data (per
+    shortcut strength and split, ``Cell.data``) and what the data are (image size, classes)."""
+
+    run_id: str
+    experiment: str  # the experiment's name
+    plan: StudyPlan
+    roots: dict[tuple[float | None, str | None], Roots]
+    image_size: tuple[int, int]
+    num_classes: int
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.num_classes
+
+
 @dataclass
 class CellResult:
     cell: Cell
@@ -51,6 +69,23 @@ class CellResult:
     model_uri: str
     analyses: dict[str, dict[str, float]]  # method -> metrics of its record
     records: dict[str, str]  # method -> record run id
+
+
+@dataclass
+class CellRecord:
+    """A finished cell as the study's tables read it: plain values gathered from its training
+    run and its analysis records (fgvc.tasks.study_report.gather), so the computation
+    (fgvc.study.results.compute) needs no tracking store."""
+
+    cell: Cell
+    run_id: str
+    status: str  # trained | resumed | reused
+    model_uri: str
+    train_metrics: dict[str, float]  # the training run's metrics (best/val_acc, ...)
+    analyses: dict[str, dict[str, float]]  # method -> metrics of its record
+    records: dict[str, str]  # method -> record run id
+    per_image: dict[str, dict[str, list]]  # method -> columns of its per_image.csv (absent: none could be read)
+    split: str = "val"  # the reported split: test when the cell's root has one, else val
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The study's tables as a reader sees them: the report's and results.md's tables (summary,
 show leak, regime differences, cells) and the terminal's verdict lines, from the rows and
-summaries of fgvc.study.tables."""
+summaries of fgvc.study.tables (all of a study's at once: :func:`study_tables`, from
+fgvc.study.results)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 from typing import Mapping, Sequence
 
 from fgvc.analysis.sanity import FLAG_THRESHOLD
+from fgvc.study.leak import leak_table
 from fgvc.study.pairing import DIFFERENCE_MEASURES, fmt, interval_text
+from fgvc.study.results import StudyTables
 from fgvc.study.tables import DID_NOT_LEARN, LEARNED, NO_DATA, QUALITY_FACTOR, TableColumn, columns
 from fgvc.viz.report import Table
 
@@ -138,11 +141,24 @@ def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: f
     return tables
 
 
+def study_tables(results: StudyTables) -> list[Table]:
+    """A study's tables as the report and results.md show them: :func:`report_tables` with the
+    show leak (when the grid has the split axis) after the summary."""
+    extra = [leak_table(results.leak)] if results.leak else []
+    return report_tables(results.rows, results.summary, results.chance, results.differences, extra)
+
+
 def markdown_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: float,
                     differences: Sequence[Mapping] = (), extra: Sequence[Table] = ()) -> str:
     """The report's tables in Markdown (study/results.md); the values of muted rows in italics."""
+    return markdown(report_tables(rows, summary, chance, differences, extra))
+
+
+def markdown(tables: Sequence[Table]) -> str:
+    """Formatted tables in Markdown: title, note, header, body (the values of muted rows in
+    italics) and the columns' legend."""
     lines = []
-    for table in report_tables(rows, summary, chance, differences, extra):
+    for table in tables:
         lines += [f"## {table.title}", ""] + ([table.note, ""] if table.note else [])
         lines += ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
         muted = list(table.muted or [False] * len(table.body))

@@ -18,6 +18,11 @@ study continues where it stopped. A cell is one call of `fgvc.tasks.study_cell.r
 over the cells by an executor (this process, or Ray tasks: fgvc.study.executors); cells and
 records are claimed in the tracking store, so concurrent attempts do each once.
 
+When the cells have run, the study reads them back as plain records (gather:
+fgvc.tasks.study_report), computes its rows, summary, differences, show leak and verdicts in one
+pure step (fgvc.study.results.compute) and writes them: the cells' tags, the study run's files,
+metrics and description (fgvc.tasks.study_report).
+
 The parent is driven through the client: the cells' own runs use the fluent API and must not
 find the parent active.
 """
@@ -33,21 +38,20 @@ from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from fgvc.data.shards import validate_root
 from fgvc.errors import ConfigError
 from fgvc.study.config import Cell, StudyConfig, StudyPlan
 from fgvc.study.executors import RayExecutor, run_local
-from fgvc.study.leak import annotate_summary
-from fgvc.study.tables import DID_NOT_LEARN, NO_DATA, RUNWAY, cell_values, summarize, verdict, verdict_reason
+from fgvc.study.records import CellResult, Roots, StudyContext, StudyResult
+from fgvc.study.results import compute
 from fgvc.tracking import failures
 from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
                                 git_commit, log_params)
-from fgvc.study.records import CellResult, StudyResult
 from fgvc.tasks.study_cell import CellJob, run_cell
-from fgvc.tasks.study_report import complete_rows, write_outputs
+from fgvc.tasks.study_report import finish_study, gather, write_study
 from fgvc.tasks.study_roots import prepare_roots
 
 log = logging.getLogger("fgvc")
@@ -55,24 +59,6 @@ log = logging.getLogger("fgvc")
 EXPERIMENT_DESCRIPTION = ("Background-reliance studies: a study run per study (tables, figures, report.html, the "
                           "verdicts in its description) and a training run per cell, tagged fgvc.study with its "
                           "study run; open 'Model training' and use Chart or Compare to see the cells side by side.")
-
-
-# --------------------------------------------------------------------------------------------
-# Cells
-# --------------------------------------------------------------------------------------------
-
-def cell_row(client: MlflowClient, result: CellResult, chance: float) -> dict:
-    """The study-table row of a finished cell: best-epoch metrics from its training run, every
-    analysis number from the records the study computed (or reused)."""
-    metrics = client.get_run(result.run_id).data.metrics
-    row = {"arch": result.cell.arch, "regime": result.cell.regime, "bg_correlation": result.cell.bg_correlation,
-           "split_by": result.cell.split, "seed": result.cell.seed, "cell": result.cell.key,
-           "run_name": result.cell.run_name, "run_id": result.run_id,
-           "status": result.status, "model": result.model_uri,
-           "chance": chance, **cell_values(metrics, result.analyses)}
-    row["verdict"] = verdict(row, chance)
-    row["verdict_reason"] = verdict_reason(row, chance)
-    return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,50 +170,52 @@ def run_study(cfg: StudyConfig, progress: bool = True, collect: bool = False) ->
         run_id, experiment_name = _start_parent(client, plan, env_run_id)
         experiment = client.get_run(run_id).info.experiment_id
         with ending(run_id, fluent=False):
-            client.log_batch(run_id, tags=[RunTag(TASK, "study"), RunTag("fgvc.git_commit", git_commit()),
-                                           RunTag(DESCRIPTION, f"Background-reliance study ({plan.preset}), "
-                                                               f"{len(plan.cells())} cells: running.")])
-            log_params(cfg.params(), run_id)
+            _record_request(client, run_id, cfg, plan)
             roots = {(b, split): prepare_roots(plan, b, progress, split, collect) for b, split in plan.data()}
-            first = roots[plan.data()[0]]
-            info = validate_root(first.source)
-            log_params({"experiment": experiment_name, "cells": len(plan.cells()), "epochs_effective": plan.epochs,
-                        "archs_effective": ",".join(plan.archs), "regimes_effective": ",".join(plan.regimes),
-                        "seeds_effective": ",".join(map(str, plan.seeds)), "num_images_effective": plan.num_images,
-                        "splits_effective": ",".join(s or "as prepared" for s in plan.splits),
-                        "data_root_effective": ",".join(str(r.source) for r in roots.values()),
-                        "dataset_digest": ",".join(r.source_digest for r in roots.values()),
-                        "segmenter_effective": first.segmenter or "none", "num_classes": info.num_classes,
-                        "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
-                        **({f"demo.{k}": v for k, v in asdict(first.demo).items()} if first.demo else {})}, run_id)
-            cells = plan.cells()
-            jobs = [CellJob(plan, cell, roots[cell.data], run_id, experiment_name, info.image_size, uri,
-                            collect=collect, progress=progress and executor is run_local) for cell in cells]
-
-            def on_done(index: int, result: CellResult) -> None:
-                log.info("study: cell %d/%d %s: %s (run %s)", index + 1, len(cells), result.cell.key, result.status,
-                         result.run_id)
-
-            results = executor(run_cell, jobs, on_done)
-            chance = 1.0 / info.num_classes
-            rows = [cell_row(client, r, chance) for r in results]
-            differences, leak = complete_rows(client, results, rows, roots, chance)
-            summary = summarize(rows)
-            annotate_summary(summary, leak)
-            description = write_outputs(client, run_id, plan, roots, info.image_size, info.num_classes, results,
-                                        rows, summary, differences, leak)
+            study = _record_data(run_id, experiment_name, plan, roots)
+            results = _run_cells(executor, study, uri, collect, progress and executor is run_local)
+            cells = gather(client, results, roots)
+            tables = compute(cells, study.chance)
+            write_study(client, study, tables, cells)
             seconds = time.perf_counter() - start
-            counts = {s: sum(r.status == s for r in results) for s in ("trained", "resumed", "reused")}
-            now = int(time.time() * 1000)
-            totals = {"study/cells": len(results), **{f"study/cells_{k}": v for k, v in counts.items()},
-                      "study/cells_reading_the_runway": sum(r["verdict"] == RUNWAY for r in rows),
-                      "study/cells_did_not_learn": sum(r.get("quality") == DID_NOT_LEARN for r in rows),
-                      "study/cells_no_data": sum(r.get("quality") == NO_DATA for r in rows),
-                      **({"study/verdicts_only_on_random_split": sum(e["only_on_random_split"] for e in leak)}
-                         if leak else {}),
-                      "time/study_s": seconds}
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()],
-                             tags=[RunTag(DESCRIPTION, description)])
+            finish_study(client, run_id, plan.preset, tables, seconds)
     log.info("study %s: %d cells (%s) in %.0f s; report: study/report.html", run_id, len(results),
-             ", ".join(f"{v} {k}" for k, v in counts.items() if v), seconds)
-    return StudyResult(run_id, experiment, results, rows, summary, seconds)
+             ", ".join(f"{v} {k}" for k, v in tables.statuses.items() if v), seconds)
+    return StudyResult(run_id, experiment, results, tables.rows, tables.summary, seconds)
+
+
+def _record_request(client: MlflowClient, run_id: str, cfg: StudyConfig, plan: StudyPlan) -> None:
+    """The study run's task, commit, a description saying it runs, and the options asked."""
+    client.log_batch(run_id, tags=[RunTag(TASK, "study"), RunTag("fgvc.git_commit", git_commit()),
+                                   RunTag(DESCRIPTION, f"Background-reliance study ({plan.preset}), "
+                                                       f"{len(plan.cells())} cells: running.")])
+    log_params(cfg.params(), run_id)
+
+
+def _record_data(run_id: str, experiment: str, plan: StudyPlan, roots: dict[tuple, Roots]) -> StudyContext:
+    """The study's resolved grid and data as the study run's params; the study's context."""
+    first = roots[plan.data()[0]]
+    info = validate_root(first.source)
+    log_params({"experiment": experiment, "cells": len(plan.cells()), "epochs_effective": plan.epochs,
+                "archs_effective": ",".join(plan.archs), "regimes_effective": ",".join(plan.regimes),
+                "seeds_effective": ",".join(map(str, plan.seeds)), "num_images_effective": plan.num_images,
+                "splits_effective": ",".join(s or "as prepared" for s in plan.splits),
+                "data_root_effective": ",".join(str(r.source) for r in roots.values()),
+                "dataset_digest": ",".join(r.source_digest for r in roots.values()),
+                "segmenter_effective": first.segmenter or "none", "num_classes": info.num_classes,
+                "image_size": f"{info.image_size[0]}x{info.image_size[1]}",
+                **({f"demo.{k}": v for k, v in asdict(first.demo).items()} if first.demo else {})}, run_id)
+    return StudyContext(run_id, experiment, plan, roots, info.image_size, info.num_classes)
+
+
+def _run_cells(executor, study: StudyContext, uri: str, collect: bool, progress: bool) -> list[CellResult]:
+    """Every cell of the grid through the executor, in grid order."""
+    cells = study.plan.cells()
+    jobs = [CellJob(study.plan, cell, study.roots[cell.data], study.run_id, study.experiment, study.image_size, uri,
+                    collect=collect, progress=progress) for cell in cells]
+
+    def on_done(index: int, result: CellResult) -> None:
+        log.info("study: cell %d/%d %s: %s (run %s)", index + 1, len(cells), result.cell.key, result.status,
+                 result.run_id)
+
+    return executor(run_cell, jobs, on_done)

@@ -146,18 +146,39 @@ def _train(client: MlflowClient, job: CellJob, experiment: str, tags: dict, clai
 
 def run_cell(job: CellJob) -> CellResult:
     """Train (or find, or resume) one cell and run its analyses (or reuse their records)."""
-    os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
+    client = _connect(job.tracking_uri)
+    run_id, status = _training_run(client, job)
+    model_uri = f"models:/{client.get_run(run_id).data.tags['fgvc.model_version']}"
+    analyses, records = _analyses(job, model_uri)
+    log.info("study: %s done (%s, run %s)", job.cell.key, status, run_id)
+    return CellResult(job.cell, run_id, status, model_uri, analyses, records)
+
+
+def _connect(tracking_uri: str) -> MlflowClient:
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.environ.pop("MLFLOW_RUN_ID", None)  # a cell's runs are its own, never the study run
     configure_tracking()
-    client = MlflowClient()
-    cell, roots = job.cell, job.roots
-    experiment = experiment_id(job.experiment)
-    tags = {"fgvc.study_cell": cell.key, PIXELS: roots.pixels(cell),
+    return MlflowClient()
+
+
+def _run_tags(job: CellJob) -> dict[str, str]:
+    """What the cell's training run carries: the cell, its pixels, its study, its grid axes."""
+    cell = job.cell
+    tags = {"fgvc.study_cell": cell.key, PIXELS: job.roots.pixels(cell),
             **({"fgvc.study": job.study_run_id} if job.study_run_id else {})}
     if cell.bg_correlation is not None:
         tags["fgvc.bg_correlation"] = f"{cell.bg_correlation:g}"
     if cell.split is not None:
         tags["fgvc.split_by"] = cell.split
+    return tags
+
+
+def _training_run(client: MlflowClient, job: CellJob) -> tuple[str, str]:
+    """(run id, status) of the cell's finished training: found finished ("reused"), or trained
+    or resumed here while this process holds the cell's claim, and named after the cell."""
+    cell, roots = job.cell, job.roots
+    experiment = experiment_id(job.experiment)
+    tags = _run_tags(job)
     request = train_config(job.plan, cell, roots).request_id()  # resolves no device: --collect runs anywhere
     finished = finished_run(cell_runs(client, experiment, request, roots, cell))
     if finished is None and job.collect:
@@ -168,23 +189,34 @@ def run_cell(job: CellJob) -> CellResult:
         with claimed(f"cell.{digest({'config_id': request, 'pixels': roots.pixels(cell)})}",
                      f"study cell {cell.key}", client) as claim:
             finished = finished_run(cell_runs(client, experiment, request, roots, cell))  # done while we waited?
-            if finished is None:
-                run_id, status = _train(client, job, experiment, tags, claim)
-    if finished is not None:
-        run_id, status = finished.info.run_id, "reused"
-        log.info("study: %s reuses run %s", cell.key, run_id)
-        own = finished.data.tags.get("fgvc.dataset_digest") == roots.digest(cell)
-        # A training shared with a cell of identical pixels keeps its name and study tags.
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if own or k == PIXELS])
-    if status != "reused" or finished.data.tags.get("fgvc.dataset_digest") == roots.digest(cell):
-        client.set_tag(run_id, "mlflow.runName", cell.run_name)
-    model_uri = f"models:/{client.get_run(run_id).data.tags['fgvc.model_version']}"
+            trained = _train(client, job, experiment, tags, claim) if finished is None else None
+        if trained is not None:
+            client.set_tag(trained[0], "mlflow.runName", cell.run_name)
+            return trained
+    return _reuse(client, job, finished, tags), "reused"
+
+
+def _reuse(client: MlflowClient, job: CellJob, finished, tags: dict[str, str]) -> str:
+    """A finished training found again takes the cell's tags and name, unless it trained on
+    another root of identical pixels: a training shared with such a cell keeps its name and
+    study tags."""
+    run_id = finished.info.run_id
+    log.info("study: %s reuses run %s", job.cell.key, run_id)
+    own = finished.data.tags.get("fgvc.dataset_digest") == job.roots.digest(job.cell)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items() if own or k == PIXELS])
+    if own:
+        client.set_tag(run_id, "mlflow.runName", job.cell.run_name)
+    return run_id
+
+
+def _analyses(job: CellJob, model_uri: str) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """The cell's analyses (fgvc.tasks.analyze, reusing records of the same settings): method ->
+    metrics, and method -> record run id."""
     analyses, records = {}, {}
-    for analysis in analysis_configs(job.plan, cell, roots, model_uri, job.image_size):
+    for analysis in analysis_configs(job.plan, job.cell, job.roots, model_uri, job.image_size):
         if job.collect:  # the records exist (the cell's own task made them): reusing them needs no GPU
             analysis = analysis.replace(device="cpu")
         outcome = run_analyze(analysis, reuse=True)
         analyses.update(outcome.metrics)
         records.update({m: outcome.reused.get(m, outcome.record_run_id) for m in outcome.metrics})
-    log.info("study: %s done (%s, run %s)", cell.key, status, run_id)
-    return CellResult(cell, run_id, status, model_uri, analyses, records)
+    return analyses, records

@@ -1,6 +1,12 @@
-"""The study run's files: the tables (CSV, Markdown), the figures and the HTML report, and the
-verdict summary that becomes the study run's description; the verdict tags and comparison
-metrics on the cells' training runs.
+"""The study's reading and writing in the tracking store, around its pure computation
+(fgvc.study.results.compute):
+
+- gather (:func:`gather`): each finished cell's training metrics, its analysis records' metrics
+  and per-image tables (each record's file downloaded once) and the split its numbers are
+  reported on, as plain records (fgvc.study.records.CellRecord);
+- write (:func:`write_study`, :func:`finish_study`): the verdict tags and comparison metrics on
+  the cells' training runs; the study run's files (the tables as CSV and Markdown, the figures,
+  the HTML report); its totals as metrics and the verdict summary as its description.
 
 Per-image tables are read per cell (its key, ``Cell.key``), never per training run: cells with
 identical training pixels share one training (the masked cells of a dose-response grid) while
@@ -21,6 +27,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import mlflow
 from mlflow.entities import Metric, RunTag
@@ -29,20 +36,25 @@ from mlflow.tracking import MlflowClient
 from fgvc.analysis.methods import METHODS
 from fgvc.analysis.methods.attribution import AttributionMethod
 from fgvc.files import write_csv
-from fgvc.study.config import StudyPlan
-from fgvc.study.records import CellResult, StudyResult
-from fgvc.study.leak import leak_paragraph, leak_table, show_leak
-from fgvc.study.render import interval_statement, markdown_tables, report_tables, terminal_table
-from fgvc.study.tables import (ATTRIBUTION, DID_NOT_LEARN, NO_DATA, QUALITY_FACTOR, add_comparisons,
-                               attribution_vs_swap, columns, report_split)
+from fgvc.study.records import CellRecord, CellResult, Roots, StudyContext, StudyResult
+from fgvc.study.render import interval_statement, markdown, study_tables, terminal_table
+from fgvc.study.results import StudyTables, complete
+from fgvc.study.tables import ATTRIBUTION, DID_NOT_LEARN, NO_DATA, QUALITY_FACTOR, report_split
 from fgvc.tracking.markdown import code
-from fgvc.tracking.runs import git_commit
-from fgvc.viz.report import Example, build_report, save_dose_response, save_regime_bars, save_reliance_scatter
+from fgvc.tracking.runs import DESCRIPTION, git_commit
+from fgvc.viz.report import (Example, MethodNotes, Table, build_report, save_dose_response, save_regime_bars,
+                             save_reliance_scatter)
 
 log = logging.getLogger("fgvc")
 
 EXAMPLES_PER_METHOD = 2
+PER_IMAGE_METHODS = (*ATTRIBUTION, "shortcut")
+LIBRARIES = ("torch", "torchvision", "timm", "mlflow", "numpy")
 
+
+# --------------------------------------------------------------------------------------------
+# Gather: the finished cells as plain records
+# --------------------------------------------------------------------------------------------
 
 def _download(run_id: str, artifact: str, dst: Path, consequence: str = "") -> Path | None:
     dst.mkdir(parents=True, exist_ok=True)
@@ -54,58 +66,37 @@ def _download(run_id: str, artifact: str, dst: Path, consequence: str = "") -> P
         return None
 
 
-def _examples(results: list[CellResult], regimes: tuple[str, ...], tmp: Path) -> dict[str, list[Example]]:
-    """Per regime, the first cell's attribution examples (several designers, right and wrong
-    predictions), plus the background-swap variants."""
-    out: dict[str, list[Example]] = {}
-    attribution = [m for m, method in METHODS.items() if isinstance(method, AttributionMethod) and method.in_all]
-    for regime in regimes:
-        first = next((r for r in results if r.cell.regime == regime), None)
-        if first is None:
-            continue
-        items = []
-        for method in attribution:
-            for i in range(EXAMPLES_PER_METHOD):
-                path = _download(first.records[method], f"analysis/{method}/example_{i:02d}.png",
-                                 tmp / first.run_id / method)
-                if path is not None:
-                    items.append(Example(f"{first.cell.key}: {method} example {i + 1}", path))
-        out[regime] = items
-    if results and "shortcut" in results[0].records:
-        path = _download(results[0].records["shortcut"], "analysis/shortcut/variants.png", tmp / "variants")
-        if path is not None:
-            out["Background-swap variants (source images)"] = [Example(
-                "Original | Only-FG | No-FG | Mixed-Same | Mixed-Rand, as fed to every model by the shortcut test",
-                path)]
-    return out
-
-
-PER_IMAGE_METHODS = (*ATTRIBUTION, "shortcut")
-LIBRARIES = ("torch", "torchvision", "timm", "mlflow", "numpy")
-
-
-def _per_image(results: list[CellResult], tmp: Path) -> dict[tuple[str, str], dict[str, list]]:
-    """(cell key, method) -> the columns of the method's per_image.csv in the cell's record. A
-    missing file is warned about (record and file): the cell's numbers that need it are NaN, and
-    without an attribution table its quality is "undecided (no data)"."""
+def _per_image(results: Sequence[CellResult | CellRecord], tmp: Path) -> dict[tuple[str, str], dict[str, list]]:
+    """(cell key, method) -> the columns of the method's per_image.csv in the cell's record,
+    each record's file downloaded once (cells may share a record). A missing file is warned
+    about (record and file) for each cell it leaves without: the cell's numbers that need it
+    are NaN, and without an attribution table its quality is "undecided (no data)"."""
+    read: dict[tuple[str, str], dict[str, list]] = {}
     out = {}
     for result in results:
         for method in PER_IMAGE_METHODS:
             if method not in result.records:
                 continue
             record = result.records[method]
-            path = _download(record, f"analysis/{method}/per_image.csv", tmp / record / method,
-                             f": study cell {result.cell.key} has no per-image {method} numbers")
-            if path is None:
-                continue
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                table: dict[str, list] = {k: [] for k in reader.fieldnames or ()}
-                for line in reader:
-                    for k, v in line.items():
-                        table[k].append(_number(v))
-            out[(result.cell.key, method)] = table
+            if (record, method) not in read:
+                path = _download(record, f"analysis/{method}/per_image.csv", tmp / record / method,
+                                 f": study cell {result.cell.key} has no per-image {method} numbers")
+                if path is None:
+                    continue
+                read[(record, method)] = _read_columns(path)
+            out[(result.cell.key, method)] = read[(record, method)]
     return out
+
+
+def _read_columns(path: Path) -> dict[str, list]:
+    """A CSV file's columns, numbers as floats."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        table: dict[str, list] = {k: [] for k in reader.fieldnames or ()}
+        for line in reader:
+            for k, v in line.items():
+                table[k].append(_number(v))
+    return table
 
 
 def _number(text):
@@ -115,20 +106,40 @@ def _number(text):
         return text
 
 
-def complete_rows(client: MlflowClient, results: list[CellResult], rows: list[dict], roots: dict,
-                  chance: float) -> tuple[list[dict], list[dict]]:
-    """Finish the rows (split, accuracy, quality gate, excess over the masked twin, sanity
-    columns, show leak) from the records' per-image files, tag and chart the cells, and return
-    the paired regime differences and the show leak (fgvc.study.leak; [] without the split axis)."""
-    for row, result in zip(rows, results):
-        row["split"] = report_split(roots[result.cell.data].root(result.cell))
+def _reported_split(roots: Mapping[tuple, Roots], result: CellResult) -> str:
+    return report_split(roots[result.cell.data].root(result.cell))
+
+
+def gather(client: MlflowClient, results: Sequence[CellResult], roots: Mapping[tuple, Roots]) -> list[CellRecord]:
+    """The finished cells as plain records: the training run's metrics, the analysis records'
+    metrics (as the cells returned them) and per-image tables, and the reported split (test
+    when the cell's root has one)."""
     with tempfile.TemporaryDirectory(prefix="fgvc-per-image-") as tmp:
         per_image = _per_image(results, Path(tmp))
-        differences = add_comparisons(rows, per_image, chance)
-        leak = show_leak(rows, per_image)
+    return [CellRecord(r.cell, r.run_id, r.status, r.model_uri, dict(client.get_run(r.run_id).data.metrics),
+                       r.analyses, r.records,
+                       {m: per_image[(r.cell.key, m)] for m in PER_IMAGE_METHODS if (r.cell.key, m) in per_image},
+                       _reported_split(roots, r))
+            for r in results]
+
+
+def complete_rows(client: MlflowClient, results: list[CellResult], rows: list[dict], roots: dict,
+                  chance: float) -> tuple[list[dict], list[dict]]:
+    """Rows built elsewhere taken through the same steps as a study's: their split and
+    per-image tables gathered, finished (fgvc.study.results.complete), their cells tagged.
+    Returns the paired regime differences and the show leak."""
+    for row, result in zip(rows, results):
+        row["split"] = _reported_split(roots, result)
+    with tempfile.TemporaryDirectory(prefix="fgvc-per-image-") as tmp:
+        per_image = _per_image(results, Path(tmp))
+    differences, leak = complete(rows, per_image, chance)
     tag_cells(client, rows)
     return differences, leak
 
+
+# --------------------------------------------------------------------------------------------
+# Write: the cells' tags, the study run's files, metrics and description
+# --------------------------------------------------------------------------------------------
 
 def cell_tags(row: dict) -> dict[str, str]:
     """The tags a cell run carries so the UI can filter and group by outcome."""
@@ -191,6 +202,112 @@ def tag_cells(client: MlflowClient, rows: list[dict]) -> None:
                          tags=[RunTag(f"{k}{suffix}", v) for k, v in cell_tags(row).items()])
 
 
+def write_study(client: MlflowClient, study: StudyContext, tables: StudyTables, cells: Sequence[CellRecord]) -> None:
+    """The cells' verdict tags and comparison metrics, and the study run's files under
+    ``study/``: the tables, the figures and the report."""
+    tag_cells(client, tables.rows)
+    with tempfile.TemporaryDirectory(prefix="fgvc-study-") as tmp:
+        out, downloads = Path(tmp) / "study", Path(tmp) / "downloads"
+        out.mkdir()
+        formatted = study_tables(tables)
+        write_tables(out, study.run_id, tables, formatted)
+        figures = [*save_figures(out, study, tables), *_sanity_figures(cells, downloads)]
+        examples = _examples(cells, study.plan.regimes, downloads)
+        write_report(out / "report.html", study, tables, formatted, figures, examples)
+        client.log_artifacts(study.run_id, str(out), "study")
+
+
+def write_tables(out: Path, run_id: str, tables: StudyTables, formatted: Sequence[Table]) -> None:
+    """results.csv, summary.csv, regime_differences.csv (when the grid has regime pairs),
+    show_leak.csv (with the split axis) and results.md."""
+    write_csv(out / "results.csv", tables.rows)
+    write_csv(out / "summary.csv", tables.summary)
+    if tables.differences:
+        write_csv(out / "regime_differences.csv", tables.differences)
+    if tables.leak:
+        write_csv(out / "show_leak.csv", tables.leak)
+    intro = "\n\n".join(p for p in tables.findings if p)
+    (out / "results.md").write_text(f"# Background-reliance study `{run_id}`\n\n{intro}\n\n{markdown(formatted)}",
+                                    encoding="utf-8")
+
+
+def save_figures(out: Path, study: StudyContext, tables: StudyTables) -> list[Example]:
+    """The dose-response curves (with several shortcut strengths), accuracy against background
+    reliance per cell, and the per-regime bars."""
+    chance = tables.chance
+    # the figures draw one bar (or line) per regime: a split of a show-leak grid is part of it
+    plotted = [{**x, "regime": f"{x['regime']} ({x['split_by']} split)"} if x.get("split_by") else x
+               for x in tables.summary]
+    figures = [Example(f"{tables.split.capitalize()} accuracy against background reliance, one point per cell",
+                       save_reliance_scatter(out / "accuracy_vs_background_reliance.png", tables.rows, chance)),
+               Example("Per-regime values (error bars: spread across seeds, or the 95% interval for one seed)",
+                       save_regime_bars(out / "regime_bars.png", plotted, tables.columns, chance=chance))]
+    if len(study.plan.bg_correlations) > 1:
+        figures.insert(0, Example("Dose-response: each measure against the planted shortcut strength",
+                                  save_dose_response(out / "dose_response.png", plotted, chance)))
+    return figures
+
+
+def write_report(path: Path, study: StudyContext, tables: StudyTables, formatted: Sequence[Table],
+                 figures: Sequence[Example], examples: Mapping[str, Sequence[Example]]) -> None:
+    """report.html: the method (fgvc/viz/templates/report.html.j2) with the numbers it quotes,
+    the findings, the setup, the tables, figures and examples."""
+    page = build_report(f"Background-reliance study ({study.plan.preset})", _setup(study, tables), formatted,
+                        figures, examples, notes=tables.findings, method=MethodNotes(QUALITY_FACTOR, NO_DATA))
+    path.write_text(page, encoding="utf-8")
+
+
+def _setup(study: StudyContext, tables: StudyTables) -> dict[str, str]:
+    """The report's setup list: the run, the data, the grid, training, split, analysis, gate."""
+    plan, roots, split, chance = study.plan, study.roots.values(), tables.split, tables.chance
+    grid = f"{', '.join(plan.archs)} × {', '.join(plan.regimes)} × seeds {', '.join(map(str, plan.seeds))}"
+    if len(plan.bg_correlations) > 1:
+        grid += f" × shortcut strengths {', '.join(f'{b:g}' for b in plan.bg_correlations)}"
+    if plan.splits != (None,):
+        grid += f" × splits {', '.join(plan.splits)} (the same images)"
+    return {"study run": study.run_id,
+            "source data": ", ".join(f"{r.source} (digest {r.source_digest})" for r in roots),
+            "masked data": ", ".join(f"{r.masked} (segmenter {r.segmenter})" for r in roots if r.masked) or "none",
+            "grid": grid,
+            "planted shortcut strength": ", ".join(f"{r.demo.bg_correlation:g}" for r in roots if r.demo is not None)
+            or "none planted (not demo data)",
+            "training": f"{plan.epochs} epochs, batch {plan.batch_size}, lr_head {plan.lr_head}; best epoch chosen on "
+                        f"val (best/val_acc)",
+            "reported split": split + ("" if split == "test" else " (the roots have no test split: numbers come from "
+                                                                  "the split that chose the epoch, optimistic)"),
+            "analysis": f"{plan.num_images} {split} images per cell (seed 0); {interval_statement(tables.rows)}",
+            "quality gate": f"accuracy's 95% interval above {QUALITY_FACTOR:g} x chance ({QUALITY_FACTOR * chance:.3f})",
+            "classes": f"{study.num_classes} (chance {chance:.3f})",
+            "image size": f"{study.image_size[0]}×{study.image_size[1]} (height × width)",
+            "commit": git_commit(), "libraries": _versions()}
+
+
+def finish_study(client: MlflowClient, run_id: str, preset: str, tables: StudyTables, seconds: float) -> None:
+    """The study run's totals as metrics (cells by status and outcome, time) and the verdict
+    summary as its description."""
+    totals = {"study/cells": len(tables.rows), **{f"study/cells_{k}": v for k, v in tables.statuses.items()},
+              "study/cells_reading_the_runway": tables.reading_the_runway,
+              "study/cells_did_not_learn": tables.did_not_learn, "study/cells_no_data": tables.no_data,
+              **({"study/verdicts_only_on_random_split": tables.only_on_random_split} if tables.leak else {}),
+              "time/study_s": seconds}
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()],
+                     tags=[RunTag(DESCRIPTION, description(preset, tables))])
+
+
+def description(preset: str, tables: StudyTables) -> str:
+    """The study run's description (Markdown): the verdict of every cell and the findings."""
+    rows = tables.rows
+    lines = [f"Background-reliance study ({preset}): {len(rows)} cells"
+             + (f", {tables.did_not_learn} did not learn (no verdict)" if tables.did_not_learn else "")
+             + (f", {tables.no_data} without per-image data (no verdict)" if tables.no_data else "") + ".", ""]
+    lines += [f"- {code(r['run_name'])}: **{r['verdict']}** ({r['verdict_reason']})" for r in rows]
+    for paragraph in tables.findings:
+        lines += ["", paragraph]
+    lines += ["", "Tables: `study/results.md`, `study/results.csv`; report: `study/report.html`."]
+    return "\n".join(lines)
+
+
 def _versions() -> str:
     found = []
     for name in LIBRARIES:
@@ -201,7 +318,7 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def _sanity_figures(results: list[CellResult], tmp: Path) -> list[Example]:
+def _sanity_figures(results: Sequence[CellRecord], tmp: Path) -> list[Example]:
     out = []
     for result in results:
         if "sanity" in result.records:
@@ -214,6 +331,36 @@ def _sanity_figures(results: list[CellResult], tmp: Path) -> list[Example]:
                                    f"flagged", path))
     return out
 
+
+def _examples(results: Sequence[CellRecord], regimes: tuple[str, ...], tmp: Path) -> dict[str, list[Example]]:
+    """Per regime, the first cell's attribution examples (several designers, right and wrong
+    predictions), plus the background-swap variants."""
+    out: dict[str, list[Example]] = {}
+    attribution = [m for m, method in METHODS.items() if isinstance(method, AttributionMethod) and method.in_all]
+    for regime in regimes:
+        first = next((r for r in results if r.cell.regime == regime), None)
+        if first is None:
+            continue
+        items = []
+        for method in attribution:
+            for i in range(EXAMPLES_PER_METHOD):
+                path = _download(first.records[method], f"analysis/{method}/example_{i:02d}.png",
+                                 tmp / first.run_id / method)
+                if path is not None:
+                    items.append(Example(f"{first.cell.key}: {method} example {i + 1}", path))
+        out[regime] = items
+    if results and "shortcut" in results[0].records:
+        path = _download(results[0].records["shortcut"], "analysis/shortcut/variants.png", tmp / "variants")
+        if path is not None:
+            out["Background-swap variants (source images)"] = [Example(
+                "Original | Only-FG | No-FG | Mixed-Same | Mixed-Rand, as fed to every model by the shortcut test",
+                path)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The terminal
+# --------------------------------------------------------------------------------------------
 
 def report_location(client: MlflowClient, run_id: str) -> str:
     """Where to open the report: a local path when the artifacts are on this machine, else a
@@ -241,108 +388,4 @@ def terminal_summary(result: StudyResult) -> str:
         lines.append(f"{len(no_data)} cell(s) {NO_DATA}, a per-image file of their records could not be read (no "
                      f"verdict): {', '.join(no_data)}")
     lines.append(f"report: {report_location(MlflowClient(), result.run_id)}")
-    return "\n".join(lines)
-
-
-NOTES = (
-    "Does a classifier recognise the garment, or the runway? Each cell trains one architecture on one data regime "
-    "with one seed; every trained model is then probed. The verdict comes from the background-swap test, which "
-    "changes the input and watches the prediction: a model reads the runway when the backdrop alone (No-FG) "
-    "predicts the designer above chance and a backdrop of the right designer helps a pasted person (BG-gap > 0), "
-    "both with their 95% intervals; it reads the garment when the person alone (Only-FG) suffices and neither "
-    "holds. A cell whose accuracy's interval does not clear "
-    f"{QUALITY_FACTOR:g} x chance did not learn: it gets no verdict and its numbers are greyed; so does a cell "
-    f"whose per-image accuracy could not be read (quality '{NO_DATA}').",
-    "Attribution is read against the masked twin: the same architecture, seed and shortcut strength trained on "
-    "background-removed images, explained on the same images (background-removed, as it was trained). The "
-    "occlusion fill is the image's mean colour: a black fill would change nothing on the twin's black "
-    "background and give it no background attribution by construction. The headline is the excess background "
-    "preference, "
-    "the unmasked cell's minus its twin's, with a paired bootstrap interval; above 0 means more attribution on the "
-    "backdrop than a network that cannot use it. Background preference alone (share of attribution on the "
-    "background over the background's share of the image, beside it as raw) has no fixed no-reliance value: a "
-    "network that ignores the background does not score 1, its masked twin's score is the reference. Grad-CAM "
-    "and occlusion can disagree: Grad-CAM reads gradients at one layer (a coarse map whose cells each cover "
-    "figure and backdrop), occlusion measures the logit drop when a window is blanked out, i.e. use at the "
-    "input's resolution. Each architecture's maps are sanity-checked by randomising the network (Adebayo et al., "
-    "NeurIPS 2018): a method whose maps survive full randomisation is flagged.",
-    "Grad-CAM, occlusion and retrieval run on the test images (val when a root has no test split) of the cell's "
-    "own regime (masked cells on masked images); the background-swap test runs on the source images for every "
-    "cell. No-FG removes the person "
-    "and fills its whole bounding region from the backdrop around it, so no silhouette is left to read; "
-    "Mixed-Same / Mixed-Rand paste the person on the No-FG backdrop of another image of the same / a different "
-    "designer.",
-)
-
-
-def write_outputs(client: MlflowClient, run_id: str, plan: StudyPlan, roots: dict, image_size, num_classes: int,
-                  results: list[CellResult], rows: list[dict], summary: list[dict],
-                  differences: list[dict] = (), leak: list[dict] = ()) -> str:
-    """The study run's files; returns the Markdown verdict summary (the run's description)."""
-    chance = 1.0 / num_classes
-    split = rows[0].get("split", "val") if rows else "val"
-    cols = columns(split)
-    relation = attribution_vs_swap(rows)
-    leaked = leak_paragraph(leak)
-    # the figures draw one bar (or line) per regime: a split of a show-leak grid is part of it
-    plotted = [{**x, "regime": f"{x['regime']} ({x['split_by']} split)"} if x.get("split_by") else x for x in summary]
-    extra = [leak_table(leak)] if leak else []
-    with tempfile.TemporaryDirectory(prefix="fgvc-study-") as tmp:
-        tmp = Path(tmp)
-        out = tmp / "study"
-        out.mkdir()
-        write_csv(out / "results.csv", rows)
-        write_csv(out / "summary.csv", summary)
-        if differences:
-            write_csv(out / "regime_differences.csv", differences)
-        if leak:
-            write_csv(out / "show_leak.csv", leak)
-        tables = markdown_tables(rows, summary, chance, differences, extra)
-        intro = "\n\n".join(p for p in (relation, leaked) if p)
-        (out / "results.md").write_text(f"# Background-reliance study `{run_id}`\n\n{intro}\n\n{tables}",
-                                        encoding="utf-8")
-        figures = [Example(f"{split.capitalize()} accuracy against background reliance, one point per cell",
-                           save_reliance_scatter(out / "accuracy_vs_background_reliance.png", rows, chance)),
-                   Example("Per-regime values (error bars: spread across seeds, or the 95% interval for one seed)",
-                           save_regime_bars(out / "regime_bars.png", plotted, cols, chance=chance)),
-                   *_sanity_figures(results, tmp / "downloads")]
-        if len(plan.bg_correlations) > 1:
-            figures.insert(0, Example("Dose-response: each measure against the planted shortcut strength",
-                                      save_dose_response(out / "dose_response.png", plotted, chance)))
-        setup = {"study run": run_id, "source data": ", ".join(f"{r.source} (digest {r.source_digest})"
-                                                               for r in roots.values()),
-                 "masked data": ", ".join(f"{r.masked} (segmenter {r.segmenter})" for r in roots.values()
-                                          if r.masked) or "none",
-                 "grid": f"{', '.join(plan.archs)} × {', '.join(plan.regimes)} × seeds "
-                         f"{', '.join(map(str, plan.seeds))}" + (
-                             f" × shortcut strengths {', '.join(f'{b:g}' for b in plan.bg_correlations)}"
-                             if len(plan.bg_correlations) > 1 else "") + (
-                             f" × splits {', '.join(plan.splits)} (the same images)" if plan.splits != (None,) else ""),
-                 "planted shortcut strength": ", ".join(
-                     f"{r.demo.bg_correlation:g}" for r in roots.values() if r.demo is not None) or
-                     "none planted (not demo data)",
-                 "training": f"{plan.epochs} epochs, batch {plan.batch_size}, lr_head {plan.lr_head}; best epoch "
-                             f"chosen on val (best/val_acc)",
-                 "reported split": f"{split}" + ("" if split == "test" else " (the roots have no test split: "
-                                                 "numbers come from the split that chose the epoch, optimistic)"),
-                 "analysis": f"{plan.num_images} {split} images per cell (seed 0); {interval_statement(rows)}",
-                 "quality gate": f"accuracy's 95% interval above {QUALITY_FACTOR:g} x chance "
-                                 f"({QUALITY_FACTOR * chance:.3f})",
-                 "classes": f"{num_classes} (chance {chance:.3f})",
-                 "image size": f"{image_size[0]}×{image_size[1]} (height × width)",
-                 "commit": git_commit(), "libraries": _versions()}
-        page = build_report(f"Background-reliance study ({plan.preset})", setup,
-                            report_tables(rows, summary, chance, differences, extra), figures,
-                            _examples(results, plan.regimes, tmp / "downloads"),
-                            notes=(*NOTES, relation, *([leaked] if leaked else [])))
-        (out / "report.html").write_text(page, encoding="utf-8")
-        client.log_artifacts(run_id, str(out), "study")
-    did_not_learn = sum(r.get("quality") == DID_NOT_LEARN for r in rows)
-    no_data = sum(r.get("quality") == NO_DATA for r in rows)
-    lines = [f"Background-reliance study ({plan.preset}): {len(rows)} cells"
-             + (f", {did_not_learn} did not learn (no verdict)" if did_not_learn else "")
-             + (f", {no_data} without per-image data (no verdict)" if no_data else "") + ".", ""]
-    lines += [f"- {code(r['run_name'])}: **{r['verdict']}** ({r['verdict_reason']})" for r in rows]
-    lines += ["", relation] + (["", leaked] if leaked else [])
-    lines += ["", "Tables: `study/results.md`, `study/results.csv`; report: `study/report.html`."]
     return "\n".join(lines)

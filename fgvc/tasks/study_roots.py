@@ -7,7 +7,7 @@ started together build each root once."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fgvc.config import digest
@@ -54,37 +54,48 @@ def prepare_roots(plan: StudyPlan, bg_correlation: float | None, progress: bool,
 
 def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | None, progress: bool,
                    collect: bool = False) -> Roots:
-    demo = given = None
+    source, demo, given = _source_root(plan, bg_correlation, split, progress)
+    info = validate_root(source)
+    has_masks = info.has_masks or "masks" in ShardDataset(source, "val").keys
+    roots = Roots(source.resolve(), dataset_digest(source), has_masks, None, None, None, demo, pixels_digest(source),
+                  None)
+    if not any(c.spec.masked for c in plan.cells()) and has_masks:
+        return roots
+    mine = plan.masked_root and bg_correlation is None and given in (None, source)
+    masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
+    return _with_masked_root(roots, source, masked, plan, progress, collect)
+
+
+def _source_root(plan: StudyPlan, bg_correlation: float | None, split: str | None,
+                 progress: bool) -> tuple[Path, DemoConfig | None, Path | None]:
+    """(source root, its demo config when it is demo data, the root given): the preset's demo
+    (generated when missing), or the root given, dealt again by ``split`` when given."""
     if plan.data_root is None:
         demo = plan.demo_for(bg_correlation, split)
-        source = ensure_demo(demo_root_for(demo), demo)
-    else:
-        given = resolve_root(plan.data_root)
-        source = given if split is None else resplit_root(given, split, progress)
-        demo = demo_config_of(source)  # a demo root given by path: its planted strength is known
-    info = validate_root(source)
-    source_digest = dataset_digest(source)
-    has_masks = info.has_masks or "masks" in ShardDataset(source, "val").keys
-    masked = masked_digest = segmenter = None
-    if any(c.spec.masked for c in plan.cells()) or not has_masks:
-        mine = plan.masked_root and bg_correlation is None and given in (None, source)
-        masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
-        segmenter = plan.segmenter or ("groundtruth" if has_masks else DEFAULT_SEGMENTER)
-        if not (masked / "meta.json").exists() and collect:
-            # --collect builds no data: no cell was trained on a root that is not there, and the
-            # cells say so, each in the order of the grid
-            log.warning("study: %s is missing; the cells that need it have not run yet", masked)
-            return Roots(source.resolve(), source_digest, has_masks, None, None, segmenter, demo,
-                         pixels_digest(source), None)
-        if not (masked / "meta.json").exists():
-            log.info("study: masking %s into %s (segmenter %s)", source, masked, segmenter)
-            run_mask(MaskConfig(src_root=str(source), dst_root=str(masked), segmenter=segmenter, device=plan.device),
-                     progress=progress)
-        meta = read_meta(masked)
-        if meta.get("source_digest") not in (None, source_digest):
-            raise ConfigError(f"{masked} was masked from a dataset with digest {meta['source_digest']}, not "
-                              f"{source} ({source_digest}); pass --masked-root <a new folder>")
-        segmenter = (meta.get("masking") or {}).get("segmenter") or segmenter
-        masked_digest = dataset_digest(masked)
-    return Roots(source.resolve(), source_digest, has_masks, masked.resolve() if masked else None, masked_digest,
-                 segmenter, demo, pixels_digest(source), pixels_digest(masked) if masked else None)
+        return ensure_demo(demo_root_for(demo), demo), demo, None
+    given = resolve_root(plan.data_root)
+    source = given if split is None else resplit_root(given, split, progress)
+    return source, demo_config_of(source), given  # a demo root given by path: its planted strength is known
+
+
+def _with_masked_root(roots: Roots, source: Path, masked: Path, plan: StudyPlan, progress: bool,
+                      collect: bool) -> Roots:
+    """``roots`` with the background-removed root ``masked`` of ``source``, masked when missing
+    (`collect`: never; the cells that need it are named later)."""
+    segmenter = plan.segmenter or ("groundtruth" if roots.source_has_masks else DEFAULT_SEGMENTER)
+    if not (masked / "meta.json").exists() and collect:
+        # --collect builds no data: no cell was trained on a root that is not there, and the
+        # cells say so, each in the order of the grid
+        log.warning("study: %s is missing; the cells that need it have not run yet", masked)
+        return replace(roots, segmenter=segmenter)
+    if not (masked / "meta.json").exists():
+        log.info("study: masking %s into %s (segmenter %s)", source, masked, segmenter)
+        run_mask(MaskConfig(src_root=str(source), dst_root=str(masked), segmenter=segmenter, device=plan.device),
+                 progress=progress)
+    meta = read_meta(masked)
+    if meta.get("source_digest") not in (None, roots.source_digest):
+        raise ConfigError(f"{masked} was masked from a dataset with digest {meta['source_digest']}, not "
+                          f"{source} ({roots.source_digest}); pass --masked-root <a new folder>")
+    return replace(roots, masked=masked.resolve(), masked_digest=dataset_digest(masked),
+                   segmenter=(meta.get("masking") or {}).get("segmenter") or segmenter,
+                   masked_pixels=pixels_digest(masked))

@@ -4,19 +4,22 @@ Pure presentation: rows of numbers in, PNG files and an HTML string out. A row i
 dict (``arch``, ``regime``, ``seed``, optional ``bg_correlation`` and measured columns with
 optional ``<column>_low`` / ``<column>_high``); a summary row has ``<column>_mean``,
 ``<column>_std`` (None for one seed) and ``seeds``. Tables arrive formatted (:class:`Table`).
-Images are inlined as base64 ``data:`` URIs, so the one file opens anywhere: in a browser
-from disk, or in the MLflow UI's artifact view.
+The page, its style and the study's method notes are a Jinja2 template
+(``templates/report.html.j2``) that every value passes through escaped; the numbers the notes
+quote come in (:class:`MethodNotes`). Images are inlined as base64 ``data:`` URIs, so the one
+file opens anywhere: in a browser from disk, or in the MLflow UI's artifact view.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import jinja2
 import numpy as np
 
 from fgvc.viz._figure import PathLike, new_figure
@@ -227,75 +230,32 @@ class Table:
     muted: Sequence[bool] | None = None  # per body row: shown greyed (e.g. a cell that did not learn)
 
 
-STYLE = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px;
-       color: #222; max-width: 1500px; }
-h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; } h3 { font-size: 15px; }
-table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
-th { background: #f2f2f2; } td.key, th.key { text-align: left; }
-td.runway { background: #fde0dc; } td.garment { background: #e0ecf8; }
-tr.muted td { color: #999; background: #f7f7f7; font-style: italic; }
-code { font-size: 11px; } figure { display: inline-block; margin: 4px 10px 10px 0; vertical-align: top; }
-figcaption { font-size: 11px; color: #555; max-width: 420px; }
-img { max-width: 100%; } .note { color: #555; font-size: 13px; max-width: 1100px; }
-dl { font-size: 12px; display: grid; grid-template-columns: minmax(150px, max-content) 1fr; column-gap: 10px;
-     row-gap: 1px; } dt { font-weight: bold; }
-dd { margin: 0; }
-"""
+@dataclass(frozen=True)
+class MethodNotes:
+    """The numbers the study's method notes quote: the quality gate's factor over chance, and
+    the quality of a cell whose per-image accuracy could not be read."""
+
+    quality_factor: float
+    no_data: str
 
 
-def _cell_class(text: str, key: bool) -> str:
-    classes = ["key"] if key else []
-    if text.startswith("reads the runway"):
-        classes.append("runway")
-    elif text.startswith("reads the garment"):
-        classes.append("garment")
-    return f' class="{" ".join(classes)}"' if classes else ""
+TEMPLATES = Path(__file__).with_name("templates")
 
 
-def _table(table: Table) -> str:
-    out = [f"<h2>{html.escape(table.title)}</h2>"]
-    if table.note:
-        out.append(f'<p class="note">{html.escape(table.note)}</p>')
-    out += ["<table>", "<tr>" + "".join(f"<th{_cell_class('', i < table.key_columns)}>{html.escape(str(h))}</th>"
-                                        for i, h in enumerate(table.header)) + "</tr>"]
-    muted = list(table.muted or [False] * len(table.body))
-    for row, grey in zip(table.body, muted):
-        out.append(('<tr class="muted">' if grey else "<tr>") + "".join(
-            f"<td{_cell_class(str(v), i < table.key_columns)}>{html.escape(str(v))}</td>"
-            for i, v in enumerate(row)) + "</tr>")
-    out.append("</table>")
-    if table.legend:
-        out.append("<dl>" + "".join(f"<dt>{html.escape(h)}</dt><dd>{html.escape(w)}</dd>"
-                                    for h, w in table.legend.items()) + "</dl>")
-    return "\n".join(out)
-
-
-def _figure(path: PathLike, caption: str) -> str:
-    return (f'<figure><img src="{data_uri(path)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+@functools.cache
+def _templates() -> jinja2.Environment:
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True,
+                                     lstrip_blocks=True, keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined)
+    environment.globals.update(data_uri=data_uri, zip=zip)
+    return environment
 
 
 def build_report(title: str, setup: Mapping[str, str], tables: Sequence[Table], figures: Sequence[Example],
-                 examples: Mapping[str, Sequence[Example]], notes: Sequence[str] = ()) -> str:
-    """The study as one self-contained HTML page: notes, setup, tables, figures, examples.
-    Every image is a ``data:`` URI; the page loads nothing else."""
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             f"<title>{html.escape(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
-    parts.append("<h2>Setup</h2><dl>" + "".join(
-        f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in setup.items()) + "</dl>")
-    parts.append(_table(tables[0]) if tables else "")
-    if figures:
-        parts.append("<h2>Figures</h2>")
-        parts += [_figure(f.path, f.caption) for f in figures]
-    parts += [_table(t) for t in tables[1:]]
-    if examples:
-        parts.append("<h2>Examples</h2>")
-        for group, items in examples.items():
-            parts.append(f"<h3>{html.escape(group)}</h3>")
-            parts += [_figure(e.path, e.caption) for e in items]
-    parts += ["</body>", "</html>"]
-    return "\n".join(parts) + "\n"
+                 examples: Mapping[str, Sequence[Example]], notes: Sequence[str] = (),
+                 method: MethodNotes | None = None) -> str:
+    """The study as one self-contained HTML page: the method (with ``method``), notes, setup,
+    the first table, figures, the other tables, examples. Every image is a ``data:`` URI; the
+    page loads nothing else."""
+    return _templates().get_template("report.html.j2").render(
+        title=title, setup=setup, tables=list(tables), figures=figures, examples=examples, notes=notes, method=method)
