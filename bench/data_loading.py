@@ -102,7 +102,7 @@ class PeakRss:
     """RssAnon just before a block and its peak during it, sampled every millisecond by a
     thread (so peaks inside a batch are seen too)."""
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.before = self.peak = rss_anon_bytes()
         self._done = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)

@@ -53,8 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mask_throughput  # noqa: E402
 from harness import Contender, Machine, compare, report_target  # noqa: E402
-from original_loop import OWN_WORKERS, OriginalShardDataset, OriginalTrainer, original_loader  # noqa: E402
-from original_loop import original_transform  # noqa: E402
+from original_loop import (  # noqa: E402
+    OWN_WORKERS,
+    OriginalShardDataset,
+    OriginalTrainer,
+    original_loader,
+    original_transform,  # noqa: E402
+)
 
 from fgvc.data.dataset import BatchLoader, ShardDataset  # noqa: E402
 from fgvc.data.demo import DemoConfig, generate_demo  # noqa: E402

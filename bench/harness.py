@@ -22,8 +22,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -161,7 +161,7 @@ class Machine:
     def load() -> float:
         return os.getloadavg()[0]
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         threads = torch.get_num_threads()
         print(f"== {self.label}".rstrip())
         print(f"torch {torch.__version__}, {threads} threads "

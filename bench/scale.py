@@ -24,12 +24,12 @@ The root and the JPEG files are written once under --dir (default bench/out/scal
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor

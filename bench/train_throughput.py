@@ -30,8 +30,8 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import shutil
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,8 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import Contender, Machine, Spread, compare, report_target  # noqa: E402
-from original_loop import (OWN_WORKERS, OriginalShardDataset, OriginalTrainer, original_loader,  # noqa: E402
-                           original_transform)
+from original_loop import OWN_WORKERS, OriginalShardDataset, OriginalTrainer, original_loader, original_transform  # noqa: E402
 
 from fgvc.data.dataset import BatchLoader  # noqa: E402
 from fgvc.data.demo import DemoConfig, generate_demo  # noqa: E402

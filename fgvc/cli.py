@@ -221,8 +221,8 @@ def study(list_cells: bool, cell: str | None, collect: bool, **values):
     if list_cells:
         click.echo("\n".join(c.key for c in cfg.plan().cells()))
         return
-    from fgvc.tasks.study_report import terminal_summary
     from fgvc.tasks.study import run_study, run_study_cell
+    from fgvc.tasks.study_report import terminal_summary
 
     if cell is not None:
         done = run_study_cell(cfg, cell)

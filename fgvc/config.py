@@ -22,8 +22,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from fgvc.errors import ConfigError
 

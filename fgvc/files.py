@@ -9,8 +9,8 @@ import errno
 import math
 import os
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 from fgvc.errors import WriteFailed, first_line
 

@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch

@@ -94,7 +94,7 @@ class CuttableProxy:
         except OSError:
             pass
 
-    def __enter__(self) -> "CuttableProxy":
+    def __enter__(self) -> CuttableProxy:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -104,7 +104,7 @@ class CuttableProxy:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

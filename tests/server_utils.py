@@ -83,7 +83,7 @@ class PostgresCluster:
             raise Unavailable(f"PostgreSQL could not be started: `{' '.join(cmd)}` failed: "
                               f"{(done.stderr or done.stdout).strip()[-800:]}")
 
-    def start(self) -> "PostgresCluster":
+    def start(self) -> PostgresCluster:
         if os.geteuid() == 0:
             try:
                 pwd.getpwnam("postgres")
@@ -126,7 +126,7 @@ class PostgresCluster:
             self.started = False
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresCluster":
+    def __enter__(self) -> PostgresCluster:
         try:
             return self.start()
         except BaseException:
@@ -151,7 +151,7 @@ class MlflowServer:
         self.log = self.workdir / "server.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "MlflowServer":
+    def start(self, timeout: float = 180) -> MlflowServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
                "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
@@ -199,7 +199,7 @@ class MlflowServer:
                 pass
         self.process = None
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         try:
             return self.start()
         except BaseException:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fake_accelerator import ACCELERATOR, FakeAccelerator, model_to_accelerator
+
 from fgvc.analysis.config import AnalyzeConfig
 from fgvc.analysis.data import load_analysis_data
 from fgvc.analysis.methods import METHODS

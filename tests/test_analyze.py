@@ -18,8 +18,8 @@ from fgvc.analysis.methods import METHODS
 from fgvc.config import parse_value
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.tasks.analyze import run_analyze
-from fgvc.tracking.model_registry import resolve_version
 from fgvc.tasks.train import run_train
+from fgvc.tracking.model_registry import resolve_version
 from fgvc.training.config import TrainConfig
 
 
@@ -45,7 +45,7 @@ def artifacts(run_id, path):
     return sorted(out)
 
 
-def analyze(**options) -> "AnalysisOutcome":  # noqa: F821
+def analyze(**options) -> AnalysisOutcome:  # noqa: F821
     return run_analyze(AnalyzeConfig(model="models:/fgvc-fn-small@candidate", **options))
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from test_shards import BAD_SHARDS, RunsCodeWhenLoaded, good_root
 
 from fgvc.cli import main
 from fgvc.data.demo import DemoConfig, generate_demo
 from fgvc.data.shards import load_shard, shard_name, write_label_map
-from test_shards import BAD_SHARDS, RunsCodeWhenLoaded, good_root
 
 TINY = DemoConfig(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24, shard_size=10)
 TRAIN = ["--arch", "fn-small", "--epochs", "1", "--batch-size", "8", "--num-workers", "0"]

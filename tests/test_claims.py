@@ -16,12 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
+from fault_proxy import CuttableProxy, other_host
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-
-from fault_proxy import CuttableProxy, other_host
 from server_utils import MlflowServer
 
 from fgvc.errors import ConfigError, PermissionDenied

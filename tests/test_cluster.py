@@ -28,18 +28,17 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
-
 from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
 from server_utils import MlflowServer, PostgresCluster, Unavailable
 
 from fgvc.cli import main
 from fgvc.errors import ConfigError
 from fgvc.study.config import StudyConfig
+from fgvc.tasks.study import run_study
 from fgvc.tracking import claims
 from fgvc.tracking.claims import Holder, claimed, ledger_run
 from fgvc.tracking.logged_model import move_alias
-from fgvc.tasks.study import run_study
 
 GRID = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32", "--width", "24",
         "--epochs", "1", "--batch-size", "8", "--num-images", "6", "--regimes", "unmasked,masked", "--seeds", "0,1"]

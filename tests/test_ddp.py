@@ -17,10 +17,10 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from fgvc.data.dataset import ShardDataset
+from fgvc.distributed import World
+from fgvc.models import create_model
 from fgvc.tasks.train import run_train
 from fgvc.training.config import TrainConfig
-from fgvc.models import create_model
-from fgvc.distributed import World
 from fgvc.training.ddp import EqualShareLoader, wrap_model
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from fgvc.data.dataset import ShardDataset
-from fgvc.data.demo import (DemoConfig, _shots, designer_signatures, generate_demo, render_image, render_shots,
-                            venue_backdrops)
+from fgvc.data.demo import (
+    DemoConfig,
+    _shots,
+    designer_signatures,
+    generate_demo,
+    render_image,
+    render_shots,
+    venue_backdrops,
+)
 from fgvc.data.shards import read_label_map, read_meta, validate_root
 
 SMALL = DemoConfig(num_designers=4, train_per_class=24, val_per_class=8, height=32, width=24,

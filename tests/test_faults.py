@@ -17,7 +17,6 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-
 from server_utils import MlflowServer
 
 TRAIN = ["--arch", "fn-small", "--batch-size", "8", "--num-workers", "0"]
@@ -462,7 +461,8 @@ def test_csv_row_naming_a_fifo_or_a_device_does_not_hang_prepare(tmp_path, mlflo
 def test_the_default_pixel_budget_is_below_pillows():
     from PIL import Image
 
-    from fgvc.data.source_checks import ImageTooLarge, check_image_size as check_pixels, max_image_pixels
+    from fgvc.data.source_checks import ImageTooLarge, max_image_pixels
+    from fgvc.data.source_checks import check_image_size as check_pixels
 
     assert max_image_pixels() < Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageTooLarge, match="12000x12000 = 144000000 pixels"):

@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from test_ingest import root_digest
 
 from fgvc.cli import main
 from fgvc.data.demo import DemoConfig, generate_demo
 from fgvc.data.ingest import ingest
 from fgvc.data.roots import check_groups, groups_by_split
 from fgvc.data.shards import read_meta, validate_root
-from test_ingest import root_digest
 
 DESIGNERS = {"bottega veneta": "Bottega", "chado ralph rucci": "Chado", "dolce & gabbana": "Dolce"}
 

@@ -8,7 +8,14 @@ import torch.nn as nn
 
 from fgvc.data.dataset import BatchLoader, ShardDataset
 from fgvc.models import create_model
-from fgvc.training.loop import NonFiniteLoss, build_optimizer, evaluate, group_lrs, result_from_confusion, train_one_epoch
+from fgvc.training.loop import (
+    NonFiniteLoss,
+    build_optimizer,
+    evaluate,
+    group_lrs,
+    result_from_confusion,
+    train_one_epoch,
+)
 
 
 def test_optimizer_has_backbone_and_head_rates_and_no_decay_on_norms():

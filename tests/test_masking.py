@@ -15,8 +15,8 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from fgvc.data.demo import DemoConfig, generate_demo
-from fgvc.distributed import World
 from fgvc.data.shards import ShardError, load_shard, read_label_map, read_meta, read_shard, shards_of
+from fgvc.distributed import World
 from fgvc.masking import (
     MaskError,
     Segmenter,

@@ -18,12 +18,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-
 from stores import store_with_a_trained_model
+from test_models_original import reference, save_original
+
 from fgvc.cli import main
 from fgvc.data.shards import read_label_map
 from fgvc.models.predict import Predictor
-from test_models_original import reference, save_original
 
 
 @pytest.fixture(scope="module")

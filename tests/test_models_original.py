@@ -27,6 +27,8 @@ from fgvc.models.original import (
     import_original,
     load_original,
     num_classes_of,
+)
+from fgvc.models.original import (
     read_original_state as read_checkpoint,
 )
 

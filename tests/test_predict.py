@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-
 from stores import store_with_a_trained_model
+
 from fgvc.cli import main
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.shards import read_label_map

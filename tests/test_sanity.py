@@ -15,8 +15,7 @@ from fgvc.analysis.data import load_analysis_data
 from fgvc.analysis.gradcam import GradCAM
 from fgvc.analysis.methods import METHODS
 from fgvc.analysis.methods.attribution import cam_layer
-from fgvc.analysis.sanity import (FLAG_THRESHOLD, FULL, cascade, cascading_randomisation, edge_map, randomise_,
-                                  spearman)
+from fgvc.analysis.sanity import FLAG_THRESHOLD, FULL, cascade, cascading_randomisation, edge_map, randomise_, spearman
 from fgvc.data.dataset import ShardDataset
 from fgvc.models.factory import create_model
 

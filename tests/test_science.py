@@ -27,9 +27,9 @@ import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from fgvc.analysis.sanity import FLAG_THRESHOLD
 from fgvc.data.demo import DemoConfig
 from fgvc.study.config import StudyConfig
-from fgvc.analysis.sanity import FLAG_THRESHOLD
 from fgvc.study.tables import GARMENT, LEARNED, RUNWAY
 from fgvc.tasks.study import run_study
 

@@ -21,9 +21,9 @@ import pytest
 from click.testing import CliRunner
 from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
+from server_utils import MlflowServer, PostgresCluster, Unavailable
 
 from fgvc.cli import main as cli
-from server_utils import MlflowServer, PostgresCluster, Unavailable
 
 METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "val/top5", "val/error", "val/balanced_acc",
            "lr/backbone", "lr/head", "time/epoch_s", "throughput/train_img_s"]

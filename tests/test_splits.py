@@ -7,8 +7,16 @@ import random
 
 import pytest
 
-from fgvc.data.splits import (group_keys, make_split, resolve_rule, show_code, spanning, split_by_group,
-                              split_random, summary)
+from fgvc.data.splits import (
+    group_keys,
+    make_split,
+    resolve_rule,
+    show_code,
+    spanning,
+    split_by_group,
+    split_random,
+    summary,
+)
 from fgvc.errors import ConfigError
 
 

@@ -4,7 +4,8 @@ or 0.05-0.3, any seed."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fgvc.data.splits import make_split
 

@@ -22,9 +22,24 @@ from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES
 from fgvc.study.config import PRESETS, Cell, StudyConfig
 from fgvc.study.render import markdown_tables, report_tables
-from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_DATA, NO_DATA_VERDICT, NO_VERDICT, QUALITY_FACTOR,
-                               RUNWAY, UNDECIDED, add_comparisons, attribution_vs_swap, columns, regime_pairs,
-                               report_split, summarize, verdict)
+from fgvc.study.tables import (
+    DID_NOT_LEARN,
+    GARMENT,
+    LEARNED,
+    NO_DATA,
+    NO_DATA_VERDICT,
+    NO_VERDICT,
+    QUALITY_FACTOR,
+    RUNWAY,
+    UNDECIDED,
+    add_comparisons,
+    attribution_vs_swap,
+    columns,
+    regime_pairs,
+    report_split,
+    summarize,
+    verdict,
+)
 from fgvc.tasks.analyze import run_analyze
 from fgvc.tasks.study import run_study
 from fgvc.tasks.study_cell import train_config
@@ -225,9 +240,9 @@ def test_a_cell_whose_per_image_file_is_missing_has_no_data_not_a_verdict(mlflow
     """An attribution record without its per_image.csv (a failed upload, a pruned artifact):
     the study warns naming the record and the file, the cell's quality is "undecided (no
     data)" (never "learned"), it gets no verdict, and the tables show and grey it."""
+    from fgvc.study.records import CellResult
     from fgvc.study.render import terminal_table
     from fgvc.tasks import study_report
-    from fgvc.study.records import CellResult
 
     client = MlflowClient()
     record = client.create_run(client.create_experiment("records")).info.run_id  # its files are gone
@@ -322,8 +337,8 @@ def dose_grid(monkeypatch):
     its own swap-test record, on its own strength's source images. Per-image files are served
     from memory in place of the records' artifacts. Returns (results, rows, records)."""
     from fgvc.files import write_csv
-    from fgvc.tasks import study_report
     from fgvc.study.records import CellResult
+    from fgvc.tasks import study_report
 
     ones = lambda k, n=20: [1] * k + [0] * (n - k)  # noqa: E731 (k of 20 images right)
     # correct_original, correct_no_fg, correct_mixed_same, correct_mixed_rand per cell

@@ -10,7 +10,7 @@ from fgvc.study.config import Cell
 from fgvc.study.leak import ONLY_ON_RANDOM
 from fgvc.study.records import CellRecord
 from fgvc.study.results import compute
-from fgvc.study.tables import (DID_NOT_LEARN, GARMENT, LEARNED, NO_DATA, NO_DATA_VERDICT, NO_VERDICT, RUNWAY)
+from fgvc.study.tables import DID_NOT_LEARN, GARMENT, LEARNED, NO_DATA, NO_DATA_VERDICT, NO_VERDICT, RUNWAY
 
 CHANCE = 0.25  # four designers
 N = 20

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from server_utils import MlflowServer
 
 from fgvc import mlflow_names

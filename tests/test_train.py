@@ -21,9 +21,9 @@ from fgvc.errors import ConfigError, FgvcError
 from fgvc.safeload import load_tensors
 from fgvc.tasks import train as train_run
 from fgvc.tasks.promote import promote
+from fgvc.tasks.train import checkpoint_cache, run_train
 from fgvc.tracking.model_registry import load_model
 from fgvc.tracking.runs import RunFailed
-from fgvc.tasks.train import checkpoint_cache, run_train
 from fgvc.training.config import TrainConfig
 
 METRICS = ["train/loss", "train/acc", "val/loss", "val/acc", "val/top5", "val/error", "val/balanced_acc",
@@ -270,7 +270,7 @@ def test_promote_keeps_the_champions_dataset_and_says_what_it_skipped(tiny_root,
     line = out.output.strip()
     assert "\n" not in line and line.startswith(f"fgvc-fn-small@champion -> version {best} ")
     digest = client.get_model_version("fgvc-fn-small", "3").tags["dataset_digest"]
-    assert f"on the champion's dataset tiny (" in line and "the champion's regime unmasked" in line
+    assert "on the champion's dataset tiny (" in line and "the champion's regime unmasked" in line
     assert f"skipped 1 on other ({digest}) unmasked+aug" in line
     assert str(client.get_model_version_by_alias("fgvc-fn-small", "champion").version) == best
 

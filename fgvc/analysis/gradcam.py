@@ -21,8 +21,6 @@ Two ways to get there, same maps:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,7 +50,7 @@ class GradCAM:
     error. After a call, ``fast_path`` says whether the lowered network computed it.
     """
 
-    def __init__(self, model: nn.Module, target_layer: Optional[nn.Module] = None) -> None:
+    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None) -> None:
         if target_layer is None:
             target_layer = getattr(model, "feature_stage", None)
             if target_layer is None:
@@ -61,7 +59,7 @@ class GradCAM:
                 )
         self.model = model
         self.target_layer = target_layer
-        self._activation: Optional[Tensor] = None
+        self._activation: Tensor | None = None
         self._explaining = False
         self._handle = None
         self._mode = None
@@ -69,7 +67,7 @@ class GradCAM:
         self._lowering = LoweringCache()
         self.fast_path = False
 
-    def _capture(self, module: nn.Module, inputs, output: Tensor) -> Optional[Tensor]:
+    def _capture(self, module: nn.Module, inputs, output: Tensor) -> Tensor | None:
         if not self._explaining:  # other forward passes inside the context are untouched
             return None
         # Inside the no_grad forward of `attribute`: from here on the graph is recorded
@@ -78,7 +76,7 @@ class GradCAM:
         self._activation = output.detach().requires_grad_(True)
         return self._activation
 
-    def __enter__(self) -> "GradCAM":
+    def __enter__(self) -> GradCAM:
         if self._active:
             raise RuntimeError("GradCAM context is already active")
         self._mode = eval_mode(self.model)
@@ -98,7 +96,7 @@ class GradCAM:
                 self._mode.__exit__(None, None, None)
                 self._mode = None
 
-    def _lowered_network(self) -> tuple[Optional[Lowered], Optional[int]]:
+    def _lowered_network(self) -> tuple[Lowered | None, int | None]:
         """The lowered model and the target layer's tensor in it, or ``(None, None)``;
         lowered again whenever a weight, a module or a hook changed."""
         try:

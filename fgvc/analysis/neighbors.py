@@ -12,7 +12,7 @@ first ``R`` neighbours, where ``P(i)`` is the precision at rank ``i``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +44,12 @@ def embed(model: nn.Module, batches: Iterable) -> Tensor:
 def _excluded(
     rows: slice,
     cols: slice,
-    exclude: Optional[Tensor],
-    query_labels: Optional[Tensor],
-    ref_labels: Optional[Tensor],
+    exclude: Tensor | None,
+    query_labels: Tensor | None,
+    ref_labels: Tensor | None,
     exclude_same_label: bool,
     device: torch.device,
-) -> Optional[Tensor]:
+) -> Tensor | None:
     """Bool ``[q, r]`` block of reference items that may not be returned, or None."""
     blocked = None
     if exclude is not None:
@@ -67,13 +67,13 @@ def cosine_topk(
     query: Tensor,
     reference: Tensor,
     k: int,
-    exclude: Optional[Tensor] = None,
+    exclude: Tensor | None = None,
     *,
-    query_labels: Optional[Tensor] = None,
-    ref_labels: Optional[Tensor] = None,
+    query_labels: Tensor | None = None,
+    ref_labels: Tensor | None = None,
     exclude_same_label: bool = False,
-    query_chunk: Optional[int] = None,
-    reference_chunk: Optional[int] = None,
+    query_chunk: int | None = None,
+    reference_chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` inner products of L2-normalised ``query`` ``[Q, D]`` against
     ``reference`` ``[R, D]`` (cosine similarity; inputs are not re-normalised).
@@ -104,7 +104,7 @@ def cosine_topk(
     scores = torch.full((n_query, k), float("-inf"), dtype=query.dtype, device=query.device)
     indices = torch.full((n_query, k), -1, dtype=torch.long, device=query.device)
 
-    def blocked(rows: slice, cols: slice) -> Optional[Tensor]:
+    def blocked(rows: slice, cols: slice) -> Tensor | None:
         return _excluded(rows, cols, exclude, query_labels, ref_labels, exclude_same_label, query.device)
 
     for q0 in range(0, n_query, query_chunk):
@@ -115,7 +115,7 @@ def cosine_topk(
 
 
 def _rows_topk(query: Tensor, reference: Tensor, rows: slice, k: int, reference_chunk: int,
-               blocked: Callable[[slice, slice], Optional[Tensor]]) -> tuple[Tensor, Tensor]:
+               blocked: Callable[[slice, slice], Tensor | None]) -> tuple[Tensor, Tensor]:
     """Top-``k`` of the queries ``query[rows]`` against all of ``reference``, one block of
     ``reference_chunk`` references at a time, each block's best merged into the running best.
     ``blocked(rows, cols)``: the bool block of excluded references, or None. Index ``-1``
@@ -161,9 +161,9 @@ def retrieval_metrics(
     ref_labels: Tensor,
     indices: Tensor,
     k: int,
-    ref_venues: Optional[Tensor] = None,
-    query_venues: Optional[Tensor] = None,
-    num_relevant: Optional[Tensor] = None,
+    ref_venues: Tensor | None = None,
+    query_venues: Tensor | None = None,
+    num_relevant: Tensor | None = None,
 ) -> dict[str, float]:
     """Retrieval quality of the ranked neighbour lists ``indices`` ``[Q, >=k]``.
 
@@ -215,7 +215,7 @@ def map_at_r(
     reference: Tensor,
     query_labels: Tensor,
     ref_labels: Tensor,
-    exclude: Optional[Tensor] = None,
+    exclude: Tensor | None = None,
     query_chunk: int = 256,
 ) -> float:
     """mAP@R computed from embeddings (``[Q, D]``, ``[R, D]``, L2-normalised), ranking each

@@ -24,7 +24,7 @@ so on the result, so a caller can record the map as approximate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +67,7 @@ class OcclusionResult(AttributionResult):
     """
 
     mode: str = "exact"
-    approximation: Optional[str] = None
+    approximation: str | None = None
     engine: str = "batched"
     evaluated_fraction: float = 1.0
 
@@ -185,7 +185,7 @@ class Occlusion:
         mode: Mode = "exact",
         engine: Engine = "auto",
         full_fraction: float = 0.7,
-        field_limit: Optional[float] = 0.7,
+        field_limit: float | None = 0.7,
         low_precision: bool = True,
         coarse_step: int = 1,
         refine_fraction: float = 0.25,
@@ -228,7 +228,7 @@ class Occlusion:
         self._lowering = LoweringCache()
 
     @property
-    def approximation(self) -> Optional[str]:
+    def approximation(self) -> str | None:
         """The approximation in words (``None`` in exact mode): log it with the maps.
         Which parts apply to one run is on its result (bfloat16 needs hardware support,
         the projective-field threshold the incremental engine)."""
@@ -236,7 +236,7 @@ class Occlusion:
             return None
         return self._describe(self.field_limit, self.low_precision)
 
-    def _describe(self, field_limit: Optional[float], low_precision: bool) -> str:
+    def _describe(self, field_limit: float | None, low_precision: bool) -> str:
         parts = []
         if field_limit is not None:
             parts.append(f"projective-field threshold {field_limit:g}")
@@ -257,7 +257,7 @@ class Occlusion:
             return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
         return gaussian_blur(images, default_blur_sigma(*images.shape[-2:]))
 
-    def _low_precision_dtype(self, device: torch.device) -> Optional[torch.dtype]:
+    def _low_precision_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 where it runs natively (emulated bfloat16 is slower than float32)."""
         if self.mode != "approx" or not self.low_precision:
             return None

@@ -23,8 +23,8 @@ whose trained map is constant has no ranking to compare and is left out (NaN).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -26,7 +26,7 @@ reader names the person's designer, so it follows the backdrop less often than c
 from __future__ import annotations
 
 import math
-from typing import Mapping, Union
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -278,7 +278,7 @@ def _background_mean(images: Tensor, background: Tensor) -> Tensor:
     return ((images * bg).sum(dim=(2, 3)) / bg_pixels)[:, :, None, None]
 
 
-def pick_partners(labels: Tensor, seed: int) -> dict[str, Union[Tensor, int]]:
+def pick_partners(labels: Tensor, seed: int) -> dict[str, Tensor | int]:
     """Seeded partner choice for the mixed variants.
 
     Returns ``same`` ``[B]`` (another image with the same label, uniformly; the image itself
@@ -318,7 +318,7 @@ def pick_partners(labels: Tensor, seed: int) -> dict[str, Union[Tensor, int]]:
 
 def make_variants(
     images: Tensor, masks: Tensor, labels: Tensor, seed: int = 0, *, margin: int = 2
-) -> dict[str, Union[Tensor, int, float]]:
+) -> dict[str, Tensor | int | float]:
     """Background-swap variants of ``images`` ``[B, 3, H, W]`` (uint8 or float).
 
     Args:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +61,8 @@ def silhouette_score(
     filled: Tensor,
     person_mask: Tensor,
     *,
-    originals: Optional[Tensor] = None,
-    backdrops: Optional[Tensor] = None,
+    originals: Tensor | None = None,
+    backdrops: Tensor | None = None,
     seed: int = 0,
     ring: int = 2,
 ) -> SilhouetteScore:

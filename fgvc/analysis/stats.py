@@ -40,8 +40,9 @@ conservative only while it is a large part of the variance.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ class SeedSpread(NamedTuple):
     single seed: one run shows no spread, not a spread of 0) and the number of seeds."""
 
     mean: float
-    std: Optional[float]
+    std: float | None
     n: int
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fgvc.config import BOOL, FLOAT, INT, STR, Choice, Config, ListOf, Maybe, fraction, option, positive
 from fgvc.catalog import SEGMENTERS
+from fgvc.config import BOOL, FLOAT, INT, STR, Choice, Config, ListOf, Maybe, fraction, option, positive
 from fgvc.data.config import SPLITS
 
 DEFAULT_MIN_PERSON_RATIO = 0.005

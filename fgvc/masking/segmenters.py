@@ -57,7 +57,7 @@ class Segmenter:
     weights: str = "none"
     needs_source_masks: bool = False
 
-    def to(self, device: torch.device | str) -> "Segmenter":
+    def to(self, device: torch.device | str) -> Segmenter:
         return self
 
     def __call__(self, images: Tensor, source_masks: Tensor | None = None) -> Tensor:
@@ -153,7 +153,7 @@ class TorchvisionSegmenter(Segmenter):
         self.seg_size = seg_size
         self.person_class = person_class
 
-    def to(self, device: torch.device | str) -> "TorchvisionSegmenter":
+    def to(self, device: torch.device | str) -> TorchvisionSegmenter:
         self.model.to(device)
         return self
 

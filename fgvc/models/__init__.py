@@ -3,7 +3,6 @@
 Importing this package registers ``fashionnet_small`` / ``fashionnet_medium`` with timm.
 """
 
-from .fashionnet import FASHIONNET_CONFIGS, FashionNet, FashionNetConfig
 from .factory import (
     ARCHS,
     IMAGENET_MEAN,
@@ -18,6 +17,7 @@ from .factory import (
     register_arch,
     render_pretrained,
 )
+from .fashionnet import FASHIONNET_CONFIGS, FashionNet, FashionNetConfig
 
 __all__ = [
     "ARCHS",

@@ -9,9 +9,10 @@ cache when missing and the network allows; or from an explicit path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torchvision.models as tvm

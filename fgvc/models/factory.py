@@ -10,17 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
+from fgvc.catalog import arch_problem
 from fgvc.config import FALSE_WORDS, TRUE_WORDS
 from fgvc.errors import ConfigError
 
-from fgvc.catalog import arch_problem
-
-from .architectures import ARCHS, Architecture, available_archs, architecture_of, register_arch
+from .architectures import ARCHS, Architecture, architecture_of, available_archs, register_arch
 from .net import IMAGENET_MEAN, IMAGENET_STD, FGVCNet, ModelSpec, PretrainedWeightsError
 from .weights import WeightsUnavailable
 from .weights_file import load_weights_file

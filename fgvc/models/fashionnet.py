@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from timm.models import register_model
+from torch import nn
 
 __all__ = ["ConvBNReLU", "FashionNet", "FashionNetConfig", "FASHIONNET_CONFIGS"]
 

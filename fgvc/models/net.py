@@ -8,8 +8,9 @@ analysis code never branch on architecture.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ class ModelSpec:
                 for key, value in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         """Inverse of :meth:`to_dict`; also accepts the output of ``json.loads``."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

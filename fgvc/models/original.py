@@ -30,9 +30,10 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 
@@ -149,7 +150,7 @@ class _Layout:
     num_features: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout(arch: str) -> _Layout:
     # Built on the meta device: shapes and names only, no memory and no initialisation cost.
     with torch.device("meta"):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -296,7 +296,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = "auto",
-                        quiet: bool = False) -> "Predictor":
+                        quiet: bool = False) -> Predictor:
         """The checkpoint's model, ready to predict. A model trained on background-removed
         images says once (unless ``quiet``) that raw photos are not what it knows."""
         ckpt = load_tensors(path, what="checkpoint")

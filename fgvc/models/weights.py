@@ -348,8 +348,8 @@ def fetch_hf(repo_id: str, filename: str, *, revision: str | None = None) -> Pat
     cached = _hf_cached(repo_id, filename, revision)
     if cached is not None:
         return cached
-    from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hub
+    from huggingface_hub import hf_hub_download
 
     cache, endpoint = hf_cache_dir(), hf_endpoint()
     source = f"{endpoint}/{repo_id}/resolve/{revision or 'main'}/{filename}"

@@ -9,13 +9,27 @@ a `StudyPlan` of concrete values.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fgvc import mlflow_names
 from fgvc.catalog import SEGMENTERS, arch_problem
-from fgvc.config import (FLOAT, INT, STR, Choice, Config, FlagOr, ListOf, Maybe, each, fraction, non_negative, option,
-                         positive)
+from fgvc.config import (
+    FLOAT,
+    INT,
+    STR,
+    Choice,
+    Config,
+    FlagOr,
+    ListOf,
+    Maybe,
+    each,
+    fraction,
+    non_negative,
+    option,
+    positive,
+)
 from fgvc.data.config import DemoConfig
 from fgvc.errors import ConfigError
 from fgvc.regimes import REGIMES, Regime
@@ -128,7 +142,7 @@ class StudyConfig(Config):
     cpus_per_cell: float = option(FLOAT, 1.0, "--executor ray: CPUs each cell reserves (its torch threads).",
                                   check=positive, identity=False)
 
-    def plan(self, experiment: str = EXPERIMENT) -> "StudyPlan":
+    def plan(self, experiment: str = EXPERIMENT) -> StudyPlan:
         preset = PRESETS[self.preset]
         pick = lambda name: getattr(self, name) if getattr(self, name) is not None else preset[name]  # noqa: E731
         demo = preset["demo"]

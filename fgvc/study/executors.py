@@ -17,8 +17,9 @@ finishes. It knows nothing of cells: idempotence (claims, reuse, resume) lives i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 

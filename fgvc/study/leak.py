@@ -20,7 +20,7 @@ memorised shows, and the tables and the verdict text say so.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from fgvc.analysis.stats import bootstrap_difference
 from fgvc.study.pairing import PerImage, first_table, fmt, interval_text, per_image_column, put_interval

@@ -6,7 +6,7 @@ fgvc.study.results)."""
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from fgvc.analysis.sanity import FLAG_THRESHOLD
 from fgvc.study.leak import leak_table

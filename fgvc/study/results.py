@@ -13,14 +13,25 @@ fgvc.study.pairing; then the show leak, fgvc.study.leak), the summary and its sh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from fgvc.study.leak import annotate_summary, leak_paragraph, show_leak
 from fgvc.study.pairing import PerImage
 from fgvc.study.records import CellRecord
-from fgvc.study.tables import (DID_NOT_LEARN, NO_DATA, RUNWAY, TableColumn, add_comparisons, attribution_vs_swap,
-                               cell_values, columns, summarize, verdict, verdict_reason)
+from fgvc.study.tables import (
+    DID_NOT_LEARN,
+    NO_DATA,
+    RUNWAY,
+    TableColumn,
+    add_comparisons,
+    attribution_vs_swap,
+    cell_values,
+    columns,
+    summarize,
+    verdict,
+    verdict_reason,
+)
 
 STATUSES = ("trained", "resumed", "reused")
 

@@ -33,16 +33,25 @@ trained on background-removed images, on the same images, with a paired bootstra
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from fgvc.analysis.methods import study_columns
 from fgvc.analysis.stats import bootstrap_mean, hierarchical_bootstrap, seed_interval
 from fgvc.data.shards import splits_of
-from fgvc.study.pairing import (DIFFERENCE_MEASURES, PerImage, first_table, interval_text, paired, put_interval,
-                                regime_pairs, shared_axes, twin_regime)
+from fgvc.study.pairing import (
+    DIFFERENCE_MEASURES,
+    PerImage,
+    first_table,
+    interval_text,
+    paired,
+    put_interval,
+    regime_pairs,
+    shared_axes,
+    twin_regime,
+)
 
 RUNWAY, GARMENT, UNDECIDED = "reads the runway", "reads the garment", "undecided"
 NO_VERDICT, NO_DATA_VERDICT = "no verdict (did not learn)", "no verdict (no data)"

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from PIL import Image
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from fgvc import mlflow_names
 from fgvc.analysis.config import AnalyzeConfig, settings_id, settings_of
@@ -40,9 +40,9 @@ from fgvc.analysis.suite import check_inputs, run_methods
 from fgvc.config import digest
 from fgvc.devices import resolve_device
 from fgvc.errors import FgvcError
-from fgvc.tracking.markdown import code
 from fgvc.tracking import fencing
 from fgvc.tracking.claims import claimed
+from fgvc.tracking.markdown import code
 from fgvc.tracking.model_registry import ResolvedModel, load_model
 from fgvc.tracking.runs import configure_tracking, log_params, tracked_run
 from fgvc.tracking.search import find_runs

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import mlflow
 
-from fgvc import mlflow_names
-from fgvc import distributed
+from fgvc import distributed, mlflow_names
 from fgvc.devices import resolve_device
 from fgvc.masking import MaskConfig, MaskPlan, Segmenter, plan_masking
-from fgvc.masking.job import MaskReport, execute
 from fgvc.masking.examples import pick_examples
+from fgvc.masking.job import MaskReport, execute
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
 from fgvc.viz.masking import plot_mask_examples, plot_person_ratio_hist

@@ -23,10 +23,10 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import mlflow
 import torch

@@ -14,8 +14,8 @@ from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import generate_demo
 from fgvc.data.ingest import IngestOptions, ingest
 from fgvc.data.roots import check_groups, remove_written, written_files
-from fgvc.data.sources import KAGGLE_LIST
 from fgvc.data.shards import RootInfo, dataset_digest, read_meta, validate_root
+from fgvc.data.sources import KAGGLE_LIST
 from fgvc.errors import ConfigError
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import DESCRIPTION, artifact_dir, log_dataset, log_params, set_tags, tracked_run

@@ -10,9 +10,9 @@ or `any`) choose others; `--version` names one. Refusals happen before a run exi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import mlflow
 from mlflow.tracking import MlflowClient

@@ -16,10 +16,10 @@ import mlflow
 
 from fgvc.mlflow_names import registered_name
 from fgvc.regimes import regime_of
-from fgvc.tracking.markdown import code
-from fgvc.tracking.logged_model import log_model, register_version, version_description
-from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
 from fgvc.tasks.train import EXPERIMENT, EXPERIMENT_DESCRIPTION
+from fgvc.tracking.logged_model import log_model, register_version, version_description
+from fgvc.tracking.markdown import code
+from fgvc.tracking.runs import artifact_dir, log_dataset, log_params, tracked_run
 from fgvc.training.imported import Imported, RegisterConfig, example_images, fgvc_checkpoint, import_checkpoint
 from fgvc.training.loop import EvalResult
 from fgvc.viz.training_plots import save_confusion, save_per_class

@@ -33,9 +33,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Mapping
 from urllib.parse import urlsplit
 
 from mlflow.entities import RunTag
@@ -47,12 +47,20 @@ from fgvc.study.config import Cell, StudyConfig, StudyPlan
 from fgvc.study.executors import RayExecutor, run_local
 from fgvc.study.records import CellResult, Roots, StudyContext, StudyResult
 from fgvc.study.results import compute
-from fgvc.tracking import failures
-from fgvc.tracking.runs import (DESCRIPTION, TASK, configure_tracking, describe_experiment, ending, experiment_id,
-                                git_commit, log_params)
 from fgvc.tasks.study_cell import CellJob, run_cell
 from fgvc.tasks.study_report import finish_study, gather, write_study
 from fgvc.tasks.study_roots import prepare_roots
+from fgvc.tracking import failures
+from fgvc.tracking.runs import (
+    DESCRIPTION,
+    TASK,
+    configure_tracking,
+    describe_experiment,
+    ending,
+    experiment_id,
+    git_commit,
+    log_params,
+)
 
 log = logging.getLogger("fgvc")
 

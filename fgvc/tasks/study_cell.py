@@ -34,10 +34,10 @@ from fgvc.study.config import Cell, StudyPlan
 from fgvc.study.records import CellResult, Roots
 from fgvc.study.tables import STUDY_OCCLUSION_FILL, report_split, runs_sanity
 from fgvc.tasks.analyze import run_analyze
+from fgvc.tasks.train import checkpoint_cache, run_train
 from fgvc.tracking.claims import Claim, claimed
 from fgvc.tracking.runs import configure_tracking, experiment_id
 from fgvc.tracking.search import find_runs
-from fgvc.tasks.train import checkpoint_cache, run_train
 from fgvc.training.config import TrainConfig
 
 log = logging.getLogger("fgvc")

@@ -25,9 +25,9 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import mlflow
 from mlflow.entities import Metric, RunTag
@@ -42,8 +42,15 @@ from fgvc.study.results import StudyTables, complete
 from fgvc.study.tables import ATTRIBUTION, DID_NOT_LEARN, NO_DATA, QUALITY_FACTOR, report_split
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import DESCRIPTION, git_commit
-from fgvc.viz.report import (Example, MethodNotes, Table, build_report, save_dose_response, save_regime_bars,
-                             save_reliance_scatter)
+from fgvc.viz.report import (
+    Example,
+    MethodNotes,
+    Table,
+    build_report,
+    save_dose_response,
+    save_regime_bars,
+    save_reliance_scatter,
+)
 
 log = logging.getLogger("fgvc")
 

@@ -30,10 +30,10 @@ import shlex
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import mlflow
 import numpy as np
@@ -42,17 +42,16 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from fgvc import mlflow_names
-from fgvc import distributed
+from fgvc import distributed, mlflow_names
 from fgvc.config import render_params
 from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError, TrackingUnreachable, WriteFailed
 from fgvc.files import write_failed
+from fgvc.mlflow_names import CANDIDATE, registered_name
 from fgvc.tracking import fencing
 from fgvc.tracking.failures import Patience, is_unreachable, unreachable
-from fgvc.tracking.markdown import code, text
-from fgvc.mlflow_names import CANDIDATE, registered_name
 from fgvc.tracking.logged_model import background_removed, log_model, register_version, version_description
+from fgvc.tracking.markdown import code, text
 from fgvc.tracking.runs import (
     RunFailed,
     artifact_dir,

@@ -41,8 +41,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
@@ -123,7 +123,7 @@ class Holder:
     start: str = ""
 
     @classmethod
-    def parse(cls, text: str) -> "Holder":
+    def parse(cls, text: str) -> Holder:
         host, pid, token, since = text.rsplit(" ", 3)
         number, _, start = pid.partition(":")
         return cls(host, int(number), token, float(since), start)

@@ -19,7 +19,8 @@ import logging
 import os
 import re
 import time
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import mlflow
 import requests

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from mlflow.entities import LoggedModelStatus, RunTag
 from mlflow.tracking import MlflowClient

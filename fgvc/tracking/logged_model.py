@@ -27,8 +27,8 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 
 import fgvc
-from fgvc.models.predict import Predictor
 from fgvc.mlflow_names import CANDIDATE, STUDY_PREFIX
+from fgvc.models.predict import Predictor
 from fgvc.tracking.markdown import code
 
 log = logging.getLogger("fgvc")

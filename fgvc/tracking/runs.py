@@ -16,8 +16,8 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source

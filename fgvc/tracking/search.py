@@ -4,7 +4,7 @@ by :func:`literal`, so a name holding a quote can neither break a search nor cha
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from mlflow.tracking import MlflowClient
 

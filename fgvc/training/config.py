@@ -8,8 +8,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fgvc.catalog import ORIGINAL_ARCHS, PRESETS, arch_problem
-from fgvc.config import (BOOL, FLOAT, INT, STR, Choice, Config, FlagOr, Kind, Maybe, below_one, config_id,
-                         non_negative, option, positive)
+from fgvc.config import (
+    BOOL,
+    FLOAT,
+    INT,
+    STR,
+    Choice,
+    Config,
+    FlagOr,
+    Kind,
+    Maybe,
+    below_one,
+    config_id,
+    non_negative,
+    option,
+    positive,
+)
 from fgvc.errors import ConfigError
 
 if TYPE_CHECKING:

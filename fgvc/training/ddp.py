@@ -3,7 +3,7 @@ per-rank augmentation draws (the process group itself: fgvc.distributed)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -12,8 +12,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from fgvc.data.dataset import BatchLoader
-from fgvc.errors import ConfigError
 from fgvc.distributed import World, collective_device, is_initialized
+from fgvc.errors import ConfigError
 
 
 def unwrap(model: nn.Module) -> nn.Module:

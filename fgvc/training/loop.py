@@ -10,16 +10,16 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fgvc.data.dataset import BatchLoader
 from fgvc import distributed
+from fgvc.data.dataset import BatchLoader
 from fgvc.errors import FgvcError
 from fgvc.training import ddp
 
@@ -37,7 +37,7 @@ class Precision:
 
     @staticmethod
     def for_device(device: torch.device, amp: bool | None = None, channels_last: bool | None = None
-                   ) -> "Precision":
+                   ) -> Precision:
         """AMP and channels-last pay off on CUDA; None (auto) turns them on there only."""
         cuda = device.type == "cuda"
         use_amp = cuda if amp is None else amp

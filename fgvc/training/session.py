@@ -13,9 +13,10 @@ callbacks run on rank 0 only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -51,7 +52,7 @@ class TrainingData:
     resize: str = "pad"  # how the root's images were fitted to their size (ingest's policy)
 
     @classmethod
-    def of(cls, data_root: str | Path) -> "TrainingData":
+    def of(cls, data_root: str | Path) -> TrainingData:
         root = resolve_root(data_root)
         info = validate_root(root)
         names = [info.label_names.get(i, str(i)) for i in range(info.num_classes)]
@@ -62,7 +63,7 @@ class TrainingData:
 
 
 class Callback(Protocol):
-    def on_epoch_end(self, record: EpochRecord, session: "Session") -> None: ...
+    def on_epoch_end(self, record: EpochRecord, session: Session) -> None: ...
 
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 from matplotlib.patches import Patch
 
@@ -17,7 +17,7 @@ CAPTIONS = {"original": "Original", "only_fg": "Only-FG", "no_fg": "No-FG", "mix
             "mixed_rand": "Mixed-Rand"}
 
 
-def _name(label_names: Union[Sequence[str], Mapping[int, str]], label: int) -> str:
+def _name(label_names: Sequence[str] | Mapping[int, str], label: int) -> str:
     try:
         return str(label_names[label])
     except (IndexError, KeyError):
@@ -37,7 +37,7 @@ def save_neighbor_grid(
     indices,
     query_labels,
     ref_labels,
-    label_names: Union[Sequence[str], Mapping[int, str]],
+    label_names: Sequence[str] | Mapping[int, str],
     scores=None,
 ) -> Path:
     """One row per query: ``[query | k neighbours]`` (``indices`` ``[Q, k]`` into

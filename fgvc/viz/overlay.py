@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
-from matplotlib import cm, colors, colormaps
+from matplotlib import cm, colormaps, colors
 
 from fgvc.viz._figure import (
     PANEL_INCHES,
@@ -38,10 +38,10 @@ def save_attribution_grid(
     path: PathLike,
     images,
     maps,
-    titles: Optional[Sequence[str]] = None,
+    titles: Sequence[str] | None = None,
     cmap: str = "jet",
     colorbar_label: str = "attribution (scaled to [0, 1] per image)",
-    wrong: Optional[Sequence[bool]] = None,
+    wrong: Sequence[bool] | None = None,
 ) -> Path:
     """One row per image: the input, then the overlay of its map (``[N, H, W]`` in [0, 1]),
     with a labelled colour bar for the map scale. ``titles`` (one per row, may span two lines)

@@ -3,8 +3,8 @@ confusion matrices."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ def bar_chart_figsize(count: int) -> tuple[float, float]:
 
 def save_histogram(
     path: PathLike, values, title: str, xlabel: str, bins: int = 30,
-    reference: Optional[tuple[float, str]] = None,
+    reference: tuple[float, str] | None = None,
 ) -> Path:
     """Histogram of ``values`` (e.g. per-image background preferences), with the mean marked
     and an optional reference value (``(1.0, "no preference")``). Non-finite values are
@@ -50,9 +50,9 @@ def save_bar_chart(
     names: Sequence[str],
     values,
     title: str,
-    chance: Optional[float] = None,
-    low: Optional[Sequence[float]] = None,
-    high: Optional[Sequence[float]] = None,
+    chance: float | None = None,
+    low: Sequence[float] | None = None,
+    high: Sequence[float] | None = None,
 ) -> Path:
     """One bar per name (e.g. accuracy per background-swap variant), value printed on each
     bar, an interval per bar when ``low``/``high`` are given, and a dashed line at ``chance``.

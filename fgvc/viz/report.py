@@ -15,9 +15,9 @@ from __future__ import annotations
 import base64
 import functools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import jinja2
 import numpy as np

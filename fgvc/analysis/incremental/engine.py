@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 
 from fgvc.analysis.incremental.lowering import LOCAL_OPS, Conv, GlobalAvgPool, Lowered, Pair, _run_whole, lower
 from fgvc.analysis.incremental.plan import Gather, MapGeometry, Plan, make_plan
@@ -86,9 +84,9 @@ class IncrementalOcclusion:
     """
 
     def __init__(self, model: nn.Module, full_fraction: float = 0.7,
-                 field_limit: Optional[float] = None,
-                 low_precision: Optional[torch.dtype] = None,
-                 lowered: Optional[Lowered] = None) -> None:
+                 field_limit: float | None = None,
+                 low_precision: torch.dtype | None = None,
+                 lowered: Lowered | None = None) -> None:
         self.steps = (lowered or lower(model)).steps
         self.full_fraction = full_fraction
         self.field_limit = field_limit
@@ -98,7 +96,7 @@ class IncrementalOcclusion:
             for index, step in enumerate(self.steps):
                 if isinstance(step.op, Conv):
                     self.low_weights[index] = step.op.weight.to(low_precision)
-        self.plan: Optional[Plan] = None
+        self.plan: Plan | None = None
 
     def prepare(self, height: int, width: int, boxes: Tensor, device: torch.device) -> Plan:
         """Plan the blocks for ``height x width`` images and windows ``boxes``."""
@@ -260,7 +258,7 @@ def window_boxes(masks: Tensor) -> Tensor:
 
 
 def flop_estimate(model: nn.Module, height: int, width: int, window: int, stride: int,
-                  full_fraction: float = 0.7, field_limit: Optional[float] = None
+                  full_fraction: float = 0.7, field_limit: float | None = None
                   ) -> dict[str, float]:
     """Conv multiply-accumulates of one whole forward and of one incrementally computed
     occluded copy (averaged over windows is not needed: every window computes the same

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class Conv:
     """``conv2d`` (BatchNorm folded into ``weight``/``bias``), optionally followed by ReLU."""
 
     weight: Tensor  # [C_out, C_in / groups, kh, kw]
-    bias: Optional[Tensor]
+    bias: Tensor | None
     stride: Pair
     padding: Pair
     dilation: Pair
@@ -144,7 +145,7 @@ class _Lowering:
         self.steps.append(Step(op, tuple(inputs)))
         return len(self.steps)
 
-    def last_step_makes(self, node: int, kind: type) -> Optional[Step]:
+    def last_step_makes(self, node: int, kind: type) -> Step | None:
         """The step writing ``node`` when it is the newest step and of ``kind``. Lowered
         modules only ever hand their output on, so the newest tensor has no other reader
         yet and its step may absorb a BatchNorm or ReLU."""
@@ -277,14 +278,14 @@ class Lowered:
     steps: list[Step]
     outputs: dict[int, tuple[nn.Module, int]]
 
-    def tensor_of(self, module: nn.Module) -> Optional[int]:
+    def tensor_of(self, module: nn.Module) -> int | None:
         """The tensor holding ``module``'s output, or None (never computed on its own, e.g.
         a conv whose BatchNorm was folded into it)."""
         entry = self.outputs.get(id(module))
         return entry[1] if entry is not None and entry[0] is module else None
 
-    def run(self, x: Tensor, start: int = 0, stop: Optional[int] = None,
-            tensors: Optional[list[Tensor]] = None) -> list[Tensor]:
+    def run(self, x: Tensor, start: int = 0, stop: int | None = None,
+            tensors: list[Tensor] | None = None) -> list[Tensor]:
         """Tensors ``0..stop`` (default: all) for input ``x`` ``[B, 3, H, W]``. With ``start``
         and ``tensors`` (tensors ``0..start`` already computed), only the steps writing
         tensors ``start + 1..stop`` run."""
@@ -308,9 +309,9 @@ class LoweringCache:
     """The last lowering of one model, redone when :func:`model_state` changes."""
 
     def __init__(self) -> None:
-        self._state: Optional[tuple] = None
-        self._model: Optional[nn.Module] = None
-        self._result: Union[Lowered, UnsupportedModel, None] = None
+        self._state: tuple | None = None
+        self._model: nn.Module | None = None
+        self._result: Lowered | UnsupportedModel | None = None
 
     def get(self, model: nn.Module) -> Lowered:
         """The lowered model; raises :class:`UnsupportedModel` like :func:`lower`."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-
 
 from fgvc.analysis.incremental.lowering import LOCAL_OPS, Add, Conv, Dense, GlobalAvgPool, Pair, Step, UnsupportedModel
 
@@ -50,7 +49,7 @@ class MapGeometry:
 
     @classmethod
     def around(cls, height: int, width: int, region: Tensor, full_fraction: float,
-               full: bool = False) -> "MapGeometry":
+               full: bool = False) -> MapGeometry:
         block_h = int((region[:, 1] - region[:, 0]).max())
         block_w = int((region[:, 3] - region[:, 2]).max())
         full = full or block_h * block_w >= full_fraction * height * width
@@ -60,7 +59,7 @@ class MapGeometry:
         left = torch.minimum(region[:, 2], torch.tensor(width - block_w))
         return cls(height, width, region, (block_h, block_w), torch.stack([top, left], 1), full)
 
-    def same_blocks(self, other: "MapGeometry") -> bool:
+    def same_blocks(self, other: MapGeometry) -> bool:
         return self.block == other.block and torch.equal(self.start, other.start)
 
 
@@ -104,7 +103,7 @@ class Plan:
     """Geometry of every tensor and how each step reads its inputs, for one image size and
     one set of windows."""
 
-    geometry: list[Optional[MapGeometry]]  # None: a whole per-sample tensor (after pooling)
+    geometry: list[MapGeometry | None]  # None: a whole per-sample tensor (after pooling)
     gathers: dict[tuple[int, int], Gather]  # (step, input position) -> how it is read
     input_block_index: Tensor  # [P, h * w] flat pixel offsets of the input block
     input_in_window: Tensor  # [P, h * w] bool: pixel lies under the window
@@ -114,7 +113,7 @@ class Plan:
     last_reader: dict[int, list[int]] = field(default_factory=dict)  # step -> tensors it frees
 
 
-def _truncate(lo: Tensor, hi: Tensor, size: int, limit: Optional[float]) -> tuple[Tensor, Tensor]:
+def _truncate(lo: Tensor, hi: Tensor, size: int, limit: float | None) -> tuple[Tensor, Tensor]:
     """Krypton's projective-field threshold: a changed region longer than ``limit`` of the
     map side is cut to that length around its centre (``None``: exact, no cut)."""
     if limit is None:
@@ -127,10 +126,10 @@ def _truncate(lo: Tensor, hi: Tensor, size: int, limit: Optional[float]) -> tupl
 
 
 def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
-              full_fraction: float, field_limit: Optional[float] = None) -> Plan:
+              full_fraction: float, field_limit: float | None = None) -> Plan:
     """``boxes`` ``[P, 4]`` (top, bottom, left, right; half-open) are the occluded windows."""
     boxes = boxes.long().cpu()
-    geometry: list[Optional[MapGeometry]] = [
+    geometry: list[MapGeometry | None] = [
         MapGeometry.around(height, width, boxes, full_fraction=2.0)  # the input block never
     ]  # counts as full: the first layers are where incrementality pays most
     gathers: dict[tuple[int, int], Gather] = {}
