@@ -76,7 +76,7 @@ def bench_gradcam(model, images, batch, rounds, warmup) -> Timings:
 
     ours = GradCAM(model)
     got = ours.attribute(images[:batch]).maps
-    agreement = min(pearson(a, b) for a, b in zip(got, reference(images[:batch])))
+    agreement = min(pearson(a, b) for a, b in zip(got, reference(images[:batch]), strict=True))
     print(f"  maps vs pytorch-grad-cam: min Pearson {agreement:.5f} "
           f"({'lowered network' if ours.fast_path else 'forward hook'})")
     timings = compare([
@@ -114,7 +114,7 @@ def bench_occlusion(model, images, window, stride, ppe_sweep, rounds, warmup):
     approx_result = approx.attribute(images, targets)
     span = reference.amax(dim=(1, 2)) - reference.amin(dim=(1, 2))
     error = float(((exact_result.raw - reference).abs().amax(dim=(1, 2)) / span).max())
-    correlation = min(pearson(a, b) for a, b in zip(approx_result.raw, exact_result.raw))
+    correlation = min(pearson(a, b) for a, b in zip(approx_result.raw, exact_result.raw, strict=True))
     print(f"  exact engine: {exact_result.engine}; approx: {approx_result.approximation} "
           f"({approx_result.evaluated_fraction:.0%} of windows evaluated)")
     timings = compare([

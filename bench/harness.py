@@ -92,7 +92,7 @@ class Timings:
     def ratio(self, numerator: str, denominator: str) -> Spread:
         """Rate of ``numerator`` over rate of ``denominator``, per round (same rounds)."""
         a, b = self.rate(numerator).values, self.rate(denominator).values
-        return Spread([x / y for x, y in zip(a, b)])
+        return Spread([x / y for x, y in zip(a, b, strict=True)])
 
     def print(self) -> None:
         width = max(len(n) for n in self.contenders)

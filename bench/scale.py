@@ -239,7 +239,8 @@ def main(argv=None) -> None:
     p.add_argument("--height", type=int, default=224)
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="loader threads of ours (0: the fastest here, see data_loading.py)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="loader threads of ours (0: the fastest here, see data_loading.py)")
     p.add_argument("--original-workers", type=int, default=0, help="DataLoader workers of the original")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

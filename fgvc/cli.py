@@ -209,7 +209,12 @@ def register(**values):
     click.echo(f"run {run_id}: registered models:/{name}/{version} (alias candidate)")
 
 
-@main.command()
+class StudyCommand(click.Command):
+    # What to do rather than how: these modes are not MLproject parameters (`mlflow run` makes a run of its own).
+    command_line_only = ("list_cells", "cell", "collect")
+
+
+@main.command(cls=StudyCommand)
 @config_options(StudyConfig)
 @click.option("--list-cells", is_flag=True, help="Print the study's cell keys, one a line, and exit.")
 @click.option("--cell", "cell", default=None, metavar="KEY|INDEX",
@@ -230,9 +235,6 @@ def study(list_cells: bool, cell: str | None, collect: bool, **values):
         return
     click.echo(terminal_summary(run_study(cfg, collect=collect)))
 
-
-# What to do rather than how: these modes are not MLproject parameters (`mlflow run` makes a run of its own).
-study.command_line_only = ("list_cells", "cell", "collect")
 
 
 @main.command()

@@ -34,8 +34,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's first parameter (or buffer); the CPU for a model without either."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

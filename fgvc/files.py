@@ -26,8 +26,12 @@ def write_csv(path: str | Path, table: Mapping[str, Sequence] | Sequence[Mapping
     any row is a column, in first-seen order); floats with six decimals, NaN and None (no
     value, e.g. the spread of a single seed) as an empty cell."""
     path = Path(path)
-    rows = [dict(zip(table, values)) for values in zip(*table.values())] if isinstance(table, Mapping) else table
-    header = list(table) if isinstance(table, Mapping) else list(dict.fromkeys(k for row in rows for k in row))
+    if isinstance(table, Mapping):  # every column as long as the first (none silently cut short)
+        header = list(table)
+        rows: Sequence[Mapping] = [dict(zip(header, values, strict=True))
+                                   for values in zip(*table.values(), strict=True)]
+    else:
+        rows, header = table, list(dict.fromkeys(k for row in table for k in row))
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)

@@ -65,7 +65,7 @@ def test_matches_pytorch_grad_cam(model_cls, targets):
     with ReferenceGradCAM(model=model, target_layers=[model.feature_stage]) as reference:
         expected = torch.from_numpy(reference(input_tensor=images, targets=reference_targets))
     assert ours.maps.shape == expected.shape == (3, 64, 64)
-    for got, want in zip(ours.maps, expected):
+    for got, want in zip(ours.maps, expected, strict=True):
         assert want.std() > 0
         assert _pearson(got, want) >= 0.999
     assert ours.maps.min() >= 0 and ours.maps.max() <= 1
@@ -162,7 +162,7 @@ def test_fgvc_models_take_the_fast_path_and_match_pytorch_grad_cam(arch, targets
     assert torch.allclose(ours.logits, model(images), rtol=1e-4, atol=1e-5)
     expected = _reference_maps(model, model.feature_stage, images, targets)
     compared = 0
-    for got, want in zip(ours.maps, expected):
+    for got, want in zip(ours.maps, expected, strict=True):
         if want.std() == 0:  # the ReLU'd map is empty for this target: ours must be empty too
             assert torch.allclose(got, want.float(), atol=1e-6)
             continue
@@ -182,7 +182,7 @@ def test_other_target_layers(layer, fast):
     ours = cam.attribute(images, [1, 3])
     assert cam.fast_path == fast
     expected = _reference_maps(model, layer(model), images, [1, 3])
-    for got, want in zip(ours.maps, expected):
+    for got, want in zip(ours.maps, expected, strict=True):
         assert want.std() > 0
         assert _pearson(got, want) >= 0.999
 

@@ -62,6 +62,12 @@ def test_k_larger_than_candidates_pads():
     assert set(indices[0, :2].tolist()) == {1, 2} and indices[1, 0] == 0
 
 
+def test_an_empty_reference_set_gives_every_query_no_candidate():
+    scores, indices = cosine_topk(_unit(3, 4, 5), torch.empty(0, 4), k=2)
+    assert indices.shape == (3, 2) and (indices == -1).all()
+    assert torch.isneginf(scores).all()
+
+
 def test_retrieval_metrics_hand_computed():
     ref_labels = torch.tensor([0, 0, 1, 1, 2])
     ref_venues = torch.tensor([0, 1, 0, 1, 0])

@@ -239,7 +239,7 @@ def test_approx_mode_correlates_with_exact_on_structured_maps(options):
     approx = Occlusion(model, window=16, stride=4, mode="approx", **options).attribute(images, 0)
     assert approx.mode == "approx" and "approx" in approx.approximation
     assert approx.engine == "incremental"
-    for a, e in zip(approx.raw, exact.raw):
+    for a, e in zip(approx.raw, exact.raw, strict=True):
         assert _pearson(a, e) >= 0.95
     if options.get("coarse_step", 1) > 1:
         assert f"every {options['coarse_step']}th window" in approx.approximation
@@ -255,7 +255,7 @@ def test_approx_mode_on_a_model_it_cannot_lower():
     approx = Occlusion(model, window=8, stride=4, mode="approx", coarse_step=2,
                        refine_fraction=0.5).attribute(images, 0)
     assert approx.engine == "batched" and "projective-field" not in approx.approximation
-    for a, e in zip(approx.raw, exact.raw):
+    for a, e in zip(approx.raw, exact.raw, strict=True):
         assert _pearson(a, e) >= 0.95
 
 
@@ -336,7 +336,7 @@ def test_coarse_to_fine_on_a_single_row_of_windows():
     approx = Occlusion(model, window=16, stride=4, mode="approx", coarse_step=2,
                        refine_fraction=0.5).attribute(images, 0)
     assert approx.evaluated_fraction < 1
-    for a, e in zip(approx.raw, exact.raw):
+    for a, e in zip(approx.raw, exact.raw, strict=True):
         assert _pearson(a, e) >= 0.95
 
 

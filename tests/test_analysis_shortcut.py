@@ -295,7 +295,7 @@ def test_per_designer_counts_images_by_their_designer_and_swaps_by_the_backdrops
     ]
     keys = ("label", "images", "acc_original", "acc_no_fg", "backdrop_follow", "backdrop_swaps")
     assert [list(row) for row in rows] == [list(keys)] * 4
-    for row, values in zip(rows, expected):
+    for row, values in zip(rows, expected, strict=True):
         assert [row[k] for k in keys] == pytest.approx(list(values), nan_ok=True)
     # the overall rate is the per-designer rates weighted by their swaps
     overall = backdrop_follow_scores(predicted["mixed_rand"], labels, partner, chance=0.25)["backdrop_follow"]
@@ -322,14 +322,15 @@ def test_the_swap_record_writes_the_follow_rate_per_image_and_per_designer(tiny_
     cfg = AnalyzeConfig(model="models:/x/1", num_images=12, batch_size=5)
     result = run_methods(model, data, cfg, tmp_path, ("shortcut",))["shortcut"]
     m, per_image = result.metrics, result.per_image
-    follows = [int(p == b) for p, b in zip(per_image["predicted_mixed_rand"], per_image["backdrop_label"])]
+    follows = [int(p == b) for p, b in zip(per_image["predicted_mixed_rand"], per_image["backdrop_label"], strict=True)]
     assert per_image["follows_backdrop"] == follows and m["rand_fallbacks"] == 0
     assert m["backdrop_follow"] == pytest.approx(sum(follows) / len(follows))
     assert m["backdrop_follow_vs_chance"] == pytest.approx(m["backdrop_follow"] * 3)
     assert m["backdrop_follow_low"] <= m["backdrop_follow"] <= m["backdrop_follow_high"]
     labels = data.labels.tolist()
-    assert all(b != y for b, y in zip(per_image["backdrop_label"], labels))
-    assert [int(p == y) for p, y in zip(per_image["predicted_no_fg"], labels)] == per_image["correct_no_fg"]
+    assert all(b != y for b, y in zip(per_image["backdrop_label"], labels, strict=True))
+    no_fg_correct = [int(p == y) for p, y in zip(per_image["predicted_no_fg"], labels, strict=True)]
+    assert no_fg_correct == per_image["correct_no_fg"]
 
     folder = tmp_path / "shortcut"
     assert {"per_image.csv", "per_designer.csv", "no_fg_confusion.png"} <= {p.name for p in folder.iterdir()}

@@ -223,8 +223,8 @@ def test_a_crossed_difference_of_two_image_sets_resamples_each_set_once_for_ever
     count = 40
 
     def width(crossed: bool) -> float:
-        intervals = [bootstrap_difference(list(zip(x, y)), seed=d, resamples=RESAMPLES, crossed=crossed)
-                     for d, (x, y) in enumerate(zip(first[:count], second[:count]))]
+        intervals = [bootstrap_difference(list(zip(x, y, strict=True)), seed=d, resamples=RESAMPLES, crossed=crossed)
+                     for d, (x, y) in enumerate(zip(first[:count], second[:count], strict=True))]
         return sum(i.high - i.low for i in intervals) / count
 
     assert width(True) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.10)

@@ -108,8 +108,8 @@ def test_all_methods_make_one_record_and_show_on_the_training_run(trained):
         assert train_run.data.tags[f"fgvc.analysis.{method}.id"] == key
     assert "window=16" in train_run.data.tags["fgvc.analysis.occlusion.settings"]
     gradcam_files = artifacts(trained.run_id, f"analysis/gradcam/{outcome.ids['gradcam']}")
-    assert {f"analysis/gradcam/{outcome.ids['gradcam']}/{f}" for f in (
-        "summary.png", "example_00.png", "per_image.csv", "bg_preference_hist.png", "metrics.json")} <= set(gradcam_files)
+    expected = ("summary.png", "example_00.png", "per_image.csv", "bg_preference_hist.png", "metrics.json")
+    assert {f"analysis/gradcam/{outcome.ids['gradcam']}/{f}" for f in expected} <= set(gradcam_files)
     saved = json.loads(mlflow.artifacts.load_text(f"runs:/{outcome.record_run_id}/analysis/gradcam/metrics.json"))
     assert saved["metrics"]["bg_preference_mean"] == pytest.approx(metrics["gradcam/bg_preference_mean"])
     assert saved["model"] == "models:/fgvc-fn-small/1" and saved["settings_id"] == outcome.ids["gradcam"]

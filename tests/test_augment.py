@@ -161,7 +161,7 @@ def test_extreme_jitter_factors_match_torchvision():
                               (F.adjust_contrast, augment._contrast_, [0.0, 0.5, 1.0, 1.7, 2.0, 1.3]),
                               (F.adjust_saturation, augment._saturation_, [0.0, 0.5, 1.0, 1.7, 2.0, 1.3]),
                               (F.adjust_hue, augment._hue_, [-0.5, -0.25, 0.0, 0.08, 0.33, 0.5])):
-        expected = torch.stack([fn(image, f) for image, f in zip(x, factors)])
+        expected = torch.stack([fn(image, f) for image, f in zip(x, factors, strict=True)])
         assert torch.equal(ours(x.clone(), factors), expected), fn.__name__
 
 
@@ -202,7 +202,7 @@ def test_batch_path_colour_jitters_agree_with_the_exact_ones():
     factors = torch.linspace(0.7, 1.3, 8)
     shifts = torch.linspace(-0.08, 0.08, 8)
     exact = (augment._brightness_, augment._contrast_, augment._saturation_, augment._hue_)
-    for k, (batched, reference) in enumerate(zip(augment.DEVICE_JITTERS, exact)):
+    for k, (batched, reference) in enumerate(zip(augment.DEVICE_JITTERS, exact, strict=True)):
         f = shifts if k == 3 else factors
         assert torch.allclose(batched(x, f.view(-1, 1, 1, 1)), reference(x.clone(), f.tolist()), atol=1e-5), k
 

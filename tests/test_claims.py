@@ -235,7 +235,8 @@ class Process:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"{self.host} did not finish in {timeout:.0f} s:\n" + "\n".join(self.lines[-40:]))
+            raise AssertionError(f"{self.host} did not finish in {timeout:.0f} s:\n"
+                                 + "\n".join(self.lines[-40:])) from None
         self._reader.join(5)
         return code
 

@@ -67,5 +67,5 @@ def test_a_python_warning_is_one_log_line_without_colour_codes(monkeypatch, capl
     assert warnings.showwarning is cli._warning_as_log_line
     with caplog.at_level(logging.WARNING), warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("\x1b[33mAdd type hints\n  to predict\x1b[0m", UserWarning)
+        warnings.warn("\x1b[33mAdd type hints\n  to predict\x1b[0m", UserWarning, stacklevel=1)
     assert [r.getMessage() for r in caplog.records] == ["UserWarning: Add type hints to predict"]

@@ -123,20 +123,19 @@ def test_processes_moving_one_alias_at_once_all_succeed(claims_store):
     """Six writers point one alias at six versions together, eight times over: none fails (a
     store may refuse the second insert of an alias both found missing), the alias ends on one
     of them."""
+    def move(name: str, version: str, errors: list[str]) -> None:
+        try:
+            move_alias(MlflowClient(), name, "candidate", version)
+        except Exception as e:  # noqa: BLE001 (collected, asserted below)
+            errors.append(str(e).splitlines()[0])
+
     client = MlflowClient()
     for trial in range(8):
         name = f"race-{trial}"
         client.create_registered_model(name)
         versions = [client.create_model_version(name, source="file:///nowhere").version for _ in range(6)]
-        errors = []
-
-        def move(version):
-            try:
-                move_alias(MlflowClient(), name, "candidate", version)
-            except Exception as e:  # noqa: BLE001 (collected, asserted below)
-                errors.append(str(e).splitlines()[0])
-
-        threads = [threading.Thread(target=move, args=(v,)) for v in versions]
+        errors: list[str] = []
+        threads = [threading.Thread(target=move, args=(name, v, errors)) for v in versions]
         for t in threads:
             t.start()
         for t in threads:
@@ -261,7 +260,7 @@ def test_an_array_of_single_cells_then_collect_gives_the_local_table(tmp_path_fa
                                         env={**cli_env(uri), "PYTHON": sys.executable,
                                              "SLURM_ARRAY_TASK_ID": str(index)})
                        for index in range(len(keys))])
-    assert all(f"cell {key}: trained run" in out for key, out in zip(keys, outputs))
+    assert all(f"cell {key}: trained run" in out for key, out in zip(keys, outputs, strict=True))
     assert not study_runs(uri)
     finish(cli(["study", *grid, "--collect"], folder, uri))
     [study] = study_runs(uri)

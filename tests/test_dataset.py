@@ -303,7 +303,7 @@ def test_prefetch_gives_the_same_batches_as_no_prefetch(root):
         ahead = list(BatchLoader(ds, 16, shuffle=True, seed=9, transform=transform, prefetch=3))
         threads = list(BatchLoader(ds, 16, shuffle=True, seed=9, transform=transform, workers=3))
         assert len(plain) == len(ahead) == len(threads) == 8
-        for a, b in [*zip(plain, ahead), *zip(plain, threads)]:
+        for a, b in [*zip(plain, ahead, strict=True), *zip(plain, threads, strict=True)]:
             assert torch.equal(a.positions, b.positions)
             assert torch.equal(a.images, b.images)
             assert torch.equal(a.labels, b.labels)
@@ -369,7 +369,7 @@ def test_augmented_batches_do_not_depend_on_where_or_in_how_many_threads_they_ar
     first = made.pop("in line")
     assert len(first) == 8
     for label, batches in made.items():
-        for a, b in zip(first, batches):
+        for a, b in zip(first, batches, strict=True):
             assert torch.equal(a.positions, b.positions) and torch.equal(a.labels, b.labels), label
             assert torch.equal(a.images, b.images), label
     # each batch is the recipe applied to its rows with the generator of (seed, epoch, batch)

@@ -272,7 +272,7 @@ def test_the_loader_gathers_into_pinned_memory_augments_on_the_gpu_and_repeats_b
     assert augmented_on == ["cuda"] * 4
     again = epoch(CUDA, get_preset("heavy").batch, True, channels_last=True)
     assert len(first) == 4 and all(x.is_cuda and x.is_contiguous(memory_format=torch.channels_last) for x, _ in first)
-    assert all(torch.equal(a, b) and torch.equal(x, y) for (a, x), (b, y) in zip(first, again))
+    assert all(torch.equal(a, b) and torch.equal(x, y) for (a, x), (b, y) in zip(first, again, strict=True))
 
     # The CPU path's recipe (same draws from the CPU generator) run on the GPU against the CPU.
     augmented_on.clear()
@@ -280,7 +280,7 @@ def test_the_loader_gathers_into_pinned_memory_augments_on_the_gpu_and_repeats_b
     on_cpu = epoch(CPU, get_preset("heavy"), False)
     assert augmented_on == ["cuda"] * 4 + ["cpu"] * 4
     plain = epoch(CPU, None, False)
-    for (g, gl), (c, cl), (p, _) in zip(on_gpu, on_cpu, plain):
+    for (g, gl), (c, cl), (p, _) in zip(on_gpu, on_cpu, plain, strict=True):
         assert g.is_cuda and torch.equal(gl.cpu(), cl)
         assert (c - p).abs().mean() > 0.05  # the augmentation changes the images: the comparison can fail
         assert (g.cpu() - c).abs().max() <= AUGMENT_TOLERANCE
@@ -290,7 +290,7 @@ def test_the_loader_gathers_into_pinned_memory_augments_on_the_gpu_and_repeats_b
     augmented_on.clear()
     via_threads = epoch(CUDA, get_preset("heavy"), False)
     assert augmented_on == ["cpu"] * 4
-    assert all(g.is_cuda and torch.equal(g.cpu(), c) for (g, _), (c, _) in zip(via_threads, on_cpu))
+    assert all(g.is_cuda and torch.equal(g.cpu(), c) for (g, _), (c, _) in zip(via_threads, on_cpu, strict=True))
     _, _, items = BatchLoader(dataset, 16, device=CUDA, transform=get_preset("heavy"), workers=0)._load(
         0, torch.arange(16))
     assert items["images"].dtype == torch.float32 and items["images"].is_pinned()
@@ -300,7 +300,7 @@ def test_the_loader_gathers_into_pinned_memory_augments_on_the_gpu_and_repeats_b
     assert items["images"].dtype == torch.uint8 and items["images"].is_pinned()
     on_cpu = BatchLoader(dataset, 16, device=CPU, workers=0)
     count = 0
-    for g, c in zip(loader, on_cpu):  # uint8 copied, made float on the GPU: the CPU's values
+    for g, c in zip(loader, on_cpu, strict=True):  # uint8 copied, made float on the GPU: the CPU's values
         assert g.images.is_cuda and g.labels.is_cuda and torch.equal(g.labels.cpu(), c.labels)
         torch.testing.assert_close(g.images.cpu(), c.images, rtol=PIXEL_RTOL, atol=0.0)
         count += 1
@@ -389,7 +389,7 @@ def test_nccl_with_a_world_of_one(monkeypatch, cross_device):
                              else torch.full(buffer.shape, k))
         before = [b.clone() for b in model.buffers()]
         ddp.broadcast_buffers(model)
-        assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+        assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))
 
         case = sync_bn_case()
         hand = hand_batch_norm(case["x"], case["weight"], case["bias"], case["grad"], case["eps"], case["momentum"])
@@ -461,7 +461,8 @@ def test_two_ranks_sum_broadcast_and_normalise_over_the_global_batch(backend, tm
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
-    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["buffers_before"], ranks[1]["buffers_before"]))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(ranks[0]["buffers_before"], ranks[1]["buffers_before"], strict=True))
     for r, seen in enumerate(ranks):
         device = "cuda:0" if backend == "gloo" else f"cuda:{r}"
         assert (seen["backend"], seen["world_size"], seen["device"]) == (backend, 2, device)
@@ -469,7 +470,7 @@ def test_two_ranks_sum_broadcast_and_normalise_over_the_global_batch(backend, tm
         assert torch.equal(seen["sum_gpu"], case["values"] * 3) and seen["sum_gpu_device"] == device
         assert torch.equal(seen["sum_cpu"], case["values"] * 3) and seen["sum_cpu_device"] == "cpu"
         assert seen["max"] == 2.0 and seen["all_true"] is True and seen["one_false"] is False
-        assert all(torch.equal(a, b) for a, b in zip(seen["buffers_after"], ranks[0]["buffers_before"]))
+        assert all(torch.equal(a, b) for a, b in zip(seen["buffers_after"], ranks[0]["buffers_before"], strict=True))
 
         half = slice(4 * r, 4 * r + 4)
         _close(seen["bn_out"], hand["out"][half], BN_TOLERANCE, f"rank {r} output")
@@ -486,15 +487,15 @@ def test_two_ranks_sum_broadcast_and_normalise_over_the_global_batch(backend, tm
         grads = torch.cat([g.double().flatten() for g in seen["ddp_fp32_grads"]])
         error = float((grads - reference_grads).norm() / reference_grads.norm())
         assert error <= GRAD_TOLERANCE, f"rank {r}: gradient {error:.2e} of its norm off one process over the batch"
-        for k, (mean, expected) in enumerate(zip(seen["ddp_fp32_running_means"], reference_means)):
+        for k, (mean, expected) in enumerate(zip(seen["ddp_fp32_running_means"], reference_means, strict=True)):
             _close(mean, expected, BN_TOLERANCE, f"rank {r} DDP running mean {k}")
     # Weight and bias gradients stay per rank in SyncBatchNorm (DDP averages them): they add up.
     _close(ranks[0]["bn_weight_grad"] + ranks[1]["bn_weight_grad"], hand["weight_grad"], BN_TOLERANCE, "weight grad")
     _close(ranks[0]["bn_bias_grad"] + ranks[1]["bn_bias_grad"], hand["bias_grad"], BN_TOLERANCE, "bias grad")
     # Under autocast, too, DDP leaves both ranks the same gradients and SyncBatchNorm the same statistics.
-    for a, b in zip(ranks[0]["ddp_amp_grads"], ranks[1]["ddp_amp_grads"]):
+    for a, b in zip(ranks[0]["ddp_amp_grads"], ranks[1]["ddp_amp_grads"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(ranks[0]["ddp_amp_running_means"], ranks[1]["ddp_amp_running_means"]):
+    for a, b in zip(ranks[0]["ddp_amp_running_means"], ranks[1]["ddp_amp_running_means"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -717,7 +718,7 @@ def test_occlusion_approx_on_cuda_convolves_the_changes_in_bfloat16(cross_device
     approx = Occlusion(model, window=16, stride=4, mode="approx").attribute(images, 0)
     native = torch.cuda.is_bf16_supported(including_emulation=False)
     assert approx.engine == "incremental" and ("bfloat16" in approx.approximation) == native, approx.approximation
-    for a, e in zip(approx.raw, exact.raw):
+    for a, e in zip(approx.raw, exact.raw, strict=True):
         assert float(e.std()) > 0 and _pearson(a, e) >= 0.95
     assert_still_cross_device()
 

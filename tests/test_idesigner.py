@@ -32,7 +32,7 @@ def idesigner_tree(base, looks=(2, 5, 3, 6, 4, 2, 3), uncoded=3):
         path = inner / folder
         path.mkdir(parents=True)
         colour = (60 + 80 * d, 40, 200 - 70 * d)
-        for season, n in zip(seasons, looks):
+        for season, n in zip(seasons, looks, strict=False):
             for k in range(n):
                 couture = "_HC" if season == "SS08DLR" else ""
                 Image.new("RGB", (6, 10), colour).save(path / f"{season}_{short}{couture}_{k:04d}.png")
@@ -281,7 +281,8 @@ def test_the_kaggle_test_folder_is_kept_beside_the_splits_unlabelled_keyed_by_id
     assert [s["id"] for s in record["skipped"]] == ["31", "99"]
     assert record["listed_ids"] == ["13455", "31", "7", "99"]  # every Id, in sample.csv's order
     assert "missing or not a regular file" in record["skipped"][1]["error"]
-    assert "Unlabelled test set: 2 photo(s) keyed by Id in unlabelled-test/ (2 listed in sample.csv unreadable" in done.output
+    assert ("Unlabelled test set: 2 photo(s) keyed by Id in unlabelled-test/ (2 listed in sample.csv unreadable"
+            in done.output)
     # not a split: nothing trains, selects or reports on it
     assert splits_of(root) == ["train", "val"] and report_split(root) == "val"
     validate_root(root)

@@ -60,7 +60,8 @@ def test_non_finite_loss_stops_before_the_step(tiny_root):
     opt = build_optimizer(model, 1e-3, 1e-3, 0.0)
     with pytest.raises(NonFiniteLoss, match="at batch 0"):
         train_one_epoch(model, BatchLoader(ds, 8, prefetch=0), opt, nn.CrossEntropyLoss(), torch.device("cpu"))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()
+               if "running" not in k and "num_batches" not in k)
 
 
 def test_evaluation_sums_equal_per_batch_python_sums(tiny_root):
@@ -111,7 +112,7 @@ def test_a_nan_in_a_later_batch_stops_before_that_step_and_after_the_good_ones(t
     assert {s["step"].item() for s in opt.state.values()} == {2.0}  # two steps taken, not the third
     clean, _, clean_error = run(nn.CrossEntropyLoss(), batches=2)
     assert clean_error is None
-    for (name, a), b in zip(model.named_parameters(), clean.parameters()):
+    for (name, a), b in zip(model.named_parameters(), clean.parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -131,7 +132,7 @@ def test_same_seed_same_epoch_bit_for_bit_whatever_the_loader_threads(tiny_root)
                         [p.detach().clone() for p in model.parameters()]))
     for metrics, params in results[1:]:
         assert metrics == results[0][0]
-        assert all(torch.equal(a, b) for a, b in zip(params, results[0][1]))
+        assert all(torch.equal(a, b) for a, b in zip(params, results[0][1], strict=True))
 
 
 def test_auto_loader_threads_none_on_a_cpu_two_beside_a_gpu_and_explicit_counts_kept(tiny_root):

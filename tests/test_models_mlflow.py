@@ -41,7 +41,7 @@ def test_pyfunc_predicts_designers_for_images_of_any_size(registered, tiny_root)
         out = model.predict(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
         assert len(out) == shape[0] and set(out["designer"]) <= set(names)
         assert all(0 <= i < 3 for i in out["class_index"])
-        assert all(abs(p[0] - q) < 1e-6 for p, q in zip(out["top_probabilities"], out["probability"]))
+        assert all(abs(p[0] - q) < 1e-6 for p, q in zip(out["top_probabilities"], out["probability"], strict=True))
     with pytest.raises(Exception, match="uint8"):
         model.predict(np.zeros((1, 32, 24, 3), dtype=np.float32))
 
@@ -149,7 +149,8 @@ def test_a_model_of_background_removed_images_warns_about_raw_photos_in_one_line
 def test_mlflow_models_serve_answers_invocations(registered):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{registered}/mlflow.db"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fgvc-fn-small@candidate",
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve",
+                               "-m", "models:/fgvc-fn-small@candidate",
                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=registered, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -223,7 +224,8 @@ def test_register_an_original_checkpoint_then_analyse_it(registered, tiny_root, 
     model = mlflow.pyfunc.load_model("models:/fgvc-resnet18@candidate").unwrap_python_model().predictor.model
     x = torch.rand(2, 3, 32, 24)
     ref = reference("resnet18", 3).eval()
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref((x - mean) / std), atol=1e-5, rtol=1e-5)
     analysed = CliRunner().invoke(main, ["analyze", "--model", "models:/fgvc-resnet18@candidate", "--method", "gradcam",

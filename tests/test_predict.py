@@ -29,7 +29,7 @@ def demo_photos(tiny_root, folder, names):
     ds = ShardDataset(tiny_root, "val")
     images = ds.gather(torch.arange(len(names)))["images"]
     folder.mkdir(parents=True, exist_ok=True)
-    for image, name in zip(images, names):
+    for image, name in zip(images, names, strict=True):
         Image.fromarray(image.permute(1, 2, 0).numpy()).resize((48, 64)).save(folder / name)
 
 

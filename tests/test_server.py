@@ -117,7 +117,7 @@ def concurrent_runs(server, tiny_root, tmp_path_factory) -> dict[str, str]:
     cwd = tmp_path_factory.mktemp("clients")
     run_ids = train_concurrently(tiny_root, cwd, [client_env(server, "alice"), client_env(server, "bob")])
     assert not any(cwd.iterdir())  # nothing was written on the client side
-    return dict(zip(("alice", "bob"), run_ids))
+    return dict(zip(("alice", "bob"), run_ids, strict=True))
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:

@@ -81,7 +81,7 @@ def test_show_split_keeps_every_show_whole_and_each_designer_near_its_share(test
 def test_uncoded_files_are_each_their_own_group_and_counted():
     labels, names = synthetic()
     keys, coded = group_keys(labels, names)
-    uncoded = [k for k, n in zip(keys, names) if show_code(n) is None]
+    uncoded = [k for k, n in zip(keys, names, strict=True) if show_code(n) is None]
     assert len(uncoded) == 15 and len(set(uncoded)) == 15 and coded == len(labels) - 15
     assert keys[0].startswith("bottega veneta/")  # scoped to the designer
     record = summary(make_split(labels, names, "show", 0.2, 0), labels, "p")

@@ -74,7 +74,7 @@ def test_cells_trained_on_gpu_nodes_are_collected_on_a_cpu_node(tiny_root, mlflo
     assert [r["cell"] for r in collected.rows] == ["fn-small/unmasked/seed0", "fn-small/masked/seed0"]
     table = mlflow.artifacts.load_text(f"runs:/{collected.run_id}/study/results.csv").splitlines()
     assert len(table) == 3 and all(t.run_id in "\n".join(table) for t in tasks)
-    for task, row in zip(tasks, collected.rows):
+    for task, row in zip(tasks, collected.rows, strict=True):
         assert row["val_acc"] == client.get_run(task.run_id).data.metrics["best/val_acc"]
     assert client.get_run(collected.run_id).info.status == "FINISHED"
 

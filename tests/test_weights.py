@@ -377,6 +377,20 @@ def test_timm_weights_come_from_the_torch_hub_cache_too(monkeypatch):
     assert fetch_timm_weights("resnet18.tv_in1k") == torch_hub_path(url)
 
 
+def test_timm_url_given_with_its_cache_file_name_is_read_by_its_url(monkeypatch):
+    """timm also takes a pretrained cfg's url as (url, cache file name)."""
+    import timm
+    from timm.models import PretrainedCfg
+
+    url = "https://example.org/weights/tiny-net-0123abcd.pth"
+    cfg = PretrainedCfg(url=(url, "tiny-net.pth"))
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: cfg)
+    torch_hub_path(url).parent.mkdir(parents=True, exist_ok=True)
+    torch_hub_path(url).write_bytes(b"cached")
+    monkeypatch.setenv("FGVC_OFFLINE", "1")
+    assert fetch_timm_weights("tiny-net") == torch_hub_path(url)
+
+
 def test_loopback_server_stops_itself_after_its_deadline():
     loopback = LoopbackServer(deadline_s=0.2)
     url = loopback.serve("/files/a.bin", b"abc", mode="stall")

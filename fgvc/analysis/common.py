@@ -7,13 +7,12 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TargetsLike = Union[None, int, Sequence[int], Tensor]
+TargetsLike = None | int | Sequence[int] | Tensor
 
 
 @dataclass

@@ -21,7 +21,7 @@ class Methods(Kind):
 
     name = "comma list of methods or all"
 
-    def parse(self, text):
+    def parse(self, text: str) -> tuple[str, ...]:
         from fgvc.catalog import METHODS  # names without importing the methods; `all` loads them
 
         chosen: list[str] = []

@@ -29,7 +29,7 @@ class AnalysisData:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.images.shape[2:])
+        return (int(self.images.shape[2]), int(self.images.shape[3]))
 
     def designer(self, label: int) -> str:
         return self.names[int(label)] if 0 <= int(label) < len(self.names) else str(int(label))
@@ -63,7 +63,7 @@ def check_fits_model(data: AnalysisData, spec: dict, label_names: list[str] | No
         raise ConfigError(f"{data.root}: images are {data.image_size[0]}x{data.image_size[1]}, but {model} was "
                           f"trained on {size[0]}x{size[1]}; analyse it on data of its own size")
     if label_names and list(label_names) != list(data.names):
-        differ = next(i for i, (a, b) in enumerate(zip(label_names, data.names)) if a != b) \
+        differ = next(i for i, (a, b) in enumerate(zip(label_names, data.names, strict=True)) if a != b) \
             if len(label_names) == len(data.names) else None
         where = (f"class {differ} is {label_names[differ]!r} for the model but {data.names[differ]!r} in the data"
                  if differ is not None else f"the model has {len(label_names)} classes, the data {len(data.names)}")

@@ -21,9 +21,12 @@ Two ways to get there, same maps:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from fgvc.analysis.common import (
     AttributionResult,
@@ -61,8 +64,8 @@ class GradCAM:
         self.target_layer = target_layer
         self._activation: Tensor | None = None
         self._explaining = False
-        self._handle = None
-        self._mode = None
+        self._handle: RemovableHandle | None = None
+        self._mode: contextlib.AbstractContextManager[nn.Module] | None = None
         self._active = False
         self._lowering = LoweringCache()
         self.fast_path = False
@@ -96,15 +99,15 @@ class GradCAM:
                 self._mode.__exit__(None, None, None)
                 self._mode = None
 
-    def _lowered_network(self) -> tuple[Lowered | None, int | None]:
-        """The lowered model and the target layer's tensor in it, or ``(None, None)``;
-        lowered again whenever a weight, a module or a hook changed."""
+    def _lowered_network(self) -> tuple[Lowered, int] | None:
+        """The lowered model and the target layer's tensor in it, or ``None``; lowered again
+        whenever a weight, a module or a hook changed."""
         try:
             lowered = self._lowering.get(self.model)
         except UnsupportedModel:
-            return None, None
+            return None
         node = lowered.tensor_of(self.target_layer)
-        return (lowered, node) if node else (None, None)
+        return (lowered, node) if node else None
 
     def attribute(self, images: Tensor, targets: TargetsLike = None) -> AttributionResult:
         """Explain ``images`` ``[B, 3, H, W]`` for ``targets`` (``None``: predicted class;
@@ -117,11 +120,10 @@ class GradCAM:
         check_target_count(targets, images.shape[0])
         # inference_mode(False): also usable from code running under inference_mode.
         with torch.inference_mode(False):
-            lowered, node = self._lowered_network()
+            lowered = self._lowered_network()
             self.fast_path = lowered is not None
             if lowered is not None:
-                logits, activation, resolved, grads = self._lowered_pass(
-                    lowered, node, images, targets)
+                logits, activation, resolved, grads = self._lowered_pass(*lowered, images, targets)
             else:
                 logits, activation, resolved, grads = self._hooked_pass(images, targets)
         activation = activation.detach()

@@ -16,15 +16,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fgvc.analysis.common import eval_mode
+from fgvc.models.net import FGVCNet
 
 BLOCK_ELEMENTS = 2**25  # similarities held at once by default: 128 MiB in float32
 REFERENCE_CHUNK = 32768
 
 
-def embed(model: nn.Module, batches: Iterable) -> Tensor:
+def embed(model: FGVCNet, batches: Iterable) -> Tensor:
     """``[N, D]`` L2-normalised ``model.forward_features`` of every image in ``batches``
     (an iterable of ``[b, 3, H, W]`` tensors, float in [0, 1] or uint8; for
     ``(images, labels, ...)`` tuples the first element is used), in eval mode."""
@@ -58,6 +59,8 @@ def _excluded(
         col_ids = torch.arange(cols.start, cols.stop, device=device)
         blocked = (ex[:, :, None] == col_ids[None, None, :]).any(dim=1)
     if exclude_same_label:
+        if query_labels is None or ref_labels is None:
+            raise ValueError("exclude_same_label needs query_labels and ref_labels")
         same = query_labels[rows, None] == ref_labels[None, cols]
         blocked = same if blocked is None else blocked | same
     return blocked
@@ -120,7 +123,7 @@ def _rows_topk(query: Tensor, reference: Tensor, rows: slice, k: int, reference_
     ``reference_chunk`` references at a time, each block's best merged into the running best.
     ``blocked(rows, cols)``: the bool block of excluded references, or None. Index ``-1``
     where the score is ``-inf`` (no candidate)."""
-    best_s = best_i = None
+    best: tuple[Tensor, Tensor] | None = None
     for r0 in range(0, reference.shape[0], reference_chunk):
         cols = slice(r0, min(r0 + reference_chunk, reference.shape[0]))
         sims = query[rows] @ reference[cols].T
@@ -129,11 +132,15 @@ def _rows_topk(query: Tensor, reference: Tensor, rows: slice, k: int, reference_
             sims.masked_fill_(blocked_here, float("-inf"))
         s, i = sims.topk(min(k, sims.shape[1]), dim=1)
         i = i + r0
-        if best_s is not None:
-            merged = torch.cat([best_s, s], 1)
+        if best is not None:
+            merged = torch.cat([best[0], s], 1)
             s, pick = merged.topk(min(k, merged.shape[1]), dim=1)
-            i = torch.cat([best_i, i], 1).gather(1, pick)
-        best_s, best_i = s, i
+            i = torch.cat([best[1], i], 1).gather(1, pick)
+        best = s, i
+    if best is None:  # an empty reference set: no candidate for any query
+        n = len(range(*rows.indices(query.shape[0])))
+        return query.new_empty((n, 0)), torch.empty((n, 0), dtype=torch.long, device=query.device)
+    best_s, best_i = best
     return best_s, best_i.masked_fill(torch.isneginf(best_s), -1)
 
 

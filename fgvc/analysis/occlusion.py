@@ -24,7 +24,7 @@ so on the result, so a caller can record the map as approximate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +113,7 @@ class _IncrementalScorer:
         return self.engine.scores(kept, image_index, window_index, targets)
 
 
-Scorer = Union[_BatchedScorer, _IncrementalScorer]
+Scorer = _BatchedScorer | _IncrementalScorer
 
 
 def _cell(known: list[int], size: int) -> tuple[Tensor, Tensor]:
@@ -282,7 +282,8 @@ class Occlusion:
                 engine = IncrementalOcclusion(self.model, self.full_fraction, field_limit, dtype,
                                               lowered=self._lowering.get(self.model))
                 dtype = dtype if engine.low_weights else None
-                engine.prepare(*images.shape[-2:], boxes, images.device)
+                height, width = images.shape[-2:]
+                engine.prepare(height, width, boxes, images.device)
                 return _IncrementalScorer(engine), (
                     self._describe(field_limit, dtype is not None) if approx else None)
             except UnsupportedModel as error:

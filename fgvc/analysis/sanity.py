@@ -46,7 +46,7 @@ def cascade(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     head = getattr(model, "head", None)
     if isinstance(head, nn.Module):
         steps.append(("head", [head]))
-    stages = getattr(model, "stages", list)()
+    stages: list[tuple[str, nn.Module]] = getattr(model, "stages", list)()
     steps += [(name, [module]) for name, module in reversed(stages)]
     covered = {id(m) for _, modules in steps for top in modules for m in top.modules()}
     rest = [m for m in model.modules() if id(m) not in covered and _has_own_parameters(m)]

@@ -502,7 +502,8 @@ def backdrop_follow_scores(
         return {f"{key}{end}": math.nan for key in keys for end in ("", "_low", "_high")}
     draw = dict(seed=seed, resamples=resamples, level=level)
     out: dict[str, float] = {}
-    for key, interval in zip(keys, (bootstrap_mean(follows, **draw), bootstrap_ratio(follows, chance, **draw))):
+    for key, interval in zip(keys, (bootstrap_mean(follows, **draw), bootstrap_ratio(follows, chance, **draw)),
+                             strict=True):
         out[key], out[f"{key}_low"], out[f"{key}_high"] = interval.estimate, interval.low, interval.high
     return out
 

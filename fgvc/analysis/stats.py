@@ -198,7 +198,7 @@ def align_on_images(seeds: Sequence[tuple[Sequence, Sequence]]) -> tuple[list, T
         if len(ids) != len(values):
             raise ConfigError(f"bootstrap: {len(ids)} image ids for {len(values)} values")
         lookup: dict = {}
-        for key, value in zip(ids, values):
+        for key, value in zip(ids, values, strict=True):
             lookup.setdefault(key, value)
         lookups.append(lookup)
     common = [key for key in lookups[0] if all(key in lookup for lookup in lookups[1:])]

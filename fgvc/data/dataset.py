@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -65,7 +65,7 @@ class ShardDataset:
         first = self.shards[0]
         self.num_classes = int(first["one_hot"].shape[1]) if num_classes is None else num_classes
         self.image_size = tuple(first["images"].shape[2:])
-        for path, shard in zip(self.paths, self.shards):
+        for path, shard in zip(self.paths, self.shards, strict=True):
             if tuple(shard["images"].shape[2:]) != self.image_size:
                 raise ShardError(
                     f"{path}: image size {tuple(shard['images'].shape[2:])} differs from "
@@ -110,7 +110,7 @@ class ShardDataset:
         first = self.shards[0]
         out = {key: empty((n, *first[key].shape[1:]), dtype=first[key].dtype)
                for key in ("images", "labels", *self.keys)}
-        for s, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for s, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             if start == stop:
                 continue
             local = global_idx[start:stop] - self._starts[s]
@@ -154,7 +154,8 @@ class BufferPool:
                 storage = torch.UntypedStorage(nbytes)
                 if len(self._storages) < self.capacity:
                     self._storages.append(storage)
-            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+            # torch's stubs list set_(storage, offset, size) only with a stride; the op defaults it (contiguous).
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
 
 # Reuse needs torch's storage use count (present since torch 2.0); without it, no pooling.
@@ -293,7 +294,7 @@ class BatchLoader:
         """`workers` threads load batches k = w, w + workers, ... into their own queue; the
         consumer reads the queues in turn, so batches arrive in order."""
         workers = min(self.workers, max(len(batches), 1))
-        queues = [queue.Queue(maxsize=self.prefetch) for _ in range(workers)]
+        queues: list[queue.Queue] = [queue.Queue(maxsize=self.prefetch) for _ in range(workers)]
         stop = threading.Event()
 
         def put(q: queue.Queue, item) -> bool:
@@ -325,7 +326,7 @@ class BatchLoader:
                 yield self._to_device(*item)
         finally:
             stop.set()
-            for t, q in zip(threads, queues):
+            for t, q in zip(threads, queues, strict=True):
                 while t.is_alive():
                     try:
                         q.get_nowait()

@@ -72,6 +72,5 @@ def load_image(path: str | Path, height: int, width: int, resize: str = "pad") -
         if scale < 1:
             image.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        image = fit_image(to_rgb(image), height, width, resize)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+        fitted = fit_image(to_rgb(ImageOps.exif_transpose(image)), height, width, resize)
+    return torch.from_numpy(np.asarray(fitted).copy()).permute(2, 0, 1).contiguous()

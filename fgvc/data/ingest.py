@@ -43,10 +43,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -175,7 +175,7 @@ def decode_all(images: list[SourceImage], height: int, width: int, resize: str, 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fgvc-decode") as pool:
         for start in range(0, len(images), chunk):
             part = range(start, min(start + chunk, len(images)))
-            yield from zip((images[k] for k in part), pool.map(decode, part))
+            yield from zip((images[k] for k in part), pool.map(decode, part), strict=True)
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def _write_shards(jobs: list[ShardJob], staging: int, height: int, width: int, n
     def write(job: ShardJob) -> None:
         images = torch.empty(len(job.items), 3, height, width, dtype=torch.uint8)  # [N, 3, H, W]
         for j, item in enumerate(job.items):
-            if os.preadv(staging, [images[j].numpy().reshape(-1)], item.row * row_bytes) != row_bytes:
+            if os.preadv(staging, [images[j].numpy().reshape(-1).data], item.row * row_bytes) != row_bytes:
                 raise OSError(f"{job.path.parent.parent}: staging file ended early (disk full?)")
         labels = torch.tensor([item.label for item in job.items], dtype=torch.int64)
         groups = torch.tensor([item.group for item in job.items], dtype=torch.int64)
@@ -319,14 +319,14 @@ def _kept_designers(listing: SourceListing, staged: list[Staged], source: Path, 
     for image in listing.images:
         listed[image.label] = listed.get(image.label, 0) + 1
     kept = sorted({s.image.label for s in staged})
+    dropped_names = [name for name in listing.designers if name not in kept]
     dropped = [
         {"label": name, "files": listed.get(name, 0),
          "reason": "every image file was unreadable" if listed.get(name) else "no image files"}
-        for name in listing.designers if name not in kept
+        for name in dropped_names
     ]
     if dropped:
-        log.warning("dropped %d designer(s) with no readable image: %s",
-                    len(dropped), ", ".join(d["label"] for d in dropped))
+        log.warning("dropped %d designer(s) with no readable image: %s", len(dropped), ", ".join(dropped_names))
     if not kept:
         raise ConfigError(f"{source}: no readable images ({len(skipped)} file(s) skipped)")
     return kept, dropped

@@ -20,9 +20,11 @@ DEFAULT_DATA_ROOT = "data/demo"
 # What `prepare` and `mask` write into a root; `--overwrite true` removes exactly these.
 ROOT_FILES = ("meta.json", "index_to_label.json")
 ROOT_DIRS = (".progress",)
+# The demo a task generates when given no demo settings (fgvc prepare with its defaults).
+DEFAULT_DEMO = DemoConfig()
 
 
-def ensure_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> Path:
+def ensure_demo(root: str | Path, cfg: DemoConfig = DEFAULT_DEMO) -> Path:
     """A demo root generated with ``cfg``: generated when missing, refused when it holds demo
     data of another configuration (the numbers would silently describe other data)."""
     root = Path(root)
@@ -32,8 +34,8 @@ def ensure_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> Path:
         if found is not None and found != wanted:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise ShardError(f"{root}: holds demo data generated with other settings ({', '.join(changed)}); "
-                             f"pass another data_root, or rebuild it with `fgvc prepare --root {shlex.quote(str(root))} "
-                             f"--overwrite true`")
+                             f"pass another data_root, or rebuild it with "
+                             f"`fgvc prepare --root {shlex.quote(str(root))} --overwrite true`")
         return root
     log.info("generating the demo dataset in %s (first use)", root)
     generate_demo(root, cfg)

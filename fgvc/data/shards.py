@@ -49,8 +49,12 @@ def shard_files(folder: str | Path) -> list[Path]:
     """The `shard_NNN.pt` files of a folder in numeric order (`shard_999` before `shard_1000`,
     which text order puts first); none when the folder does not exist."""
     folder = Path(folder)
-    files = [p for p in folder.iterdir() if p.is_file() and SHARD_PATTERN.match(p.name)] if folder.is_dir() else []
-    return sorted(files, key=lambda p: (int(SHARD_PATTERN.match(p.name).group(1)), p.name))
+    numbered: list[tuple[int, str, Path]] = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = SHARD_PATTERN.match(path.name)
+        if match and path.is_file():
+            numbered.append((int(match.group(1)), path.name, path))
+    return [path for _, _, path in sorted(numbered)]
 
 
 def shards_of(root: str | Path, split: str) -> list[Path]:
@@ -344,10 +348,13 @@ def validate_root(root: str | Path, splits: tuple[str, ...] = ("train", "val")) 
             masks_everywhere &= "masks" in shard
         if total == 0:
             raise ShardError(f"{root / split}: split is empty (its shards hold no images)")
+        assert info is not None and class_counts is not None  # set by the split's first shard
         info.counts[split] = total
         info.class_counts[split] = class_counts.tolist()
         info.shards[split] = paths
         info.has_masks = masks_everywhere if split == wanted[0] else info.has_masks and masks_everywhere
+    if info is None:
+        raise ShardError(f"{root}: no split to validate")
     info.label_names = read_label_map(root)
     if info.label_names and set(info.label_names) != set(range(info.num_classes)):
         missing = sorted(set(range(info.num_classes)) - set(info.label_names))

@@ -24,6 +24,7 @@ import stat
 import unicodedata
 from pathlib import Path
 
+from fgvc.data.sources import SourceImage, SourceListing
 from fgvc.errors import ConfigError
 
 log = logging.getLogger("fgvc.data.ingest")
@@ -82,7 +83,7 @@ def why_not_regular(path: Path, inside: Path | None = None) -> str | None:
     return None
 
 
-def screen(listing, source: Path):
+def screen(listing: SourceListing, source: Path) -> tuple[SourceListing, list[dict[str, str]]]:
     """The listing without the files that must not be opened, and those files as
     ``[{"path": name, "error": reason}]`` (meta.json's ``skipped`` format). In a folder tree
     the designer folders are looked through again: the listing drops a FIFO or a device
@@ -90,10 +91,14 @@ def screen(listing, source: Path):
     if listing.kind == "image-folder":
         source = listing.folder or source  # the designer folders' parent, after a nested download is unwrapped
     inside = source if listing.kind == "image-folder" else None
-    refused, keep = [], []
+    refused: list[tuple[SourceImage, str]] = []
+    keep: list[SourceImage] = []
     for image in listing.images:
         reason = why_not_regular(image.path, inside)
-        (refused if reason else keep).append((image, reason))
+        if reason:
+            refused.append((image, reason))
+        else:
+            keep.append(image)
     skipped = [{"path": image.name, "error": reason} for image, reason in refused]
     if listing.kind == "image-folder":
         listed = {image.path for image in listing.images}
@@ -108,10 +113,10 @@ def screen(listing, source: Path):
         shown = ", ".join(f"{s['path']} ({s['error']})" for s in skipped[:MAX_NAMES_IN_LOG])
         log.warning("%s: skipped %d file(s) that are not regular files in the source (listed in meta.json): %s",
                     source, len(skipped), shown)
-    return dataclasses.replace(listing, images=[image for image, _ in keep]), skipped
+    return dataclasses.replace(listing, images=keep), skipped
 
 
-def merge_designer_names(listing):
+def merge_designer_names(listing: SourceListing) -> SourceListing:
     """The listing with designer names that are equal after NFC merged into their NFC
     spelling (warned); names equal after case folding only are warned about."""
     spellings: dict[str, set[str]] = {}

@@ -157,11 +157,12 @@ def _photos_by_id(listing: Path) -> list[Photo]:
     """A Kaggle-style list (`sample.csv`, column `Id`): images `<folder>/<Id>.<ext>`."""
     with open(listing, newline="", encoding="utf-8-sig") as f:
         ids = [row.get("Id") or row.get("id") for row in csv.DictReader(f)]
-    if not ids or any(i is None for i in ids):
+    named = [i.strip() for i in ids if i is not None]
+    if not ids or len(named) != len(ids):
         raise ConfigError(f"{listing}: needs a column 'Id' naming the images (as Kaggle's sample.csv)")
     folder = listing.parent
     found = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
-    return [Photo(found.get(i.strip(), folder / f"{i.strip()}.png"), i.strip()) for i in ids]
+    return [Photo(found.get(i, folder / f"{i}.png"), i) for i in named]
 
 
 def list_photos(source: str | Path) -> list[Photo]:

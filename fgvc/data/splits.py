@@ -40,8 +40,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 SPLIT_RULES = ("show", "random", "auto")
 DEFAULT_GROUP_PATTERN = r"^((?:SS|FW|RS|PF|HC)+\d{2})(?:.*(_HC_))?"
@@ -151,7 +151,7 @@ def group_keys(labels: Sequence[str], names: Sequence[str], pattern: str = DEFAU
     group (the others are their own group, keyed by their name)."""
     compiled = compile_pattern(pattern)
     keys, coded = [], 0
-    for i, (label, name) in enumerate(zip(labels, names)):
+    for i, (label, name) in enumerate(zip(labels, names, strict=True)):
         code = normalise_group(given[i]) if given is not None else None
         code = code or show_code(name, compiled)
         coded += code is not None
@@ -196,7 +196,7 @@ def split_by_group(labels: Sequence[str], names: Sequence[str], keys: Sequence[s
                    seed: int, test_fraction: float = 0.0, coded: int = 0) -> Split:
     """Whole groups to test / val / train per designer (see the module docstring)."""
     by_label: dict[str, dict[str, list[int]]] = {}
-    for i, (label, key) in enumerate(zip(labels, keys)):
+    for i, (label, key) in enumerate(zip(labels, keys, strict=True)):
         by_label.setdefault(label, {}).setdefault(key, []).append(i)
     fractions = {"val": val_fraction, **({"test": test_fraction} if test_fraction > 0 else {})}
     members: dict[str, list[int]] = {"train": [], **{s: [] for s in fractions}}
@@ -216,8 +216,8 @@ def split_by_group(labels: Sequence[str], names: Sequence[str], keys: Sequence[s
             taken = set(chosen[split])
             free = [g for g in free if g not in taken]
         chosen["train"] = free
-        for split, taken in chosen.items():
-            for g in taken:
+        for split, split_groups in chosen.items():
+            for g in split_groups:
                 members[split] += groups[g]
     return Split({s: _order(m, names, seed, s) for s, m in members.items()}, "show", list(keys), coded, single)
 
@@ -241,7 +241,7 @@ def make_split(labels: Sequence[str], names: Sequence[str], rule: str, val_fract
     return split
 
 
-def spanning(group_of: dict[str, Sequence[str]]) -> dict[str, list[str]]:
+def spanning(group_of: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """Groups found in two or more splits: group -> the splits it is in (sorted)."""
     where: dict[str, set[str]] = {}
     for split, keys in group_of.items():
@@ -255,7 +255,7 @@ def summary(split: Split, labels: Sequence[str], pattern: str) -> dict:
     coded and uncoded counts, and the groups found in two splits (none under `show`)."""
     per_designer: dict[str, dict[str, int]] = {}
     for name, idx in split.members.items():
-        for key, label in {(split.group_of[i], labels[i]) for i in idx}:
+        for _group, label in {(split.group_of[i], labels[i]) for i in idx}:
             per_designer.setdefault(label, {s: 0 for s in split.members})[name] += 1
     crossing = spanning({s: [split.group_of[i] for i in m] for s, m in split.members.items()})
     return {

@@ -13,10 +13,11 @@ submission keyed by ``Id``.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -56,7 +57,7 @@ def ingest_unlabelled(folder: str | Path, root: str | Path, height: int, width: 
     ids, images, skipped = [], [], []
     bar = tqdm(total=len(photos), desc="unlabelled test", unit="img", disable=None if progress else True)
     with ThreadPoolExecutor(max_workers=max(1, workers or cpu_count()), thread_name_prefix="fgvc-decode") as pool:
-        for photo, pixels in zip(photos, pool.map(decode, photos)):
+        for photo, pixels in zip(photos, pool.map(decode, photos), strict=True):
             bar.update(1)
             if isinstance(pixels, str):
                 skipped.append({"id": photo.key, "path": str(photo.path), "error": pixels})
@@ -71,7 +72,7 @@ def ingest_unlabelled(folder: str | Path, root: str | Path, height: int, width: 
         old.unlink()
     for k, start in enumerate(range(0, len(images), shard_size)):
         part = {"images": torch.stack(images[start:start + shard_size])}
-        atomic_write(out / shard_name(k), lambda tmp: save_tensors(part, tmp))
+        atomic_write(out / shard_name(k), functools.partial(save_tensors, part))
     if skipped:
         log.warning("unlabelled test: %d of %d listed photo(s) unreadable, listed in meta.json: %s", len(skipped),
                     len(photos), ", ".join(f"{s['id']} ({s['error']})" for s in skipped[:5]))

@@ -26,7 +26,8 @@ def pick_examples(src_root: str | Path, dst_root: str | Path, count: int = 8) ->
     """Up to ``count`` examples: fallbacks first (up to half, when any exist), then images
     whose background was removed, scanning shards in order."""
     want_fallbacks = count // 2
-    fallbacks, removed = [], []
+    fallbacks: list[tuple[str, str, int]] = []
+    removed: list[tuple[str, str, int]] = []
     shards = [(split, path) for split in splits_of(dst_root) for path in shards_of(dst_root, split)]
     for split, path in shards:
         flags = load_shard(path)["bg_removed"].to(torch.bool)

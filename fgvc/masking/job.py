@@ -149,7 +149,8 @@ def run_tasks(plan: MaskPlan, segmenter: Segmenter, tasks: list[ShardTask],
     pin = plan.device.startswith("cuda")
     loaded: queue.Queue = queue.Queue(maxsize=1)
     to_write: queue.Queue = queue.Queue(maxsize=1)
-    stop, errors = threading.Event(), []
+    stop = threading.Event()
+    errors: list[BaseException] = []
 
     def read() -> None:
         try:
@@ -291,11 +292,12 @@ def execute(plan: MaskPlan, progress: bool = True,
         report.person_ratios = {s: [r for t in mine if t.split == s for r in done[t.key].person_ratios]
                                 for s in plan.splits}
         return report
-    missing = [t for t in plan.tasks if t.key not in done and read_stats(t, plan.fingerprint) is None]
+    stats = [done.get(t.key) or read_stats(t, plan.fingerprint) for t in plan.tasks]
+    missing = [t for t, s in zip(plan.tasks, stats, strict=True) if s is None]
     if missing:
         raise MaskError(f"{plan.dst}: {len(missing)} shard(s) of other ranks are not written yet (first: "
                         f"{missing[0].key}, rank {missing[0].index % plan.world_size}); run every rank, rank 0 last")
-    ordered = [done.get(t.key) or read_stats(t, plan.fingerprint) for t in plan.tasks]
+    ordered = [s for s in stats if s is not None]
     report.person_ratios = {s: [r for x in ordered if x.split == s for r in x.person_ratios] for s in plan.splits}
     report.meta = _finish(plan, ordered)
     return report

@@ -152,18 +152,19 @@ def plan_masking(src_root: str | Path, dst_root: str | Path, segmenter: str | Se
     chosen = [s for s in present if s in info.shards]
 
     injected = segmenter if isinstance(segmenter, Segmenter) else None
+    effective_size: int | None = seg_size  # None: the segmenter runs no model
     if injected is not None:
         name, weights = injected.name, injected.weights
-        seg_size = getattr(injected, "seg_size", None)
+        effective_size = getattr(injected, "seg_size", None)
         needs_masks = injected.needs_source_masks
     else:
         spec = SEGMENTERS.get(str(segmenter))
         name, weights, needs_masks = spec.name, resolve_weights(spec.name, seg_weights), spec.needs_source_masks
         if spec.builder is None:
-            seg_size = None
+            effective_size = None
     if needs_masks and not all("masks" in load_shard(p) for s in chosen for p in info.shards[s]):
-        missing = next(p for s in chosen for p in info.shards[s] if "masks" not in load_shard(p))
-        raise ShardError(f"{missing}: segmenter '{name}' uses the source's 'masks', but this "
+        unmasked = next(p for s in chosen for p in info.shards[s] if "masks" not in load_shard(p))
+        raise ShardError(f"{unmasked}: segmenter '{name}' uses the source's 'masks', but this "
                          f"shard has none; choose a model segmenter")
 
     tasks, index = [], 0
@@ -174,7 +175,7 @@ def plan_masking(src_root: str | Path, dst_root: str | Path, segmenter: str | Se
                                    dst / PROGRESS_DIR / split / f"{path.stem}.json", count))
             index += 1
     plan = MaskPlan(src=src, dst=dst, splits=chosen, tasks=tasks, segmenter_name=name, weights=weights,
-                    seg_size=seg_size, min_person_ratio=float(min_person_ratio), batch_size=int(batch_size),
+                    seg_size=effective_size, min_person_ratio=float(min_person_ratio), batch_size=int(batch_size),
                     device=str(resolve_device(device)) if world.backend is None else str(world.device),
                     rank=world.rank, world_size=world.world_size, overwrite=bool(overwrite),
                     source_digest=dataset_digest(src), num_classes=info.num_classes, image_size=info.image_size,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fgvc.catalog import SEGMENTERS
-from fgvc.errors import MissingFileError
+from fgvc.errors import FgvcError, MissingFileError
 from fgvc.masking.config import DEFAULT_SEG_SIZE
 from fgvc.models.factory import IMAGENET_MEAN, IMAGENET_STD
 from fgvc.models.weights import WeightsUnavailable, fetch_url, torch_hub_path
@@ -168,7 +168,7 @@ class TorchvisionSegmenter(Segmenter):
         with torch.inference_mode():
             out = self.model(preprocess(images, self.seg_size, self.channels_last))
             logits = out["out"] if isinstance(out, dict) else out
-            return person_mask_from_logits(logits, tuple(images.shape[2:]), self.person_class)
+            return person_mask_from_logits(logits, (images.shape[2], images.shape[3]), self.person_class)
 
 
 @dataclass(frozen=True)
@@ -187,11 +187,16 @@ class SegmenterSpec:
         return getattr(segmentation, attr)
 
     def build(self, **kwargs) -> nn.Module:
-        return self._lookup(self.builder)(**kwargs)
+        return self._lookup(self._model_part(self.builder))(**kwargs)
 
     @property
     def url(self) -> str:
-        return self._lookup(self.weights_enum).DEFAULT.url
+        return self._lookup(self._model_part(self.weights_enum)).DEFAULT.url
+
+    def _model_part(self, attr: str | None) -> str:
+        if attr is None:
+            raise FgvcError(f"segmenter {self.name!r} runs no model")
+        return attr
 
     @property
     def file_name(self) -> str:

@@ -9,7 +9,7 @@ cache when missing and the network allows; or from an explicit path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,12 @@ class FashionNetArchitecture(Architecture):
         return ("stem", *(f"stage{i}" for i in range(1, net.num_stages + 1)))
 
 
+def _rgb(values: Sequence[float]) -> tuple[float, float, float]:
+    """timm's per-channel mean or std (a tuple of any length in its types) as the (R, G, B) FGVCNet takes."""
+    red, green, blue = values
+    return (red, green, blue)
+
+
 class TimmArchitecture(Architecture):
     """Any timm model, named ``timm:<name>`` (a pretrained tag is allowed: ``timm:resnet10t.c3_in1k``)."""
 
@@ -189,7 +195,7 @@ class TimmArchitecture(Architecture):
         label = cfg.hf_hub_id or (f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture)
         name = self.model_name
         return StandardWeights(label=f"timm:{label}", fetch=lambda: fetch_timm_weights(name),
-                               mean=tuple(cfg.mean), std=tuple(cfg.std))
+                               mean=_rgb(cfg.mean), std=_rgb(cfg.std))
 
     def build_with_standard_weights(self, num_classes, image_size, weights_file: Path) -> nn.Module:
         # timm loads the file itself so its checkpoint filters and classifier adaptation apply;

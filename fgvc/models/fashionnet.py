@@ -66,6 +66,8 @@ class FashionNet(nn.Module):
     ``num_classes=0`` replaces the head with an identity, so ``forward`` returns the embedding.
     """
 
+    pretrained_cfg: dict[str, object]  # timm's data config, set by the timm entry point below
+
     def __init__(self, config: FashionNetConfig, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0):
         super().__init__()
@@ -97,7 +99,8 @@ class FashionNet(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

@@ -83,6 +83,9 @@ class FGVCNet(nn.Module):
     so it travels with every checkpoint.
     """
 
+    input_mean: torch.Tensor  # buffers, registered in __init__
+    input_std: torch.Tensor
+
     def __init__(self, body: nn.Module, head: nn.Module, spec: ModelSpec, feature_stage_name: str | None,
                  stage_names: tuple[str, ...] = ()):
         super().__init__()
@@ -92,7 +95,10 @@ class FGVCNet(nn.Module):
         self.feature_stage_name = feature_stage_name
         self.stage_names = tuple(stage_names)  # body modules of the successive stages, shallow to deep
         self.num_classes = spec.num_classes
-        self.num_features = int(head.in_features)
+        in_features = head.in_features
+        if not isinstance(in_features, int):
+            raise ConfigError(f"{spec.arch}: classifier {type(head).__name__} has no integer in_features")
+        self.num_features = in_features
         mean = spec.mean if spec.mean is not None else (0.0, 0.0, 0.0)
         std = spec.std if spec.std is not None else (1.0, 1.0, 1.0)
         self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))

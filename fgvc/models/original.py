@@ -335,7 +335,8 @@ def _resolve_arch(state: Mapping[str, torch.Tensor], arch: str | None, where: st
     if family is None:
         raise ArchMismatchError(f"{where}{_unknown_family(state)}")
     # Report against the architecture of that family the checkpoint comes closest to.
-    candidates = [(_misfit(state, name), name) for name in ORIGINAL_ARCHS if _FAMILY[name] == family]
+    candidates = [(misfit, name) for name in ORIGINAL_ARCHS
+                  if _FAMILY[name] == family and (misfit := _misfit(state, name)) is not None]
     (_, account), closest = min(candidates, key=lambda item: item[0][0])
     raise ArchMismatchError(f"{where}the checkpoint fits none of {', '.join(ORIGINAL_ARCHS)}; "
                             f"closest is {closest}: {account}")

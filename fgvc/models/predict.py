@@ -305,7 +305,8 @@ class Predictor:
         model = model_from_checkpoint(ckpt, str(path))
         names = ckpt.get("label_names") or [str(i) for i in range(model.num_classes)]
         regime = ckpt.get("regime")
-        if not (quiet or cls._loading_quietly) and regime in REGIMES and REGIMES.get(regime).masked:
+        masked = isinstance(regime, str) and regime in REGIMES and REGIMES.get(regime).masked
+        if masked and not (quiet or cls._loading_quietly):
             log.warning("this model (regime %s) was trained on background-removed images: give it "
                         "background-removed images (fgvc mask); raw photos get predictions it was not "
                         "validated on", regime)
@@ -313,7 +314,9 @@ class Predictor:
 
     def preprocess(self, images) -> torch.Tensor:
         """Images as the model saw them in training: float ``[N, 3, H, W]`` in [0, 1]."""
-        size = tuple(self.model.spec.image_size)
+        size = self.model.spec.image_size
+        if size is None:
+            raise FgvcError(f"{self.model.spec.arch}: the model does not record the image size it was trained on")
         return torch.stack([fit_to(image, size, self.resize) for image in as_image_list(images_from_input(images))])
 
     def probabilities(self, images) -> torch.Tensor:
@@ -332,7 +335,7 @@ class Predictor:
         k = max(1, min(int(top_k), probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         records = []
-        for p, i in zip(values.tolist(), indices.tolist()):
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True):
             records.append({"designer": self.label_names[i[0]], "class_index": i[0], "probability": p[0],
                             "top_designers": [self.label_names[j] for j in i], "top_probabilities": p})
         return records

@@ -363,6 +363,7 @@ def fetch_hf(repo_id: str, filename: str, *, revision: str | None = None) -> Pat
             "HF_ENDPOINT to a Hub mirror, or pass an explicit weights file.")
 
     read_s = _network_or_raise(endpoint, unavailable)
+    transfer_failed: tuple[type[BaseException], ...] = (OSError, *_hub_transport_errors())
     try:
         found = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
                                 endpoint=endpoint, etag_timeout=read_s)
@@ -370,7 +371,7 @@ def fetch_hf(repo_id: str, filename: str, *, revision: str | None = None) -> Pat
         raise unavailable(f"the repository has no file {filename}", _NotInRepo) from error
     except (hub.HfHubHTTPError, hub.LocalEntryNotFoundError) as error:
         raise unavailable(first_line(error)) from error
-    except (OSError, *_hub_transport_errors()) as error:
+    except transfer_failed as error:
         raise WeightsCorrupt(f"{repo_id}: the download of {filename} from {source} failed "
                              f"({first_line(error)}); nothing was kept in {folder}. Run again "
                              "to retry.") from error
@@ -387,15 +388,17 @@ def fetch_timm_weights(model_name: str) -> Path | None:
     import timm
 
     cfg = timm.models.get_pretrained_cfg(model_name)
-    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+    if cfg is None:
         return None
+    # timm also takes a url as (url, cache file name); the file is downloaded from the url either way.
+    url = cfg.url[0] if isinstance(cfg.url, tuple) else cfg.url
     if not cfg.hf_hub_id:
-        return fetch_url(cfg.url, description=f"timm {model_name} weights")
+        return fetch_url(url, description=f"timm {model_name} weights") if url else None
     repo_id, _, revision = cfg.hf_hub_id.partition("@")
     names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else TIMM_HUB_FILENAMES
     cached = [_hf_cached(repo_id, name, revision or None) for name in names]
-    if cfg.url:  # timm's older downloads went to the torch hub cache
-        cached.append(torch_hub_path(cfg.url))
+    if url:  # timm's older downloads went to the torch hub cache
+        cached.append(torch_hub_path(url))
     found = next((path for path in cached if path is not None and path.is_file()), None)
     return found or _fetch_first_hf_file(repo_id, names, revision or None)
 

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file; unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` and a DDP
     ``module.`` prefix. Pickles are read with ``weights_only=True``: a file never runs code."""
+    state: object
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

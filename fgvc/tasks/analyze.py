@@ -70,8 +70,9 @@ class AnalysisOutcome:
 def _headline(metrics: dict[str, float]) -> list[tuple[str, float, float | None, float | None]]:
     """A method's headline numbers: every metric with an interval (``<m>_low``/``<m>_high``),
     else its means; (name, value, low, high)."""
-    out = [(k, v, metrics[f"{k}_low"], metrics[f"{k}_high"]) for k, v in metrics.items()
-           if f"{k}_low" in metrics and f"{k}_high" in metrics]
+    out: list[tuple[str, float, float | None, float | None]] = [
+        (k, v, metrics[f"{k}_low"], metrics[f"{k}_high"]) for k, v in metrics.items()
+        if f"{k}_low" in metrics and f"{k}_high" in metrics]
     return out or [(k, v, None, None) for k, v in metrics.items() if k.endswith(("_mean", "precision_at_1"))]
 
 

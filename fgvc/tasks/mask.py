@@ -48,6 +48,7 @@ def run_mask(cfg: MaskConfig, progress: bool = True, segmenter: Segmenter | None
             mlflow.log_metrics(masking_metrics(report))
             log_plots(plan, report)
             mlflow.log_artifact(str(plan.dst / "meta.json"))
+            assert report.meta is not None  # rank 0, the main rank, writes meta.json
             log_dataset(plan.dst, report.meta["digest"], name=plan.dst.name, context="output")
         return report.meta
 
@@ -66,15 +67,17 @@ def describe_masking(plan: MaskPlan) -> str:
 
 def masking_metrics(report: MaskReport) -> dict[str, float]:
     """`mask/skipped_shards`, per split `mask/<split>/...` and `mask/images_per_s`."""
-    metrics = {"mask/skipped_shards": report.skipped_shards}
+    assert report.meta is not None  # rank 0's report (meta.json)
+    metrics: dict[str, float] = {"mask/skipped_shards": report.skipped_shards}
     for split, stats in report.meta["masking"]["statistics"].items():
         for key in ("images", "fallbacks", "fallback_rate", "person_ratio_mean", "person_ratio_median"):
             metrics[f"mask/{split}/{key}"] = stats[key]
         rate = report.images_per_s(split)
         if rate is not None:
             metrics[f"mask/{split}/images_per_s"] = rate
-    if report.images_per_s() is not None:
-        metrics["mask/images_per_s"] = report.images_per_s()
+    overall = report.images_per_s()
+    if overall is not None:
+        metrics["mask/images_per_s"] = overall
     return metrics
 
 

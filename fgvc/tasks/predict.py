@@ -73,11 +73,11 @@ def predict_photos(predictor: Predictor, photos: list[Photo], top_k: int, batch_
         for start in range(0, len(photos), batch_size):
             batch = photos[start:start + batch_size]
             decoded = list(pool.map(read_photo, batch))
-            good = [(p, a) for p, a in zip(batch, decoded) if not isinstance(a, str)]
+            good = [(p, a) for p, a in zip(batch, decoded, strict=True) if not isinstance(a, str)]
             unreadable += [{"file": p.key, "path": str(p.path), "error": a}
-                           for p, a in zip(batch, decoded) if isinstance(a, str)]
+                           for p, a in zip(batch, decoded, strict=True) if isinstance(a, str)]
             if good:
-                for (photo, _), record in zip(good, predictor.predict([a for _, a in good], top_k=top_k)):
+                for (photo, _), record in zip(good, predictor.predict([a for _, a in good], top_k=top_k), strict=True):
                     rows.append({"file": photo.key, **record})
             bar.update(len(batch))
     bar.close()
@@ -95,7 +95,7 @@ def predict_stored(predictor: Predictor, root: str, top_k: int, batch_size: int,
         for start in range(0, len(ids), batch_size):
             arrays = [image.permute(1, 2, 0).numpy() for image in images[start:start + batch_size]]  # [H, W, 3]
             rows += [{"file": key, **r} for key, r in zip(ids[start:start + batch_size],
-                                                          predictor.predict(arrays, top_k=top_k))]
+                                                          predictor.predict(arrays, top_k=top_k), strict=True)]
             bar.update(len(arrays))
     bar.close()
     return rows, [{"file": bad["id"], "path": bad.get("path", ""), "error": bad["error"]}
@@ -211,7 +211,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     sidecar = unreadable_list_path(out) if kaggle else None
     with tracked_run(EXPERIMENT, f"predict-{resolved.name}-v{resolved.version}", task="predict",
                      experiment_description=EXPERIMENT_DESCRIPTION, description=describe_run(cfg, resolved, source),
-                     tags={"fgvc.model_uri": resolved.uri, "fgvc.source_run_id": resolved.run_id}):
+                     tags={"fgvc.model_uri": resolved.uri, "fgvc.source_run_id": resolved.run_id}) as run:
         with artifact_dir() as tmp:
             predictor = Predictor.from_checkpoint(download_checkpoint(resolved, tmp))
         found = predict_source(predictor, cfg, source, progress)
@@ -220,10 +220,10 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
                                                           found.rows)
         warn_unreadable(cfg, found, sidecar)
         write_predictions(out, found.rows, found.unreadable, cfg.format, found.order, found.fallback)
-        if kaggle:
+        if sidecar is not None:  # the kaggle format
             write_unreadable_list(sidecar, found.unreadable, found.fallback)
         log_predictions(cfg, resolved, out, found, sidecar)
-        run_id = mlflow.active_run().info.run_id
+        run_id = run.info.run_id
     return {"run_id": run_id, "rows": len(found.rows), "unreadable": found.unreadable, "out": str(out),
             "model": resolved.uri, "fallback_designer": found.fallback,
             "unreadable_list": str(sidecar) if found.fallback else None}
@@ -292,4 +292,5 @@ def log_predictions(cfg: PredictConfig, resolved: ResolvedModel, out: Path, foun
     mlflow.log_artifact(str(out), "predictions")
     if kaggle and found.unreadable:
         mlflow.log_artifact(str(sidecar), "predictions")
-    mlflow.log_dict(found.unreadable, "predictions/unreadable.json")
+    # mlflow annotates log_dict's content as a dict; it writes any JSON value (json.dump), here a list.
+    mlflow.log_dict(found.unreadable, "predictions/unreadable.json")  # type: ignore[arg-type]

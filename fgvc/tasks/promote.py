@@ -90,14 +90,15 @@ def promote(name: str, metric: str = "val_acc", dataset: str | None = None, regi
         return Promotion(name, chosen, alias, None, {}, f"asked for explicitly, on dataset "
                          f"{dataset_label(by_number[chosen])}")
     holder = by_number.get(str(client.get_registered_model(name).aliases.get(alias, "")))
-    chosen, data_text = of_dataset(name, versions, holder, dataset, alias)
-    chosen, regime_text = of_regime(name, chosen, holder, regime, data_text, alias)
-    value, best = best_by(name, chosen, metric)
-    reason = f"{metric} {value:.4f}, best of {_count(chosen)} on {data_text}, {regime_text}" + \
-        skipped_text([v for v in versions if v not in chosen])
+    candidates, data_text = of_dataset(name, versions, holder, dataset, alias)
+    candidates, regime_text = of_regime(name, candidates, holder, regime, data_text, alias)
+    value, best = best_by(name, candidates, metric)
+    reason = f"{metric} {value:.4f}, best of {_count(candidates)} on {data_text}, {regime_text}" + \
+        skipped_text([v for v in versions if v not in candidates])
     client.set_registered_model_alias(name, alias, str(best))
     digest = None if dataset == ANY else by_number[str(best)].tags.get("dataset_digest")
-    return Promotion(name, str(best), alias, digest, other_datasets([v for v in versions if v not in chosen]), reason)
+    return Promotion(name, str(best), alias, digest, other_datasets([v for v in versions if v not in candidates]),
+                     reason)
 
 
 def explicit_version(name: str, by_number: dict, version: str) -> str:

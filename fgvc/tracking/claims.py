@@ -78,6 +78,8 @@ def ledger_run(client: MlflowClient) -> str:
         if pointer is None or LEDGER_TAG not in pointer.tags:
             _name_ledger(client)
             pointer = client.get_experiment_by_name(POINTER)
+            if pointer is None:
+                raise FgvcError(f"{LEDGER}: the experiment {POINTER} that names it was deleted meanwhile")
         ledger = pointer.tags[LEDGER_TAG]
         if client.get_run(ledger).info.lifecycle_stage == "deleted":
             client.restore_run(ledger)
@@ -98,15 +100,17 @@ def _name_ledger(client: MlflowClient) -> None:
         if failures.denied_status(error) is not None:
             raise
         created = None  # named by another process, or by this one's create whose answer was lost
-    pointer = client.get_experiment_by_name(POINTER) if created is None else None
-    if created is None and (pointer is None or LEDGER_TAG not in pointer.tags):
-        raise FgvcError(f"{LEDGER}: could not create the experiment {POINTER} that names it, and none exists")
-    if pointer is not None and pointer.tags[LEDGER_TAG] != candidate:
-        with contextlib.suppress(Exception):
-            client.delete_run(candidate)  # another process named the ledger first
-        return
+    if created is None:
+        pointer = client.get_experiment_by_name(POINTER)
+        if pointer is None or LEDGER_TAG not in pointer.tags:
+            raise FgvcError(f"{LEDGER}: could not create the experiment {POINTER} that names it, and none exists")
+        if pointer.tags[LEDGER_TAG] != candidate:
+            with contextlib.suppress(Exception):
+                client.delete_run(candidate)  # another process named the ledger first
+            return
+        created = pointer.experiment_id
     try:  # ours: hide the pointer (a deleted experiment keeps its name and tags; the UI does not list it)
-        client.delete_experiment(created or pointer.experiment_id)
+        client.delete_experiment(created)
     except MlflowException as error:
         log.debug("experiment %s left visible: %s", POINTER, first_line(error))
 
@@ -170,6 +174,10 @@ def _latest(client: MlflowClient, ledger: str, key: str) -> tuple[int, Holder | 
     return n, Holder.parse(data.params[f"{key}.{n}"]), data.tags.get(f"{key}.{n}")
 
 
+def _param(client: MlflowClient, ledger: str, name: str) -> str | None:
+    return client.get_run(ledger).data.params.get(name)
+
+
 def _beat(client: MlflowClient, ledger: str, name: str, state: str) -> None:
     client.set_tag(ledger, name, f"{state} {time.time():.3f}")
 
@@ -186,7 +194,7 @@ def _acquire(client: MlflowClient, ledger: str, key: str, what: str, patience: P
     while True:
         n, holder, state = patience.call(f"reading the claim of {what}", _latest, client, ledger, key)
         alive, why = holder_alive(holder, state) if holder else (False, "")
-        if alive and holder.token != me.token:
+        if alive and holder is not None and holder.token != me.token:
             if not said:
                 log.info("%s: %s is working on it (claim %s.%d); waiting", what, holder, key, n)
                 said = True
@@ -202,7 +210,7 @@ def _acquire(client: MlflowClient, ledger: str, key: str, what: str, patience: P
             if failures.denied_status(error) is not None:
                 raise
             refused = error  # another process took attempt n + 1 first, or the store refused: read who
-        taken = patience.call(f"reading the claim of {what}", lambda: client.get_run(ledger).data.params.get(name))
+        taken = patience.call(f"reading the claim of {what}", _param, client, ledger, name)
         if taken is not None and Holder.parse(taken).token == me.token:
             replaced = why if holder is not None and why not in ("", "done") else None
             return Claim(key, n + 1, me, waited, replaced), sent

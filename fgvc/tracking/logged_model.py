@@ -38,7 +38,8 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 REGISTERED_DESCRIPTION = (
     "fgvc designer classifier. Each version is an MLflow model: `mlflow.pyfunc.load_model(uri).predict(images)` "
-    "takes uint8 images [N, H, W, 3] of any size (or JPEG/PNG as base64 strings in a column `image`) and returns the designer, class index and top-k "
+    "takes uint8 images [N, H, W, 3] of any size (or JPEG/PNG as base64 strings in a column `image`) "
+    "and returns the designer, class index and top-k "
     "probabilities per image. Aliases: `candidate` is the newest version of a user's training, `champion` "
     "the version `fgvc promote` chose (it keeps the champion's dataset and regime unless asked).")
 STUDY_DESCRIPTION = (

@@ -76,6 +76,8 @@ def resolve_version(uri: str) -> ResolvedModel:
         raise ConfigError(f"registered model {name!r} has no version {number}; versions: {versions}") from None
     if not version.run_id:
         raise FgvcError(f"{name} version {number} has no source run, so its training cannot be found")
+    if version.source is None:
+        raise FgvcError(f"{name} version {number} has no source: its files cannot be found")
     return ResolvedModel(name, str(version.version), version.run_id, f"models:/{name}/{version.version}",
                          version.source, dict(version.tags))
 

@@ -326,6 +326,13 @@ def same_param_value(a: str, b: str) -> bool:
         return a.lower() == b.lower() and a.lower() in ("true", "false", "none")
 
 
+def _active_run_id() -> str:
+    run = mlflow.active_run()
+    if run is None:
+        raise FgvcError("no active MLflow run to record in (start one, or pass run_id)")
+    return run.info.run_id
+
+
 def log_params(params: dict, run_id: str | None = None) -> None:
     """Log params to `run_id` (default: the active run); values are stringified and cut at
     MLflow's 6000-character limit.
@@ -336,7 +343,7 @@ def log_params(params: dict, run_id: str | None = None) -> None:
     changing a logged param.
     """
     client = MlflowClient()
-    run_id = run_id or mlflow.active_run().info.run_id
+    run_id = run_id or _active_run_id()
     existing = client.get_run(run_id).data.params
     out = []
     for key, value in params.items():
@@ -353,7 +360,7 @@ def log_params(params: dict, run_id: str | None = None) -> None:
 
 
 def set_tags(tags: dict, run_id: str | None = None) -> None:
-    run_id = run_id or mlflow.active_run().info.run_id
+    run_id = run_id or _active_run_id()
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
@@ -366,7 +373,9 @@ def log_dataset(root: str | Path, digest: str, name: str, context: str) -> None:
     with warnings.catch_warnings():  # MLflow registers two equivalent local-file sources
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(Path(root).resolve().as_uri())
-    dataset = MetaDataset(source=source, name=name, digest=digest)
+    # mlflow declares Dataset.profile abstract and MetaDataset leaves it so, but Dataset is no ABC:
+    # MetaDataset(source, ...) is its documented use.
+    dataset = MetaDataset(source=source, name=name, digest=digest)  # type: ignore[abstract]
     for attempt in range(5):
         try:
             mlflow.log_input(dataset, context=context)

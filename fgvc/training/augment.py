@@ -91,7 +91,7 @@ def _blend_(images: torch.Tensor, others, ratios: list[float]) -> torch.Tensor:
     vectorised body and its scalar tail differently (where the tail falls depends on the
     tensor's size)."""
     images.mul_(_column(ratios, images))
-    for one, other, ratio in zip(images, others, ratios):
+    for one, other, ratio in zip(images, others, ratios, strict=True):
         one.add_(other, alpha=1.0 - ratio)
     return images.clamp_(0, 1)
 
@@ -271,7 +271,7 @@ class HeavyAugment:
             image = jitters[k](image, d.factors[k])
         if d.blur_sigma is not None:
             image = F.gaussian_blur(image, kernel_size=[3, 3], sigma=[d.blur_sigma, d.blur_sigma])
-        if d.erase is not None:
+        if d.erase is not None and d.erase_values is not None:  # drawn together
             top, left, h, w = d.erase
             image = image.clone()
             image[:, top:top + h, left:left + w] = d.erase_values.to(image.device)
@@ -297,16 +297,18 @@ class HeavyAugment:
         for slot in range(4):
             for k, jitter in enumerate(JITTERS):
                 members = [i for i, d in enumerate(draws) if d.order[slot] == k]
-                apply(members, lambda rows: jitter(rows, [draws[i].factors[k] for i in members]))
+                factors = [draws[i].factors[k] for i in members]
+                apply(members, lambda rows, jitter=jitter, factors=factors: jitter(rows, factors))
         blurred = [i for i, d in enumerate(draws) if d.blur_sigma is not None]
-        apply(blurred, lambda rows: _blur(rows, _gaussian_kernels([draws[i].blur_sigma for i in blurred], rows)))
-        erased = [i for i, d in enumerate(draws) if d.erase is not None]
+        sigmas = [d.blur_sigma for d in draws if d.blur_sigma is not None]
+        apply(blurred, lambda rows: _blur(rows, _gaussian_kernels(sigmas, rows)))
+        erased = [(i, d.erase, d.erase_values) for i, d in enumerate(draws)
+                  if d.erase is not None and d.erase_values is not None]  # drawn together
         if erased:
             # One host-to-device copy for all of the batch's erasing values.
-            values = torch.cat([draws[i].erase_values.flatten() for i in erased]).to(device)
+            values = torch.cat([erase_values.flatten() for _, _, erase_values in erased]).to(device)
             start = 0
-            for i in erased:
-                top, left, h, w = draws[i].erase
+            for i, (top, left, h, w), _ in erased:
                 out[i, :, top:top + h, left:left + w] = values[start:start + 3 * h * w].view(3, h, w)
                 start += 3 * h * w
         return out.clamp_(0, 1)

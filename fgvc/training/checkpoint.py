@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,10 @@ from fgvc.data.shards import atomic_write
 from fgvc.errors import ConfigError, FgvcError
 from fgvc.files import writing
 from fgvc.safeload import read_checkpoint  # noqa: F401  (where trainings read their checkpoints)
+
+if TYPE_CHECKING:
+    from fgvc.training.loop import EpochRecord
+    from fgvc.training.session import Session
 
 BEST, LAST = "best", "last"
 
@@ -104,7 +109,7 @@ class CheckpointWriter:
         self.started = time.monotonic()
         self.spent = 0.0  # seconds spent writing
         self.pending_best: dict | None = None
-        self.latest = None  # (record, session) of the newest epoch not yet on disk
+        self.latest: tuple[EpochRecord, Session] | None = None  # the newest epoch not yet on disk
         self.writes = 0
 
     def path(self, which: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fgvc.catalog import ORIGINAL_ARCHS, PRESETS, arch_problem
 from fgvc.config import (
@@ -179,7 +179,7 @@ class RegisterConfig(Config):
     arch: str | None = option(Maybe(Choice(ORIGINAL_ARCHS)), None, "Architecture of the checkpoint (auto: the one "
                               "its tensors fit).")
     data_root: str = option(STR, "data/demo", "Dataset root whose validation split evaluates the model.")
-    normalization: str | None = option(Maybe(Choice(("imagenet", "none"))), None,
+    normalization: Literal["imagenet", "none"] | None = option(Maybe(Choice(("imagenet", "none"))), None,
                                        "Input normalisation the model was trained with: auto (imagenet for "
                                        "ResNets, as the original trained from ImageNet weights; none for "
                                        "FashionNet), imagenet, or none (a ResNet trained --from_scratch).")

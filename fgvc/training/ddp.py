@@ -51,7 +51,7 @@ def broadcast_buffers(module: nn.Module) -> None:
     for buffers in by_dtype.values():
         flat = _flatten_dense_tensors([b.detach() for b in buffers]).to(collective_device())
         dist.broadcast(flat, src=0)
-        for buffer, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+        for buffer, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers), strict=True):
             buffer.copy_(synced)
 
 

@@ -15,13 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fgvc.data.dataset import BatchLoader, ShardDataset
 from fgvc.devices import resolve_device
 from fgvc.errors import ConfigError
 from fgvc.models import FGVCNet
-from fgvc.models.original import ORIGINAL_ARCHS, ClassCountError, detect_arch, import_original, read_original_state
+from fgvc.models.original import (
+    ORIGINAL_ARCHS,
+    ClassCountError,
+    Normalization,
+    detect_arch,
+    import_original,
+    read_original_state,
+)
 from fgvc.regimes import regime_of
 from fgvc.safeload import require_finite
 from fgvc.training.checkpoint import save_checkpoint
@@ -47,7 +55,7 @@ def import_checkpoint(cfg: RegisterConfig) -> Imported:
     arch = cfg.arch or detect_arch(state)
     if arch is None:
         raise ConfigError(f"{cfg.checkpoint}: its tensors fit none of {', '.join(ORIGINAL_ARCHS)}; pass --arch")
-    normalization = cfg.normalization or ("none" if arch.startswith("fn-") else "imagenet")
+    normalization: Normalization = cfg.normalization or ("none" if arch.startswith("fn-") else "imagenet")
     data = TrainingData.of(cfg.data_root)
     try:
         model = import_original(state, arch, data.num_classes, normalization=normalization,
@@ -70,6 +78,6 @@ def fgvc_checkpoint(imported: Imported, path: Path) -> Path:
                        "config": {"checkpoint": str(Path(imported.model.spec.pretrained))}})
 
 
-def example_images(val_set: ShardDataset, count: int = 2) -> torch.Tensor:
+def example_images(val_set: ShardDataset, count: int = 2) -> np.ndarray:
     items = val_set.gather(torch.arange(min(count, len(val_set))))
     return items["images"].permute(0, 2, 3, 1).contiguous().numpy()

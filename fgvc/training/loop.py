@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fgvc import distributed
 from fgvc.data.dataset import BatchLoader
 from fgvc.errors import FgvcError
+from fgvc.models.net import FGVCNet
 from fgvc.training import ddp
 
 
@@ -28,7 +29,7 @@ class NonFiniteLoss(FgvcError):
     """The training loss became NaN or infinite (a user can lower the learning rate)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Precision:
     """How the model runs on the device: autocast dtype (None = fp32) and memory format."""
 
@@ -59,13 +60,16 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
 
 
-def build_optimizer(model: nn.Module, lr_backbone: float, lr_head: float, weight_decay: float
+FP32 = Precision()  # no autocast, contiguous memory: the loop functions' default
+
+
+def build_optimizer(model: FGVCNet, lr_backbone: float, lr_head: float, weight_decay: float
                     ) -> torch.optim.AdamW:
     """AdamW with separate learning rates for the backbone and the head (group order fixed:
     0 = backbone, 1 = head). Norm and bias parameters get no weight decay."""
     groups = []
-    for params, lr in ((model.backbone_parameters(), lr_backbone), (model.head_parameters(), lr_head)):
-        params = [p for p in params if p.requires_grad]
+    for parameters, lr in ((model.backbone_parameters(), lr_backbone), (model.head_parameters(), lr_head)):
+        params = [p for p in parameters if p.requires_grad]
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
@@ -90,13 +94,13 @@ class EvalResult:
 
 
 def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
-             precision: Precision = Precision(), progress: bool = False) -> EvalResult:
+             precision: Precision = FP32, progress: bool = False) -> EvalResult:
     """Plain cross-entropy, top-1, top-5, balanced accuracy, per-class accuracy, confusion."""
     return result_from_confusion(*_evaluation_sums(model, loader, num_classes, device, precision, progress))
 
 
 def evaluate_sharded(model: nn.Module, loader: BatchLoader, num_classes: int, device: torch.device,
-                     precision: Precision = Precision(), progress: bool = False) -> EvalResult:
+                     precision: Precision = FP32, progress: bool = False) -> EvalResult:
     """`evaluate` under DDP: each rank evaluates its share of the split (`loader` built with
     this rank's rank/world_size, no shuffle: rank r takes positions r, r+W, ...), and the
     confusion matrix, loss sum and top-5 hits are summed across ranks, so the metrics cover
@@ -148,7 +152,7 @@ def result_from_confusion(confusion: torch.Tensor, loss_sum: float, top5_hits: i
     n = int(confusion.sum())
     support = confusion.sum(1)
     correct = confusion.diag()
-    per_class = [(c / s) if s else float("nan") for c, s in zip(correct.tolist(), support.tolist())]
+    per_class = [(c / s) if s else float("nan") for c, s in zip(correct.tolist(), support.tolist(), strict=True)]
     present = [a for a in per_class if not math.isnan(a)]
     return EvalResult(
         loss=loss_sum / max(n, 1), acc=int(correct.sum()) / max(n, 1), top5=top5_hits / max(n, 1),
@@ -158,7 +162,7 @@ def result_from_confusion(confusion: torch.Tensor, loss_sum: float, top5_hits: i
 
 
 def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
-                    criterion: nn.Module, device: torch.device, precision: Precision = Precision(),
+                    criterion: nn.Module, device: torch.device, precision: Precision = FP32,
                     grad_clip: float = 0.0, scaler: torch.amp.GradScaler | None = None,
                     progress: bool = False, desc: str = "train") -> dict:
     """One pass over the training loader. Raises NonFiniteLoss on a bad loss (see below when).
@@ -268,7 +272,7 @@ def bars_off(progress: bool) -> bool | None:
 
 def fit(model: nn.Module, train_loader: BatchLoader, val_loader: BatchLoader,
         optimizer: torch.optim.Optimizer, scheduler, criterion: nn.Module, epochs: int,
-        num_classes: int, device: torch.device, precision: Precision = Precision(),
+        num_classes: int, device: torch.device, precision: Precision = FP32,
         grad_clip: float = 0.0, start_epoch: int = 0, history: list[dict] | None = None,
         on_epoch_end: Callable[[EpochRecord], None] | None = None, progress: bool = True,
         evaluate_fn: Callable[..., EvalResult] = evaluate) -> list[dict]:

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -106,7 +106,7 @@ class Session:
 
     @property
     def network(self) -> FGVCNet:
-        return ddp.unwrap(self.model)
+        return _network_of(self.model)
 
     @property
     def regime(self) -> str:
@@ -145,6 +145,14 @@ class Session:
         return self.history
 
 
+def _network_of(model: nn.Module) -> FGVCNet:
+    """The FGVCNet under a DDP wrapper (SyncBatchNorm conversion keeps its class)."""
+    network = ddp.unwrap(model)
+    if not isinstance(network, FGVCNet):
+        raise TypeError(f"a training trains an FGVCNet, not a {type(network).__name__}")
+    return network
+
+
 def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: dict | None = None,
                   resume_from: str = "checkpoint") -> Session:
     """Everything a training needs, on `world.device`; `resume` is a last.pt dict."""
@@ -156,17 +164,17 @@ def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: di
     if device.type == "cuda":  # the benchmark measures this setting too (bench/gpu.py)
         torch.backends.cudnn.benchmark = cudnn_benchmark(device)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, data.num_classes, cfg.pretrained, image_size=data.image_size)
+    network = create_model(cfg.arch, data.num_classes, cfg.pretrained, image_size=data.image_size)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-    model = model.to(device)
+        network.load_state_dict(resume["model"])
+    network = network.to(device)
     if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ddp.wrap_model(model, world, cfg.sync_bn)
+        network = network.to(memory_format=torch.channels_last)
+    model = ddp.wrap_model(network, world, cfg.sync_bn)
 
     train_set = ShardDataset(data.root, "train", count=cfg.train_count, seed=cfg.seed)
     val_set = ShardDataset(data.root, "val", count=cfg.val_count, seed=cfg.seed)
-    loader_opts = dict(device=device, workers=loader_workers(cfg, device), prefetch=2,
+    loader_opts: dict[str, Any] = dict(device=device, workers=loader_workers(cfg, device), prefetch=2,
                        channels_last=precision.channels_last, rank=world.rank, world_size=world.world_size)
     # On a GPU the augmentation runs there, batched (`HeavyAugment.batch`): CPU threads
     # cannot keep up with a GPU step at 224x160, the GPU does it in a small share of one.
@@ -178,7 +186,7 @@ def build_session(cfg: TrainConfig, data: TrainingData, world: World, resume: di
         augment_on_device=on_device, **loader_opts)
     val_loader = BatchLoader(val_set, max(cfg.batch_size, 128), **loader_opts)
 
-    optimizer = build_optimizer(ddp.unwrap(model), cfg.effective_lr_backbone, cfg.lr_head,
+    optimizer = build_optimizer(_network_of(model), cfg.effective_lr_backbone, cfg.lr_head,
                                 cfg.effective_weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     session = Session(cfg, data, world, model, optimizer, scheduler,

@@ -4,7 +4,6 @@ conversion. Every figure has an exact pixel size (``inches * DPI``; no tight bbo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import matplotlib
 
@@ -17,7 +16,7 @@ import torch  # noqa: E402
 
 DPI = 100
 PANEL_INCHES = 1.5  # side of one image panel: 150 px at DPI 100
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def panel_figsize(rows: int, cols: int, extra_width: float = 0.0) -> tuple[float, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from matplotlib.patches import Patch
 
 from fgvc.viz._figure import PathLike, hide_ticks, new_figure, panel_figsize, save, to_hwc
@@ -75,7 +76,7 @@ def save_neighbor_grid(
     return save(fig, path)
 
 
-def save_variant_grid(path: PathLike, variants: Mapping[str, object], n: int) -> Path:
+def save_variant_grid(path: PathLike, variants: Mapping[str, torch.Tensor], n: int) -> Path:
     """The first ``n`` images of each background-swap variant, one row per image, one
     column per variant present (order: original, only_fg, no_fg, mixed_same, mixed_rand;
     other keys are ignored). Size: ``V * 150`` x ``n * 150`` px."""

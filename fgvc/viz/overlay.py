@@ -71,7 +71,7 @@ def save_attribution_grid(
             for spine in left.spines.values():
                 spine.set_edgecolor("#c00000")
                 spine.set_linewidth(2.5)
-    bar_axis = fig.add_axes([1 - (COLORBAR_INCHES + 0.1) / width, 0.1, 0.12 / width, 0.8])
+    bar_axis = fig.add_axes((1 - (COLORBAR_INCHES + 0.1) / width, 0.1, 0.12 / width, 0.8))
     scale = cm.ScalarMappable(colors.Normalize(0, 1), cmap=cmap)
     bar = fig.colorbar(scale, cax=bar_axis)
     bar.set_label(colorbar_label, fontsize=6)

@@ -98,6 +98,11 @@ class IncrementalOcclusion:
                     self.low_weights[index] = step.op.weight.to(low_precision)
         self.plan: Plan | None = None
 
+    def _planned(self) -> Plan:
+        if self.plan is None:
+            raise RuntimeError("IncrementalOcclusion.prepare() must plan the windows first")
+        return self.plan
+
     def prepare(self, height: int, width: int, boxes: Tensor, device: torch.device) -> Plan:
         """Plan the blocks for ``height x width`` images and windows ``boxes``."""
         plan = make_plan(self.steps, height, width, boxes, self.full_fraction, self.field_limit)
@@ -146,23 +151,24 @@ class IncrementalOcclusion:
                targets: Tensor) -> Tensor:
         """``[n]`` target logits of the occluded copies of pairs ``(image_index[i],
         window_index[i])``; ``image_index`` counts within ``kept``, ``targets`` ``[n]``."""
-        plan = self.plan
+        plan = self._planned()
         n = len(window_index)
         height, width = kept.images.shape[-2:]
-        first = plan.geometry[0]
+        first = plan.map_of(0)
         pixel = plan.input_block_index[window_index] + image_index[:, None] * (height * width)
         image_rows = _nhwc_rows(kept.images).index_select(0, pixel.reshape(-1))
         base_rows = _nhwc_rows(kept.baseline).index_select(0, pixel.reshape(-1))
         covered = plan.input_in_window[window_index].reshape(-1, 1)
         x = torch.where(covered, base_rows, image_rows)
-        blocks = [x.reshape(n, *first.block, -1).permute(0, 3, 1, 2)]
+        # Block of tensor i (the changed block of each pair), dropped after its last reader.
+        blocks = {0: x.reshape(n, *first.block, -1).permute(0, 3, 1, 2)}
         for index, step in enumerate(self.steps):
             op = step.op
             if index in self.low_weights:
-                blocks.append(self._conv_change(kept, index, blocks[step.inputs[0]],
-                                                image_index, window_index))
+                blocks[index + 1] = self._conv_change(kept, index, blocks[step.inputs[0]], image_index,
+                                                      window_index)
                 for node in plan.last_reader.get(index, ()):
-                    blocks[node] = None
+                    del blocks[node]
                 continue
             inputs = []
             for position, node in enumerate(step.inputs):
@@ -172,26 +178,25 @@ class IncrementalOcclusion:
                 else:
                     inputs.append(self._gather(kept, node, blocks[node], gather, image_index,
                                                window_index))
-            source = plan.geometry[step.inputs[0]]
             if isinstance(op, LOCAL_OPS):
-                out = op(inputs[0], padded=source.full)
-            elif isinstance(op, GlobalAvgPool) and not source.full:
-                out = self._pooled(kept, step.inputs[0], inputs[0], source, image_index,
-                                   window_index)
+                out = op(inputs[0], padded=plan.map_of(step.inputs[0]).full)
+            elif isinstance(op, GlobalAvgPool) and not (source := plan.map_of(step.inputs[0])).full:
+                out = self._pooled(kept, step.inputs[0], inputs[0], source, image_index, window_index)
             else:
                 out = _run_whole(op, inputs)
-            blocks.append(out)
+            blocks[index + 1] = out
             for node in plan.last_reader.get(index, ()):
-                blocks[node] = None  # free blocks no later step reads
-        return blocks[-1].gather(1, targets[:, None])[:, 0]
+                del blocks[node]  # free blocks no later step reads
+        return blocks[len(self.steps)].gather(1, targets[:, None])[:, 0]
 
     def _conv_change(self, kept: KeptActivations, index: int, block: Tensor,
                      image_index: Tensor, window_index: Tensor) -> Tensor:
         """A conv block as the kept output plus the conv of the input's change, the latter in
         low precision: its rounding error scales with the change, not with the activation."""
-        plan, step = self.plan, self.steps[index]
+        plan, step = self._planned(), self.steps[index]
         op, node = step.op, step.inputs[0]
-        source, target = plan.geometry[node], plan.geometry[index + 1]
+        assert isinstance(op, Conv)  # only convs have low-precision weights
+        source, target = plan.map_of(node), plan.map_of(index + 1)
         n = len(window_index)
         change = torch.empty(block.shape, dtype=self.low_precision, device=block.device,
                              memory_format=torch.channels_last)
@@ -220,7 +225,7 @@ class IncrementalOcclusion:
         if geometry.full:
             tensor = kept.linear_part(node) if linear else kept.tensors[node]
             return _per_pair(tensor, image_index)
-        rows = self.plan.block_rows[node][window_index] + image_index[:, None] * (
+        rows = self._planned().block_rows[node][window_index] + image_index[:, None] * (
             geometry.height * geometry.width)
         table = kept.padded_rows(node, (0, 0), 0.0, linear=linear)
         return table.index_select(0, rows.reshape(-1)).reshape(

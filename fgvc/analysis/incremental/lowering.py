@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeGuard, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,7 @@ class Dense(Pointwise):
     """A layer on whole per-sample tensors (after the global pool: Flatten, Linear, ...)."""
 
 
-Op = Union[Conv, MaxPool, Pointwise, Add, GlobalAvgPool, Dense]
+Op = Conv | MaxPool | Pointwise | Add | GlobalAvgPool | Dense
 LOCAL_OPS = (Conv, MaxPool)
 
 
@@ -128,7 +128,10 @@ def _pair(value) -> Pair:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _own_forward(module: nn.Module, base: type, *names: str) -> bool:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def _own_forward(module: nn.Module, base: type[ModuleT], *names: str) -> TypeGuard[ModuleT]:
     """``module`` computes what ``base`` computes: none of these methods is overridden."""
     return isinstance(module, base) and all(
         getattr(type(module), name) is getattr(base, name) for name in names
@@ -145,7 +148,7 @@ class _Lowering:
         self.steps.append(Step(op, tuple(inputs)))
         return len(self.steps)
 
-    def last_step_makes(self, node: int, kind: type) -> Step | None:
+    def last_step_makes(self, node: int, kind: type | tuple[type, ...]) -> Step | None:
         """The step writing ``node`` when it is the newest step and of ``kind``. Lowered
         modules only ever hand their output on, so the newest tensor has no other reader
         yet and its step may absorb a BatchNorm or ReLU."""
@@ -200,6 +203,7 @@ class _Lowering:
             if type(m) is nn.ReLU:
                 step = self.last_step_makes(x, (Conv, Add))
                 if step is not None:
+                    assert isinstance(step.op, (Conv, Add))  # the kind asked for
                     step.op.relu = True
                     return x
             return self.add(Pointwise(_POINTWISE[type(m)](m), type(m).__name__), x)
@@ -235,7 +239,7 @@ class _Lowering:
         )
 
     def batch_norm(self, m: nn.BatchNorm2d, x: int) -> int:
-        if m.training or m.running_mean is None:
+        if m.training or m.running_mean is None or m.running_var is None:
             raise UnsupportedModel("BatchNorm2d that uses batch statistics")
         scale = (m.running_var.double() + m.eps).rsqrt()
         if m.weight is not None:
@@ -244,7 +248,7 @@ class _Lowering:
         if m.bias is not None:
             shift = shift + m.bias.detach().double()
         step = self.last_step_makes(x, Conv)
-        if step is not None and not step.op.relu:
+        if step is not None and isinstance(step.op, Conv) and not step.op.relu:
             conv = step.op
             dtype = conv.weight.dtype
             bias = shift if conv.bias is None else conv.bias.double() * scale + shift
@@ -256,7 +260,7 @@ class _Lowering:
         return self.add(Pointwise(lambda t, a, b: torch.addcmul(b, t, a), "batchnorm",
                                   (scale, shift)), x)
 
-    def residual_block(self, m: nn.Module, x: int) -> int:
+    def residual_block(self, m: tv_resnet.BasicBlock | tv_resnet.Bottleneck, x: int) -> int:
         bottleneck = isinstance(m, tv_resnet.Bottleneck)
         base = tv_resnet.Bottleneck if bottleneck else tv_resnet.BasicBlock
         if not _own_forward(m, base, "forward") or type(m.relu) is not nn.ReLU:
@@ -316,15 +320,16 @@ class LoweringCache:
     def get(self, model: nn.Module) -> Lowered:
         """The lowered model; raises :class:`UnsupportedModel` like :func:`lower`."""
         state = model_state(model)
-        if self._model is not model or self._state != state:
+        result = self._result
+        if result is None or self._model is not model or self._state != state:
             try:
-                self._result = lower(model)
+                result = lower(model)
             except UnsupportedModel as error:
-                self._result = error
-            self._model, self._state = model, state
-        if isinstance(self._result, UnsupportedModel):
-            raise self._result
-        return self._result
+                result = error
+            self._model, self._state, self._result = model, state, result
+        if isinstance(result, UnsupportedModel):
+            raise result
+        return result
 
 
 def lower(model: nn.Module) -> Lowered:

@@ -112,6 +112,13 @@ class Plan:
     macs_incremental: int = 0  # ... of one occluded copy, computed incrementally
     last_reader: dict[int, list[int]] = field(default_factory=dict)  # step -> tensors it frees
 
+    def map_of(self, node: int) -> MapGeometry:
+        """The geometry of tensor ``node``, which is a map (it comes before the global pool)."""
+        geometry = self.geometry[node]
+        if geometry is None:
+            raise UnsupportedModel(f"tensor {node} is one vector per image, not a map")
+        return geometry
+
 
 def _truncate(lo: Tensor, hi: Tensor, size: int, limit: float | None) -> tuple[Tensor, Tensor]:
     """Krypton's projective-field threshold: a changed region longer than ``limit`` of the
@@ -129,9 +136,9 @@ def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
               full_fraction: float, field_limit: float | None = None) -> Plan:
     """``boxes`` ``[P, 4]`` (top, bottom, left, right; half-open) are the occluded windows."""
     boxes = boxes.long().cpu()
-    geometry: list[MapGeometry | None] = [
-        MapGeometry.around(height, width, boxes, full_fraction=2.0)  # the input block never
-    ]  # counts as full: the first layers are where incrementality pays most
+    # The input block never counts as full: the first layers are where incrementality pays most.
+    first = MapGeometry.around(height, width, boxes, full_fraction=2.0)
+    geometry: list[MapGeometry | None] = [first]
     gathers: dict[tuple[int, int], Gather] = {}
     block_rows: dict[int, Tensor] = {}
     macs_full = macs_incremental = 0
@@ -163,12 +170,12 @@ def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
                 macs_full += out_h * out_w * op.macs_per_output()
                 macs_incremental += target.block[0] * target.block[1] * op.macs_per_output()
         elif isinstance(op, Add):
-            if all(g is None for g in inputs):
+            a, b = inputs
+            if a is None and b is None:
                 target = None
-            elif any(g is None for g in inputs):
+            elif a is None or b is None:
                 raise UnsupportedModel("a residual sum of a map and a vector")
             else:
-                a, b = inputs
                 if (a.height, a.width) != (b.height, b.width):
                     raise UnsupportedModel("a residual sum of maps of different sizes")
                 region = torch.stack([
@@ -179,10 +186,10 @@ def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
                 ], 1)
                 target = MapGeometry.around(a.height, a.width, region, full_fraction,
                                             full=a.full or b.full)
-                for position, g in enumerate(inputs):
-                    if not g.same_blocks(target):
+                for position, summand in enumerate((a, b)):
+                    if not summand.same_blocks(target):
                         gathers[index, position] = _gather_plan(
-                            g, target, (1, 1), (1, 1), (0, 0), (1, 1), 0.0)
+                            summand, target, (1, 1), (1, 1), (0, 0), (1, 1), 0.0)
         elif isinstance(op, GlobalAvgPool):
             if source is None:
                 raise UnsupportedModel("a global pool after the global pool")
@@ -204,7 +211,6 @@ def make_plan(steps: Sequence[Step], height: int, width: int, boxes: Tensor,
             rows = g.start[:, 0:1] + torch.arange(g.block[0])
             cols = g.start[:, 1:2] + torch.arange(g.block[1])
             block_rows[node] = (rows[:, :, None] * g.width + cols[:, None, :]).flatten(1)
-    first = geometry[0]
     rows = first.start[:, 0:1] + torch.arange(first.block[0])
     cols = first.start[:, 1:2] + torch.arange(first.block[1])
     input_block_index = (rows[:, :, None] * width + cols[:, None, :]).flatten(1)

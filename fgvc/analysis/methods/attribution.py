@@ -48,7 +48,9 @@ def example_indices(labels: torch.Tensor, predictions: torch.Tensor, count: int)
     each kind taken one designer after another, so even the first two examples show one of
     each and the examples span designers."""
     def by_designer(pool: list[int]) -> list[int]:
-        order, seen, rest = [], set(), []
+        order: list[int] = []
+        seen: set[int] = set()
+        rest: list[int] = []
         for i in pool:
             (rest if int(labels[i]) in seen else order).append(i)
             seen.add(int(labels[i]))
@@ -87,16 +89,17 @@ class AttributionMethod(AnalysisMethod):
         images = data.images.float() / 255.0
         labels = data.labels
         explainer, info = self.explainer(model, data, cfg)
-        maps, targets, predictions = [], [], []
+        map_batches, target_batches, prediction_batches = [], [], []
         for rows in _batches(len(images), cfg.batch_size):
             result = explainer.attribute(images[rows], labels[rows] if cfg.target == "label" else None)
             for key in ("mode", "approximation", "engine"):  # how an occlusion map was made
                 if getattr(result, key, None) is not None:
                     info[key] = str(getattr(result, key))
-            maps.append(result.maps.detach())
-            targets.append(result.targets)
-            predictions.append(result.logits.argmax(1))
-        maps, targets, predictions = torch.cat(maps), torch.cat(targets), torch.cat(predictions)
+            map_batches.append(result.maps.detach())
+            target_batches.append(result.targets)
+            prediction_batches.append(result.logits.argmax(1))
+        maps, targets = torch.cat(map_batches), torch.cat(target_batches)
+        predictions = torch.cat(prediction_batches)
         deletion, insertion = [], []
         for rows in _batches(len(images), cfg.batch_size):
             d, i = deletion_insertion_auc(model, images[rows], maps[rows], targets[rows], steps=16)
@@ -138,7 +141,7 @@ class AttributionMethod(AnalysisMethod):
                    "designer": [data.designer(x) for x in data.labels.tolist()],
                    "predicted": [data.designer(x) for x in predictions.tolist()],
                    "explained": [data.designer(x) for x in result.payload["targets"].tolist()],
-                   "correct": [int(a == b) for a, b in zip(data.labels.tolist(), predictions.tolist())]}
+                   "correct": [int(a == b) for a, b in zip(data.labels.tolist(), predictions.tolist(), strict=True)]}
         columns.update({k: [round(float(x), 6) for x in v] for k, v in result.per_image.items()})
         write_csv(folder / "per_image.csv", columns)
         torch.save({"maps": maps.half(), "labels": data.labels, "targets": result.payload["targets"],
@@ -185,12 +188,14 @@ def cam_layer(model: nn.Module, image_size: tuple[int, int], layer: str | None) 
     if layer is not None:
         modules = dict(model.named_modules())
         if layer not in modules:
-            stages = ", ".join(name for name, _ in getattr(model, "stages", list)()) or "see model.named_modules()"
-            raise ConfigError(f"--layer {layer!r}: the model has no module of that name (its stages: {stages})")
+            names = ", ".join(name for name, _ in getattr(model, "stages", list)()) or "see model.named_modules()"
+            raise ConfigError(f"--layer {layer!r}: the model has no module of that name (its stages: {names})")
         return layer, modules[layer], stage_map_sizes(model, [modules[layer]], image_size)[0]
-    stages = getattr(model, "stages", list)()
+    stages: list[tuple[str, nn.Module]] = getattr(model, "stages", list)()
     if not stages:
         module = model.feature_stage
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"{type(model).__name__}: its feature_stage is not a module")
         return getattr(model, "feature_stage_name", "feature_stage"), module, \
             stage_map_sizes(model, [module], image_size)[0]
     sizes = stage_map_sizes(model, [m for _, m in stages], image_size)

@@ -57,7 +57,7 @@ class ShortcutMethod(AnalysisMethod):
         # predictions, labels and backdrop partners come back from the model's device in one transfer
         rows = torch.stack([*(predicted_on_device[n] for n in VARIANT_NAMES), data.labels.long(),
                             out["partner_rand"].long()]).cpu()
-        predicted = dict(zip(VARIANT_NAMES, rows))
+        predicted = dict(zip(VARIANT_NAMES, rows[:len(VARIANT_NAMES)], strict=True))
         labels, partner = rows[-2], rows[-1]
         correct = {name: p == labels for name, p in predicted.items()}
         num_classes = len(data.names)

@@ -47,7 +47,11 @@ class AnalysisMethod:
     needs_masks: ClassVar[bool] = False
     settings: ClassVar[tuple[str, ...]] = ()
     fixed_settings: ClassVar[dict[str, str]] = {}  # how the method computes (a version), part of the key
-    columns: ClassVar[dict[str, Column]] = {}
+
+    @property
+    def columns(self) -> dict[str, Column]:
+        """The study-table columns this method contributes (a subclass sets its own)."""
+        return {}
 
     def run(self, model: nn.Module, data: AnalysisData, cfg: AnalyzeConfig) -> MethodResult:
         raise NotImplementedError
