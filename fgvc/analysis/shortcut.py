@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -278,7 +279,7 @@ def _background_mean(images: Tensor, background: Tensor) -> Tensor:
     return ((images * bg).sum(dim=(2, 3)) / bg_pixels)[:, :, None, None]
 
 
-def pick_partners(labels: Tensor, seed: int) -> dict[str, Tensor | int]:
+def pick_partners(labels: Tensor, seed: int) -> dict[str, Any]:
     """Seeded partner choice for the mixed variants.
 
     Returns ``same`` ``[B]`` (another image with the same label, uniformly; the image itself
@@ -318,7 +319,7 @@ def pick_partners(labels: Tensor, seed: int) -> dict[str, Tensor | int]:
 
 def make_variants(
     images: Tensor, masks: Tensor, labels: Tensor, seed: int = 0, *, margin: int = 2
-) -> dict[str, Tensor | int | float]:
+) -> dict[str, Any]:
     """Background-swap variants of ``images`` ``[B, 3, H, W]`` (uint8 or float).
 
     Args:
@@ -453,7 +454,7 @@ def variant_intervals(
     ``no_fg_vs_chance`` (the No-FG interval divided by ``chance``), the last two when their
     variants are present. One seed gives every key the same resampled image sets.
     """
-    draw = dict(seed=seed, resamples=resamples, level=level)
+    draw: dict[str, Any] = dict(seed=seed, resamples=resamples, level=level)
     intervals = {f"acc_{name}": bootstrap_mean(correct[name].float(), **draw)
                  for name in VARIANT_NAMES if name in correct}
     if "mixed_same" in correct and "mixed_rand" in correct:
@@ -500,7 +501,7 @@ def backdrop_follow_scores(
     keys = ("backdrop_follow", "backdrop_follow_vs_chance")
     if follows.numel() == 0:
         return {f"{key}{end}": math.nan for key in keys for end in ("", "_low", "_high")}
-    draw = dict(seed=seed, resamples=resamples, level=level)
+    draw: dict[str, Any] = dict(seed=seed, resamples=resamples, level=level)
     out: dict[str, float] = {}
     for key, interval in zip(keys, (bootstrap_mean(follows, **draw), bootstrap_ratio(follows, chance, **draw)),
                              strict=True):
