@@ -177,6 +177,14 @@ def test_agreeing_splits_leave_the_verdicts_alone_and_seeds_widen_the_leak():
     [entry] = show_leak(rows, per_image)
     assert entry["seeds"] == 2 and entry["only_on_random_split"] == 2 and entry["verdict_random"] == f"{RUNWAY} (2/2)"
     assert entry["leak_acc"] == pytest.approx(sum(r["leak_acc"] for r in rows[::2]) / 2)
+    # both seeds analyse the same images of each split: each split's images drawn once per replicate for both
+    from fgvc.analysis.stats import bootstrap_difference
+
+    correct = lambda row: per_image[(row["cell"], "gradcam")]["correct"]  # noqa: E731
+    crossed = bootstrap_difference([(correct(rows[0]), correct(rows[1])), (correct(rows[2]), correct(rows[3]))],
+                                   seed=0, crossed=True)
+    assert (entry["leak_acc_low"], entry["leak_acc_high"]) == pytest.approx((crossed.low, crossed.high))
+    assert "crossed" in entry["interval"] and "crossed" in leak_table([entry]).note
     # a grid without the split axis has no leak
     plain = [dict(r, split_by=None) for r in leak_rows(0.9, 0.3, (RUNWAY, RUNWAY))[0]]
     assert show_leak(plain, per_image) == [] and not any("leak_acc" in r for r in plain)
@@ -220,7 +228,7 @@ def test_the_study_measures_the_show_leak(tmp_path, mlflow_store):
     client = MlflowClient()
     assert client.get_run(leaky["run_id"]).data.tags["fgvc.split_by"] == "random"
     assert client.get_run(leaky["run_id"]).data.params["data_root"].endswith("leak-random-split")
-    assert "compare/show_leak_acc" in client.get_run(clean["run_id"]).data.metrics
+    assert "across_regimes/show_leak_acc" in client.get_run(clean["run_id"]).data.metrics
     report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/study/report.html")
     assert "Show leak (random split − show split, the same images)" in report and "show leak, Δ BG-gap" in report
     assert "Show leak, random split minus show split" in report

@@ -48,9 +48,9 @@ from fgvc.viz.report import Example, build_report, save_dose_response, save_regi
 
 torch.set_num_threads(1)
 
-TINY_DEMO = dict(num_designers=3, train_per_class=8, val_per_class=4, height=32, width=24)
-TINY_ARGS = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--height", "32",
-             "--width", "24", "--epochs", "1", "--batch-size", "8", "--num-images", "6"]
+TINY_DEMO = dict(num_designers=3, train_per_class=8, val_per_class=4, test_per_class=4, height=32, width=24)
+TINY_ARGS = ["--num-designers", "3", "--train-per-class", "8", "--val-per-class", "4", "--test-per-class", "4",
+             "--height", "32", "--width", "24", "--epochs", "1", "--batch-size", "8", "--num-images", "6"]
 KEY_COLUMNS = ["arch", "regime", "bg_correlation", "split_by", "seed", "cell", "run_name", "run_id", "status", "model",
                "chance"]
 
@@ -106,10 +106,14 @@ def test_presets_fill_the_grid_and_single_params_override_them():
     assert [c.key for c in quick.cells()] == [f"fn-small/{r}/seed0" for r in REGIMES.names()]
     full = StudyConfig(preset="full").plan()
     assert full.archs == ("resnet18", "resnet34", "fn-small", "fn-medium") and full.seeds == (0, 1, 2)
-    assert len(full.cells()) == 4 * 4 * 3 and full.demo == DemoConfig()
+    # both presets report on a test split; the full preset's demo is the default demo with one
+    assert len(full.cells()) == 4 * 4 * 3 and full.demo == DemoConfig(test_per_class=40)
+    assert quick.demo.test_per_class == 10 and quick.demo.splits == ("train", "val", "test")
+    assert DemoConfig().test_per_class == 0  # `fgvc prepare`'s default demo is unchanged
     mine = StudyConfig(preset="full", archs=("fn-small",), regimes=("masked",), epochs=2, num_designers=4).plan()
     assert mine.archs == ("fn-small",) and mine.regimes == ("masked",) and mine.epochs == 2
-    assert mine.seeds == (0, 1, 2) and mine.demo == DemoConfig(num_designers=4)
+    assert mine.seeds == (0, 1, 2) and mine.demo == DemoConfig(num_designers=4, test_per_class=40)
+    assert StudyConfig(test_per_class=0).plan().demo.splits == ("train", "val")
     assert mine.cells()[0].spec.masked and mine.cells()[0].spec.augment is None
     dose = StudyConfig(bg_correlations=(0.0, 1.0), regimes=("unmasked",)).plan()
     assert [c.key for c in dose.cells()] == ["fn-small/unmasked/seed0/bg0", "fn-small/unmasked/seed0/bg1"]
@@ -130,6 +134,7 @@ def test_bad_grids_are_refused(overrides, message):
 def test_each_demo_configuration_has_its_own_root():
     assert str(demo_root_for(DemoConfig())) == "data/demo"
     assert str(demo_root_for(PRESETS["quick"]["demo"])) == "data/demo-quick"
+    assert str(demo_root_for(PRESETS["full"]["demo"])) == "data/demo-full"  # not `prepare`'s data/demo
     other = demo_root_for(DemoConfig(num_designers=3))
     assert other.name.startswith("demo-") and other != demo_root_for(DemoConfig(num_designers=4))
 
@@ -231,7 +236,8 @@ def test_a_cell_at_chance_level_did_not_learn(tiny_root):
     cells = tables[-1]
     assert list(cells.muted) == [True, False]
     page = build_report("s", {}, tables, [], {})
-    assert page.count('<tr class="muted">') == 1 and "did not learn" in page
+    # one greyed cell, in each of the cells table's column groups
+    assert page.count('<tr class="muted">') == len(cells.parts()) > 1 and "did not learn" in page
     markdown = markdown_tables(rows, summary, chance)
     assert f"| {DID_NOT_LEARN} | {NO_VERDICT} |" in markdown and "| _0.500 [0.400, 0.600]_ |" in markdown
 
@@ -407,12 +413,12 @@ def test_cells_that_share_a_training_keep_their_own_records_tags_and_differences
     assert masked0["verdict"] != masked1["verdict"]  # two verdicts a single tag would have merged
     assert (shared["fgvc.quality.bg0"], shared["fgvc.quality.bg1"]) == (LEARNED, DID_NOT_LEARN)
     metrics = client.metrics["run-masked"]
-    assert (metrics["compare/val_acc.bg0"], metrics["compare/val_acc.bg1"]) == pytest.approx((0.75, 0.25))
-    assert "compare/val_acc" not in metrics and "fgvc.verdict" not in shared
+    assert (metrics["across_regimes/val_acc.bg0"], metrics["across_regimes/val_acc.bg1"]) == pytest.approx((0.75, 0.25))
+    assert "across_regimes/val_acc" not in metrics and "fgvc.verdict" not in shared
     for strength, row in ((0.0, rows[0]), (1.0, rows[2])):  # a run of one cell keeps the plain names
         run = f"run-unmasked-{strength:g}"
         assert client.tags[run]["fgvc.verdict"] == row["verdict"]
-        assert client.metrics[run]["compare/val_acc"] == pytest.approx(row["acc"])
+        assert client.metrics[run]["across_regimes/val_acc"] == pytest.approx(row["acc"])
 
 
 def test_gather_reads_each_record_once_and_hands_plain_records_to_compute(tiny_root, monkeypatch, tmp_path):
@@ -535,15 +541,24 @@ def test_study_run_holds_the_tables_figures_report_and_verdicts(study_store):
     assert files == {f"study/{f}" for f in ("results.csv", "results.md", "summary.csv", "report.html",
                                             "regime_differences.csv", "accuracy_vs_background_reliance.png",
                                             "accuracy_vs_background_reliance.svg", "regime_bars.png",
-                                            "regime_bars.svg")}
+                                            "regime_bars.svg", "per_designer.csv", "backdrop_follow.png",
+                                            "backdrop_follow.svg", "designers", "no_fg_confusion")}
+    unmasked = [r for r in REGIMES.names() if not REGIMES.get(r).masked]
+    for folder in ("designers", "no_fg_confusion"):  # one figure per unmasked cell (it has a masked twin)
+        assert {a.path for a in client.list_artifacts(study_store, f"study/{folder}")} == \
+            {f"study/{folder}/fn-small-{r}-s0.png" for r in unmasked}
 
     rows = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/results.csv"))))
     assert list(rows[0])[:len(KEY_COLUMNS)] == KEY_COLUMNS
-    assert {"verdict", "no_fg_acc_low", "no_fg_acc_high", "bg_gap_low", "gradcam_bg_preference"} <= set(rows[0])
+    assert {"verdict", "no_fg_acc_low", "no_fg_acc_high", "bg_gap_low", "gradcam_bg_preference", "backdrop_follow",
+            "backdrop_follow_low", "backdrop_follow_high", "backdrop_follow_twin", "backdrop_follow_vs_twin_low",
+            "instruments"} <= set(rows[0])
     assert [(r["arch"], r["regime"], r["seed"]) for r in rows] == [("fn-small", r, "0") for r in REGIMES.names()]
     for row in rows:
         assert row["verdict"] in (RUNWAY, GARMENT, UNDECIDED, NO_VERDICT)
-        assert row["split"] == "val" and row["quality"] in (LEARNED, DID_NOT_LEARN)
+        assert row["split"] == "test" and row["quality"] in (LEARNED, DID_NOT_LEARN)  # the preset's test split
+        low, rate, high = (float(row[f"backdrop_follow{end}"]) for end in ("_low", "", "_high"))
+        assert 0 <= low <= rate <= high <= 1
         assert (row["verdict"] == NO_VERDICT) == (row["quality"] == DID_NOT_LEARN)
         assert float(row["no_fg_acc_low"]) <= float(row["no_fg_acc"]) <= float(row["no_fg_acc_high"])
         assert float(row["chance"]) == pytest.approx(1 / 3) and -1 <= float(row["bg_gap"]) <= 1
@@ -553,14 +568,38 @@ def test_study_run_holds_the_tables_figures_report_and_verdicts(study_store):
     assert "| fn-small | masked+aug |" in markdown and "No-FG acc" in markdown and "best/val_acc" in markdown
 
     page = artifact_text(study_store, "study/report.html")
-    # 2 figures and the sanity curve, 2 Grad-CAM + 2 occlusion examples per regime, the swap variants
-    assert assert_self_contained(page) == 3 + 4 * len(REGIMES) + 1
+    # 3 figures and the sanity curve, per unmasked cell its designers and No-FG confusion, 2 Grad-CAM + 2
+    # occlusion examples per regime, the swap variants
+    assert assert_self_contained(page) == 4 + 2 * len(unmasked) + 4 * len(REGIMES) + 1
+    assert page.index("The answer, one line per cell") < page.index("<h2>Figures</h2>") < page.index("<details")
+    for r in unmasked:  # one sentence per unmasked cell, beside chance and its twin
+        assert f"fn-small-{r}-s0 (" in page
+    assert page.count("it names the backdrop&#39;s designer in") == len(unmasked) and "; chance 33 %" in page
     assert "Sanity check (fn-small" in page and "excess vs masked twin" in page
     assert "32×24 (height × width)" in page and "planted shortcut strength" in page and "torch " in page
     assert "one seed" in page.lower() and "images only" in page
     for row in rows:
         assert row["run_id"] in page
-    assert "No-FG" in page and "bounding" in page and "verdict" in page and "Grad-CAM and occlusion can disagree" in page
+    assert "No-FG" in page and "bounding" in page and "verdict" in page
+    assert "Grad-CAM and occlusion can disagree" in page
+
+
+def test_per_designer_csv_has_a_row_per_cell_and_designer_as_the_swap_records_count_them(study_store):
+    """study/per_designer.csv, computed from the swap records' per-image tables, holds a row per
+    cell and designer with the same numbers as each record's own per_designer.csv."""
+    table = list(csv.DictReader(io.StringIO(artifact_text(study_store, "study/per_designer.csv"))))
+    cells = {r.data.tags["fgvc.study_cell"]: r for r in children(study_store)}
+    assert sorted((r["cell"], r["label"]) for r in table) == sorted((key, str(d)) for key in cells for d in range(3))
+    for key, run in cells.items():
+        record = run.data.tags["fgvc.analysis.shortcut"]
+        own = list(csv.DictReader(io.StringIO(artifact_text(record, "analysis/shortcut/per_designer.csv"))))
+        mine = [r for r in table if r["cell"] == key]
+        assert [r["designer"] for r in mine] == [r["designer"] for r in own]
+        for ours, theirs in zip(mine, own, strict=True):
+            assert (ours["images"], ours["backdrop_swaps"]) == (theirs["images"], theirs["backdrop_swaps"]), key
+            for column in ("acc_original", "acc_no_fg", "backdrop_follow"):
+                assert (ours[column] == theirs[column] == "") or \
+                    float(ours[column]) == pytest.approx(float(theirs[column])), (key, column)
 
 
 def test_cells_are_child_runs_with_the_same_params_and_one_chart_line_each(study_store):
@@ -585,9 +624,14 @@ def test_cells_are_child_runs_with_the_same_params_and_one_chart_line_each(study
     for cell in cells:  # the UI can filter and group by outcome; comparisons chart as bars (one step, 0)
         assert cell.data.tags["fgvc.verdict"] in (RUNWAY, GARMENT, UNDECIDED, NO_VERDICT)
         assert cell.data.tags["fgvc.quality"] in (LEARNED, DID_NOT_LEARN)
-        assert cell.data.tags["fgvc.report_split"] == "val"
-        for key in ("compare/val_acc", "compare/gradcam_excess_vs_masked_twin", "compare/bg_gap"):
+        assert cell.data.tags["fgvc.report_split"] == "test"
+        for key in ("across_regimes/test_acc", "across_regimes/gradcam_excess_vs_masked_twin",
+                    "across_regimes/bg_gap", "across_regimes/backdrop_follow", "across_regimes/backdrop_follow_vs_twin",
+                    "best/val_acc", "best/epoch"):  # one value per cell, at step 0: a bar per cell in the chart view
             assert [m.step for m in client.get_metric_history(cell.info.run_id, key)] == [0], key
+        [output] = cell.outputs.model_outputs  # the MLflow model keeps the best epoch's step and its metrics
+        assert output.step == cell.data.metrics["best/epoch"]
+        assert {m.key for m in mlflow.get_logged_model(output.model_id).metrics} >= {"best/val_acc", "best/epoch"}
     masked = next(r for r in cells if r.data.params["regime"] == "masked")
     assert masked.data.params["data_root"].endswith("-masked")
     assert masked.data.tags["fgvc.model_version"].startswith("fgvc-study-fn-small/")

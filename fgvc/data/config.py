@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fgvc.config import (BOOL, FLOAT, INT, STR, Choice, Config, Maybe, below_one, fraction, non_negative, option,
-                         positive)
+from fgvc.config import (
+    BOOL,
+    FLOAT,
+    INT,
+    STR,
+    Choice,
+    Config,
+    Maybe,
+    below_one,
+    fraction,
+    non_negative,
+    option,
+    positive,
+)
 from fgvc.data.splits import DEFAULT_GROUP_PATTERN, SPLIT_RULES
 
 DEMO = "demo"

@@ -77,7 +77,8 @@ def venue_backdrops(cfg: DemoConfig) -> list[Venue]:
         # Hues interleaved against the designers' so a venue is not a garment colour cue.
         hue = (v + 0.5) / cfg.venues + 0.37
         out.append(Venue(
-            wall=hsv(hue, 0.35 + 0.4 * float(torch.rand(1, generator=g)), 0.25 + 0.6 * float(torch.rand(1, generator=g))),
+            wall=hsv(hue, 0.35 + 0.4 * float(torch.rand(1, generator=g)),
+                     0.25 + 0.6 * float(torch.rand(1, generator=g))),
             floor=hsv(hue + 0.5, 0.3, 0.2 + 0.5 * float(torch.rand(1, generator=g))),
             horizon=0.62 + 0.2 * float(torch.rand(1, generator=g)),
             lights=int(torch.randint(0, 5, (1,), generator=g)),
@@ -431,7 +432,10 @@ def split_record(cfg: DemoConfig, rendered: dict) -> dict:
             "groups_in_two_splits": len(spanning(of)), "group_names": names}
 
 
-def generate_demo(root: str | Path, cfg: DemoConfig = DemoConfig()) -> dict:
+DEFAULT_DEMO = DemoConfig()  # `fgvc prepare`'s default demo
+
+
+def generate_demo(root: str | Path, cfg: DemoConfig = DEFAULT_DEMO) -> dict:
     """Write a runway-synth dataset root; same config -> byte-identical shards. Returns meta."""
     root = Path(root)
     designers = designer_signatures(cfg)

@@ -5,8 +5,10 @@ random (a validation look has show-mates in training, which share its venue, bac
 lighting) and split by show (whole shows on one side). Per architecture, regime, shortcut
 strength and seed, the leak of a measure is its value on the random split minus its value
 on the show split. The two validation sets hold different images, so the interval is an
-unpaired two-sample bootstrap over images (fgvc.analysis.stats.bootstrap_difference; with
-several seeds the seeds are resampled too).
+unpaired two-sample bootstrap over images (fgvc.analysis.stats.bootstrap_difference). With
+several seeds the seeds are resampled too, crossed with the images: every seed of a study
+analyses the same images of each split (the analysis seed is fixed), so each side's images are
+aligned across seeds on ``dataset_index`` and drawn once per replicate for every seed.
 
 Measures (LEAK_MEASURES): accuracy on the cell's own analysed images (the attribution
 records' per-image correctness: the reported split's accuracy of the table), No-FG accuracy
@@ -19,11 +21,10 @@ memorised shows, and the tables and the verdict text say so.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
-from fgvc.analysis.stats import bootstrap_difference
-from fgvc.study.pairing import PerImage, first_table, fmt, interval_text, per_image_column, put_interval
+from fgvc.analysis.stats import Interval, align_on_images, bootstrap_difference
+from fgvc.study.pairing import PerImage, first_table, fmt, image_values, interval_text, put_interval
 from fgvc.study.tables import ATTRIBUTION, GARMENT, RUNWAY
 from fgvc.viz.report import Table
 
@@ -35,11 +36,31 @@ LEAK_MEASURES = (("acc", "acc, own images", "correct", ATTRIBUTION),
                  ("bg_gap", "BG-gap", "bg_gap", ("shortcut",)))
 
 
-def _values(per_image: PerImage, row: Mapping, column: str, methods: Sequence[str]) -> list[float]:
-    table = first_table(per_image, row["cell"], methods)
-    if not table or not (column in table or column == "bg_gap" and "correct_mixed_same" in table):
-        return []
-    return [v for v in per_image_column(table, column) if math.isfinite(v)]
+def _values(per_image: PerImage, row: Mapping, column: str, methods: Sequence[str]) -> tuple[list[int], list[float]]:
+    """(dataset_index, values) of a cell's per-image ``column`` in the first of ``methods``' records."""
+    return image_values(first_table(per_image, row["cell"], methods), column)
+
+
+def crossed_difference(samples: Sequence[tuple[tuple[list, list], tuple[list, list]]],
+                       seed: int) -> Interval | None:
+    """The leak across seeds: ``samples`` holds per seed ``((ids, values) random split, (ids,
+    values) show split)``; each side is aligned across seeds on its image ids (the images every
+    seed has) and the unpaired difference is bootstrapped crossed (fgvc.analysis.stats.
+    bootstrap_difference with ``crossed=True``)."""
+    sides = []
+    for side in (0, 1):
+        _, matrix = align_on_images([pair[side] for pair in samples])
+        if matrix.shape[1] == 0:
+            return None
+        sides.append(matrix)
+    return bootstrap_difference(list(zip(sides[0], sides[1], strict=True)), seed=seed, crossed=True)
+
+
+def interval_note(seeds: int) -> str:
+    """How the show leak's intervals were computed, in words."""
+    return ("unpaired bootstrap over each split's images" + (
+        f"; across {seeds} seeds crossed: each split's images are the same for every seed and drawn once per "
+        f"replicate for all seeds, and the seeds drawn" if seeds > 1 else ""))
 
 
 def leak_text(row: Mapping) -> str:
@@ -75,15 +96,14 @@ def show_leak(rows: Sequence[dict], per_image: PerImage, seed: int = 0) -> list[
             samples, intervals = [], []
             for pair in both:
                 x, y = (_values(per_image, pair[s], column, methods) for s in (LEAKY, CLEAN))
-                one = bootstrap_difference([(x, y)], seed=seed) if x and y else None
+                one = bootstrap_difference([(x[1], y[1])], seed=seed) if x[1] and y[1] else None
                 if one is not None:
                     samples.append((x, y))
                     intervals.append(one)
                 for row in pair.values():
                     put_interval(row, f"leak_{name}", one)
             # one seed: its interval is the across-seeds one, not drawn again
-            across = intervals[0] if len(intervals) == 1 else \
-                bootstrap_difference(samples, seed=seed) if samples else None
+            across = intervals[0] if len(intervals) == 1 else crossed_difference(samples, seed) if samples else None
             put_interval(entry, f"leak_{name}", across)
         only = 0
         for pair in both:
@@ -97,6 +117,7 @@ def show_leak(rows: Sequence[dict], per_image: PerImage, seed: int = 0) -> list[
                      verdict_show=_counts([p[CLEAN]["verdict"] for p in both]), only_on_random_split=only)
         entry["show_leak"] = leak_text(entry) + (f"; verdict holds only on the random split ({only}/{len(both)} "
                                                  f"seeds)" if only else "")
+        entry["interval"] = interval_note(len(both))  # how the leak's intervals were computed
         entries.append(entry)
     return entries
 
@@ -124,9 +145,8 @@ def leak_table(entries: Sequence[Mapping]) -> Table:
         key_columns=3 + dose,
         note=("Each cell trained twice on the same images: split at random (validation looks have show-mates in "
               "training) and by show (no show on both sides). Value on the random split minus on the show split; "
-              "the two validation sets differ, so the 95% interval is an unpaired bootstrap over each split's images"
-              + (", seeds resampled too" if seeds > 1 else "") + ". Above 0: the random split rewards remembering "
-              "the show."))
+              "the two validation sets differ, so the 95% interval is an " + interval_note(seeds) + ". Above 0: the "
+              "random split rewards remembering the show."))
 
 
 def leak_paragraph(entries: Sequence[Mapping]) -> str:

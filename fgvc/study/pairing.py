@@ -17,12 +17,14 @@ import torch
 from fgvc.analysis.stats import Interval
 from fgvc.regimes import REGIMES
 
-PerImage = Mapping[tuple, Mapping[str, Sequence[float]]]  # (cell key, method) -> per-image columns
+PerImage = Mapping[tuple, Mapping[str, Sequence]]  # (cell key, method) -> per-image columns
 # Paired regime differences on the common source images, from the background-swap records:
 # (row key, header, per-image column; bg_gap = Mixed-Same minus Mixed-Rand correctness).
 DIFFERENCE_MEASURES = (("acc_source", "acc, source images", "correct_original"),
                        ("no_fg_acc", "No-FG acc", "correct_no_fg"),
-                       ("bg_gap", "BG-gap", "bg_gap"))
+                       ("bg_gap", "BG-gap", "bg_gap"),
+                       # per Mixed-Rand swap whose backdrop is another designer's: 1 = names the backdrop's designer
+                       ("backdrop_follow", "backdrop-follow", "backdrop_follow"))
 
 
 def twin_regime(regime: str) -> str | None:
@@ -53,25 +55,82 @@ def first_table(per_image: PerImage, cell: str, methods: Sequence[str]) -> Mappi
     return next((per_image[(cell, m)] for m in methods if (cell, m) in per_image), None)
 
 
+# Per-image columns derived from others: (the columns they need, how)
+DERIVED = {"bg_gap": ("correct_mixed_same", "correct_mixed_rand"),
+           "backdrop_follow": ("follows_backdrop", "backdrop_label")}
+
+
+def has_column(table: Mapping | None, name: str) -> bool:
+    """Whether ``table`` holds ``name`` or what it is derived from."""
+    return bool(table) and (name in table or name in DERIVED and all(c in table for c in DERIVED[name]))
+
+
 def per_image_column(table: Mapping[str, Sequence], name: str) -> list[float]:
+    """A per-image column of a record's table, as floats. Derived: ``bg_gap`` = Mixed-Same minus
+    Mixed-Rand correctness; ``backdrop_follow`` = ``follows_backdrop`` on the Mixed-Rand swaps whose
+    backdrop is another designer's, NaN on the others (a partner fallback with the image's own
+    designer; the table's ``label`` says whose image it is, see :func:`with_labels`; without it
+    every image counts)."""
     if name == "bg_gap":
-        return [float(a) - float(b) for a, b in zip(table["correct_mixed_same"], table["correct_mixed_rand"])]
+        return [float(a) - float(b) for a, b in zip(table["correct_mixed_same"], table["correct_mixed_rand"],
+                                                                  strict=True)]
+    if name == "backdrop_follow":
+        labels = table.get("label") or [math.nan] * len(table["follows_backdrop"])
+        return [math.nan if float(backdrop) == float(label) else float(follows)
+                for follows, backdrop, label in zip(table["follows_backdrop"], table["backdrop_label"], labels,
+                                                            strict=True)]
     return [float(v) for v in table[name]]
+
+
+def with_labels(table: Mapping[str, Sequence], designers: Sequence[str]) -> dict[str, Sequence]:
+    """``table`` with a ``label`` column (the class index of each image's ``designer``, by
+    ``designers``, index -> name; a name that is a number is that index), when it has designers
+    and ``designers`` names them; else ``table`` as it is."""
+    if "designer" not in table or "label" in table:
+        return dict(table)
+    index = {name: i for i, name in enumerate(designers)}
+
+    def label(name) -> float:
+        if str(name) in index:
+            return float(index[str(name)])
+        try:
+            return float(int(float(name)))
+        except (TypeError, ValueError):
+            return math.nan
+
+    labels = [label(name) for name in table["designer"]]
+    return {**table, "label": labels} if all(math.isfinite(v) for v in labels) else dict(table)
+
+
+def image_values(table: Mapping | None, name: str) -> tuple[list[int], list[float]]:
+    """``(dataset_index, values)`` of ``name`` in ``table``, images with a finite value only
+    (([], []) when the table or the column is missing)."""
+    if not has_column(table, name):
+        return [], []
+    assert table is not None
+    pairs = [(int(float(i)), v) for i, v in zip(table["dataset_index"], per_image_column(table, name), strict=True)
+             if math.isfinite(v)]
+    return [i for i, _ in pairs], [v for _, v in pairs]
+
+
+def paired_images(first: Mapping | None, second: Mapping | None,
+                  name: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Per-image values of ``name`` in two tables, aligned by ``dataset_index``: the images in
+    both with finite values on both sides (in the first table's order) and the two value
+    vectors (empty when a table or the column is missing)."""
+    ids, first_values = image_values(first, name)
+    b = dict(zip(*image_values(second, name), strict=True))
+    pairs = [(i, x, b[i]) for i, x in zip(ids, first_values, strict=True) if i in b]
+    if not pairs:
+        return [], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    return ([i for i, _, _ in pairs], torch.tensor([x for _, x, _ in pairs], dtype=torch.float64),
+            torch.tensor([y for _, _, y in pairs], dtype=torch.float64))
 
 
 def paired(first: Mapping | None, second: Mapping | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image values of ``name`` in two tables, aligned by ``dataset_index``; only images
     in both with finite values on both sides ([] when a table or the column is missing)."""
-    empty = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    if not first or not second or not all(name in t or name == "bg_gap" and "correct_mixed_same" in t
-                                          for t in (first, second)):
-        return empty
-    b = dict(zip((int(float(i)) for i in second["dataset_index"]), per_image_column(second, name)))
-    pairs = [(x, b[int(float(i))]) for i, x in zip(first["dataset_index"], per_image_column(first, name))
-             if int(float(i)) in b and math.isfinite(x) and math.isfinite(b[int(float(i))])]
-    if not pairs:
-        return empty
-    x, y = torch.tensor(pairs, dtype=torch.float64).T
+    _, x, y = paired_images(first, second, name)
     return x, y
 
 

@@ -6,7 +6,7 @@ its tables (:class:`CellRecord`) and what the study produced (:class:`StudyResul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fgvc.data.config import DemoConfig
@@ -86,6 +86,7 @@ class CellRecord:
     records: dict[str, str]  # method -> record run id
     per_image: dict[str, dict[str, list]]  # method -> columns of its per_image.csv (absent: none could be read)
     split: str = "val"  # the reported split: test when the cell's root has one, else val
+    designers: list[str] = field(default_factory=list)  # class names by index, of the root its swap test ran on
 
 
 @dataclass

@@ -1,7 +1,10 @@
-"""The study's tables as a reader sees them: the report's and results.md's tables (summary,
-show leak, regime differences, cells) and the terminal's verdict lines, from the rows and
-summaries of fgvc.study.tables (all of a study's at once: :func:`study_tables`, from
-fgvc.study.results)."""
+"""The study's tables as a reader sees them: the report's headline (:func:`headline_table`, one
+line per cell) and its sentences (:func:`backdrop_sentences`, :func:`instruments_paragraph`),
+the report's and results.md's tables (summary, show leak, regime differences, cells) and the
+terminal's verdict lines, from the rows and summaries of fgvc.study.tables (all of a study's at
+once: :func:`study_tables`, from fgvc.study.results). Wide tables carry column groups
+(fgvc.viz.report.Table.groups), so the report shows each as narrower tables that fit a 1280-px
+window."""
 
 from __future__ import annotations
 
@@ -12,8 +15,20 @@ from fgvc.analysis.sanity import FLAG_THRESHOLD
 from fgvc.study.leak import leak_table
 from fgvc.study.pairing import DIFFERENCE_MEASURES, fmt, interval_text
 from fgvc.study.results import StudyTables
-from fgvc.study.tables import DID_NOT_LEARN, LEARNED, NO_DATA, QUALITY_FACTOR, TableColumn, columns
+from fgvc.study.tables import (
+    BACKDROP_FOLLOW,
+    DID_NOT_LEARN,
+    INSTRUMENTS_DISAGREE,
+    LEARNED,
+    NO_DATA,
+    QUALITY_FACTOR,
+    TableColumn,
+    columns,
+)
 from fgvc.viz.report import Table
+
+# The order of the column groups on the page (fgvc.study.tables.GROUPS)
+GROUP_ORDER = ("accuracy", "swap test", "attribution", "retrieval")
 
 
 def cell_text(row: Mapping, column: TableColumn) -> str:
@@ -80,7 +95,94 @@ def interval_statement(rows: Sequence[Mapping]) -> str:
                 "cover training randomness (another seed can move a value by more than its interval).")
     return (f"{seeds} seeds: per cell, bootstrap 95% intervals over images; in the summary, mean ± sample standard "
             f"deviation across seeds [seed-level 95% t-interval, which covers training randomness]; regime "
-            f"differences: hierarchical bootstrap, seeds then images.")
+            f"differences and the show leak: crossed bootstrap (every seed analyses the same images, so each "
+            f"replicate draws the images once for all seeds, and the seeds).")
+
+
+def _column_groups(first: int, cols: Sequence[TableColumn]) -> list[tuple[str, list[int]]]:
+    """The groups (GROUP_ORDER) of a table's measured columns ``cols``, which start at index
+    ``first``: (group, column indices), empty groups left out."""
+    groups: dict[str, list[int]] = {g: [] for g in GROUP_ORDER}
+    for i, column in enumerate(cols):
+        groups.setdefault(column.group or "accuracy", []).append(first + i)
+    return [(name, indices) for name, indices in groups.items() if indices]
+
+
+def _summary_groups(repeat: int, first: int, cols: Sequence[TableColumn]) -> list[tuple[str, list[int]]]:
+    """The summary's column groups: its verdict columns with the accuracy group, then the others."""
+    groups = _column_groups(first, cols)
+    if groups and groups[0][0] == "accuracy":
+        return [("accuracy", [*range(repeat, first), *groups[0][1]]), *groups[1:]]
+    return [("verdict", list(range(repeat, first))), *groups]
+
+
+INSTRUMENTS_WHAT = ("whether the swap test's verdict and an attribution method's excess over the masked twin point "
+                    "opposite ways: 'instruments disagree (<method>)' when the verdict reads the runway while the "
+                    "excess interval lies below 0, or reads the garment while it lies above 0; the swap test measures "
+                    "use, attribution where the evidence sits (attention), so they can differ")
+
+
+def percent(value, digits: int = 0) -> str:
+    """A share as a percentage (``62``), – for NaN."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "–" if not math.isfinite(value) else f"{100 * value:.{digits}f}"
+
+
+def percent_interval(row: Mapping, name: str, sign: bool = False, unit: str = " %") -> str:
+    """``row[name]`` as a percentage with its 95% interval, ``62 % [50, 74]``."""
+    value, low, high = (row.get(f"{name}{end}", math.nan) for end in ("", "_low", "_high"))
+    text = ("+" if sign and float(value) > 0 else "") + percent(value) + unit
+    if all(math.isfinite(float(x)) for x in (low, high)):
+        text += f" [{('+' if sign and float(low) > 0 else '') + percent(low)}, " \
+                f"{('+' if sign and float(high) > 0 else '') + percent(high)}]"
+    return text
+
+
+def backdrop_sentences(rows: Sequence[Mapping], chance: float) -> list[str]:
+    """One sentence per unmasked cell: how often it names the backdrop's designer on Mixed-Rand,
+    beside chance and its masked twin's rate, with the paired interval of the difference."""
+    out = []
+    for row in rows:
+        if row.get("twin", "") == "" or not math.isfinite(float(row.get(BACKDROP_FOLLOW, math.nan))):
+            continue  # a masked cell (no twin of its own), or a record without the rate
+        swaps = row.get("backdrop_swaps")
+        text = (f"{row.get('run_name', row['cell'])} ({shown_verdict(row)}): it names the backdrop's designer in "
+                f"{percent_interval(row, BACKDROP_FOLLOW)} of {f'{swaps} ' if swaps else ''}swaps; chance "
+                f"{percent(chance)} %")
+        if math.isfinite(float(row.get(f"{BACKDROP_FOLLOW}_twin", math.nan))):
+            text += (f"; its masked twin {percent_interval(row, f'{BACKDROP_FOLLOW}_twin')} (difference "
+                     f"{percent_interval(row, f'{BACKDROP_FOLLOW}_vs_twin', sign=True, unit=' points')}, paired "
+                     f"on the same swaps)")
+        else:
+            text += f"; masked twin: {row.get('twin') or 'none'}"
+        out.append(text + ".")
+    return out
+
+
+def headline_table(rows: Sequence[Mapping], chance: float) -> Table:
+    """The report's first table, one line per cell: verdict, accuracy, No-FG / chance,
+    backdrop-follow beside chance and the masked twin's (with the paired difference), and
+    whether the instruments disagree."""
+    split = _split(rows)
+    header = ["cell", "verdict", f"{split} acc", "No-FG / chance", f"backdrop-follow (chance {chance:.3f})",
+              "masked twin's backdrop-follow", "− twin's (paired)", "instruments"]
+    body = [[r.get("run_name", r["cell"]), shown_verdict(r), interval_text(r, "acc"),
+             interval_text(r, "no_fg_vs_chance"), interval_text(r, BACKDROP_FOLLOW),
+             interval_text(r, f"{BACKDROP_FOLLOW}_twin") if r.get("twin") else "",
+             interval_text(r, f"{BACKDROP_FOLLOW}_vs_twin", sign=True) if r.get("twin") else "",
+             r.get("instruments", "")] for r in rows]
+    return Table("The answer, one line per cell", header, body, key_columns=2,
+                 muted=[r.get("quality") in (DID_NOT_LEARN, NO_DATA) for r in rows],
+                 note=(f"95% intervals. Verdict from the background-swap test (it changes the input and watches the "
+                       f"prediction). No-FG / chance: accuracy from the backdrop alone in multiples of chance "
+                       f"({chance:.3f}); 1 = no information in the backdrop. Backdrop-follow: on Mixed-Rand (the "
+                       f"person on another designer's backdrop), the share predicted as the backdrop's designer; "
+                       f"chance "
+                       f"{chance:.3f}; a garment reader stays below it. − twin's: minus the masked twin's rate on the "
+                       f"same swaps, paired bootstrap. Greyed: did not learn (no verdict)."))
 
 
 def _split(rows: Sequence[Mapping]) -> str:
@@ -108,36 +210,47 @@ def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: f
             f"{interval_statement(rows)}")
     title = "Summary (one seed)" if seeds <= 1 else f"Summary across {seeds} seeds"
     legend.update({header: what for header, _, what in LEAK_COLUMNS if header in leak})
-    summary_table = Table(title, [*keys, "seeds", "verdict", "did not learn", *leak, *(c.header for c in cols)],
+    legend["instruments"] = INSTRUMENTS_WHAT
+    summary_header = [*keys, "seeds", "verdict", "did not learn", *leak, *(c.header for c in cols)]
+    summary_table = Table(title, summary_header,
                           [[*_keys(s, axes), str(s["seeds"]), s["verdict"], str(s.get("did_not_learn", 0)),
                             *_leak_cells(s, leak), *(summary_text(s, c) for c in cols)]
                            for s in summary],
                           key_columns=len(keys) + 3, note=note, legend=legend,
-                          muted=[s.get("did_not_learn", 0) + s.get("no_data", 0) == s["seeds"] for s in summary])
+                          muted=[s.get("did_not_learn", 0) + s.get("no_data", 0) == s["seeds"] for s in summary],
+                          groups=_summary_groups(len(keys), len(keys) + 3 + len(leak), cols), repeat=len(keys))
     tables = [summary_table, *extra]
     if differences:
         headers = [f"Δ {header}" for _, header, _ in DIFFERENCE_MEASURES]
+        methods = list(dict.fromkeys(d.get("interval", "") for d in differences if d.get("interval")))
         tables.append(Table(
             "Paired regime differences (same source images)",
-            ["arch", *(header for header, _ in axes), "comparison", "seeds", *headers],
-            [[d["arch"], *_axis_values(d, axes), d["comparison"], str(d["seeds"]),
-              *(interval_text(d, name) for name, _, _ in DIFFERENCE_MEASURES)] for d in differences],
+            ["arch", *(header for header, _ in axes), "comparison", "seeds", "images", *headers],
+            [[d["arch"], *_axis_values(d, axes), d["comparison"], str(d["seeds"]), str(d.get("images", "")),
+              *(interval_text(d, name, sign=True) for name, _, _ in DIFFERENCE_MEASURES)] for d in differences],
             key_columns=3 + len(axes),
-            note=(f"first regime minus second, per image on the same source {split} images of each seed, then "
-                  f"{'a hierarchical bootstrap (seeds, then images)' if seeds > 1 else 'a bootstrap over images'}: "
-                  f"an interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
-                  f"minus Mixed-Rand correctness."),
+            note=(f"First regime minus second, per image on the same source {split} images of each seed; 95% "
+                  f"interval: {'; '.join(methods) or 'bootstrap over images'}"
+                  + (" (every seed analyses the same images, so the image term does not average out over seeds)"
+                     if seeds > 1 else "")
+                  + ". An interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
+                    "minus Mixed-Rand correctness; backdrop-follow per Mixed-Rand swap whose backdrop is another "
+                    "designer's, 1 when the model names the backdrop's designer."),
             muted=[d.get("did_not_learn", 0) + d.get("no_data", 0) > 0 for d in differences]))
-    tables.append(Table(f"Cells ({len(rows)})", [*keys, "seed", "run", "status", "quality", "verdict",
-                                                 "masked twin", *leak, *(c.header for c in cols)],
+    first = len(keys) + 7 + len(leak)  # the cells table's first measured column
+    cells_header = [*keys, "seed", "run", "status", "quality", "verdict", "masked twin", "instruments", *leak,
+                    *(c.header for c in cols)]
+    tables.append(Table(f"Cells ({len(rows)})", cells_header,
                         [[*_keys(r, axes), str(r["seed"]), r["run_id"], r.get("status", ""),
-                          r.get("quality", LEARNED), shown_verdict(r), r.get("twin", ""),
+                          r.get("quality", LEARNED), shown_verdict(r), r.get("twin", ""), r.get("instruments", ""),
                           *_leak_cells(r, leak), *(cell_text(r, c) for c in cols)]
-                         for r in rows], key_columns=len(keys) + 6,
+                         for r in rows], key_columns=len(keys) + 7,
                         muted=[r.get("quality") in (DID_NOT_LEARN, NO_DATA) for r in rows],
                         note=f"Greyed rows did not learn, or their quality is '{NO_DATA}' (a per-image file of "
                              f"their records could not be read): their reliance numbers are shown but carry no "
-                             f"verdict."))
+                             f"verdict.",
+                        groups=[("the cell", list(range(len(keys) + 1, first))), *_column_groups(first, cols)],
+                        repeat=len(keys) + 1))
     return tables
 
 
@@ -162,7 +275,7 @@ def markdown(tables: Sequence[Table]) -> str:
         lines += [f"## {table.title}", ""] + ([table.note, ""] if table.note else [])
         lines += ["| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
         muted = list(table.muted or [False] * len(table.body))
-        for row, grey in zip(table.body, muted):
+        for row, grey in zip(table.body, muted, strict=True):
             cells = [str(v).replace("|", "\\|") for v in row]
             lines.append("| " + " | ".join(f"_{c}_" if grey and i >= table.key_columns and c not in ("", "–") else c
                                            for i, c in enumerate(cells)) + " |")
@@ -175,8 +288,13 @@ def markdown(tables: Sequence[Table]) -> str:
 def terminal_table(rows: Sequence[Mapping]) -> str:
     """The verdicts as plain text for the terminal: one line per cell."""
     split = _split(rows)
-    head = ("cell", f"{split} acc", "quality", "verdict", "gradcam excess", "occlusion excess")
-    body = [(r.get("run_name", r.get("run_id", "")), interval_text(r, "acc"), r.get("quality", LEARNED), shown_verdict(r),
+    head = ("cell", f"{split} acc", "quality", "verdict", "backdrop-follow", "− twin's", "gradcam excess",
+            "occlusion excess")
+    body = [(r.get("run_name", r.get("run_id", "")), interval_text(r, "acc"), r.get("quality", LEARNED),
+             shown_verdict(r) + (f"; {r['instruments']}" if str(r.get("instruments", "")).startswith(
+                 INSTRUMENTS_DISAGREE) else ""),
+             interval_text(r, BACKDROP_FOLLOW), interval_text(r, f"{BACKDROP_FOLLOW}_vs_twin", sign=True),
              interval_text(r, "gradcam_excess"), interval_text(r, "occlusion_excess")) for r in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(head, *body)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body))
+    widths = [max(len(str(x)) for x in column) for column in zip(head, *body, strict=True)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+                     for line in (head, *body))

@@ -8,7 +8,8 @@ regime differences, the show leak and the paragraphs that relate attribution to 
 and report the leak. It calls the study's helpers in order: :func:`cell_row` (fgvc.study.tables:
 columns and verdict from the metrics), :func:`complete` (the quality gate, the masked twin, the
 sanity columns and the differences from the per-image tables, fgvc.study.tables and
-fgvc.study.pairing; then the show leak, fgvc.study.leak), the summary and its show leak.
+fgvc.study.pairing; then the show leak, fgvc.study.leak), the summary and its show leak, and the
+swap test per designer (fgvc.study.designers).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fgvc.study.designers import no_fg_confusions, per_designer
 from fgvc.study.leak import annotate_summary, leak_paragraph, show_leak
-from fgvc.study.pairing import PerImage
+from fgvc.study.pairing import PerImage, with_labels
 from fgvc.study.records import CellRecord
 from fgvc.study.tables import (
     DID_NOT_LEARN,
+    INSTRUMENTS_DISAGREE,
     NO_DATA,
     RUNWAY,
     TableColumn,
@@ -48,6 +51,9 @@ class StudyTables:
     relation: str  # how the attribution excess and the swap-test verdicts relate
     leak_text: str  # the show leak in a paragraph; "" without the split axis
     statuses: dict[str, int] = field(default_factory=dict)  # trained | resumed | reused -> cells
+    per_designer: list[dict] = field(default_factory=list)  # a row per cell and designer (fgvc.study.designers)
+    confusions: dict[str, list[list[int]]] = field(default_factory=dict)  # cell key -> No-FG confusion [C, C]
+    designers: dict[str, list[str]] = field(default_factory=dict)  # cell key -> class names by index
 
     @property
     def split(self) -> str:
@@ -67,6 +73,11 @@ class StudyTables:
     @property
     def reading_the_runway(self) -> int:
         return sum(r["verdict"] == RUNWAY for r in self.rows)
+
+    @property
+    def instruments_disagree(self) -> list[dict]:
+        """The rows whose swap verdict and attribution excess point opposite ways."""
+        return [r for r in self.rows if str(r.get("instruments", "")).startswith(INSTRUMENTS_DISAGREE)]
 
     @property
     def did_not_learn(self) -> int:
@@ -108,10 +119,13 @@ def complete(rows: Sequence[dict], per_image: PerImage, chance: float, seed: int
 def compute(cells: Sequence[CellRecord], chance: float, seed: int = 0) -> StudyTables:
     """The study's tables from its finished cells (grid order); ``seed`` seeds the bootstraps."""
     rows = [cell_row(c, chance) for c in cells]
-    per_image = {(c.cell.key, method): table for c in cells for method, table in c.per_image.items()}
+    per_image = {(c.cell.key, method): with_labels(table, c.designers) for c in cells
+                 for method, table in c.per_image.items()}
     differences, leak = complete(rows, per_image, chance, seed)
     summary = summarize(rows)
     annotate_summary(summary, leak)
     statuses = {s: sum(c.status == s for c in cells) for s in STATUSES}
+    designers = {c.cell.key: list(c.designers) for c in cells}
     return StudyTables(chance, rows, summary, differences, leak, attribution_vs_swap(rows), leak_paragraph(leak),
-                       statuses)
+                       statuses, per_designer(rows, per_image, designers), no_fg_confusions(rows, per_image, designers),
+                       designers)

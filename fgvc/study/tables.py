@@ -37,16 +37,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fgvc.analysis.methods import study_columns
-from fgvc.analysis.stats import bootstrap_mean, hierarchical_bootstrap, seed_interval
+from fgvc.analysis.stats import Interval, align_on_images, bootstrap_mean, hierarchical_bootstrap, seed_interval
 from fgvc.data.shards import splits_of
 from fgvc.study.pairing import (
     DIFFERENCE_MEASURES,
     PerImage,
     first_table,
+    fmt,
+    image_values,
     interval_text,
     paired,
+    paired_images,
     put_interval,
     regime_pairs,
     shared_axes,
@@ -70,11 +74,19 @@ ATTRIBUTION = ("gradcam", "occlusion")  # methods whose maps have a background p
 # the science test's demo at planted strength 0: +0.25 [0.19, 0.30] with zero fill, +0.07
 # [-0.02, 0.17] with the mean fill; at strength 1: +0.40 and +0.33, both intervals above 0).
 STUDY_OCCLUSION_FILL = "mean"
+# The swap test's Mixed-Rand reading: how often the model names the backdrop's designer
+# (fgvc.analysis.shortcut.backdrop_follow_scores); chance is 1/C.
+BACKDROP_FOLLOW = "backdrop_follow"
 
 
 def report_split(root) -> str:
     """The split whose images give the reported numbers: ``test`` when the root has one."""
     return "test" if "test" in splits_of(root) else "val"
+
+
+# The tables' column groups (a wide table is shown as one table per group): what they hold
+GROUPS = {"train": "accuracy", "computed": "accuracy", "shortcut": "swap test", "gradcam": "attribution",
+          "occlusion": "attribution", "sanity": "attribution", "neighbors": "retrieval"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,8 @@ class TableColumn:
     header: str
     what: str
     interval: bool
-    source: str  # "train:<metric>" or "<method>:<metric>"
+    source: str  # "train:<metric>", "<method>:<metric>" or "computed"
+    group: str = ""  # the group it is shown in (GROUPS): accuracy, swap test, attribution, retrieval
 
 
 def columns(split: str = "val") -> list[TableColumn]:
@@ -91,26 +104,36 @@ def columns(split: str = "val") -> list[TableColumn]:
     ``computed`` columns come from :func:`add_comparisons`, not from a run's metrics."""
     out = [TableColumn("val_acc", "val acc (best epoch)", "validation accuracy at the best epoch (metric "
                        "best/val_acc) on the regime's own images: the selection criterion, optimistic", False,
-                       "train:best/val_acc"),
+                       "train:best/val_acc", "accuracy"),
            TableColumn("val_balanced_acc", "val bal. acc", "mean per-designer validation accuracy at the best epoch "
-                       "(best/val_balanced_acc)", False, "train:best/val_balanced_acc"),
+                       "(best/val_balanced_acc)", False, "train:best/val_balanced_acc", "accuracy"),
            TableColumn("acc", f"{split} acc, own images", f"accuracy on the analysed {split} images of the regime's "
-                       f"own data (masked cells on masked images); the quality gate reads it", True, "computed"),
+                       f"own data (masked cells on masked images); the quality gate reads it; interval: bootstrap "
+                       f"over the images", True, "computed", "accuracy"),
            TableColumn("acc_source", f"{split} acc, source images", f"accuracy on the same source {split} images "
                        f"for every cell (shortcut/acc_original): comparable across regimes", True,
-                       "shortcut:acc_original")]
+                       "shortcut:acc_original", "accuracy")]
     for name, (method, column) in study_columns().items():
+        group = GROUPS.get(method, "attribution")
         if method in ATTRIBUTION and name == f"{method}_bg_preference":
             out.append(TableColumn(f"{method}_excess", f"{method} excess vs masked twin",
                                    f"{method}: background preference minus its masked twin's on the same images "
-                                   f"(paired; > 0 = more on the background than a network that cannot use it)",
-                                   True, "computed"))
+                                   f"(> 0 = more on the background than a network that cannot use it); interval: "
+                                   f"paired bootstrap over the images", True, "computed", group))
         header, what = column.header, column.what
         if method in ATTRIBUTION and name == f"{method}_bg_preference":  # raw: its reference is the twin, not 1
             header, what = f"{method} bg pref. (raw)", (
                 f"{method}: share of attribution on the background / the background's share of the image, mean "
                 f"over images; raw: read it against the masked twin's (the excess), not against 1")
-        out.append(TableColumn(name, header, what, column.interval, f"{method}:{column.metric}"))
+        out.append(TableColumn(name, header, what, column.interval, f"{method}:{column.metric}", group))
+        if name == BACKDROP_FOLLOW:
+            out += [TableColumn(f"{name}_twin", "masked twin's backdrop-follow",
+                                "the masked twin's backdrop-follow rate on the same source images (its own record)",
+                                True, "computed", group),
+                    TableColumn(f"{name}_vs_twin", "backdrop-follow − masked twin's",
+                                "backdrop-follow rate minus the masked twin's, per swap on the same source images "
+                                "(> 0 = follows the backdrop more often than a network that cannot use it); "
+                                "interval: paired bootstrap over the swaps", True, "computed", group)]
     return out
 
 
@@ -166,7 +189,41 @@ def verdict_reason(row: Mapping[str, float], chance: float) -> str:
     if row.get("quality") == NO_DATA:
         return (f"no per-image {row.get('split', 'val')} accuracy (the attribution records' per_image.csv could not "
                 f"be read), so the quality gate cannot be read: not a verdict of reliance")
-    return (f"No-FG {f('no_fg_acc')} vs chance {chance:.3f}; BG-gap {f('bg_gap')}; Only-FG {f('only_fg_acc')}")
+    return (f"No-FG {f('no_fg_acc')} vs chance {chance:.3f}; BG-gap {f('bg_gap')}; Only-FG {f('only_fg_acc')}"
+            + backdrop_follow_reason(row, chance))
+
+
+def backdrop_follow_reason(row: Mapping, chance: float) -> str:
+    """The backdrop-follow part of a verdict's reason: the rate beside chance and, with a masked
+    twin, beside the twin's with the paired difference ("" when the cell has no rate)."""
+    if not math.isfinite(float(row.get(BACKDROP_FOLLOW, math.nan))):
+        return ""
+    text = f"; backdrop-follow {interval_text(row, BACKDROP_FOLLOW)} vs chance {chance:.3f}"
+    if math.isfinite(float(row.get(f"{BACKDROP_FOLLOW}_twin", math.nan))):
+        text += (f", masked twin {fmt(row[f'{BACKDROP_FOLLOW}_twin'])} (difference "
+                 f"{interval_text(row, f'{BACKDROP_FOLLOW}_vs_twin', sign=True)}, paired)")
+    return text
+
+
+INSTRUMENTS_DISAGREE = "instruments disagree"
+NO_DISAGREEMENT = "no disagreement"
+
+
+def instruments(row: Mapping) -> str:
+    """Whether the swap test's verdict and the attribution excess over the masked twin point
+    opposite ways: ``instruments disagree (<methods>)`` where the verdict reads the runway while
+    a method's excess interval lies below 0, or reads the garment while one lies above 0;
+    ``no disagreement`` where the cell has an excess interval and none is opposite; "" where
+    there is nothing to compare (no twin, no excess, or a verdict other than runway or garment)."""
+    verdict_now = row.get("verdict")
+    lows = {m: float(row.get(f"{m}_excess_low", math.nan)) for m in ATTRIBUTION}
+    highs = {m: float(row.get(f"{m}_excess_high", math.nan)) for m in ATTRIBUTION}
+    measured = [m for m in ATTRIBUTION if math.isfinite(lows[m]) and math.isfinite(highs[m])]
+    if verdict_now not in (RUNWAY, GARMENT) or not measured:
+        return ""
+    opposite = [m for m in measured if (verdict_now == RUNWAY and highs[m] < 0) or
+                (verdict_now == GARMENT and lows[m] > 0)]
+    return f"{INSTRUMENTS_DISAGREE} ({', '.join(opposite)})" if opposite else NO_DISAGREEMENT
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,8 +238,11 @@ def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, se
     twin in the grid: ``<method>_excess``, the mean per-image difference of background
     preference from the twin's on the same images (the twin sees them background-removed,
     as it was trained), with a paired bootstrap interval, and
-    ``twin`` (the twin's run name, or why there is none); the sanity columns shared by every
-    cell of the architecture (:func:`share_sanity`)."""
+    ``twin`` (the twin's run name, or why there is none); ``backdrop_follow_twin`` (the twin's
+    rate, from its record) and ``backdrop_follow_vs_twin`` (the per-swap difference on the same
+    source images, paired bootstrap); ``instruments`` (:func:`instruments`); the verdict's
+    reason again (it quotes the twin); the sanity columns shared by every cell of the
+    architecture (:func:`share_sanity`)."""
     for row in rows:
         own = first_table(per_image, row["cell"], ATTRIBUTION)
         correct = [float(v) for v in own["correct"]] if own and own.get("correct") else []
@@ -198,6 +258,18 @@ def add_comparisons(rows: Sequence[dict], per_image: PerImage, chance: float, se
             reference = per_image.get((other["cell"], method)) if other else None
             x, y = paired(per_image.get((row["cell"], method)), reference, "bg_preference")
             put_interval(row, f"{method}_excess", bootstrap_mean(x - y, seed=seed) if len(x) else None)
+        twin_rate = None
+        if other is not None and math.isfinite(float(other.get(BACKDROP_FOLLOW, math.nan))):
+            twin_rate = Interval(float(other[BACKDROP_FOLLOW]), float(other.get(f"{BACKDROP_FOLLOW}_low", math.nan)),
+                                 float(other.get(f"{BACKDROP_FOLLOW}_high", math.nan)), 0)
+        put_interval(row, f"{BACKDROP_FOLLOW}_twin", twin_rate)
+        swaps = image_values(per_image.get((row["cell"], "shortcut")), BACKDROP_FOLLOW)[1]
+        row["backdrop_swaps"] = len(swaps) if swaps else None
+        x, y = paired(per_image.get((row["cell"], "shortcut")),
+                      per_image.get((other["cell"], "shortcut")) if other else None, BACKDROP_FOLLOW)
+        put_interval(row, f"{BACKDROP_FOLLOW}_vs_twin", bootstrap_mean(x - y, seed=seed) if len(x) else None)
+        row["instruments"] = instruments(row) if other is not None else ""
+        row["verdict_reason"] = verdict_reason(row, chance)
     share_sanity(rows)
     return regime_differences(rows, per_image, seed=seed)
 
@@ -217,11 +289,39 @@ def share_sanity(rows: Sequence[dict]) -> None:
                 row[f"{name}{suffix}"] = source.get(f"{name}{suffix}", math.nan)
 
 
+def crossed_interval(per_seed: Sequence[tuple[Sequence[int], torch.Tensor]], seed: int) -> tuple[Interval | None, int]:
+    """The mean over seeds of per-image values ``(dataset_index, values)`` per seed, with its
+    95% interval, and the number of images it rests on. One seed: a bootstrap over its images.
+    Several: every seed of a study analyses the same images (the analysis seed is fixed), so the
+    seeds are aligned on ``dataset_index`` (the images all of them have) and resampled crossed
+    (fgvc.analysis.stats.hierarchical_bootstrap with ``crossed=True``: each replicate draws the
+    images once for every seed, and the seeds)."""
+    per_seed = [(ids, values) for ids, values in per_seed if len(values)]
+    if not per_seed:
+        return None, 0
+    if len(per_seed) == 1:
+        ids, values = per_seed[0]
+        return hierarchical_bootstrap([values], seed=seed), len(values)
+    common, matrix = align_on_images([(ids, values.tolist()) for ids, values in per_seed])
+    if not common:
+        return None, 0
+    return hierarchical_bootstrap(matrix, seed=seed, crossed=True), len(common)
+
+
+def interval_method(seeds: int, images: int, what: str = "images") -> str:
+    """How an interval over ``seeds`` seeds on the same ``images`` was computed, in words."""
+    if seeds <= 1:
+        return f"paired bootstrap over {images} {what}"
+    return (f"crossed bootstrap: the same {images} {what} for all {seeds} seeds, drawn once per replicate for every "
+            f"seed, and the seeds drawn")
+
+
 def regime_differences(rows: Sequence[Mapping], per_image: PerImage, seed: int = 0) -> list[dict]:
     """Per architecture and strength, per regime pair (:func:`regime_pairs`): the paired
     difference ``first - second`` of each DIFFERENCE_MEASURE on the same source images, per
-    seed; across seeds a hierarchical bootstrap (seeds, then images), with one seed a
-    bootstrap over images."""
+    seed; with one seed a bootstrap over images, across seeds the crossed bootstrap of
+    :func:`crossed_interval` (the seeds analyse the same images). ``images``: the images the
+    differences rest on; ``interval``: how the intervals were computed."""
     out = []
     groups: dict[tuple, list[Mapping]] = {}
     for row in rows:
@@ -231,18 +331,23 @@ def regime_differences(rows: Sequence[Mapping], per_image: PerImage, seed: int =
         for first, second in regime_pairs(list(dict.fromkeys(r["regime"] for r in members))):
             seeds = [s for (g, s) in by_regime_seed if g == first and (second, s) in by_regime_seed]
             pairs = [(by_regime_seed[(first, s)], by_regime_seed[(second, s)]) for s in seeds]
-            entry = {"arch": arch, "bg_correlation": strength, "split_by": split_by, "comparison": f"{first} − {second}",
+            entry = {"arch": arch, "bg_correlation": strength, "split_by": split_by,
+                     "comparison": f"{first} − {second}",
                      "seeds": len(seeds), "did_not_learn": sum(r.get("quality") == DID_NOT_LEARN
                                                                for pair in pairs for r in pair),
                      "no_data": sum(r.get("quality") == NO_DATA for pair in pairs for r in pair)}
+            images = 0
             for name, _, column in DIFFERENCE_MEASURES:
                 diffs = []
                 for a, b in pairs:
-                    x, y = paired(per_image.get((a["cell"], "shortcut")), per_image.get((b["cell"], "shortcut")),
-                                  column)
-                    if len(x):
-                        diffs.append(x - y)
-                put_interval(entry, name, hierarchical_bootstrap(diffs, seed=seed) if diffs else None)
+                    ids, x, y = paired_images(per_image.get((a["cell"], "shortcut")),
+                                              per_image.get((b["cell"], "shortcut")), column)
+                    diffs.append((ids, x - y))
+                interval, n = crossed_interval(diffs, seed)
+                put_interval(entry, name, interval)
+                images = max(images, n) if name != BACKDROP_FOLLOW else images  # the swaps are fewer
+            entry["images"] = images
+            entry["interval"] = interval_method(len(seeds), images) if images else ""
             out.append(entry)
     return out
 
@@ -255,9 +360,16 @@ def runs_sanity(cells: Sequence, cell) -> bool:
     return chosen == cell
 
 
+USE_AND_ATTENTION = ("The swap test changes the input and watches the prediction: it measures use. Attribution says "
+                     "where the evidence for the predicted class sits at the explained layer and resolution (Grad-CAM: "
+                     "one layer's coarse map, each cell covering figure and backdrop; occlusion: windows blanked out "
+                     "at the input's resolution): it measures attention, not use. The verdict follows the swap test.")
+
+
 def attribution_vs_swap(rows: Sequence[Mapping]) -> str:
-    """The paragraph that says how the attribution excess and the swap-test verdict relate
-    (or that the grid has no masked twin to refer attribution to)."""
+    """The paragraph that says how the attribution excess and the swap-test verdict relate, which
+    cells' instruments point opposite ways (:func:`instruments`) and what each measures (or that
+    the grid has no masked twin to refer attribution to)."""
     unmasked = [r for r in rows if twin_regime(r["regime"]) is not None]
     with_twin = [r for r in unmasked if r.get("twin") not in (None, "", "none in the grid")
                  and r.get("quality") not in (DID_NOT_LEARN, NO_DATA)]
@@ -271,15 +383,27 @@ def attribution_vs_swap(rows: Sequence[Mapping]) -> str:
     other = [r for r in with_twin if r["verdict"] != RUNWAY]
     parts = []
     for method in ATTRIBUTION:
-        above = lambda group: sum(float(r.get(f"{method}_excess_low", math.nan)) > 0 for r in group)  # noqa: E731
+        def above(group: Sequence[Mapping], method: str = method) -> int:
+            return sum(float(r.get(f"{method}_excess_low", math.nan)) > 0 for r in group)
+
         parts.append(f"{method}'s excess over the masked twin lies above 0 in {above(runway)} of the {len(runway)} "
                      f"cells that read the runway and in {above(other)} of the {len(other)} others")
+    compared = [r for r in with_twin if r.get("instruments")]
+    flagged = [r for r in compared if str(r["instruments"]).startswith(INSTRUMENTS_DISAGREE)]
+    if flagged:
+        agreement = (f" Instruments disagree in {len(flagged)} of the {len(compared)} cells with a swap-test "
+                     f"verdict (runway or garment): "
+                     + "; ".join(f"{r.get('run_name', r['cell'])}, the swap test says '{r['verdict']}' while "
+                                 + ", ".join(f"{m}'s excess is {interval_text(r, f'{m}_excess', sign=True)}"
+                                             for m in ATTRIBUTION if m in str(r["instruments"]))
+                                 for r in flagged) + ".")
+    else:
+        agreement = (f" In none of the {len(compared)} cells with a swap-test verdict (runway or garment) do the "
+                     f"swap test and an attribution excess point opposite ways." if compared else "")
     return (f"Attribution and the swap tests: of {len(with_twin)} unmasked cells with a masked twin, the swap test "
-            f"says '{RUNWAY}' for {len(runway)}. " + "; ".join(parts) + ". The verdict rests on the swap test, "
-            "which changes the input and watches the prediction; attribution says where the network looks, and its "
-            "excess over the twin agrees with the swap test where both point the same way. Raw background "
-            "preference below 1 does not mean 'on the person': the twin, which cannot use the background, is the "
-            "reference.")
+            f"says '{RUNWAY}' for {len(runway)}. " + "; ".join(parts) + "." + agreement + " " + USE_AND_ATTENTION
+            + " Raw background preference below 1 does not mean 'on the person': the twin, which cannot use the "
+            "background, is the reference.")
 
 
 GROUP_KEYS = ("arch", "regime", "bg_correlation", "split_by")
@@ -297,7 +421,7 @@ def summarize(rows: Sequence[Mapping]) -> list[dict]:
         groups.setdefault(tuple(row.get(k) for k in GROUP_KEYS), []).append(row)
     out = []
     for key, members in groups.items():
-        summary = {**dict(zip(GROUP_KEYS, key)), "seeds": len(members)}
+        summary = {**dict(zip(GROUP_KEYS, key, strict=True)), "seeds": len(members)}
         for column in columns():
             values = np.array([float(r.get(column.name, math.nan)) for r in members], dtype=np.float64)
             values = values[np.isfinite(values)]

@@ -133,8 +133,8 @@ def executor_of(cfg: StudyConfig, progress: bool):
     """The map that runs the cells: in this process, or one Ray task per cell."""
     if cfg.executor == "local":
         return run_local
-    return RayExecutor(cfg.ray_address, cfg.gpus_per_cell, cfg.cpus_per_cell, worker_env(os.environ, worker_tracking_uri()),
-                       progress, cfg.device)
+    return RayExecutor(cfg.ray_address, cfg.gpus_per_cell, cfg.cpus_per_cell,
+                       worker_env(os.environ, worker_tracking_uri()), progress, cfg.device)
 
 
 def select_cell(plan: StudyPlan, which: str) -> Cell:

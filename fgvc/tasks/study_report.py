@@ -5,17 +5,26 @@
   and per-image tables (each record's file downloaded once) and the split its numbers are
   reported on, as plain records (fgvc.study.records.CellRecord);
 - write (:func:`write_study`, :func:`finish_study`): the verdict tags and comparison metrics on
-  the cells' training runs; the study run's files (the tables as CSV and Markdown, the figures,
-  the HTML report); its totals as metrics and the verdict summary as its description.
+  the cells' training runs; the study run's files (the tables as CSV and Markdown, the swap test
+  per designer, the figures, the HTML report); its totals as metrics and the verdict summary as
+  its description.
+
+The cells' comparison metrics are named ``across_regimes/<name>`` (CHART_SECTION) and logged at
+step 0: the MLflow UI's chart view (Model training > Chart) groups a run's metrics into sections
+by the name before the last ``/``, orders the sections alphabetically (metrics without a ``/``
+and ``system/`` last) and draws a metric as a bar chart when no run has it at a step of 1 or
+more (else a line chart over steps). So the comparison across regimes is the first section, a
+bar per cell, ahead of ``best/`` (the training's best-epoch values, also at step 0 on a study's
+cells: fgvc.tasks.train).
 
 Per-image tables are read per cell (its key, ``Cell.key``), never per training run: cells with
 identical training pixels share one training (the masked cells of a dose-response grid) while
 each has its own analysis records. On a training run that serves one cell of the study, the
 cell's tags and metrics have their plain names (``fgvc.verdict``, ``fgvc.quality``,
-``fgvc.report_split``, ``fgvc.verdict_note``, ``compare/<name>``). A run shared by several
-cells carries each cell's under names of its own, ``<name>.<suffix>``, the suffix naming what
-tells the cells apart: the shortcut strength and split (``fgvc.verdict.bg0``,
-``compare/bg_gap.bg0.5``, ``fgvc.verdict.bg1.show-split``; the cell key where those do not
+``fgvc.report_split``, ``fgvc.verdict_note``, ``fgvc.instruments``, ``across_regimes/<name>``). A
+run shared by several cells carries each cell's under names of its own, ``<name>.<suffix>``, the
+suffix naming what tells the cells apart: the shortcut strength and split (``fgvc.verdict.bg0``,
+``across_regimes/bg_gap.bg0.5``, ``fgvc.verdict.bg1.show-split``; the cell key where those do not
 differ), so no cell's verdict or numbers replace another's."""
 
 from __future__ import annotations
@@ -35,18 +44,29 @@ from mlflow.tracking import MlflowClient
 
 from fgvc.analysis.methods import METHODS
 from fgvc.analysis.methods.attribution import AttributionMethod
+from fgvc.data.shards import read_label_map
 from fgvc.files import write_csv
 from fgvc.study.records import CellRecord, CellResult, Roots, StudyContext, StudyResult
-from fgvc.study.render import interval_statement, markdown, study_tables, terminal_table
+from fgvc.study.render import (
+    backdrop_sentences,
+    headline_table,
+    interval_statement,
+    markdown,
+    study_tables,
+    terminal_table,
+)
 from fgvc.study.results import StudyTables, complete
-from fgvc.study.tables import ATTRIBUTION, DID_NOT_LEARN, NO_DATA, QUALITY_FACTOR, report_split
+from fgvc.study.tables import ATTRIBUTION, BACKDROP_FOLLOW, DID_NOT_LEARN, NO_DATA, QUALITY_FACTOR, report_split
 from fgvc.tracking.markdown import code
 from fgvc.tracking.runs import DESCRIPTION, git_commit
+from fgvc.viz import save_confusion_matrix
+from fgvc.viz.plots import save_designer_bars
 from fgvc.viz.report import (
     Example,
     MethodNotes,
     Table,
     build_report,
+    save_backdrop_follow_bars,
     save_dose_response,
     save_regime_bars,
     save_reliance_scatter,
@@ -56,6 +76,8 @@ log = logging.getLogger("fgvc")
 
 EXAMPLES_PER_METHOD = 2
 PER_IMAGE_METHODS = (*ATTRIBUTION, "shortcut")
+CHART_SECTION = "across_regimes"  # the cells' comparison metrics: the chart view's first section (module docstring)
+TOP_DESIGNERS = 10  # designers per panel of the per-designer figure
 LIBRARIES = ("torch", "torchvision", "timm", "mlflow", "numpy")
 
 
@@ -117,16 +139,24 @@ def _reported_split(roots: Mapping[tuple, Roots], result: CellResult) -> str:
     return report_split(roots[result.cell.data].root(result.cell))
 
 
+def _designers(roots: Mapping[tuple, Roots], result: CellResult) -> list[str]:
+    """The class names of the cell's root by index (its index_to_label.json; a masked root keeps
+    its source's), a missing name as its index."""
+    names = read_label_map(roots[result.cell.data].root(result.cell))
+    return [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
+
+
 def gather(client: MlflowClient, results: Sequence[CellResult], roots: Mapping[tuple, Roots]) -> list[CellRecord]:
     """The finished cells as plain records: the training run's metrics, the analysis records'
-    metrics (as the cells returned them) and per-image tables, and the reported split (test
-    when the cell's root has one)."""
+    metrics (as the cells returned them) and per-image tables, the reported split (test when
+    the cell's root has one) and the designers' names (the per-designer numbers are computed
+    from the swap records' per-image tables, fgvc.study.designers)."""
     with tempfile.TemporaryDirectory(prefix="fgvc-per-image-") as tmp:
         per_image = _per_image(results, Path(tmp))
     return [CellRecord(r.cell, r.run_id, r.status, r.model_uri, dict(client.get_run(r.run_id).data.metrics),
                        r.analyses, r.records,
                        {m: per_image[(r.cell.key, m)] for m in PER_IMAGE_METHODS if (r.cell.key, m) in per_image},
-                       _reported_split(roots, r))
+                       _reported_split(roots, r), _designers(roots, r))
             for r in results]
 
 
@@ -135,7 +165,7 @@ def complete_rows(client: MlflowClient, results: list[CellResult], rows: list[di
     """Rows built elsewhere taken through the same steps as a study's: their split and
     per-image tables gathered, finished (fgvc.study.results.complete), their cells tagged.
     Returns the paired regime differences and the show leak."""
-    for row, result in zip(rows, results):
+    for row, result in zip(rows, results, strict=True):
         row["split"] = _reported_split(roots, result)
     with tempfile.TemporaryDirectory(prefix="fgvc-per-image-") as tmp:
         per_image = _per_image(results, Path(tmp))
@@ -152,28 +182,31 @@ def cell_tags(row: dict) -> dict[str, str]:
     """The tags a cell run carries so the UI can filter and group by outcome."""
     return {"fgvc.verdict": row["verdict"], "fgvc.quality": row.get("quality", ""),
             "fgvc.report_split": row.get("split", "val"),
-            **({"fgvc.verdict_note": row["leak_note"]} if row.get("leak_note") else {})}
+            **({"fgvc.verdict_note": row["leak_note"]} if row.get("leak_note") else {}),
+            **({"fgvc.instruments": row["instruments"]} if row.get("instruments") else {})}
 
 
 def chart_metrics(row: dict) -> dict[str, float]:
-    """The cell's comparison numbers, logged once at step 0 so the chart view draws them as
-    bars across cells (a metric with one step per run is a bar chart there); NaN where a cell
-    has no such number, so every cell has the same metric names."""
+    """The cell's comparison numbers as ``across_regimes/<name>`` (CHART_SECTION), logged once at
+    step 0 so the chart view draws them as bars across cells in its first section (module
+    docstring); NaN where a cell has no such number, so every cell has the same metric names."""
     split = row.get("split", "val")
-    values = {"compare/best_val_acc": row.get("val_acc"), f"compare/{split}_acc": row.get("acc"),
-              f"compare/{split}_acc_source_images": row.get("acc_source"),
-              "compare/no_fg_vs_chance": row.get("no_fg_vs_chance"), "compare/bg_gap": row.get("bg_gap")}
+    values = {"best_val_acc": row.get("val_acc"), f"{split}_acc": row.get("acc"),
+              f"{split}_acc_source_images": row.get("acc_source"),
+              "no_fg_vs_chance": row.get("no_fg_vs_chance"), "bg_gap": row.get("bg_gap"),
+              BACKDROP_FOLLOW: row.get(BACKDROP_FOLLOW),
+              f"{BACKDROP_FOLLOW}_vs_twin": row.get(f"{BACKDROP_FOLLOW}_vs_twin")}
     for method in ATTRIBUTION:
-        values[f"compare/{method}_excess_vs_masked_twin"] = row.get(f"{method}_excess")
-        values[f"compare/{method}_bg_preference"] = row.get(f"{method}_bg_preference")
+        values[f"{method}_excess_vs_masked_twin"] = row.get(f"{method}_excess")
+        values[f"{method}_bg_preference"] = row.get(f"{method}_bg_preference")
     if row.get("split_by"):  # a grid over random and show splits: the leak, random minus show
-        values.update({"compare/show_leak_acc": row.get("leak_acc"), "compare/show_leak_bg_gap": row.get("leak_bg_gap")})
+        values.update({"show_leak_acc": row.get("leak_acc"), "show_leak_bg_gap": row.get("leak_bg_gap")})
     out = {}
     for k, v in values.items():
         try:
-            out[k] = float(v)
+            out[f"{CHART_SECTION}/{k}"] = float(v)
         except (TypeError, ValueError):
-            out[k] = math.nan
+            out[f"{CHART_SECTION}/{k}"] = math.nan
     return out
 
 
@@ -219,21 +252,27 @@ def write_study(client: MlflowClient, study: StudyContext, tables: StudyTables, 
         formatted = study_tables(tables)
         write_tables(out, study.run_id, tables, formatted)
         figures = [*save_figures(out, study, tables), *_sanity_figures(cells, downloads)]
+        per_cell = save_designer_figures(out, tables)
         examples = _examples(cells, study.plan.regimes, downloads)
-        write_report(out / "report.html", study, tables, formatted, figures, examples)
+        write_report(out / "report.html", study, tables, formatted, figures, examples, per_cell)
         client.log_artifacts(study.run_id, str(out), "study")
 
 
 def write_tables(out: Path, run_id: str, tables: StudyTables, formatted: Sequence[Table]) -> None:
-    """results.csv, summary.csv, regime_differences.csv (when the grid has regime pairs),
-    show_leak.csv (with the split axis) and results.md."""
+    """results.csv, summary.csv, per_designer.csv (when the swap records have the per-designer
+    columns), regime_differences.csv (when the grid has regime pairs), show_leak.csv (with the
+    split axis) and results.md."""
     write_csv(out / "results.csv", tables.rows)
     write_csv(out / "summary.csv", tables.summary)
+    if tables.per_designer:
+        write_csv(out / "per_designer.csv", tables.per_designer)
     if tables.differences:
         write_csv(out / "regime_differences.csv", tables.differences)
     if tables.leak:
         write_csv(out / "show_leak.csv", tables.leak)
-    intro = "\n\n".join(p for p in tables.findings if p)
+    answer = "\n".join(f"- {sentence}" for sentence in backdrop_sentences(tables.rows, tables.chance))
+    intro = "\n\n".join(p for p in (markdown([headline_table(tables.rows, tables.chance)]), answer, *tables.findings)
+                        if p)
     (out / "results.md").write_text(f"# Background-reliance study `{run_id}`\n\n{intro}\n\n{markdown(formatted)}",
                                     encoding="utf-8")
 
@@ -249,18 +288,69 @@ def save_figures(out: Path, study: StudyContext, tables: StudyTables) -> list[Ex
                        save_reliance_scatter(out / "accuracy_vs_background_reliance.png", tables.rows, chance)),
                Example("Per-regime values (error bars: spread across seeds, or the 95% interval for one seed)",
                        save_regime_bars(out / "regime_bars.png", plotted, tables.columns, chance=chance))]
+    if any(math.isfinite(float(s.get(f"{BACKDROP_FOLLOW}_mean", math.nan))) for s in tables.summary):
+        figures.insert(0, Example(
+            "Backdrop-follow per regime: how often the model names the backdrop's designer on Mixed-Rand (the person "
+            "on another designer's backdrop); error bars: the 95% interval (one seed: bootstrap over the swaps; "
+            "several: seed-level t-interval); dotted: chance, 1/C",
+            save_backdrop_follow_bars(out / "backdrop_follow.png", tables.summary, chance)))
     if len(study.plan.bg_correlations) > 1:
         figures.insert(0, Example("Dose-response: each measure against the planted shortcut strength",
                                   save_dose_response(out / "dose_response.png", plotted, chance)))
     return figures
 
 
+def save_designer_figures(out: Path, tables: StudyTables) -> dict[str, list[Example]]:
+    """Per unmasked cell with swap-test data, beside its masked twin: the designers whose
+    backdrops it reads most (designers/<run name>.png) and its No-FG confusion
+    (no_fg_confusion/<run name>.png). Returns the report's groups of these figures."""
+    rows = {r["cell"]: r for r in tables.rows}
+    by_run_name = {r["run_name"]: r for r in tables.rows}
+    designer_rows: dict[str, list[dict]] = {}
+    for entry in tables.per_designer:
+        designer_rows.setdefault(entry["cell"], []).append(entry)
+    bars, confusions = [], []
+    for key, row in rows.items():
+        if not row.get("twin") or key not in designer_rows:
+            continue  # a masked cell, or one whose swap record has no per-designer columns
+        twin = by_run_name.get(row["twin"])
+        twin_rows = designer_rows.get(twin["cell"], []) if twin else []
+        name = row["run_name"]
+        bars.append(Example(
+            f"{name}: the designers whose backdrops it reads most (No-FG accuracy: the designer's backdrop alone; "
+            f"backdrop-follow: the designer's backdrop under another designer's person), beside its masked twin "
+            f"{row['twin'] if twin else '(none in the grid)'}; n = images / swaps; dotted: chance",
+            save_designer_bars(out / "designers" / f"{name}.png", designer_rows[key], twin_rows, tables.chance,
+                               title=name, twin_title=row["twin"] if twin else "", top=TOP_DESIGNERS)))
+        if key in tables.confusions:
+            names = tables.designers.get(key, [])
+            matrix = tables.confusions[key]
+            confusions.append(Example(
+                f"{name}: No-FG confusion, whose backdrops are taken for whose (row: the backdrop's designer; column: "
+                f"the designer predicted from the backdrop alone)",
+                save_confusion_matrix(out / "no_fg_confusion" / f"{name}.png", matrix, names,
+                                      f"{name}: No-FG confusion\n(the backdrop alone, "
+                                      f"{sum(map(sum, matrix))} images)", row_label="backdrop's designer",
+                                      column_label="predicted on No-FG", share_label="share of the backdrop's images",
+                                      row_counts=True)))
+    out_groups = {}
+    if bars:
+        out_groups[f"Per designer: the backdrops read most ({len(bars)} unmasked cells)"] = bars
+    if confusions:
+        out_groups[f"No-FG confusion ({len(confusions)} unmasked cells)"] = confusions
+    return out_groups
+
+
 def write_report(path: Path, study: StudyContext, tables: StudyTables, formatted: Sequence[Table],
-                 figures: Sequence[Example], examples: Mapping[str, Sequence[Example]]) -> None:
-    """report.html: the method (fgvc/viz/templates/report.html.j2) with the numbers it quotes,
-    the findings, the setup, the tables, figures and examples."""
+                 figures: Sequence[Example], examples: Mapping[str, Sequence[Example]],
+                 per_cell: Mapping[str, Sequence[Example]] | None = None) -> None:
+    """report.html (fgvc/viz/templates/report.html.j2): the headline table and the backdrop-follow
+    sentences first, the findings, the figures, the method with the numbers it quotes, the setup,
+    the tables, the per-cell figures and the examples."""
     page = build_report(f"Background-reliance study ({study.plan.preset})", _setup(study, tables), formatted,
-                        figures, examples, notes=tables.findings, method=MethodNotes(QUALITY_FACTOR, NO_DATA))
+                        figures, examples, notes=tables.findings, method=MethodNotes(QUALITY_FACTOR, NO_DATA),
+                        headline=headline_table(tables.rows, tables.chance),
+                        answer=backdrop_sentences(tables.rows, tables.chance), details=per_cell)
     path.write_text(page, encoding="utf-8")
 
 
@@ -283,7 +373,8 @@ def _setup(study: StudyContext, tables: StudyTables) -> dict[str, str]:
             "reported split": split + ("" if split == "test" else " (the roots have no test split: numbers come from "
                                                                   "the split that chose the epoch, optimistic)"),
             "analysis": f"{plan.num_images} {split} images per cell (seed 0); {interval_statement(tables.rows)}",
-            "quality gate": f"accuracy's 95% interval above {QUALITY_FACTOR:g} x chance ({QUALITY_FACTOR * chance:.3f})",
+            "quality gate": f"accuracy's 95% interval above {QUALITY_FACTOR:g} x chance "
+                            f"({QUALITY_FACTOR * chance:.3f})",
             "classes": f"{study.num_classes} (chance {chance:.3f})",
             "image size": f"{study.image_size[0]}×{study.image_size[1]} (height × width)",
             "commit": git_commit(), "libraries": _versions()}
@@ -294,6 +385,7 @@ def finish_study(client: MlflowClient, run_id: str, preset: str, tables: StudyTa
     summary as its description."""
     totals = {"study/cells": len(tables.rows), **{f"study/cells_{k}": v for k, v in tables.statuses.items()},
               "study/cells_reading_the_runway": tables.reading_the_runway,
+              "study/cells_instruments_disagree": len(tables.instruments_disagree),
               "study/cells_did_not_learn": tables.did_not_learn, "study/cells_no_data": tables.no_data,
               **({"study/verdicts_only_on_random_split": tables.only_on_random_split} if tables.leak else {}),
               "time/study_s": seconds}

@@ -79,8 +79,17 @@ VALIDATION = ("val/acc", "val/balanced_acc", "val/top5", "val/loss", "val/error"
 
 def best_metrics(best: dict) -> dict[str, float]:
     """The best epoch's validation metrics as `best/val_acc`, ..., and `best/epoch`: one value
-    each, logged at the best epoch's step (linked to the run's MLflow model when there is one)."""
+    each, logged at the best epoch's step (linked to the run's MLflow model when there is one);
+    a study's cell logs them at step 0 (:func:`best_step`)."""
     return {**{f"best/{k.replace('/', '_')}": best[k] for k in VALIDATION}, "best/epoch": best["epoch"]}
+
+
+def best_step(best: dict, tags: dict) -> int:
+    """The step the `best/...` metrics are logged at: the best epoch's, or 0 on a study's cell
+    (tag `fgvc.study_cell`). The MLflow UI's chart view draws a metric that no run has at a step
+    of 1 or more as a bar per run, so a study's experiment compares its cells' best epochs as
+    bars rather than as lone points at different steps; `best/epoch` says which epoch it was."""
+    return 0 if "fgvc.study_cell" in tags else int(best["epoch"])
 
 
 def checkpoint_cache(run_id: str) -> Path:
@@ -159,6 +168,7 @@ class Recorder:
         self.pending: set[str] = set()
         self.best_record: EpochRecord | None = None
         self.model_logged = False  # the MLflow model carries the best/... metrics then
+        self.tags: dict = {}  # the run's tags: a study's cell logs best/... at step 0 (best_step)
         self.kept = (f"the checkpoints are kept at {writer.directory}; once the server answers, run the same "
                      f"`fgvc train` with `--resume true` (or `--resume {run_id}`)")
         self.patience = Patience(kept=self.kept)
@@ -198,7 +208,7 @@ class Recorder:
         self.upload()
         if session.best and not self.model_logged:
             self.patience.call("logging the best epoch", mlflow.log_metrics, best_metrics(session.best),
-                               step=session.best["epoch"])
+                               step=best_step(session.best, self.tags))
         if session.history:
             self.patience.call("logging plots", _log_plots, session, self.best_record)
             self.patience.call("logging metrics.csv", mlflow.log_text, metrics_csv(session.history), "metrics.csv")
@@ -308,6 +318,7 @@ def record_training(cfg: TrainConfig, session: Session, prepared: Prepared, call
                      description=f"Training {name} on `{session.data.root}` (running).",
                      parent_run_id=None if prepared.run_id else parent_run_id) as run:
         recorder = start_recording(cfg, session, prepared, run.info.run_id, reg_name)
+        recorder.tags = tags
         train_recorded(session, recorder, callbacks, progress, reg_name)
         version = finish_recording(name, session, recorder, reg_name, tags)
     shutil.rmtree(recorder.writer.directory, ignore_errors=True)  # uploaded: the run's artifacts hold it now
@@ -392,7 +403,8 @@ def register_best(session: Session, recorder: Recorder, reg_name: str, study: st
     the run's tag `fgvc.model_version` names it."""
     wait = recorder.patience.call
     version = wait("registering the model", log_and_register, recorder.writer.path(BEST), reg_name,
-                   best_metrics(session.best), session, recorder.run_id, study=study, alias=alias)
+                   best_metrics(session.best), session, recorder.run_id, study=study, alias=alias,
+                   metrics_step=best_step(session.best, recorder.tags))
     wait("tagging the run", mlflow.set_tag, "fgvc.model_version", f"{reg_name}/{version}")
     return version
 
@@ -467,12 +479,17 @@ def input_example(session, count: int = 2) -> np.ndarray:
 
 
 def log_and_register(best_checkpoint: Path, name: str, metrics: dict[str, float], session, run_id: str,
-                     study: str | None = None, alias: str | None = CANDIDATE) -> str:
-    """Log the training's best checkpoint as its MLflow model, with `metrics` (the best epoch's
-    validation metrics) linked to it at the best epoch's step, and register it: `alias`
-    (`candidate`; None for a study's cell) moves to it. `study`: the study run id, if any."""
+                     study: str | None = None, alias: str | None = CANDIDATE, metrics_step: int | None = None) -> str:
+    """Log the training's best checkpoint as its MLflow model (at the best epoch's step), with
+    `metrics` (the best epoch's validation metrics) linked to it at `metrics_step` (default: the
+    best epoch's; 0 on a study's cell, :func:`best_step`), and register it: `alias` (`candidate`;
+    None for a study's cell) moves to it. `study`: the study run id, if any."""
     best = session.best
-    info = log_model(best_checkpoint, input_example(session), best["epoch"], metrics, session.regime)
+    step = best["epoch"] if metrics_step is None else metrics_step
+    info = log_model(best_checkpoint, input_example(session), best["epoch"], metrics if step == best["epoch"] else {},
+                     session.regime)
+    if step != best["epoch"]:
+        mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
     tags = {"regime": session.regime, "dataset_digest": session.data.digest, "val_acc": f"{best['val/acc']:.6f}",
             "val_balanced_acc": f"{best['val/balanced_acc']:.6f}", "arch": session.cfg.arch,
             "best_epoch": best["epoch"], "data_root": str(session.data.root), "run_id": run_id,

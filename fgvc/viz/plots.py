@@ -150,7 +150,8 @@ def save_confusion_matrix(
     ax.set_xticks(ticks if labels_shown else [])
     ax.set_yticks(ticks if labels_shown else [])
     if labels_shown:
-        rows = [f"{name} (n={int(total)})" for name, total in zip(names, cm.sum(1))] if row_counts else names
+        rows = [f"{name} (n={int(total)})" for name, total in zip(names, cm.sum(1), strict=True)] if row_counts \
+            else names
         ax.set_xticklabels(names, rotation=90, fontsize=max(4, 9 - n // 10))
         ax.set_yticklabels(rows, fontsize=max(4, 9 - n // 10))
     if n <= 15:
@@ -163,3 +164,66 @@ def save_confusion_matrix(
     ax.set_ylabel(row_label)
     ax.set_title(title)
     return save(fig, path, tight=True)
+
+
+def _designer_order(rows: Sequence[dict], top: int) -> list[dict]:
+    """The ``top`` designers whose backdrops the model reads most: by backdrop-follow, then by
+    No-FG accuracy (a NaN share counts as lowest)."""
+    def key(row: dict) -> tuple[float, float]:
+        follow, no_fg = float(row.get("backdrop_follow", np.nan)), float(row.get("acc_no_fg", np.nan))
+        return (-follow if np.isfinite(follow) else np.inf, -no_fg if np.isfinite(no_fg) else np.inf)
+
+    return sorted(rows, key=key)[:top]
+
+
+def _labelled_bars(ax, positions, values: Sequence[float], height: float, colour: str, label: str) -> None:
+    """Horizontal bars with each value written at the bar's end (– for NaN: no images), so a
+    share of 0 reads as 0, not as a missing bar."""
+    ax.barh(positions, np.nan_to_num(values), height, color=colour, label=label)
+    for y, value in zip(positions, values, strict=True):
+        ax.text(min(value, 0.86) + 0.01 if np.isfinite(value) else 0.01, y, f"{value:.2f}" if np.isfinite(value)
+                else "–", va="center", fontsize=5.5, color="black")
+
+
+def save_designer_bars(
+    path: PathLike,
+    rows: Sequence[dict],
+    twin_rows: Sequence[dict],
+    chance: float,
+    *,
+    title: str,
+    twin_title: str = "",
+    top: int = 10,
+) -> Path:
+    """The swap test per designer for one model beside its reference (e.g. its masked twin):
+    two panels of horizontal bars, No-FG accuracy (``acc_no_fg``: the designer's backdrop alone)
+    and backdrop-follow (``backdrop_follow``: the designer's backdrop under another designer's
+    person, predicted as the designer), for the ``top`` designers by the model's backdrop-follow
+    then No-FG accuracy; the reference's bars beside the model's; a dotted line at ``chance``.
+    ``rows``/``twin_rows``: per designer ``designer``, ``images``, ``backdrop_swaps`` and the two
+    shares (NaN: none). Labels say ``n = images / swaps``. Size: 900 x (120 + 30 per designer) px."""
+    shown = _designer_order(rows, top)
+    twin = {r["designer"]: r for r in twin_rows}
+    fig = new_figure((9.0, 1.2 + 0.3 * max(len(shown), 1)))
+    axes = fig.subplots(1, 2, sharey=True)
+    positions = np.arange(len(shown))[::-1]
+    height = 0.38 if twin_rows else 0.7
+    for ax, (key, label) in zip(axes, (("acc_no_fg", "No-FG accuracy (its backdrop alone)"),
+                                      ("backdrop_follow", "backdrop-follow (its backdrop, another's person)")),
+                                strict=True):
+        values = [float(r.get(key, np.nan)) for r in shown]
+        _labelled_bars(ax, positions + (height / 2 if twin_rows else 0), values, height, "#d73027", title)
+        if twin_rows:
+            reference = [float(twin.get(r["designer"], {}).get(key, np.nan)) for r in shown]
+            _labelled_bars(ax, positions - height / 2, reference, height, "#4575b4", twin_title or "reference")
+        ax.axvline(chance, color="grey", linestyle=":", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(positions, [f"{r['designer']} (n={r.get('images', 0)}/{r.get('backdrop_swaps', 0)})"
+                                   for r in shown])
+    axes[0].legend(fontsize=6, loc="lower right")
+    fig.subplots_adjust(left=0.2, right=0.98, top=1 - 0.45 / fig.get_figheight(), bottom=0.35 / fig.get_figheight(),
+                        wspace=0.08)
+    return save(fig, path)

@@ -87,7 +87,7 @@ def save_reliance_scatter(path: PathLike, rows: Sequence[Mapping], chance: float
     archs = _ordered(r["arch"] for r in rows)
     fig = new_figure((3.0 * len(measures), 4.0))
     axes = np.atleast_1d(fig.subplots(1, len(measures), sharey=True))
-    for ax, (key, label) in zip(axes, measures):
+    for ax, (key, label) in zip(axes, measures, strict=True):
         for row in rows:
             x, y = _value(row, key), _value(row, accuracy)
             low, high = _value(row, f"{key}_low"), _value(row, f"{key}_high")
@@ -148,7 +148,7 @@ def save_regime_bars(path: PathLike, summary: Sequence[Mapping], columns: Sequen
     width = 0.8 / max(len(archs), 1)
     positions = np.arange(len(regimes))
     shades = np.linspace(1.0, 0.55, max(len(archs), 1))
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=True):
         for i, arch in enumerate(archs):
             cells = [by_key.get((arch, g), {}) for g in regimes]
             means = np.nan_to_num([_value(c, f"{key}_mean") for c in cells])
@@ -180,7 +180,7 @@ def save_dose_response(path: PathLike, summary: Sequence[Mapping], chance: float
     axes = np.atleast_1d(fig.subplots(1, len(measures)))
     regimes = _ordered(s["regime"] for s in summary)
     lines = _ordered((s["arch"], s["regime"]) for s in summary)
-    for ax, (key, label) in zip(axes, measures):
+    for ax, (key, label) in zip(axes, measures, strict=True):
         for arch, regime in lines:
             points = sorted((s for s in summary if (s["arch"], s["regime"]) == (arch, regime)),
                             key=lambda s: _value(s, "bg_correlation"))
@@ -197,6 +197,52 @@ def save_dose_response(path: PathLike, summary: Sequence[Mapping], chance: float
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
     fig.subplots_adjust(left=0.05, right=0.99, top=0.88, bottom=0.16, wspace=0.3)
+    return save_with_svg(fig, path)
+
+
+def save_backdrop_follow_bars(path: PathLike, summary: Sequence[Mapping], chance: float) -> Path:
+    """The backdrop-follow rate per regime: one panel per shortcut strength and split (the grid's
+    data), a group of bars per regime, one bar per architecture (darker = later), error bars =
+    the summary's 95% interval (``backdrop_follow_low``/``_high``: one seed, the bootstrap over
+    the swaps; several, the seed-level t-interval), a dotted line at ``chance``. Size: 450 px per
+    panel x 350 px; PNG and SVG."""
+    key = "backdrop_follow"
+    panels = _ordered((s.get("bg_correlation"), s.get("split_by")) for s in summary)
+    regimes = _ordered(s["regime"] for s in summary)
+    archs = _ordered(s["arch"] for s in summary)
+    fig = new_figure((4.5 * len(panels), 3.5))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    width = 0.8 / max(len(archs), 1)
+    shades = np.linspace(1.0, 0.55, max(len(archs), 1))
+    top = chance
+    for ax, (strength, split) in zip(axes, panels, strict=True):
+        by_key = {(s["arch"], s["regime"]): s for s in summary
+                  if (s.get("bg_correlation"), s.get("split_by")) == (strength, split)}
+        for i, arch in enumerate(archs):
+            cells = [by_key.get((arch, g), {}) for g in regimes]
+            means = np.array([_value(c, f"{key}_mean") for c in cells])
+            lows, highs = np.array([_value(c, f"{key}_low") for c in cells]), np.array([_value(c, f"{key}_high")
+                                                                                      for c in cells])
+            errors = np.nan_to_num(np.stack([np.clip(means - lows, 0, None), np.clip(highs - means, 0, None)]))
+            x = np.arange(len(regimes)) - 0.4 + width * (i + 0.5)
+            ax.bar(x, np.nan_to_num(means), width, yerr=errors,
+                   color=[np.array(_rgb(_colour(g, regimes))) * shades[i] for g in regimes], edgecolor="black",
+                   linewidth=0.4, capsize=3, label=arch if len(archs) > 1 else None)
+            for position, mean in zip(x, means, strict=True):  # a rate of 0 reads as 0, not as a missing bar
+                if math.isfinite(mean):
+                    ax.text(position, mean, f"{mean:.2f}", ha="center", va="bottom", fontsize=6)
+            top = max([top, *(v for v in highs if math.isfinite(v)), *(v for v in means if math.isfinite(v))])
+        ax.axhline(chance, color="black", linestyle=":", linewidth=1.2, label=f"chance (1/C = {chance:.3f})")
+        ax.set_xticks(np.arange(len(regimes)), regimes, rotation=20, ha="right", fontsize=8)
+        name = ", ".join([*([f"bg {strength:g}"] if strength is not None else []),
+                          *([f"{split} split"] if split else [])])
+        ax.set_title(f"backdrop-follow{f' ({name})' if name else ''}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylim(0, min(1.0, 1.1 * top + 0.02))
+    axes[0].set_ylabel("share of swaps naming the backdrop's designer", fontsize=8)
+    axes[0].legend(fontsize=6, loc="upper right")
+    fig.subplots_adjust(left=0.1 / len(panels) + 0.03, right=0.99, top=0.9, bottom=0.2, wspace=0.08)
     return save_with_svg(fig, path)
 
 
@@ -217,9 +263,25 @@ class Example:
     path: Path
 
 
+@dataclass(frozen=True)
+class TablePart:
+    """The columns of a table shown together on the page: ``caption`` ("" for a table shown
+    whole), the header, the body and, per column, whether it is a key column (left-aligned)."""
+
+    caption: str
+    header: Sequence[str]
+    body: Sequence[Sequence[str]]
+    keys: Sequence[bool]
+
+
 @dataclass
 class Table:
-    """A formatted table: text cells, the first ``key_columns`` left-aligned."""
+    """A formatted table: text cells, the first ``key_columns`` left-aligned.
+
+    ``groups`` splits a wide table on the page (Markdown shows it whole): each group is a
+    ``(caption, column indices)`` shown as a table of its own after the first ``repeat``
+    columns (default: ``key_columns``), which every group repeats, so each fits a 1280-px
+    window."""
 
     title: str
     header: Sequence[str]
@@ -228,6 +290,20 @@ class Table:
     note: str = ""
     legend: Mapping[str, str] | None = None  # header -> what it measures
     muted: Sequence[bool] | None = None  # per body row: shown greyed (e.g. a cell that did not learn)
+    groups: Sequence[tuple[str, Sequence[int]]] = ()
+    repeat: int | None = None
+
+    def parts(self) -> list[TablePart]:
+        """The page's tables for this table: one, or one per group."""
+        if not self.groups:
+            return [TablePart("", self.header, self.body, [i < self.key_columns for i in range(len(self.header))])]
+        repeat = self.key_columns if self.repeat is None else self.repeat
+        out = []
+        for caption, indices in self.groups:
+            shown = [*range(repeat), *(i for i in indices if i >= repeat)]
+            out.append(TablePart(caption, [self.header[i] for i in shown],
+                                 [[row[i] for i in shown] for row in self.body], [i < self.key_columns for i in shown]))
+        return out
 
 
 @dataclass(frozen=True)
@@ -253,9 +329,13 @@ def _templates() -> jinja2.Environment:
 
 def build_report(title: str, setup: Mapping[str, str], tables: Sequence[Table], figures: Sequence[Example],
                  examples: Mapping[str, Sequence[Example]], notes: Sequence[str] = (),
-                 method: MethodNotes | None = None) -> str:
-    """The study as one self-contained HTML page: the method (with ``method``), notes, setup,
-    the first table, figures, the other tables, examples. Every image is a ``data:`` URI; the
-    page loads nothing else."""
+                 method: MethodNotes | None = None, headline: Table | None = None, answer: Sequence[str] = (),
+                 details: Mapping[str, Sequence[Example]] | None = None) -> str:
+    """The study as one self-contained HTML page, the answer first: the ``headline`` table and
+    the ``answer`` sentences, the findings (``notes``), the figures, the method notes (with
+    ``method``; collapsible), the setup, the tables, figures per cell (``details``: caption ->
+    figures, each group collapsible) and the examples. Every image is a ``data:`` URI; the page
+    loads nothing else."""
     return _templates().get_template("report.html.j2").render(
-        title=title, setup=setup, tables=list(tables), figures=figures, examples=examples, notes=notes, method=method)
+        title=title, setup=setup, tables=list(tables), figures=figures, examples=examples, notes=notes, method=method,
+        headline=headline, answer=list(answer), details=dict(details or {}))
