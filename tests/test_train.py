@@ -305,3 +305,19 @@ def test_a_run_resumed_on_another_machine_registers_its_best_epoch(tiny_root, ml
     best = load_tensors(next(model_dir.rglob("best.pt")), "checkpoint")
     assert best["epoch"] == metrics["best/epoch"] == 1, (best["epoch"], metrics["best/epoch"])
     assert best["val_acc"] == pytest.approx(metrics["best/val_acc"])
+
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "fgvc-resnet18"), ("mine", "mine"), (False, None)])
+def test_the_registered_model_a_training_becomes_a_version_of(given, expected):
+    from fgvc.tasks.train import registered_model_of
+    from fgvc.training import TrainConfig
+
+    assert registered_model_of(TrainConfig(arch="resnet18", registered_model=given)) == expected
+
+
+def test_a_registered_model_that_is_not_a_name_is_refused_in_one_line():
+    from fgvc.training import TrainConfig
+
+    with pytest.raises(ConfigError, match="registered_model.*must be a name"):
+        TrainConfig(registered_model=True)

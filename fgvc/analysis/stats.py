@@ -144,7 +144,7 @@ def bootstrap_ratio(values, constant: float, *, seed: int, resamples: int = 2000
     return Interval(mean.estimate / constant, mean.low / constant, mean.high / constant, mean.n)
 
 
-def hierarchical_bootstrap(groups: Sequence, *, seed: int, resamples: int = 2000, level: float = 0.95,
+def hierarchical_bootstrap(groups: Sequence | Tensor, *, seed: int, resamples: int = 2000, level: float = 0.95,
                            crossed: bool = False) -> Interval:
     """Mean over training seeds of each seed's mean over images, with a two-level percentile
     bootstrap interval (Davison & Hinkley, "Bootstrap Methods and their Application", 1997,

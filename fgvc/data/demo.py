@@ -24,6 +24,7 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -299,7 +300,11 @@ def _even_chunks(n: int, size: int) -> list[int]:
 def demo_pool(cfg: DemoConfig, designers: list[Designer]) -> Pool:
     """The shows and looks of `cfg` (see the module docstring); deterministic in cfg.seed."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 17)
-    labels, shows, show_designer, show_venue, show_part = [], [], [], [], []
+    labels: list[int] = []
+    shows: list[int] = []
+    show_designer: list[int] = []
+    show_venue: list[int] = []
+    show_part: list[str] = []
     for d in range(cfg.num_designers):
         first = len(show_designer)
         for part in cfg.splits:
@@ -375,7 +380,7 @@ def _pool_shots(cfg: DemoConfig, pool: Pool, venues: list[Venue], periods: torch
     )
 
 
-def render_pool(cfg: DemoConfig, backdrops: bool = False) -> dict[str, torch.Tensor]:
+def render_pool(cfg: DemoConfig, backdrops: bool = False) -> dict[str, Any]:
     """Every look of the pool: images [N, 3, H, W], masks [N, H, W], labels, venues, groups
     (show ids) [N], and with ``backdrops`` the same shots without the person."""
     designers, venues = designer_signatures(cfg), venue_backdrops(cfg)
@@ -383,7 +388,7 @@ def render_pool(cfg: DemoConfig, backdrops: bool = False) -> dict[str, torch.Ten
     periods = torch.tensor([x.period for x in designers], dtype=torch.long)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + 29)
     n = len(pool.labels)
-    out = {"images": torch.empty(n, 3, cfg.height, cfg.width, dtype=torch.uint8),
+    out: dict[str, Any] = {"images": torch.empty(n, 3, cfg.height, cfg.width, dtype=torch.uint8),
            "masks": torch.empty(n, cfg.height, cfg.width, dtype=torch.uint8)}
     if backdrops:
         out["backdrops"] = torch.empty(n, 3, cfg.height, cfg.width, dtype=torch.uint8)

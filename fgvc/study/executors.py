@@ -78,7 +78,7 @@ class RayExecutor:
             gpus = gpus_per_cell(self.gpus, self.device, cluster)
             log.info("ray: %g GPU(s) in the cluster; each cell reserves %g GPU(s) and %g CPU(s)",
                      cluster.get("GPU", 0), gpus, self.cpus)
-            options = dict(num_cpus=self.cpus, num_gpus=gpus, max_retries=RAY_TASK_RETRIES)
+            options: dict[str, Any] = dict(num_cpus=self.cpus, num_gpus=gpus, max_retries=RAY_TASK_RETRIES)
             if gpus == 0 and self.device is None:
                 # Whether Ray hides the GPUs from a task that reserved none depends on its version:
                 # hidden here, such a cell trains on the CPU, never on a GPU it was not scheduled on.

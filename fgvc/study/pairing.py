@@ -62,7 +62,9 @@ DERIVED = {"bg_gap": ("correct_mixed_same", "correct_mixed_rand"),
 
 def has_column(table: Mapping | None, name: str) -> bool:
     """Whether ``table`` holds ``name`` or what it is derived from."""
-    return bool(table) and (name in table or name in DERIVED and all(c in table for c in DERIVED[name]))
+    if not table:
+        return False
+    return name in table or name in DERIVED and all(c in table for c in DERIVED[name])
 
 
 def per_image_column(table: Mapping[str, Sequence], name: str) -> list[float]:

@@ -28,14 +28,23 @@ class Roots:
     source_pixels: str = ""
     masked_pixels: str | None = None
 
-    def root(self, cell: Cell) -> Path:
+    # A masked cell's root, digest and pixels are None while the masked root is not built yet
+    # (`fgvc study --collect` before its cells ran): no run matches them.
+    def root(self, cell: Cell) -> Path | None:
         return self.masked if cell.spec.masked else self.source
 
-    def digest(self, cell: Cell) -> str:
+    def digest(self, cell: Cell) -> str | None:
         return self.masked_digest if cell.spec.masked else self.source_digest
 
-    def pixels(self, cell: Cell) -> str:
+    def pixels(self, cell: Cell) -> str | None:
         return self.masked_pixels if cell.spec.masked else self.source_pixels
+
+    def built(self, cell: Cell) -> tuple[Path, str]:
+        """The cell's root and pixel digest, once its root exists (a cell that trains or is analysed)."""
+        root, pixels = self.root(cell), self.pixels(cell)
+        if root is None or pixels is None:
+            raise ValueError(f"study cell {cell.key}: its masked root has not been built")
+        return root, pixels
 
     def mask_root_for(self, root: Path) -> str | None:
         """A root with person masks for `root`'s images, when its own shards have none."""

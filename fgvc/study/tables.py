@@ -432,6 +432,7 @@ def summarize(rows: Sequence[Mapping]) -> list[dict]:
                 summary[f"{column.name}_high"] = members[0].get(f"{column.name}_high", math.nan)
             elif values.size > 1:  # several seeds: the seed-level t-interval (covers training randomness)
                 interval = seed_interval(values.tolist())
+                assert interval is not None  # None only for a single seed
                 summary[f"{column.name}_low"], summary[f"{column.name}_high"] = interval.low, interval.high
         verdicts = [r.get("verdict", UNDECIDED) for r in members]
         summary["verdict"] = "; ".join(f"{v} ({verdicts.count(v)}/{len(verdicts)})" for v in dict.fromkeys(verdicts))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 from mlflow.entities import RunTag
@@ -64,9 +65,9 @@ def analysis_configs(plan: StudyPlan, cell: Cell, roots: Roots, model_uri: str,
     window; the fill is the image's mean colour (see fgvc.study.tables.STUDY_OCCLUSION_FILL)."""
     window = plan.occlusion_window or max(4, round(min(image_size) / 3))
     stride = min(plan.occlusion_stride or max(1, window // 2), window)
-    common = dict(model=model_uri, num_images=plan.num_images, seed=0, window=window, stride=stride,
+    common: dict[str, Any] = dict(model=model_uri, num_images=plan.num_images, seed=0, window=window, stride=stride,
                   fill=STUDY_OCCLUSION_FILL, show_on_training_run=True, device=plan.device)
-    own = roots.root(cell)
+    own = roots.built(cell)[0]
     configs = [AnalyzeConfig(method=ATTRIBUTION_AND_RETRIEVAL, data_root=str(own), mask_root=roots.mask_root_for(own),
                              split=report_split(own), **common),
                AnalyzeConfig(method=("shortcut",), data_root=str(roots.source),
@@ -137,7 +138,10 @@ def _train(client: MlflowClient, job: CellJob, experiment: str, tags: dict, clai
     if interrupted is not None:
         cfg = cfg.replace(resume=interrupted.info.run_id)
         mlflow.set_experiment(experiment_id=experiment)  # resuming continues a run of this experiment
-    run_id = run_train(cfg, progress=job.progress, experiment=job.experiment, tags=tags).run_id
+    result = run_train(cfg, progress=job.progress, experiment=job.experiment, tags=tags)
+    if result is None:  # a cell trains in one process (nproc 1), which is the main rank
+        raise RuntimeError(f"study cell {cell.key}: the training returned no result")
+    run_id = result.run_id
     if interrupted is not None:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {
             **tags, "fgvc.resumed_after": f"{why}; study cell attempt {claim.attempt} resumed it"}.items()])
@@ -164,7 +168,7 @@ def _connect(tracking_uri: str) -> MlflowClient:
 def _run_tags(job: CellJob) -> dict[str, str]:
     """What the cell's training run carries: the cell, its pixels, its study, its grid axes."""
     cell = job.cell
-    tags = {"fgvc.study_cell": cell.key, PIXELS: job.roots.pixels(cell),
+    tags = {"fgvc.study_cell": cell.key, PIXELS: job.roots.built(cell)[1],
             **({"fgvc.study": job.study_run_id} if job.study_run_id else {})}
     if cell.bg_correlation is not None:
         tags["fgvc.bg_correlation"] = f"{cell.bg_correlation:g}"
@@ -178,15 +182,15 @@ def _training_run(client: MlflowClient, job: CellJob) -> tuple[str, str]:
     or resumed here while this process holds the cell's claim, and named after the cell."""
     cell, roots = job.cell, job.roots
     experiment = experiment_id(job.experiment)
-    tags = _run_tags(job)
     request = train_config(job.plan, cell, roots).request_id()  # resolves no device: --collect runs anywhere
     finished = finished_run(cell_runs(client, experiment, request, roots, cell))
     if finished is None and job.collect:
         raise ConfigError(f"study cell {cell.key} has no finished training run yet; run `fgvc study --cell "
                           f"{cell.key}` (with the same options) first")
+    tags = _run_tags(job)
     if finished is None:
         # the claim's key is the request's: a CPU and a GPU attempt of one cell never train it both
-        with claimed(f"cell.{digest({'config_id': request, 'pixels': roots.pixels(cell)})}",
+        with claimed(f"cell.{digest({'config_id': request, 'pixels': roots.built(cell)[1]})}",
                      f"study cell {cell.key}", client) as claim:
             finished = finished_run(cell_runs(client, experiment, request, roots, cell))  # done while we waited?
             trained = _train(client, job, experiment, tags, claim) if finished is None else None

@@ -142,7 +142,10 @@ def _reported_split(roots: Mapping[tuple, Roots], result: CellResult) -> str:
 def _designers(roots: Mapping[tuple, Roots], result: CellResult) -> list[str]:
     """The class names of the cell's root by index (its index_to_label.json; a masked root keeps
     its source's), a missing name as its index."""
-    names = read_label_map(roots[result.cell.data].root(result.cell))
+    root = roots[result.cell.data].root(result.cell)
+    if root is None:  # a finished cell's root exists
+        raise ValueError(f"study cell {result.cell.key}: its masked root has not been built")
+    names = read_label_map(root)
     return [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
 
 
@@ -204,7 +207,7 @@ def chart_metrics(row: dict) -> dict[str, float]:
     out = {}
     for k, v in values.items():
         try:
-            out[f"{CHART_SECTION}/{k}"] = float(v)
+            out[f"{CHART_SECTION}/{k}"] = math.nan if v is None else float(v)
         except (TypeError, ValueError):
             out[f"{CHART_SECTION}/{k}"] = math.nan
     return out
@@ -361,7 +364,7 @@ def _setup(study: StudyContext, tables: StudyTables) -> dict[str, str]:
     if len(plan.bg_correlations) > 1:
         grid += f" × shortcut strengths {', '.join(f'{b:g}' for b in plan.bg_correlations)}"
     if plan.splits != (None,):
-        grid += f" × splits {', '.join(plan.splits)} (the same images)"
+        grid += f" × splits {', '.join(map(str, plan.splits))} (the same images)"
     return {"study run": study.run_id,
             "source data": ", ".join(f"{r.source} (digest {r.source_digest})" for r in roots),
             "masked data": ", ".join(f"{r.masked} (segmenter {r.segmenter})" for r in roots if r.masked) or "none",

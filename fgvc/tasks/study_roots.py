@@ -61,8 +61,8 @@ def _prepare_roots(plan: StudyPlan, bg_correlation: float | None, split: str | N
                   None)
     if not any(c.spec.masked for c in plan.cells()) and has_masks:
         return roots
-    mine = plan.masked_root and bg_correlation is None and given in (None, source)
-    masked = Path(plan.masked_root) if mine else source.parent / f"{source.name}-masked"
+    mine = bg_correlation is None and given in (None, source)  # the plan's --masked-root is this root's
+    masked = Path(plan.masked_root) if plan.masked_root and mine else source.parent / f"{source.name}-masked"
     return _with_masked_root(roots, source, masked, plan, progress, collect)
 
 

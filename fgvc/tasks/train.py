@@ -329,7 +329,9 @@ def record_training(cfg: TrainConfig, session: Session, prepared: Prepared, call
 
 def registered_model_of(cfg: TrainConfig) -> str | None:
     """The registered model the training's best checkpoint becomes a version of; None: none."""
-    return None if cfg.registered_model is False else (cfg.registered_model or registered_name(cfg.arch))
+    if cfg.registered_model is False:
+        return None
+    return cfg.registered_model or registered_name(cfg.arch)
 
 
 def training_tags(cfg: TrainConfig, session: Session, extra: dict) -> dict:

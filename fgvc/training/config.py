@@ -56,8 +56,10 @@ class Augmentation(Kind):
 
 
 def _registry_name(value) -> str | None:
-    if value in (None, False) or REGISTRY_NAME.match(value):
+    if value is None or value is False or isinstance(value, str) and REGISTRY_NAME.match(value):
         return None
+    if not isinstance(value, str):
+        return "must be a name, 'auto' (None) or 'none' (False)"
     return "must be letters, digits, '_', '.' or '-' (the registry's filters cannot hold quotes)"
 
 
@@ -96,7 +98,7 @@ class TrainConfig(Config):
     resume: bool | str = option(FlagOr(STR, "run id"), False,
                                 "true: the newest unfinished run of this config | <run_id> | false.",
                                 identity=False)
-    registered_model: str | bool | None = option(
+    registered_model: str | Literal[False] | None = option(
         Maybe(STR, "auto", also={"none": False}), None,
         "Registry name (auto: fgvc-<arch>; none: do not register).", check=_registry_name, identity=False)
     nproc: int = option(INT, 1, "Data-parallel processes on this machine (>1: relaunches under torchrun; "

@@ -47,7 +47,8 @@ def _colour(regime: str, order: Sequence[str]) -> str:
 
 def _value(row: Mapping, key: str) -> float:
     try:
-        return float(row.get(key))
+        value = row.get(key)
+        return float("nan") if value is None else float(value)
     except (TypeError, ValueError):
         return float("nan")
 
@@ -69,7 +70,8 @@ def _fit(ax, values: Sequence[float], axis: str, include: Sequence[float] = ()) 
 
 def _rgb(hex_colour: str) -> tuple[float, float, float]:
     hex_colour = hex_colour.lstrip("#")
-    return tuple(int(hex_colour[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+    red, green, blue = (int(hex_colour[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+    return red, green, blue
 
 
 # --------------------------------------------------------------------------------------------
