@@ -231,3 +231,13 @@ def test_the_background_alone_carries_the_label_with_the_default_correlation(pro
 
 def test_without_correlation_the_background_says_nothing(probe_uncorrelated):
     assert probe_accuracy(probe_uncorrelated, background_only) < 2 / PROBE.num_designers
+
+
+def test_a_demo_root_of_other_settings_is_refused_with_a_fix_that_works(small):
+    from fgvc.data.roots import ensure_demo
+    from fgvc.data.shards import ShardError
+
+    with pytest.raises(ShardError, match=r"other settings \(seed\).*delete it .*generated again") as refused:
+        ensure_demo(small, dataclasses.replace(SMALL, seed=3))
+    assert "\n" not in str(refused.value) and "prepare" not in str(refused.value)
+    assert ensure_demo(small, SMALL) == small  # the same settings: used as it is

@@ -34,8 +34,8 @@ def ensure_demo(root: str | Path, cfg: DemoConfig = DEFAULT_DEMO) -> Path:
         if found is not None and found != wanted:
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             raise ShardError(f"{root}: holds demo data generated with other settings ({', '.join(changed)}); "
-                             f"pass another data_root, or rebuild it with "
-                             f"`fgvc prepare --root {shlex.quote(str(root))} --overwrite true`")
+                             f"pass another data_root, or delete it (`rm -r {shlex.quote(str(root))}`) and it is "
+                             f"generated again with these settings on first use")
         return root
     log.info("generating the demo dataset in %s (first use)", root)
     generate_demo(root, cfg)
