@@ -221,37 +221,47 @@ def report_tables(rows: Sequence[Mapping], summary: Sequence[Mapping], chance: f
                           groups=_summary_groups(len(keys), len(keys) + 3 + len(leak), cols), repeat=len(keys))
     tables = [summary_table, *extra]
     if differences:
-        headers = [f"Δ {header}" for _, header, _ in DIFFERENCE_MEASURES]
-        methods = list(dict.fromkeys(d.get("interval", "") for d in differences if d.get("interval")))
-        tables.append(Table(
-            "Paired regime differences (same source images)",
-            ["arch", *(header for header, _ in axes), "comparison", "seeds", "images", *headers],
-            [[d["arch"], *_axis_values(d, axes), d["comparison"], str(d["seeds"]), str(d.get("images", "")),
-              *(interval_text(d, name, sign=True) for name, _, _ in DIFFERENCE_MEASURES)] for d in differences],
-            key_columns=3 + len(axes),
-            note=(f"First regime minus second, per image on the same source {split} images of each seed; 95% "
-                  f"interval: {'; '.join(methods) or 'bootstrap over images'}"
-                  + (" (every seed analyses the same images, so the image term does not average out over seeds)"
-                     if seeds > 1 else "")
-                  + ". An interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
-                    "minus Mixed-Rand correctness; backdrop-follow per Mixed-Rand swap whose backdrop is another "
-                    "designer's, 1 when the model names the backdrop's designer."),
-            muted=[d.get("did_not_learn", 0) + d.get("no_data", 0) > 0 for d in differences]))
+        tables.append(_differences_table(differences, axes, split, seeds))
+    tables.append(_cells_table(rows, keys, axes, leak, cols))
+    return tables
+
+
+def _differences_table(differences: Sequence[Mapping], axes, split: str, seeds: int) -> Table:
+    """The paired regime differences, per image on the same source images of each seed."""
+    headers = [f"Δ {header}" for _, header, _ in DIFFERENCE_MEASURES]
+    methods = list(dict.fromkeys(d.get("interval", "") for d in differences if d.get("interval")))
+    return Table(
+        "Paired regime differences (same source images)",
+        ["arch", *(header for header, _ in axes), "comparison", "seeds", "images", *headers],
+        [[d["arch"], *_axis_values(d, axes), d["comparison"], str(d["seeds"]), str(d.get("images", "")),
+          *(interval_text(d, name, sign=True) for name, _, _ in DIFFERENCE_MEASURES)] for d in differences],
+        key_columns=3 + len(axes),
+        note=(f"First regime minus second, per image on the same source {split} images of each seed; 95% "
+              f"interval: {'; '.join(methods) or 'bootstrap over images'}"
+              + (" (every seed analyses the same images, so the image term does not average out over seeds)"
+                 if seeds > 1 else "")
+              + ". An interval that excludes 0 is a difference between regimes. BG-gap per image is Mixed-Same "
+                "minus Mixed-Rand correctness; backdrop-follow per Mixed-Rand swap whose backdrop is another "
+                "designer's, 1 when the model names the backdrop's designer."),
+        muted=[d.get("did_not_learn", 0) + d.get("no_data", 0) > 0 for d in differences])
+
+
+def _cells_table(rows: Sequence[Mapping], keys: list[str], axes, leak: list[str], cols) -> Table:
+    """One row per cell: its run, quality, verdict, twin, instruments and every measured column."""
     first = len(keys) + 7 + len(leak)  # the cells table's first measured column
     cells_header = [*keys, "seed", "run", "status", "quality", "verdict", "masked twin", "instruments", *leak,
                     *(c.header for c in cols)]
-    tables.append(Table(f"Cells ({len(rows)})", cells_header,
-                        [[*_keys(r, axes), str(r["seed"]), r["run_id"], r.get("status", ""),
-                          r.get("quality", LEARNED), shown_verdict(r), r.get("twin", ""), r.get("instruments", ""),
-                          *_leak_cells(r, leak), *(cell_text(r, c) for c in cols)]
-                         for r in rows], key_columns=len(keys) + 7,
-                        muted=[r.get("quality") in (DID_NOT_LEARN, NO_DATA) for r in rows],
-                        note=f"Greyed rows did not learn, or their quality is '{NO_DATA}' (a per-image file of "
-                             f"their records could not be read): their reliance numbers are shown but carry no "
-                             f"verdict.",
-                        groups=[("the cell", list(range(len(keys) + 1, first))), *_column_groups(first, cols)],
-                        repeat=len(keys) + 1))
-    return tables
+    return Table(f"Cells ({len(rows)})", cells_header,
+                 [[*_keys(r, axes), str(r["seed"]), r["run_id"], r.get("status", ""),
+                   r.get("quality", LEARNED), shown_verdict(r), r.get("twin", ""), r.get("instruments", ""),
+                   *_leak_cells(r, leak), *(cell_text(r, c) for c in cols)]
+                  for r in rows], key_columns=len(keys) + 7,
+                 muted=[r.get("quality") in (DID_NOT_LEARN, NO_DATA) for r in rows],
+                 note=f"Greyed rows did not learn, or their quality is '{NO_DATA}' (a per-image file of "
+                      f"their records could not be read): their reliance numbers are shown but carry no "
+                      f"verdict.",
+                 groups=[("the cell", list(range(len(keys) + 1, first))), *_column_groups(first, cols)],
+                 repeat=len(keys) + 1)
 
 
 def study_tables(results: StudyTables) -> list[Table]:

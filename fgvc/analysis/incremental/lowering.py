@@ -169,6 +169,11 @@ class _Lowering:
     def _lower_module(self, m: nn.Module, x: int) -> int:
         if m._forward_hooks or m._forward_pre_hooks:
             raise UnsupportedModel(f"{type(m).__name__} has hooks")
+        lowered = self._lower_container(m, x)
+        return lowered if lowered is not None else self._lower_layer(m, x)
+
+    def _lower_container(self, m: nn.Module, x: int) -> int | None:
+        """A network or block whose forward is known: its children in order; None otherwise."""
         if isinstance(m, FGVCNet) and _own_forward(
             m, FGVCNet, "forward", "forward_features", "forward_head", "normalize"
         ):
@@ -195,6 +200,10 @@ class _Lowering:
             for child in m:
                 x = self.module(child, x)
             return x
+        return None
+
+    def _lower_layer(self, m: nn.Module, x: int) -> int:
+        """One layer with an incremental rule."""
         if type(m) is nn.Conv2d:
             return self.conv(m, x)
         if type(m) is nn.BatchNorm2d:
