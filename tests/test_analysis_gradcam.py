@@ -1,8 +1,6 @@
 import pytest
 import torch
 import torchvision
-from pytorch_grad_cam import GradCAM as ReferenceGradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from fgvc.analysis import GradCAM
@@ -61,9 +59,7 @@ def test_matches_pytorch_grad_cam(model_cls, targets):
     model = model_cls().eval()
     images = torch.rand(3, 3, 64, 64)
     ours = GradCAM(model).attribute(images, targets)
-    reference_targets = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
-    with ReferenceGradCAM(model=model, target_layers=[model.feature_stage]) as reference:
-        expected = torch.from_numpy(reference(input_tensor=images, targets=reference_targets))
+    expected = _reference_maps(model, model.feature_stage, images, targets)
     assert ours.maps.shape == expected.shape == (3, 64, 64)
     for got, want in zip(ours.maps, expected, strict=True):
         assert want.std() > 0
@@ -145,6 +141,10 @@ def _fgvc_model(arch: str) -> nn.Module:
 
 
 def _reference_maps(model, layer, images, targets):
+    """pytorch-grad-cam's maps (imported here: it pulls in scikit-learn, 1 s of every collection)."""
+    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     reference_targets = None if targets is None else [ClassifierOutputTarget(t) for t in targets]
     with ReferenceGradCAM(model=model, target_layers=[layer]) as reference:
         return torch.from_numpy(reference(input_tensor=images, targets=reference_targets))

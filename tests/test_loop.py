@@ -153,6 +153,7 @@ def test_auto_loader_threads_none_on_a_cpu_two_beside_a_gpu_and_explicit_counts_
 
 # --- the GPU benchmark, without a GPU -----------------------------------------------------------
 
+@pytest.mark.slow  # two Python starts of bench/gpu.py
 def test_the_gpu_benchmark_refuses_without_cuda_and_its_dry_run_writes_every_figure(tmp_path):
     import json
     import os

@@ -19,7 +19,6 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 from server_utils import MlflowServer, PostgresCluster, Unavailable
 
@@ -74,6 +73,8 @@ def server(postgres, tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
             patch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS["admin"])
+            from mlflow.server import get_app_client  # the server app: 1 s of every collection
+
             auth = get_app_client("basic-auth", tracking_uri=running.uri)
             for user in ("alice", "bob"):
                 auth.create_user(user, PASSWORDS[user])
@@ -191,6 +192,8 @@ def test_basic_auth_refuses_strangers_and_records_who_created_what(server, concu
 
     client = log_in(monkeypatch, server, "admin")
     experiment_id = client.get_experiment_by_name("fgvc-train").experiment_id
+    from mlflow.server import get_app_client
+
     auth = get_app_client("basic-auth", tracking_uri=server.uri)
     # whoever created the shared experiment manages it; the other logs into it by default_permission
     permissions = {user: auth.get_user_permission(user, "experiment", experiment_id).permission
