@@ -191,6 +191,7 @@ FAST_RETRIES = {"FGVC_TRACKING_TIMEOUT_S": "20", "FGVC_CLAIM_HEARTBEAT_S": "1", 
                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}
 STALE_S = 20 + 2 * 2 + 2 * 1
 SEED0, SEED1 = "fn-small/unmasked/seed0", "fn-small/unmasked/seed1"
+CELL_WAIT = rf"study cell {SEED0}: .* is working on it .*; waiting"  # a waiter on the cell's claim
 CELL = ["study", "--archs", "fn-small", "--regimes", "unmasked", "--seeds", "0", "--batch-size", "8",
         "--num-images", "4", "--num-workers", "0", "--cell", "0"]
 
@@ -310,7 +311,7 @@ def short_outage(server, tiny_root: Path, tmp_path: Path) -> Outcome:
         first, second = Process(argv, a.uri, "node-a", tmp_path), Process(argv, b.uri, "node-b", tmp_path)
         try:
             _wait_until(lambda: _training_epoch(client, SEED0, 1), 120, "the first epoch", first, second)
-            _wait_until(lambda: first.saw("waiting") or second.saw("waiting"), 60, "a waiter", first, second)
+            _wait_until(lambda: first.saw(CELL_WAIT) or second.saw(CELL_WAIT), 60, "a waiter", first, second)
             began = time.monotonic()
             a.outage(10), b.outage(10)
             codes = {"first": first.wait(240), "second": second.wait(240)}
@@ -403,7 +404,8 @@ def test_an_outage_shorter_than_the_retry_window_leaves_one_training_and_nothing
     [run] = _cell_runs(client, SEED0)  # one training
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == list(range(1, 7))
-    waiter = second if second.saw("waiting") else first
+    # the process that waited on the cell's claim (both may have waited on the data root's claim)
+    [waiter] = [p for p in (first, second) if p.saw(CELL_WAIT)]
     assert waiter.saw(f"reuses run {run.info.run_id}")
     everything = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert not [r for r in everything if r.info.status == "RUNNING"]
