@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from fgvc.analysis import VARIANT_NAMES, evaluate_variants, make_variants
+from fgvc.analysis.person_fill import fill_person_hole, fill_person_rows
 from fgvc.analysis.shortcut import (
     backdrop_follow_scores,
-    fill_person_hole,
-    fill_person_rows,
     no_fg_confusion,
     per_designer,
     person_box,

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fgvc.analysis.shortcut import fill_person_hole, fill_person_rows, person_box
+from fgvc.analysis.person_fill import fill_person_hole, fill_person_rows, person_box
 from fgvc.analysis.silhouette import SilhouetteScore, mask_recovery_auc, roc_auc, silhouette_score
 from fgvc.data.dataset import ShardDataset
 from fgvc.data.demo import DemoConfig, generate_demo, render_split_with_backdrops
