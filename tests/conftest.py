@@ -66,11 +66,21 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty tracking store made once per test process; `stores.new_store` copies it."""
+    from stores import make_template
+
+    return make_template(tmp_path_factory.mktemp("store-template"))
+
+
 @pytest.fixture()
-def mlflow_store(tmp_path, monkeypatch) -> str:
+def mlflow_store(tmp_path, monkeypatch, store_template) -> str:
     """A fresh SQLite tracking store and artifact root in tmp_path; cwd moves there too."""
+    from stores import new_store
+
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(store_template, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from stores import new_store
 
 from fgvc.analysis.config import AnalyzeConfig
 from fgvc.analysis.data import load_analysis_data
@@ -24,12 +25,12 @@ from fgvc.training.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_root, tmp_path_factory):
+def trained(tiny_root, tmp_path_factory, store_template):
     """One registered fn-small (1 epoch) in a module-wide store."""
     store = tmp_path_factory.mktemp("store")
     mp = pytest.MonkeyPatch()
     mp.chdir(store)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    mp.setenv("MLFLOW_TRACKING_URI", new_store(store_template, store))
     mp.delenv("MLFLOW_RUN_ID", raising=False)
     result = run_train(TrainConfig(arch="fn-small", data_root=str(tiny_root), epochs=1, batch_size=8,
                                    num_workers=0), progress=False)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from stores import new_store
 from test_shards import BAD_SHARDS, RunsCodeWhenLoaded, good_root
 
 from fgvc.cli import main
@@ -25,12 +26,12 @@ TRAIN = ["--arch", "fn-small", "--epochs", "1", "--batch-size", "8", "--num-work
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, store_template):
     """A store with one registered fn-small (run `trained`) and its data root."""
     base = tmp_path_factory.mktemp("bad-inputs")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(base)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{base}/mlflow.db")
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(store_template, base))
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         generate_demo(base / "data", TINY)
         done = CliRunner().invoke(main, ["train", *TRAIN, "--data-root", str(base / "data")])

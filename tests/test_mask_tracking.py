@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from stores import new_store
 
 from fgvc.data.demo import DemoConfig, generate_demo
 from fgvc.data.shards import dataset_digest, read_meta
@@ -18,11 +19,11 @@ TINY = DemoConfig(num_designers=3, train_per_class=8, val_per_class=4, height=32
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, store_template):
     """One tracking store and demo source for the module (creating a store takes seconds)."""
     root = tmp_path_factory.mktemp("mask_tracking")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(store_template, root))
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mp.chdir(root)
         before = torch.get_num_threads()

@@ -27,10 +27,10 @@ from fgvc.models.predict import Predictor
 
 
 @pytest.fixture(scope="module")
-def registered(tiny_root, tmp_path_factory):
+def registered(tiny_root, tmp_path_factory, store_template):
     """A store with an fn-small trained by fgvc and a ResNet-18 checkpoint of the original scripts."""
     base = tmp_path_factory.mktemp("models")
-    with store_with_a_trained_model(tiny_root, base):
+    with store_with_a_trained_model(tiny_root, base, store_template):
         yield base
 
 

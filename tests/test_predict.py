@@ -18,9 +18,9 @@ from fgvc.data.shards import read_label_map
 
 
 @pytest.fixture(scope="module")
-def store(tiny_root, tmp_path_factory):
+def store(tiny_root, tmp_path_factory, store_template):
     base = tmp_path_factory.mktemp("predict")
-    with store_with_a_trained_model(tiny_root, base):
+    with store_with_a_trained_model(tiny_root, base, store_template):
         yield base
 
 

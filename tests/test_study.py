@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from stores import new_store
 
 from fgvc.analysis.config import AnalyzeConfig
 from fgvc.data.demo import DemoConfig
@@ -503,12 +504,12 @@ def test_analyze_prints_each_methods_headline_numbers_with_intervals():
 # --- the study end to end ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def study_store(tmp_path_factory):
+def study_store(tmp_path_factory, store_template):
     """A tiny four-regime study, run through `fgvc study`, in a module-wide store."""
     store = tmp_path_factory.mktemp("study")
     mp = pytest.MonkeyPatch()
     mp.chdir(store)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    mp.setenv("MLFLOW_TRACKING_URI", new_store(store_template, store))
     mp.delenv("MLFLOW_RUN_ID", raising=False)
     from fgvc.cli import main
 
