@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from stores import new_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,9 @@ SMOKE = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args,expected", SMOKE, ids=[s for s, _, _ in SMOKE])
-def test_benchmark_smoke_run(script, args, expected, tmp_path):
+def test_benchmark_smoke_run(script, args, expected, tmp_path, store_template):
     extra = ["--dir", str(tmp_path / "scale")] if script == "scale.py" else []
-    env = {**os.environ, "FGVC_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, "FGVC_OFFLINE": "1", "MLFLOW_TRACKING_URI": new_store(store_template, tmp_path)}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, *extra], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=240)
     output = done.stdout + done.stderr

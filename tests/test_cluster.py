@@ -31,6 +31,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from server_utils import MlflowServer, PostgresCluster, Unavailable
+from stores import new_store
 
 from fgvc.cli import main
 from fgvc.errors import ConfigError
@@ -166,9 +167,9 @@ def finish(*procs: subprocess.Popen, timeout: float = 600) -> list[str]:
     return outputs
 
 
-def store(tmp_path_factory, name: str) -> tuple[Path, str]:
+def store(tmp_path_factory, template: Path, name: str) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp(name)
-    return folder, f"sqlite:///{folder}/mlflow.db"
+    return folder, new_store(template, folder)
 
 
 def study_runs(uri: str) -> list:
@@ -215,9 +216,9 @@ def trainings(uri: str, status: str = "FINISHED") -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, dict]:
+def reference(tmp_path_factory, store_template) -> dict[str, dict]:
     """The 4-cell grid with the local executor: the table every other way must reproduce."""
-    folder, uri = store(tmp_path_factory, "local")
+    folder, uri = store(tmp_path_factory, store_template, "local")
     finish(cli(["study", *GRID], folder, uri))
     [study] = study_runs(uri)
     assert study.info.status == "FINISHED" and study.data.metrics["study/cells_trained"] == 4
@@ -225,10 +226,10 @@ def reference(tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_two_identical_studies_train_each_cell_once_and_identical_pixels_once(tmp_path_factory):
+def test_two_identical_studies_train_each_cell_once_and_identical_pixels_once(tmp_path_factory, store_template):
     """Two dose-response studies started together; the masked roots at both strengths are the
     same pixels: one training in all, each analysis record computed once, nothing RUNNING."""
-    folder, uri = store(tmp_path_factory, "twice")
+    folder, uri = store(tmp_path_factory, store_template, "twice")
     args = ["study", *GRID[:-4], "--regimes", "masked", "--seeds", "0", "--bg-correlations", "0,1"]
     finish(cli(args, folder, uri), cli(args, folder, uri))
     studies = study_runs(uri)
@@ -246,11 +247,12 @@ def test_two_identical_studies_train_each_cell_once_and_identical_pixels_once(tm
 
 
 @pytest.mark.slow
-def test_an_array_of_single_cells_then_collect_gives_the_local_table(tmp_path_factory, reference):
+def test_an_array_of_single_cells_then_collect_gives_the_local_table(tmp_path_factory, reference,
+                                                                      store_template):
     """What `docs/team.md`'s Slurm array does: `--list-cells` counts the tasks, every task runs
     `fgvc study ... --cell $SLURM_ARRAY_TASK_ID` (all at once), then `--collect` builds the
     study. The grid's first seed only (two tasks): its rows must equal the local executor's."""
-    folder, uri = store(tmp_path_factory, "array")
+    folder, uri = store(tmp_path_factory, store_template, "array")
     grid = [*GRID[:-1], "0"]
     keys = CliRunner().invoke(main, ["study", *grid, "--list-cells"]).output.split()
     assert keys == ["fn-small/unmasked/seed0", "fn-small/masked/seed0"]
@@ -502,10 +504,11 @@ def test_two_torchrun_agents_give_one_run_with_the_metrics_of_one_process(tiny_r
 
 
 @pytest.mark.slow
-def test_a_cell_whose_ray_worker_is_killed_runs_again_and_nothing_is_left_running(tmp_path_factory, ray_cluster):
+def test_a_cell_whose_ray_worker_is_killed_runs_again_and_nothing_is_left_running(tmp_path_factory, ray_cluster,
+                                                                                   store_template):
     """SIGKILL the process training a cell (found through its claim): Ray retries the task, the
     retry takes the claim over, and the dead attempt's run is closed saying why (or resumed)."""
-    folder, uri = store(tmp_path_factory, "killed")
+    folder, uri = store(tmp_path_factory, store_template, "killed")
     study = cli(["study", *GRID[:-4], "--regimes", "unmasked", "--seeds", "0", "--epochs", "3", "--executor", "ray",
                  "--ray-address", ray_cluster], folder, uri)
     client = MlflowClient(uri)

@@ -19,6 +19,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from stores import new_store
 
 from fgvc.tracking.runs import log_dataset
 
@@ -70,9 +71,8 @@ def test_three_trainings_on_a_new_store_all_finish(tiny_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_three_trainings_on_an_existing_store_log_one_dataset(tiny_root, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    MlflowClient(uri).search_experiments()  # creates the store
+def test_three_trainings_on_an_existing_store_log_one_dataset(tiny_root, tmp_path, store_template):
+    uri = new_store(store_template, tmp_path)
     run_ids = train_together(tiny_root, tmp_path, uri, 3)
     assert_intact(uri, run_ids)
     client = MlflowClient(uri)
@@ -81,8 +81,8 @@ def test_three_trainings_on_an_existing_store_log_one_dataset(tiny_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_analyses_of_one_version_and_a_study_beside_a_training(tiny_root, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_two_analyses_of_one_version_and_a_study_beside_a_training(tiny_root, tmp_path, store_template):
+    uri = new_store(store_template, tmp_path)
     [trained] = train_together(tiny_root, tmp_path, uri, 1)
     analyses = [start(["analyze", "--model", "models:/fgvc-fn-small/1", "--method", "gradcam,occlusion",
                        "--num-images", "6", "--window", "8", "--stride", "8", "--seed", str(seed)], tmp_path, uri)
