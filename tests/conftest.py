@@ -20,11 +20,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # The files that run longest, longest first (seconds of tests in one whole-suite run with
-# `-n 2 --dist loadfile`: 272, 131, 114, 101, 90, 86, 71, 70, 61, 49, 46, 45, 36, 25). Each file runs
+# `-n 2 --dist loadfile`: 289, 163, 142, 132, 118, 101, 92, 85, 81, 73, 58, 45, 32, 32). Each file runs
 # in one process; a long file drawn last keeps one process busy while the other idles.
-LONGEST_FIRST = ("test_cluster.py", "test_science.py", "test_concurrency.py", "test_team.py", "test_mlproject.py",
-                 "test_bench.py", "test_faults.py", "test_claims.py", "test_study.py", "test_server.py",
-                 "test_ddp.py", "test_train.py", "test_show_leak.py", "test_masking.py")
+LONGEST_FIRST = ("test_cluster.py", "test_concurrency.py", "test_team.py", "test_science.py", "test_bench.py",
+                 "test_mlproject.py", "test_study.py", "test_claims.py", "test_faults.py", "test_server.py",
+                 "test_ddp.py", "test_train.py", "test_masking.py", "test_show_leak.py")
 
 
 def pytest_collection_modifyitems(config, items):
