@@ -4,7 +4,9 @@
 
 Only fgvc/tasks, fgvc/tracking and the CLI import mlflow; no module imports from a layer above
 its own, and fgvc/tracking (MLflow plumbing) imports none of training, masking, analysis and
-study. Checked on the source (every `import` statement, also inside functions), not on a run.
+study. No two modules import each other, directly or through others (imports under
+`if TYPE_CHECKING:` are for the type checker and left out of that one). Checked on the source
+(every `import` statement, also inside functions), not on a run.
 """
 
 from __future__ import annotations
@@ -36,8 +38,14 @@ def unit_of(path: Path) -> str:
     return parts[0]
 
 
-def imports(path: Path) -> list[str]:
+def imports(path: Path, annotations: bool = True) -> list[str]:
+    """The modules ``path`` imports; without ``annotations``, those under ``if TYPE_CHECKING:``
+    (read by the type checker only, never at run time) are left out."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    if not annotations:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                node.body = []
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -69,6 +77,56 @@ def test_no_module_imports_from_a_layer_above_it(path):
         assert layer_of(other) <= own, f"{path.relative_to(PACKAGE)} ({unit}) imports {name} from a layer above"
         assert not (unit == "tracking" and other in NOT_IN_TRACKING), \
             f"{path.relative_to(PACKAGE)} (MLflow plumbing) imports {name}"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return circles
+
+
+def test_no_two_modules_import_each_other_even_through_others():
+    """Every run-time import, also inside functions, resolved to the module it names (a name
+    from a package counts as its ``__init__``)."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        targets = set()
+        for imported in imports(path, annotations=False):
+            parts = imported.split(".")
+            known = next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in paths), None)
+            if known is not None and known != name:
+                targets.add(known)
+        graph[name] = targets
+    assert import_circles(graph) == []
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # it finds one
 
 
 def test_the_layer_map_names_every_unit():
