@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from stores import make_template, new_store
 
 # No test may reach the network: weights and hubs must come from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,16 +70,12 @@ def tiny_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory) -> Path:
     """An empty tracking store made once per test process; `stores.new_store` copies it."""
-    from stores import make_template
-
     return make_template(tmp_path_factory.mktemp("store-template"))
 
 
 @pytest.fixture()
 def mlflow_store(tmp_path, monkeypatch, store_template) -> str:
     """A fresh SQLite tracking store and artifact root in tmp_path; cwd moves there too."""
-    from stores import new_store
-
     monkeypatch.chdir(tmp_path)
     uri = new_store(store_template, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
