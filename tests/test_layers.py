@@ -5,8 +5,8 @@
 Only fgvc/tasks, fgvc/tracking and the CLI import mlflow; no module imports from a layer above
 its own, and fgvc/tracking (MLflow plumbing) imports none of training, masking, analysis and
 study. No two modules import each other, directly or through others (imports under
-`if TYPE_CHECKING:` are for the type checker and left out of that one). Checked on the source
-(every `import` statement, also inside functions), not on a run.
+`if TYPE_CHECKING:` included). Checked on the source (every `import` statement, also inside
+functions), not on a run.
 """
 
 from __future__ import annotations
@@ -38,14 +38,8 @@ def unit_of(path: Path) -> str:
     return parts[0]
 
 
-def imports(path: Path, annotations: bool = True) -> list[str]:
-    """The modules ``path`` imports; without ``annotations``, those under ``if TYPE_CHECKING:``
-    (read by the type checker only, never at run time) are left out."""
+def imports(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    if not annotations:
-        for node in ast.walk(tree):
-            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
-                node.body = []
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -113,13 +107,13 @@ def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_two_modules_import_each_other_even_through_others():
-    """Every run-time import, also inside functions, resolved to the module it names (a name
-    from a package counts as its ``__init__``)."""
+    """Every import, also inside functions and under ``if TYPE_CHECKING:``, resolved to the
+    module it names (a name from a package counts as its ``__init__``)."""
     paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in paths.items():
         targets = set()
-        for imported in imports(path, annotations=False):
+        for imported in imports(path):
             parts = imported.split(".")
             known = next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in paths), None)
             if known is not None and known != name:

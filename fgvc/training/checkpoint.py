@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -26,8 +26,8 @@ from fgvc.files import writing
 from fgvc.safeload import read_checkpoint  # noqa: F401  (where trainings read their checkpoints)
 
 if TYPE_CHECKING:
+    from fgvc.training.config import TrainConfig
     from fgvc.training.loop import EpochRecord
-    from fgvc.training.session import Session
 
 BEST, LAST = "best", "last"
 
@@ -88,6 +88,17 @@ def save_checkpoint(path: Path, content: dict) -> Path:
     return path
 
 
+class Checkpointable(Protocol):
+    """What the writer needs of a training (fgvc.training.session.Session): its config and the
+    two checkpoints of an epoch."""
+
+    cfg: TrainConfig
+
+    def model_checkpoint(self, record: EpochRecord) -> dict: ...
+
+    def resume_checkpoint(self, record: EpochRecord) -> dict: ...
+
+
 class CheckpointWriter:
     """Epoch callback keeping ``best.pt`` and ``last.pt`` in ``directory`` (local disk; the
     tracking layer decides what to upload when).
@@ -109,13 +120,13 @@ class CheckpointWriter:
         self.started = time.monotonic()
         self.spent = 0.0  # seconds spent writing
         self.pending_best: dict | None = None
-        self.latest: tuple[EpochRecord, Session] | None = None  # the newest epoch not yet on disk
+        self.latest: tuple[EpochRecord, Checkpointable] | None = None  # the newest epoch not yet on disk
         self.writes = 0
 
     def path(self, which: str) -> Path:
         return self.directory / f"{which}.pt"
 
-    def on_epoch_end(self, record, session) -> None:
+    def on_epoch_end(self, record: EpochRecord, session: Checkpointable) -> None:
         if record.is_best:  # a copy: the live weights keep changing
             self.pending_best = _copied(session.model_checkpoint(record))
         self.latest = (record, session)
