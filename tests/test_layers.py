@@ -129,7 +129,7 @@ def test_the_layer_map_names_every_unit():
 
 
 def test_at_most_two_functions_over_sixty_lines_and_none_in_a_command():
-    """Long functions are split into named steps; an algorithm may stay whole (issue: at most 2)."""
+    """Long functions are split into named steps; an algorithm may stay whole (two at most)."""
     long = []
     for path in MODULES:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
